@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment if needed, then run the test suite. Extra arguments go to pytest.
+#   bash run_tests.sh            # whole suite
+#   bash run_tests.sh -k denoiser
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+bash setup_environment.sh
+exec "${VENV:-.venv}/bin/python" -m pytest -q tests "$@"
