@@ -11,10 +11,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported lazily so that light scripts (analyze.py) start fast
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -35,8 +35,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
         sys.exit(130)
 
 
-def resolve_device(device: Optional[str] = None) -> torch.device:
+def resolve_device(device: Optional[str] = None) -> "torch.device":
     """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise the named device, checked to exist."""
+    import torch
+
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -48,16 +50,20 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     return dev
 
 
-def precision_dtype(precision: str) -> torch.dtype:
+def precision_dtype(precision: str) -> "torch.dtype":
     """Map ``fp32``/``bf16``/``fp16`` to a torch dtype."""
+    import torch
+
     try:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     except KeyError:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}") from None
 
 
-def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+def autocast(device: "torch.device", precision: str = "fp32") -> contextlib.AbstractContextManager:
     """Autocast context for ``precision`` on ``device``; a no-op for fp32 (results are then exact fp32)."""
+    import torch
+
     dtype = precision_dtype(precision)
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -66,6 +72,8 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -88,7 +96,7 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    device: torch.device
+    device: "torch.device"
 
     @property
     def is_main(self) -> bool:
@@ -104,6 +112,9 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 
     NCCL on CUDA (one GPU per local rank), gloo on CPU. Without those variables: a single process.
     """
+    import torch
+    import torch.distributed as dist
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,12 +130,16 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 
 def barrier() -> None:
     """``dist.barrier()`` when distributed, else nothing."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def cleanup_distributed() -> None:
     """Destroy the process group if one was created."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -132,6 +147,8 @@ def cleanup_distributed() -> None:
 @contextlib.contextmanager
 def torch_threads(n: Optional[int]) -> Iterator[None]:
     """Temporarily set the number of intra-op CPU threads (``None`` leaves it alone)."""
+    import torch
+
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
