@@ -1,0 +1,659 @@
+"""Off-the-shelf classifiers f for denoised smoothing: timm models, Hugging Face ViT conversion, LoRA, layer decay.
+
+Every classifier is an :class:`ImageClassifier`: it takes ``[0, 1]`` images of any size, resizes them to the model's
+input size (bicubic, antialias) and normalizes them with the model's own mean/std (SPEC section 3), so the denoiser's
+output goes in as it is.
+
+* ``cifar10_vit_base``: ViT-B/16 at 224 px, 10 classes, LayerNorm eps 1e-12, exact GELU, mean = std = 0.5: the
+  structure of the paper's Hugging Face checkpoint ``aaraki/vit-base-patch16-224-in21k-finetuned-cifar10``, run as a
+  timm ``VisionTransformer`` (:func:`convert_hf_vit_to_timm`).
+* ``imagenet_vit_base``: timm ``vit_base_patch16_clip_384.laion2b_ft_in12k_in1k`` (384 px, CLIP mean/std).
+* ``digits_vit_tiny``: a small ViT for the embedded 16x16 digits demo (weights shipped in ``models/``).
+* ``hf_vit``: any Hugging Face ``ViTForImageClassification`` folder, the structure read from its ``config.json``.
+* any other timm model name.
+
+LoRA (Hu et al. 2022) on q and v of each block's fused qkv: W_q <- W_q + (alpha/r) B_q A_q, likewise W_v; k untouched.
+Layer-wise lr decay (BEiT/MAE): lr scale = layer_decay^(L+1-layer) with layer 0 = embeddings, i+1 = block i,
+L+1 = the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import VisionTransformer
+
+from utils import UserError
+
+REPO = Path(__file__).resolve().parent
+ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
+FT_METHODS = ("full", "lora")
+IMAGENET_TIMM_NAME = "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"
+CIFAR10_HF_REPO = "aaraki/vit-base-patch16-224-in21k-finetuned-cifar10"
+DIGITS_CHECKPOINT = REPO / "models" / "digits_vit_tiny.pt"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# The fields of the paper's CIFAR-10 checkpoint config.json that fix the architecture (fixtures/hf_vit/README.md §5).
+CIFAR10_HF_CONFIG: Dict[str, Any] = dict(
+    model_type="vit", image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12,
+    num_attention_heads=12, intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True,
+    num_labels=10,
+)
+# The embedded digits demo: 16x16 inputs, 4x4 patches (16 tokens + CLS), ~0.2 M parameters.
+DIGITS_VIT_KWARGS: Dict[str, Any] = dict(
+    img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
+)
+
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wrapper: [0, 1] images of any size -> logits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ImageClassifier(nn.Module):
+    """logits = model((resize(x) - mean) / std) for images x in [0, 1] of any size.
+
+    The resize is bicubic with antialias (skipped when x already has ``input_size``); mean/std are the model's own.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            input_size: Union[int, Sequence[int]],
+            mean: Sequence[float],
+            std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size[-2:])
+        self.input_size: Tuple[int, int] = (int(size[0]), int(size[1]))
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        device = torch.device("cpu") if device.type == "meta" else device  # keep mean/std readable on meta models
+        as_buffer = partial(torch.tensor, dtype=torch.float32, device=device)
+        self.register_buffer("mean", as_buffer(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", as_buffer(std).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to ``input_size`` (bicubic, antialias, align_corners=False) and normalize with mean/std."""
+        x = x.to(self.mean.dtype)
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers ViT -> timm VisionTransformer
+# ---------------------------------------------------------------------------------------------------------------
+
+# Per-layer HF names (legacy 4.x) -> timm names; the fused qkv is built from query/key/value.
+_HF_LAYER_KEYS = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+# transformers 5.x in-memory names -> legacy names (5.x `conversion_mapping.py`, "ViTModel").
+_HF_V5_LAYER_KEYS = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+    "layernorm_before": "layernorm_before",
+    "layernorm_after": "layernorm_after",
+}
+_HF_GLOBAL_KEYS = {
+    "vit.embeddings.cls_token": "cls_token",
+    "vit.embeddings.position_embeddings": "pos_embed",
+    "vit.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "vit.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "vit.layernorm.weight": "norm.weight",
+    "vit.layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+# Unused by ViTForImageClassification: the pooler of a bare ViTModel and the masked-image-modelling token.
+_HF_IGNORED_PREFIXES = ("vit.pooler.", "vit.embeddings.mask_token")
+_HF_LAYER_RE = re.compile(r"^vit\.(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def is_hf_vit_state_dict(state_dict: StateDict) -> bool:
+    """True for a ``transformers`` ViT state dict (``vit.*`` or a bare ViTModel's ``embeddings.*`` keys)."""
+    return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in state_dict)
+
+
+def convert_hf_vit_to_timm(state_dict: StateDict) -> StateDict:
+    """Convert a ``transformers`` ViT(ForImageClassification) state dict to timm ``VisionTransformer`` keys.
+
+    Accepts legacy (4.x: ``vit.encoder.layer.N.attention.attention.query``) and 5.x (``vit.layers.N.attention.q_proj``)
+    names. qkv = cat[q; k; v] along the output dim (timm's ``reshape(B, N, 3, H, hd)`` layout); the classifier reads
+    the CLS token after the final LayerNorm, as timm's ``global_pool='token'`` does. The model must use eps 1e-12
+    (see :func:`vit_kwargs_from_hf_config`).
+    """
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if not any(k.startswith("vit.") for k in sd):  # a bare ViTModel: embeddings.*, encoder.layer.*, layernorm.*
+        sd = {(k if k.startswith("classifier.") else "vit." + k): v for k, v in sd.items()}
+    out: StateDict = {}
+    qkv: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
+    unknown: List[str] = []
+    for key, tensor in sd.items():
+        if key.startswith(_HF_IGNORED_PREFIXES):
+            continue
+        if key in _HF_GLOBAL_KEYS:
+            out[_HF_GLOBAL_KEYS[key]] = tensor
+            continue
+        m = _HF_LAYER_RE.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        layer, name, kind = int(m.group(1)), m.group(2), m.group(3)
+        if key.startswith("vit.layers."):
+            name = _HF_V5_LAYER_KEYS.get(name, "?")
+        target = _HF_LAYER_KEYS.get(name)
+        if target is None:
+            unknown.append(key)
+        elif target in ("q", "k", "v"):
+            qkv.setdefault((layer, kind), {})[target] = tensor
+        else:
+            out[f"blocks.{layer}.{target}.{kind}"] = tensor
+    if unknown:
+        raise UserError(f"not a Hugging Face ViT state dict: unexpected keys {_few(unknown)}")
+    for (layer, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            missing = sorted({"q", "k", "v"} - set(parts))
+            raise UserError(f"Hugging Face ViT state dict: layer {layer} lacks the {'/'.join(missing)} {kind}")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def vit_kwargs_from_hf_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """timm ``VisionTransformer`` keyword arguments reproducing a ``transformers`` ``ViTConfig`` (a config.json dict).
+
+    Pre-norm blocks, CLS-token pooling after the final norm, LayerNorm eps = ``layer_norm_eps`` (1e-12, not timm's
+    1e-6), exact-erf GELU for ``hidden_act="gelu"``.
+    """
+    if config.get("model_type", "vit") != "vit":
+        raise UserError(f"config.json: model_type {config.get('model_type')!r} is not a ViT ('vit')")
+    act = config.get("hidden_act", "gelu")
+    act_layer = {"gelu": nn.GELU, "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    if act_layer is None:
+        raise UserError(f"config.json: hidden_act {act!r} is not supported (gelu, gelu_new, gelu_pytorch_tanh)")
+    num_classes = config.get("num_labels") or len(config.get("id2label") or {})
+    if not num_classes:
+        raise UserError("config.json: no num_labels / id2label; cannot size the classifier head")
+    hidden = int(config["hidden_size"])
+    return dict(
+        img_size=int(config.get("image_size", 224)),
+        patch_size=int(config.get("patch_size", 16)),
+        in_chans=int(config.get("num_channels", 3)),
+        num_classes=int(num_classes),
+        embed_dim=hidden,
+        depth=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        mlp_ratio=int(config.get("intermediate_size", 4 * hidden)) / hidden,
+        qkv_bias=bool(config.get("qkv_bias", True)),
+        global_pool="token",
+        class_token=True,
+        norm_layer=partial(LayerNorm, eps=float(config.get("layer_norm_eps", 1e-12))),
+        act_layer=act_layer,
+    )
+
+
+def build_vit_from_hf_config(
+        config: Dict[str, Any], drop_path: float = 0.0, num_classes: Optional[int] = None,
+) -> VisionTransformer:
+    """A timm ``VisionTransformer`` with the structure of a ``transformers`` ViT config (randomly initialised)."""
+    kwargs = vit_kwargs_from_hf_config(config)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return VisionTransformer(**kwargs, drop_path_rate=drop_path)
+
+
+def read_hf_config(folder: PathLike) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(config.json, preprocessor_config.json) of a Hugging Face model folder, each ``None`` when absent."""
+    out = []
+    for name in ("config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            out.append(None)
+            continue
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: unreadable JSON ({err})") from None
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA on the fused qkv
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LoRAQKV(nn.Module):
+    """A fused qkv ``nn.Linear`` with LoRA on q and v: qkv(x) + [s B_q A_q x; 0; s B_v A_v x], s = alpha / rank.
+
+    Keeps the base ``weight``/``bias`` names (so the base keys of a state dict do not change); A is Kaiming-uniform,
+    B is zero, so the model is unchanged at the start. ``lora_scaling`` is a buffer, saved with the checkpoint.
+    """
+
+    def __init__(self, qkv: nn.Linear, rank: int = 4, alpha: float = 4.0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise UserError(f"LoRA rank must be >= 1 (got {rank})")
+        self.in_features, self.out_features = qkv.in_features, qkv.out_features
+        dim, dev, dtype = qkv.out_features // 3, qkv.weight.device, qkv.weight.dtype
+        self.weight = qkv.weight
+        self.bias = qkv.bias
+        self.lora_q_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dtype))
+        self.lora_q_B = nn.Parameter(torch.zeros(dim, rank, device=dev, dtype=dtype))
+        self.lora_v_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dtype))
+        self.lora_v_B = nn.Parameter(torch.zeros(dim, rank, device=dev, dtype=dtype))
+        self.register_buffer("lora_scaling", torch.tensor(float(alpha) / rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_q_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_v_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.weight, self.bias).chunk(3, dim=-1)
+        dq = F.linear(F.linear(x, self.lora_q_A), self.lora_q_B) * self.lora_scaling
+        dv = F.linear(F.linear(x, self.lora_v_A), self.lora_v_B) * self.lora_scaling
+        return torch.cat([q + dq.to(q.dtype), k, v + dv.to(v.dtype)], dim=-1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + [s B_q A_q; 0; s B_v A_v]."""
+        return _merge_qkv(self.weight, self.lora_q_A, self.lora_q_B, self.lora_v_A, self.lora_v_B, self.lora_scaling)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_q_A.shape[0]}"
+
+
+def _merge_qkv(weight, q_A, q_B, v_A, v_B, scaling) -> torch.Tensor:
+    dim = weight.shape[0] // 3
+    s = scaling.to(torch.float64) if torch.is_tensor(scaling) else float(scaling)
+    delta_q = (q_B.to(torch.float64) @ q_A.to(torch.float64)) * s
+    delta_v = (v_B.to(torch.float64) @ v_A.to(torch.float64)) * s
+    zeros = torch.zeros_like(delta_q)
+    return (weight.to(torch.float64) + torch.cat([delta_q, zeros, delta_v], dim=0)).to(weight.dtype)
+
+
+def _timm_model(model: nn.Module) -> nn.Module:
+    """The timm model inside DDP / :class:`ImageClassifier` wrappers."""
+    model = getattr(model, "module", model)
+    return model.model if isinstance(model, ImageClassifier) else model
+
+
+def apply_lora(model: nn.Module, rank: int = 4, alpha: float = 4.0) -> nn.Module:
+    """Put LoRA on q and v of every ``*.attn.qkv``; freeze everything except LoRA and the classifier head.
+
+    Returns the (in-place modified) model. ViT-B/16 with 1000 classes: 0.92 M of 87.3 M parameters trainable.
+    """
+    net = _timm_model(model)
+    targets = [name for name, mod in net.named_modules() if name.endswith("attn.qkv") and type(mod) is nn.Linear]
+    if not targets:
+        raise UserError("--ft_method lora needs a ViT with a fused attn.qkv projection; use --ft_method full")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        parent, child = name.rsplit(".", 1)
+        setattr(net.get_submodule(parent), child, LoRAQKV(getattr(net.get_submodule(parent), child), rank, alpha))
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if isinstance(head, nn.Module):
+        for p in head.parameters():
+            p.requires_grad_(True)
+    for mod in net.modules():
+        if isinstance(mod, LoRAQKV):
+            for p in (mod.lora_q_A, mod.lora_q_B, mod.lora_v_A, mod.lora_v_B):
+                p.requires_grad_(True)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its qkv weight (W <- W + s B A on the q and v rows); in place, returns the model."""
+    net = _timm_model(model)
+    for name, mod in list(net.named_modules()):
+        if isinstance(mod, LoRAQKV):
+            linear = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                               device=mod.weight.device, dtype=mod.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(mod.merged_weight())
+                if mod.bias is not None:
+                    linear.bias.copy_(mod.bias)
+            linear.requires_grad_(mod.weight.requires_grad)
+            parent, child = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(net.get_submodule(parent), child, linear)
+    return model
+
+
+def has_lora_keys(state_dict: StateDict) -> bool:
+    return any(".lora_q_A" in k for k in state_dict)
+
+
+def merge_lora_state_dict(state_dict: StateDict, alpha: float = 4.0) -> StateDict:
+    """A LoRA (unmerged) state dict -> plain timm keys with W_qkv + [s B_q A_q; 0; s B_v A_v].
+
+    s comes from the saved ``lora_scaling`` buffer, else alpha / rank.
+    """
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".lora_q_A")]:
+        prefix = key[: -len("lora_q_A")]
+        parts = [out.pop(prefix + n, None) for n in ("lora_q_A", "lora_q_B", "lora_v_A", "lora_v_B")]
+        scaling = out.pop(prefix + "lora_scaling", None)
+        if any(p is None for p in parts) or prefix + "weight" not in out:
+            raise UserError(f"incomplete LoRA weights for {prefix[:-1]} (need weight, lora_q_A/B, lora_v_A/B)")
+        if scaling is None:
+            scaling = alpha / parts[0].shape[0]
+        out[prefix + "weight"] = _merge_qkv(out[prefix + "weight"], *parts, scaling)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """0 for cls token / position embedding / patch embedding, i+1 for ``blocks.i``, ``num_layers + 1`` otherwise."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def param_groups_lrd(
+        model: nn.Module,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.75,
+        no_weight_decay_list: Iterable[str] = (),
+) -> List[Dict[str, Any]]:
+    """AdamW parameter groups with layer-wise lr decay (SPEC section 3), trainable parameters only.
+
+    lr_scale = layer_decay^(L+1-layer); weight decay 0 for 1-D parameters, biases, cls token, position embedding and
+    names in ``no_weight_decay_list``. Each group: ``params``, ``lr_scale``, ``weight_decay``, ``layer_id``.
+    A model without ``blocks`` gets one scale (1.0).
+    """
+    net = _timm_model(model)
+    num_layers = len(net.blocks) if hasattr(net, "blocks") else 0
+    no_wd = {"cls_token", "pos_embed", "reg_token", *no_weight_decay_list}
+    groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name.endswith(".bias") or name in no_wd)
+        layer = layer_id_for_vit(name, num_layers) if num_layers else 0
+        scale = layer_decay ** (num_layers + 1 - layer) if num_layers else 1.0
+        group = groups.setdefault((layer, decay), {
+            "params": [], "lr_scale": scale, "weight_decay": weight_decay if decay else 0.0, "layer_id": layer})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _few(keys: Sequence[str], n: int = 4) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
+    """Read classifier weights -> (state dict as saved, info).
+
+    ``path``: a ``.safetensors`` or ``torch.save`` file (a bare state dict, or a ``train.py`` checkpoint with
+    ``state_dict``/``arch``), or a Hugging Face folder with ``model.safetensors`` / ``pytorch_model.bin``.
+    info: ``arch`` (train.py checkpoints), ``hf_config`` / ``hf_preprocessor`` (HF config.json files beside the
+    weights), ``path``.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / n for n in HF_WEIGHT_FILES if (path / n).is_file()]
+        if not found:
+            raise UserError(f"--classifier_ckpt {path}: folder has no {' or '.join(HF_WEIGHT_FILES)}")
+        path = found[0]
+    if not path.is_file():
+        raise UserError(f"--classifier_ckpt {path}: file not found")
+    info: Dict[str, Any] = {"path": str(path)}
+    info["hf_config"], info["hf_preprocessor"] = read_hf_config(path.parent)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
+        raise UserError(f"--classifier_ckpt {path}: unreadable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        if obj.get("arch") is not None:
+            info["arch"] = str(obj["arch"])
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"--classifier_ckpt {path}: not a state dict (expected a dict of tensors, "
+                        "or a train.py checkpoint with 'state_dict')")
+    return dict(obj), info
+
+
+def to_timm_state_dict(state_dict: StateDict) -> StateDict:
+    """Strip ``module.`` (DDP) and ``model.`` (:class:`ImageClassifier`) prefixes; convert HF ViT keys to timm."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    if is_hf_vit_state_dict(sd):
+        sd = convert_hf_vit_to_timm(sd)
+    return sd
+
+
+def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = "checkpoint") -> None:
+    """Strict load with one-line errors naming missing / unexpected keys and wrong shapes.
+
+    Unmerged LoRA weights are merged on the fly when ``model`` has no LoRA; into a LoRA model they load as they are.
+    """
+    net = _timm_model(model)
+    model_has_lora = any(isinstance(m, LoRAQKV) for m in net.modules())
+    if has_lora_keys(state_dict) and not model_has_lora:
+        state_dict = merge_lora_state_dict(state_dict)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            what.append(f"unexpected keys {_few(unexpected)}")
+        raise UserError(f"{source}: does not fit this architecture: {'; '.join(what)} (wrong --arch?)")
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state_dict[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"{source}: wrong tensor shapes (checkpoint vs model): {_few(wrong, 3)} "
+                        "(wrong --arch or number of classes?)")
+    is_meta = any(p.is_meta for p in net.parameters())
+    net.load_state_dict(state_dict, strict=True, assign=is_meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures by name
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pretrained_error(what: str, err: BaseException) -> UserError:
+    msg = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
+    return UserError(f"could not download the pretrained weights of {what} ({msg}); download them on a machine with "
+                     "internet (docs/readme/models_and_data.md) and pass the file with --classifier_ckpt")
+
+
+def _download_hf_checkpoint(repo: str) -> Path:
+    """The weights file of a Hugging Face model repository (via the hub cache; an error offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    for filename in HF_WEIGHT_FILES[::-1]:  # pytorch_model.bin first: the paper's repository has no safetensors on main
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except RemoteEntryNotFoundError as err:  # the hub answered: no such file; try the other name
+            last: BaseException = err
+        except Exception as err:  # noqa: BLE001 - offline, network, authentication: no point trying again
+            raise _pretrained_error(repo, err) from None
+    raise _pretrained_error(repo, last)
+
+
+def _data_config(model: nn.Module) -> Tuple[Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
+    cfg = timm.data.resolve_model_data_config(model)
+    return tuple(cfg["input_size"][-2:]), tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def _build(
+        arch: str, num_classes: Optional[int], pretrained: bool, drop_path: float, info: Dict[str, Any],
+) -> Tuple[nn.Module, Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
+    """(timm model, input size, mean, std) for ``arch``; pretrained weights only where ``pretrained``."""
+    half = (0.5, 0.5, 0.5)
+    if arch == "cifar10_vit_base":
+        model = build_vit_from_hf_config(CIFAR10_HF_CONFIG, drop_path, num_classes)
+        return model, (224, 224), half, half
+    if arch == "digits_vit_tiny":
+        kwargs = dict(DIGITS_VIT_KWARGS, num_classes=num_classes or DIGITS_VIT_KWARGS["num_classes"])
+        return VisionTransformer(**kwargs, drop_path_rate=drop_path), (16, 16), half, half
+    if arch == "hf_vit":
+        config = info.get("hf_config")
+        if config is None:
+            raise UserError("--arch hf_vit needs --classifier_ckpt pointing to a Hugging Face folder (or a weights "
+                            "file) with its config.json beside it")
+        model = build_vit_from_hf_config(config, drop_path, num_classes)
+        pre = info.get("hf_preprocessor") or {}
+        size = int(config.get("image_size", 224))
+        return model, (size, size), tuple(pre.get("image_mean", half)), tuple(pre.get("image_std", half))
+    name = IMAGENET_TIMM_NAME if arch == "imagenet_vit_base" else arch
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, list(ARCHS) + timm.list_models(), n=4)
+        raise UserError(f"--arch {arch}: unknown architecture; use one of {', '.join(ARCHS)} or a timm model name"
+                        + (f" (close: {', '.join(close)})" if close else ""))
+    kwargs: Dict[str, Any] = {"drop_path_rate": drop_path} if drop_path else {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - hub download errors (offline, missing file, ...)
+        if pretrained:
+            raise _pretrained_error(f"timm model {name}", err) from None
+        raise UserError(f"--arch {arch}: timm could not build it ({err})") from None
+    return (model, *_data_config(model))
+
+
+def get_architecture(
+        arch: str,
+        num_classes: Optional[int] = None,
+        pretrained: bool = False,
+        checkpoint: Optional[PathLike] = None,
+        ft_method: str = "full",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        drop_path: float = 0.0,
+        device: Optional[Union[str, torch.device]] = None,
+) -> ImageClassifier:
+    """Build the classifier ``arch`` (see module docstring) as an :class:`ImageClassifier`.
+
+    Weights: ``checkpoint`` (a local file or HF folder, see :func:`read_checkpoint`; it supersedes ``pretrained``), else
+    ``pretrained`` (timm's hub download; for ``cifar10_vit_base`` the paper's HF checkpoint from the hub, converted;
+    for ``digits_vit_tiny`` the shipped ``models/digits_vit_tiny.pt``), else random init.
+    ``ft_method="lora"``: LoRA(rank, alpha) on q/v, only LoRA + head trainable. A checkpoint with unmerged LoRA
+    weights loads into either: merged on the fly for ``"full"`` (certification), kept as LoRA for ``"lora"``.
+    ``device="meta"`` builds without memory (for counting parameters).
+    """
+    if ft_method == "full-ft":
+        ft_method = "full"
+    if ft_method not in FT_METHODS:
+        raise UserError(f"--ft_method {ft_method!r}: choose one of {', '.join(FT_METHODS)}")
+    if num_classes is not None and num_classes < 1:
+        raise UserError(f"number of classes must be >= 1 (got {num_classes})")
+    if not 0.0 <= drop_path < 1.0:
+        raise UserError(f"--drop_path {drop_path}: must be in [0, 1)")
+    state_dict: Optional[StateDict] = None
+    info: Dict[str, Any] = {}
+    if checkpoint is None and pretrained and arch == "digits_vit_tiny":
+        if not DIGITS_CHECKPOINT.is_file():
+            raise UserError(f"{DIGITS_CHECKPOINT} not found; retrain the demo models (see README) "
+                            "or pass --classifier_ckpt")
+        checkpoint = DIGITS_CHECKPOINT
+    if checkpoint is None and pretrained and arch == "cifar10_vit_base":
+        checkpoint = _download_hf_checkpoint(CIFAR10_HF_REPO)
+    if checkpoint is not None:
+        state_dict, info = read_checkpoint(checkpoint)
+        if info.get("arch") not in (None, arch):
+            raise UserError(f"--classifier_ckpt {checkpoint}: written for --arch {info['arch']}, not {arch}")
+        if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
+            _check_cifar10_hf_config(info["hf_config"], checkpoint)
+        state_dict = to_timm_state_dict(state_dict)
+        if num_classes is None and arch not in ARCHS:  # any timm model: take the head size from the checkpoint
+            num_classes = _head_size(arch, state_dict)
+    meta = device is not None and torch.device(device).type == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info)
+    if state_dict is not None:
+        if ft_method == "lora" and has_lora_keys(state_dict):
+            first = next(k for k in state_dict if k.endswith(".lora_q_A"))
+            apply_lora(model, rank=state_dict[first].shape[0], alpha=lora_alpha)
+        load_timm_state_dict(model, state_dict, source=f"--classifier_ckpt {info.get('path', checkpoint)}")
+    if ft_method == "lora" and not any(isinstance(m, LoRAQKV) for m in model.modules()):
+        apply_lora(model, rank=lora_rank, alpha=lora_alpha)
+    classifier = ImageClassifier(model, input_size, mean, std)
+    if device is not None and not meta:
+        classifier = classifier.to(device)
+    return classifier
+
+
+def _check_cifar10_hf_config(config: Dict[str, Any], checkpoint: PathLike) -> None:
+    """The config.json beside an HF checkpoint must describe the ViT-B/16 that ``cifar10_vit_base`` builds."""
+    wrong = [f"{k}={config[k]!r} (expected {v!r})" for k, v in CIFAR10_HF_CONFIG.items()
+             if k in config and k != "num_labels" and config[k] != v]
+    if wrong:
+        raise UserError(f"--classifier_ckpt {checkpoint}: its config.json is not the paper's ViT-B/16 "
+                        f"({', '.join(wrong[:3])}); use --arch hf_vit to build the model from its config.json")
+
+
+def _head_size(arch: str, state_dict: StateDict) -> Optional[int]:
+    """Rows of the classifier weight in a checkpoint for timm model ``arch`` (None when not found)."""
+    try:
+        head = timm.models.get_pretrained_cfg_value(arch.split(".")[0], "classifier") or "head"
+    except Exception:  # noqa: BLE001
+        head = "head"
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    for h in heads:
+        w = state_dict.get(f"{h}.weight")
+        if w is not None and w.ndim >= 1:
+            return int(w.shape[0])
+    return None
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
