@@ -1,0 +1,244 @@
+"""certify.py: Cohen-format log, reproducibility (batch size, processes, resume), bad input, end to end on digits.
+
+Tiny random models: a digits_vit_tiny with its patch embedding and head scaled up (so that its prediction under
+noise is spread over several classes and every count depends on the exact noise) and a random digits denoiser.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import certify
+from certify import HEADER
+from utils import UserError, run_cli, torch_threads
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "100", "--max_images", "12",
+        "--device", "cpu", "--no_progress", "--seed", "3"]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads are many times slower for these tiny models."""
+    with torch_threads(1):
+        yield
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    from classifier import get_architecture
+    from denoiser import build_denoiser
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    clf = get_architecture("digits_vit_tiny", num_classes=10)
+    with torch.no_grad():
+        clf.model.patch_embed.proj.weight.mul_(5)
+        clf.model.head.weight.mul_(5)
+    torch.save(clf.model.state_dict(), folder / "clf.pt")
+    torch.save(build_denoiser("digits").unet.state_dict(), folder / "den.pt")
+    return {"clf": str(folder / "clf.pt"), "den": str(folder / "den.pt")}
+
+
+def _args(models, outfile, *extra, batch_size=64):
+    return BASE + ["--classifier_ckpt", models["clf"], "--denoiser_ckpt", "none", "--batch_size", str(batch_size),
+                   "--outfile", str(outfile), *extra]
+
+
+def _body(path: Path) -> list[list[str]]:
+    """The log without the time column (the only column that may differ between equal runs)."""
+    lines = Path(path).read_text().split("\n")
+    assert lines[0] == HEADER and lines[-1] == ""
+    return [line.split("\t")[:5] for line in lines[1:-1]]
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory) -> Path:
+    """Single process, batch size 64, no denoiser."""
+    out = tmp_path_factory.mktemp("ref") / "ref.tsv"
+    rows = certify.main(_args(models, out))
+    assert len(rows) == 12
+    return out
+
+
+def test_log_format(reference):
+    body = _body(reference)
+    assert [int(r[0]) for r in body] == list(range(12))
+    predicts = [int(r[2]) for r in body]
+    assert len(set(predicts)) >= 2, "the test model should not be constant"
+    for idx, label, predict, radius, correct in body:
+        assert repr(float(radius)) == radius  # full precision
+        assert int(correct) == int(predict == label)
+        assert (float(radius) == 0.0) == (predict == "-1")
+        assert float(radius) <= 0.25 * 3.1  # sigma * Phi^-1((alpha)^(1/N)) at most
+    time_col = [float(line.split("\t")[5]) for line in reference.read_text().split("\n")[1:-1]]
+    assert all(t > 0 for t in time_col)
+    side = json.loads(reference.with_name("ref.tsv.json").read_text())
+    assert side["config"]["N"] == 100 and side["config"]["sigma"] == 0.25 and side["config"]["seed"] == 3
+    assert side["config"]["classifier"] == "clf.pt" and side["config"]["denoiser"] is None
+
+
+def test_batch_size_does_not_change_the_log(models, reference, tmp_path):
+    certify.main(_args(models, tmp_path / "b7.tsv", batch_size=7))
+    assert _body(tmp_path / "b7.tsv") == _body(reference)
+    certify.main(_args(models, tmp_path / "seed.tsv", "--seed", "4"))
+    assert _body(tmp_path / "seed.tsv") != _body(reference)  # the log does depend on the seed
+
+
+def test_resume_after_max_and_after_a_half_written_line(models, reference, tmp_path):
+    out = tmp_path / "log.tsv"
+    certify.main(_args(models, out, "--max_images", "5"))
+    assert len(_body(out)) == 5
+    certify.main(_args(models, out, "--resume", batch_size=7))
+    assert _body(out) == _body(reference)
+    # a run killed in the middle of writing row 8: keep rows 0..7 and half of row 8
+    text = reference.read_text()
+    cut = text.index("\n8\t") + 6
+    out.write_text(text[:cut])
+    certify.main(_args(models, out, "--resume"))
+    assert _body(out) == _body(reference)
+    before = out.read_text()
+    assert certify.main(_args(models, out, "--resume")) is not None  # nothing left to do: unchanged
+    assert out.read_text() == before
+
+
+def test_resume_from_rank_parts(models, reference, tmp_path):
+    """Parts left by an interrupted sharded run (each with a half-written line) are resumed and merged."""
+    out = tmp_path / "log.tsv"
+    shutil.copy(reference.with_name("ref.tsv.json"), tmp_path / "log.tsv.json")
+    lines = reference.read_text().split("\n")[1:-1]
+    (tmp_path / "log.tsv.rank0").write_text(HEADER + "\n" + "\n".join(lines[0:6:2]) + "\n" + lines[6][:3])
+    (tmp_path / "log.tsv.rank1").write_text(HEADER + "\n" + lines[1] + "\n" + lines[3][:5])
+    (tmp_path / "log.tsv.rank2").write_text(HEADER + "\n" + lines[5] + "\n")  # from a run with 3 processes
+    certify.main(_args(models, out, "--resume"))
+    assert _body(out) == _body(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.tsv", "log.tsv.json"]
+
+
+def _torchrun(args, nproc=2, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "certify.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
+
+
+def test_two_processes_equal_one(models, reference, tmp_path):
+    out = tmp_path / "log.tsv"
+    proc = _torchrun(_args(models, out, batch_size=7))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert _body(out) == _body(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.tsv", "log.tsv.json"]
+    assert "12 images" in output
+
+
+def _complete_rows(paths) -> int:
+    return sum(max(p.read_text().count("\n") - 1, 0) for p in paths if p.exists())
+
+
+def test_end_to_end_with_denoiser_killed_and_resumed(models, tmp_path):
+    """The real digits denoiser architecture (random weights): a 2-process run killed mid-way, resumed by one."""
+    args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "30", "--max_images", "10",
+            "--device", "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"]]
+    ref = tmp_path / "ref" / "log.tsv"
+    certify.main(args + ["--outfile", str(ref), "--batch_size", "40"])
+    assert json.loads(ref.with_name("log.tsv.json").read_text())["config"]["denoiser_ckpt"] == "den.pt"
+
+    out = tmp_path / "run" / "log.tsv"
+    proc = _torchrun(args + ["--outfile", str(out), "--batch_size", "7"])
+    parts = [out.with_name("log.tsv.rank0"), out.with_name("log.tsv.rank1")]
+    deadline = time.monotonic() + 240
+    while _complete_rows(parts) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler's preemption: torchrun passes SIGTERM on to the workers
+    output, _ = proc.communicate(timeout=120)
+    assert not out.exists(), f"the run finished before it could be killed:\n{output}"
+    assert 3 <= _complete_rows(parts) < 10
+
+    certify.main(args + ["--outfile", str(out), "--batch_size", "16", "--resume"])
+    assert _body(out) == _body(ref)
+    assert not any(p.exists() for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear UserError, nothing created or changed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sigma", "0"], "--sigma"),
+    (["--sigma", "-0.5"], "--sigma"),
+    (["--sigma", "nan"], "--sigma"),
+    (["--N0", "0"], "--N0"),
+    (["--N", "-5"], "--N"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--alpha", "0"], "--alpha"),
+    (["--alpha", "1"], "--alpha"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--skip", "0"], "--skip"),
+    (["--seed", "-1"], "--seed"),
+    (["--classifier_ckpt", "/nonexistent/clf.pt"], "/nonexistent/clf.pt"),
+    (["--finetuned_path", "/nonexistent/ft.pt"], "/nonexistent/ft.pt"),
+    (["--denoiser_ckpt", "/nonexistent/den.pt"], "/nonexistent/den.pt"),
+    (["--dataset", "mnist"], "mnist"),
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10"),
+    (["--resume", "--overwrite"], "--resume"),
+    (["--off-the-shelf", "--finetuned_path", "x.pt"], "--off-the-shelf"),
+])
+def test_bad_input(models, tmp_path, extra, message):
+    out = tmp_path / "sub" / "log.tsv"
+    with pytest.raises(UserError, match=message.replace("+", r"\+")):
+        certify.main(_args(models, out) + extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checkpoint_is_a_clear_error(models, tmp_path):
+    out = tmp_path / "log.tsv"
+    with pytest.raises(UserError, match="clf.pt"):  # the classifier's file given as the denoiser
+        certify.main(_args(models, out) + ["--denoiser_ckpt", models["clf"]])
+    with pytest.raises(UserError, match="den.pt"):  # and the denoiser's as the classifier
+        certify.main(_args(models, out) + ["--classifier_ckpt", models["den"]])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outfile_and_resume_mismatch(models, reference, tmp_path, capsys):
+    out = tmp_path / "log.tsv"
+    shutil.copy(reference, out)
+    shutil.copy(reference.with_name("ref.tsv.json"), tmp_path / "log.tsv.json")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def unchanged():
+        return {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    with pytest.raises(UserError, match="already exists.*--resume.*--overwrite"):
+        certify.main(_args(models, out))
+    assert unchanged()
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, exit status 2
+        run_cli(certify.main, _args(models, out))
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --outfile")
+    for extra, key in ((["--sigma", "0.5"], "sigma=0.25"), (["--N", "200"], "N=100"), (["--seed", "0"], "seed=3"),
+                       (["--precision", "bf16"], "precision"), (["--noise_block", "64"], "noise_block")):
+        with pytest.raises(UserError, match=f"different configuration.*{key}"):
+            certify.main(_args(models, out, "--resume", *extra))
+        assert unchanged()
+    (tmp_path / "log.tsv.json").unlink()
+    with pytest.raises(UserError, match="no configuration file"):
+        certify.main(_args(models, out, "--resume"))
+    shutil.copy(reference.with_name("ref.tsv.json"), tmp_path / "log.tsv.json")
+    out.write_text(reference.read_text().replace("\n3\t", "\nthree\t"))
+    with pytest.raises(UserError, match="line 5"):
+        certify.main(_args(models, out, "--resume"))
+    # --overwrite replaces the log and its configuration
+    certify.main(_args(models, out, "--overwrite", "--seed", "4"))
+    assert json.loads((tmp_path / "log.tsv.json").read_text())["config"]["seed"] == 4
+    assert _body(out) != _body(reference)
