@@ -372,7 +372,7 @@ def cadis_objective(
     Returns ``(loss, loss_sce, loss_madv, correct)``, ``correct`` the ``[M, B']`` non-hallucinated mask.
     """
     M = num_noises
-    logits = (forward_model or classifier)(denoised)
+    logits = (forward_model if forward_model is not None else classifier)(denoised)
     correct = non_hallucinated(logits, targets, M)
     p_bar = F.softmax(_at_least_fp32(logits).view(M, targets.shape[0], -1), dim=-1).mean(0)
     if masked_only:

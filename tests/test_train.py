@@ -1,0 +1,198 @@
+"""train.py: schedules, a 2-process gloo run with an exact resume, bad input, a non-finite loss."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict:
+    """Random digits denoiser and classifier (the classifier leans to class 0, so some images are masked in)."""
+    from classifier import get_architecture
+    from denoiser import build_denoiser
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    torch.save(build_denoiser("digits").unet.state_dict(), folder / "den.pt")
+    clf = get_architecture("digits_vit_tiny")
+    with torch.no_grad():
+        clf.model.head.bias[0] += 3.0
+    torch.save(clf.model.state_dict(), folder / "clf.pt")
+    bad = get_architecture("digits_vit_tiny", num_classes=5)  # does not fit a 10-class digits model
+    torch.save(bad.model.state_dict(), folder / "clf5.pt")
+    return {"den": str(folder / "den.pt"), "clf": str(folder / "clf.pt"), "clf5": str(folder / "clf5.pt")}
+
+
+def _args(models: dict, outdir: Path, *extra: str) -> list[str]:
+    return ["--dataset", "digits", "--denoiser_ckpt", models["den"], "--classifier_ckpt", models["clf"],
+            "--device", "cpu", "--batch", "8", "--num_noises", "2", "--accum_iter", "3", "--workers", "0",
+            "--log_every", "1", "--test_per_class", "2", "--train_noise_sd", "0.25", "--epochs", "2",
+            "--warmup_epochs", "0.01", "--blr", "0.05", "--no_progress", "--outdir", str(outdir), *extra]
+
+
+def _steps(path: Path) -> dict[int, list[str]]:
+    rows = [ln.split("\t") for ln in path.read_text().splitlines()[1:] if ln.strip()]
+    return {int(r[0]): r for r in rows}
+
+
+# ------------------------------------------------------------------------------------------------ schedules, clipping
+def test_lr_and_wd_schedules():
+    assert train.lr_at(0.0, 1e-3, 1e-6, 3, 30) == 0.0
+    assert train.lr_at(1.5, 1e-3, 1e-6, 3, 30) == pytest.approx(5e-4)  # linear warmup
+    assert train.lr_at(3.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-3)
+    assert train.lr_at(16.5, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)  # half-way cosine
+    assert train.lr_at(30.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6)
+    assert train.cosine_at(0.0, 0.04, 0.4, 30) == pytest.approx(0.04)
+    assert train.cosine_at(15.0, 0.04, 0.4, 30) == pytest.approx(0.22)
+    assert train.cosine_at(30.0, 0.04, 0.4, 30) == pytest.approx(0.4)
+
+    opt = torch.optim.AdamW([{"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 0.5, "weight_decay": 0.1},
+                             {"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 1.0, "weight_decay": 0.0}])
+    train.set_lr_wd(opt, 2e-3, 0.3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]  # no-decay groups stay at 0
+
+
+def test_per_parameter_gradient_clipping():
+    a, b = torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    b.grad = torch.tensor([0.06, 0.08])
+    train.clip_grad_per_param([a, b], 0.5)
+    assert a.grad.norm().item() == pytest.approx(0.5, rel=1e-5)  # capped separately ...
+    torch.testing.assert_close(b.grad, torch.tensor([0.06, 0.08]))  # ... the small one untouched
+
+
+# ----------------------------------------------------------------------------------------------- 2 processes, resume
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_gloo_run_and_exact_resume(tiny_models, tmp_path):
+    # 3 micro-steps per optimizer step, 2 per batch: step 1 ends in the middle of a batch
+    first = tmp_path / "first"
+    proc = _torchrun(_args(tiny_models, first, "--max_steps", "3", "--ckpt_every_steps", "1"))
+    assert "2 process(es)" in proc.stdout
+    for name in ("checkpoint-step1.pth.tar", "checkpoint-step2.pth.tar", "checkpoint-step3.pth.tar"):
+        assert (first / name).is_file()
+    assert not list(first.glob(".*.tmp"))  # atomic writes leave no temporary files
+    log = (first / "log.txt").read_text().splitlines()
+    assert log[0].split("\t")[:3] == ["epoch", "step", "lr"] and log[1].split("\t")[:2] == ["1", "3"]
+    steps = _steps(first / "log_steps.txt")
+    assert sorted(steps) == [1, 2, 3]
+    assert any(float(r[5]) > 0 for r in steps.values())  # the masked adversarial loss was active
+
+    ckpt = torch.load(first / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["micro"], ckpt["arch"]) == (0, 1, 3, "digits_vit_tiny")
+    assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+    assert {"state_dict", "optimizer", "scaler", "args"} <= set(ckpt)
+
+    # resume from the mid-batch checkpoint of step 1: the same losses and, at step 3, the same weights, bit for bit
+    second = tmp_path / "second"
+    _torchrun(_args(tiny_models, second, "--max_steps", "3", "--resume", str(first / "checkpoint-step1.pth.tar")))
+    resumed = _steps(second / "log_steps.txt")
+    assert sorted(resumed) == [2, 3]
+    for s in (2, 3):
+        assert resumed[s][3:6] == steps[s][3:6]  # loss, sce, madv as logged (8 significant digits)
+    a = torch.load(first / "checkpoint-step3.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(second / "checkpoint-step3.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -------------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "no_such_model_xyz"], "unknown architecture"),
+    (["--batch", "7"], "not divisible by --num_noises"),
+    (["--load_from", "/nonexistent/ckpt.pt"], "--load_from /nonexistent/ckpt.pt: file not found"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume /nonexistent/ckpt.pt: file not found"),
+    (["--use_fp16", "true", "--precision", "bf16"], "contradicts"),
+])
+def test_bad_input_is_a_clear_error(tiny_models, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message.replace("/", ".").replace("-", ".")):
+        train.main(_args(tiny_models, tmp_path / "run", *extra))
+
+
+def test_incompatible_load_from_and_non_checkpoint_resume(tiny_models, tmp_path):
+    with pytest.raises(UserError, match=r"--load_from .*clf5.pt.*(shape|number of classes)"):
+        train.main(_args(tiny_models, tmp_path / "a", "--load_from", tiny_models["clf5"]))
+    with pytest.raises(UserError, match="not a train.py checkpoint"):
+        train.main(_args(tiny_models, tmp_path / "b", "--resume", tiny_models["clf"]))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
+    real = train.cadis_objective
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # the 5th micro-step (in optimizer step 2) produces NaN
+        calls["n"] += 1
+        loss, sce, madv, correct = real(*args, **kwargs)
+        return (loss * math.nan if calls["n"] == 5 else loss), sce, madv, correct
+
+    monkeypatch.setattr(train, "cadis_objective", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train.main(_args(tiny_models, out, "--max_steps", "4", "--ckpt_every_steps", "1"))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "checkpoint-step1.pth.tar" in err
+    assert sorted(p.name for p in out.glob("*.pth.tar")) == ["checkpoint-step1.pth.tar"]
+    digest = hashlib.sha256((out / "checkpoint-step1.pth.tar").read_bytes()).hexdigest()
+    ckpt = torch.load(out / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+    # the good checkpoint resumes (and a fresh run refuses to overwrite the folder)
+    monkeypatch.setattr(train, "cadis_objective", real)
+    with pytest.raises(UserError, match="already holds a run"):
+        train.main(_args(tiny_models, out, "--max_steps", "2"))
+    result = train.main(_args(tiny_models, out, "--max_steps", "2", "--no_test",
+                              "--resume", str(out / "checkpoint-step1.pth.tar")))
+    assert result["step"] == 2 and (out / "checkpoint-step2.pth.tar").is_file()
+    assert hashlib.sha256((out / "checkpoint-step1.pth.tar").read_bytes()).hexdigest() == digest
+
+
+# --------------------------------------------------------------------------------------------------------- wrappers
+@pytest.mark.parametrize("script, expected", [
+    ("train_cifar10.sh", "--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3 "
+                         "--blr 1e-4 --batch 32 --accum_iter 4 --weight_decay 0.04 --weight_decay_end 0.4 "
+                         "--layer_decay 0.65 --drop_path 0.2 --clip_grad 0.3 --train_noise_sd 0.5 --test_noise_sd 0.5 "
+                         "--num_noises 4 --lbd 4.0 --eps 64 --num-steps 4"),
+    ("train_imagenet.sh", "--dataset imagenet --arch imagenet_vit_base --ft_method lora --epochs 10 --warmup_epochs 1 "
+                          "--blr 4e-4 --batch 16 --accum_iter 4 --weight_decay 0.01 --weight_decay_end 0.1 "
+                          "--layer_decay 0.9 --drop_path 0.0 --clip_grad 1.0 --train_noise_sd 0.5 --test_noise_sd 0.5 "
+                          "--num_noises 2 --lbd 2.0 --eps 64 --num-steps 1"),
+])
+def test_paper_wrappers_build_the_torchrun_command(script, expected):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": "python3"}
+    env.pop("MASTER_PORT", None)
+    run = subprocess.run(["bash", script, "--ngpus", "2", "--noise", "0.5", "--resume", "--load_from", "c.pt",
+                          "--eps_double", "--warmup_eps", "5", "--outdir", "o"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    cmd = run.stdout.strip()
+    assert "torch.distributed.run --standalone --nproc_per_node 2 train.py" in cmd
+    assert expected in cmd
+    assert cmd.endswith("--warm_start true --use_fp16 true --eps_double --warmup_eps 5 --resume c.pt --outdir o")
+    env.update(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29511")
+    run = subprocess.run(["bash", script, "--ngpus", "8", "--lbd", "1.5"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert ("--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29511 train.py"
+            in run.stdout) and "--lbd 1.5" in run.stdout and "--resume" not in run.stdout
+    bad = subprocess.run(["bash", script, "--noise"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--noise needs a value" in bad.stderr
