@@ -7,58 +7,14 @@
 #
 # --ngpus is the number of processes (GPUs) per node. Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and
 # MASTER_PORT (torchrun's usual variables) on every node. Any other flag goes to train.py unchanged (e.g.
-# --outdir, --data_dir, --classifier_ckpt, --denoiser_ckpt). DRY_RUN=1 prints the command instead of running it.
+# --outdir, --data_dir, --classifier_ckpt, --denoiser_ckpt). --weight_decay, --weight_decay_end and --layer_decay
+# override the paper's values. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-NGPUS=4 NOISE=1.0 BLR=1e-4 BATCH=32 ACCUM_ITER=4 LBD=4.0 EPS=64 NUM_NOISES=4
-RESUME="" RESUME_FLAG=false LOAD_FROM="" EPS_DOUBLE=false WARMUP_EPS=""
-EXTRA=()
-
-value() { [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }; }
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --ngpus) value "$@"; NGPUS="$2"; shift 2 ;;
-    --noise) value "$@"; NOISE="$2"; shift 2 ;;
-    --blr) value "$@"; BLR="$2"; shift 2 ;;
-    --batch) value "$@"; BATCH="$2"; shift 2 ;;
-    --accum_iter) value "$@"; ACCUM_ITER="$2"; shift 2 ;;
-    --lbd) value "$@"; LBD="$2"; shift 2 ;;
-    --eps) value "$@"; EPS="$2"; shift 2 ;;
-    --num_noises) value "$@"; NUM_NOISES="$2"; shift 2 ;;
-    --load_from) value "$@"; LOAD_FROM="$2"; shift 2 ;;
-    --eps_double) EPS_DOUBLE=true; shift ;;
-    --warmup_eps) value "$@"; WARMUP_EPS="$2"; shift 2 ;;
-    --resume)
-      if [[ $# -ge 2 && "$2" != --* ]]; then RESUME="$2"; shift 2; else RESUME_FLAG=true; shift; fi ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) EXTRA+=("$1"); shift ;;
-  esac
-done
-if [[ "$RESUME_FLAG" == true && -z "$RESUME" ]]; then
-  [[ -n "$LOAD_FROM" ]] || { echo "error: --resume needs a checkpoint (--resume CKPT or --resume --load_from CKPT)" >&2; exit 2; }
-  RESUME="$LOAD_FROM" LOAD_FROM=""
-fi
-
-PYTHON="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
-if [[ "${NNODES:-1}" == 1 && -z "${MASTER_PORT:-}" ]]; then
-  LAUNCH=(--standalone --nproc_per_node "$NGPUS")
-else
-  LAUNCH=(--nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NGPUS"
-          --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
-fi
-CMD=("$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" train.py
-  --dataset cifar10 --arch cifar10_vit_base --ft_method full
-  --epochs 30 --warmup_epochs 3 --blr "$BLR" --batch "$BATCH" --accum_iter "$ACCUM_ITER"
-  --weight_decay 0.04 --weight_decay_end 0.4 --layer_decay 0.65 --drop_path 0.2 --clip_grad 0.3
-  --train_noise_sd "$NOISE" --test_noise_sd "$NOISE" --num_noises "$NUM_NOISES" --lbd "$LBD"
-  --eps "$EPS" --num-steps 4 --warm_start true --use_fp16 true)
-[[ "$EPS_DOUBLE" == true ]] && CMD+=(--eps_double)
-[[ -n "$WARMUP_EPS" ]] && CMD+=(--warmup_eps "$WARMUP_EPS")
-[[ -n "$RESUME" ]] && CMD+=(--resume "$RESUME")
-[[ -n "$LOAD_FROM" ]] && CMD+=(--load_from "$LOAD_FROM")
-CMD+=(${EXTRA[@]+"${EXTRA[@]}"})
-
-echo "==> ${CMD[*]}"
-[[ -n "${DRY_RUN:-}" ]] && exit 0
-exec "${CMD[@]}"
+# the paper's settings (SPEC section 4); each can be overridden by the flag of the same name
+NGPUS=4 NOISE=1.0 BLR=1e-4 BATCH=32 ACCUM_ITER=4 LBD=4.0 EPS=64 NUM_NOISES=4 NUM_STEPS=4
+WEIGHT_DECAY=0.04 WEIGHT_DECAY_END=0.4 LAYER_DECAY=0.65
+FIXED=(--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3)
+FIXED_TAIL=(--drop_path 0.2 --clip_grad 0.3)
+source scripts/launch_train.sh
