@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
-from utils import UserError
+from utils import UserError, state_dict_mismatch
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -481,9 +481,7 @@ def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = 
     model_has_lora = any(isinstance(m, LoRAQKV) for m in net.modules())
     if has_lora_keys(state_dict) and not model_has_lora:
         state_dict = merge_lora_state_dict(state_dict)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing, unexpected, wrong = state_dict_mismatch(net.state_dict(), state_dict)
     if missing or unexpected:
         what = []
         if missing:
@@ -491,10 +489,9 @@ def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = 
         if unexpected:
             what.append(f"unexpected keys {_few(unexpected)}")
         raise UserError(f"{source}: does not fit this architecture: {'; '.join(what)} (wrong --arch?)")
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state_dict[k].shape) != tuple(v.shape)]
     if wrong:
-        raise UserError(f"{source}: wrong tensor shapes (checkpoint vs model): {_few(wrong, 3)} "
+        wrong_text = [f"{k} {given} vs {want}" for k, given, want in wrong]
+        raise UserError(f"{source}: wrong tensor shapes (checkpoint vs model): {_few(wrong_text, 3)} "
                         "(wrong --arch or number of classes?)")
     is_meta = any(p.is_meta for p in net.parameters())
     net.load_state_dict(state_dict, strict=True, assign=is_meta)

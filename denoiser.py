@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from unet import UNetModel
-from utils import UserError, precision_dtype, resolve_device
+from utils import UserError, precision_dtype, resolve_device, state_dict_mismatch
 
 __all__ = [
     "DENOISER_CONFIGS", "DiffusionDenoiser", "build_unet", "create_denoiser", "build_denoiser", "load_denoiser",
@@ -328,8 +328,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, name: str) -> None:
     """Strict key and shape match, explained in one line."""
     expected = unet.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    missing, unexpected, bad = state_dict_mismatch(expected, sd)
     if missing or unexpected:
         parts = []
         if missing:
@@ -338,9 +337,8 @@ def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], path: Pat
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         raise UserError(f"denoiser checkpoint {path} does not match the {name!r} UNet: {'; '.join(parts)}; "
                         f"expected {len(expected)} entries, the file has {len(sd)} (wrong checkpoint for {name!r}?)")
-    bad = [k for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
     if bad:
-        examples = ", ".join(f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}" for k in bad[:3])
+        examples = ", ".join(f"{k} {list(given)} vs {list(want)}" for k, given, want in bad[:3])
         raise UserError(f"denoiser checkpoint {path} does not match the {name!r} UNet: {len(bad)} tensors have the "
                         f"wrong shape (file vs model: {examples}); wrong checkpoint for {name!r}?")
 
