@@ -505,7 +505,8 @@ def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = 
 def _pretrained_error(what: str, err: BaseException) -> UserError:
     msg = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
     return UserError(f"could not download the pretrained weights of {what} ({msg}); download them on a machine with "
-                     "internet (docs/readme/models_and_data.md) and pass the file with --classifier_ckpt")
+                     "internet (README: \"Getting the paper's classifiers onto an offline machine\") and pass the file "
+                     "with --classifier_ckpt")
 
 
 def _download_hf_checkpoint(repo: str) -> Path:
