@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import analyze
-from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator
+from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator, prepare_inference_
 from utils import PRECISIONS, UserError, barrier, cleanup_distributed, init_distributed, run_cli
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
@@ -376,6 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row]]:
         model = build_base_classifier(args.dataset, args.arch, args.classifier,
                                       None if args.no_denoiser else args.denoiser_ckpt, args.sigma,
                                       get_num_classes(args.dataset), device)
+        prepare_inference_(model, args.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
         smoothed = Smooth(model, get_num_classes(args.dataset), args.sigma, precision=args.precision,
                           noise_block=args.noise_block)
         barrier()

@@ -49,6 +49,29 @@ class DenoisedClassifier(nn.Module):
         return self.classifier(x_hat)
 
 
+def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = True) -> nn.Module:
+    """Make ``model`` (e.g. a :class:`DenoisedClassifier`) faster under ``autocast(device, precision)``, in place.
+
+    bf16/fp16: the weight of every Linear / Conv is stored in the autocast dtype. Autocast computes these layers in
+    that dtype anyway, but casts each fp32 weight again on every call (a few % of the time on an idle CPU, up to half
+    of it on a busy one); norms, biases, embeddings and the residual streams stay fp32, so the results are those of
+    plain autocast.
+    A denoiser's UNet goes channels_last (``channels_last``; may change float rounding). fp32: nothing changes.
+    Afterwards the model is for inference under ``autocast(precision)`` only (not for training).
+    """
+    if precision == "fp32":
+        return model
+    from utils import precision_dtype
+    dtype = precision_dtype(precision)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            m.weight.data = m.weight.data.to(dtype)
+        if channels_last and hasattr(m, "unet") and hasattr(m, "channels_last"):  # a denoiser.DiffusionDenoiser
+            m.unet.to(memory_format=torch.channels_last)
+            m.channels_last = True
+    return model
+
+
 def block_seed(key: int, phase: int, block: int) -> int:
     """The 64-bit seed of noise block ``block`` of phase ``phase`` of a call whose key is ``key``."""
     return int(np.random.SeedSequence([key, phase, block]).generate_state(1, np.uint64)[0])

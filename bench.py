@@ -1,0 +1,736 @@
+"""Throughput of denoised smoothing: certification samples/s and the time of one FT-CADIS fine-tuning step.
+
+For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on the same device and weights:
+
+* the **reference path**, a re-creation of how Carlini et al. (2023) certify on top of Cohen et al. (2019): fp32;
+  the diffusion draws its own noise at t* (``q_sample``: x_t = sqrt(abar)·(2x − 1) + sqrt(1 − abar)·eps, eps fresh);
+  the full ``p_sample`` step (``p_mean_variance``: learned-range log-variance, posterior mean, and a sample, of
+  which only ``pred_xstart`` is used); the classifier; eager attention; the argmax copied to the host every batch
+  and counted in a Python loop;
+* the **fast path**: :class:`core.Smooth` over :class:`core.DenoisedClassifier` after
+  :func:`core.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
+  bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention,
+  optional ``torch.compile``, class counts kept on the device (one transfer per call);
+
+and reports every fast figure as a ratio to the reference, the share of samples whose predicted class matches the
+fp32 path on the same noise, and one FT-CADIS step (noise + denoise without grad, train forward, attack, backward,
+AdamW): the reference's (all images attacked, for-loop AdamW, per-parameter clipping with a host sync each) and ours
+(attack on masked-in images only, fused AdamW, foreach clipping).
+
+    python bench.py --configs digits cifar10 --compile --json runs/bench_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
+from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, prepare_inference_
+from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
+from utils import PRECISIONS, UserError, autocast, resolve_device, run_cli, torch_threads
+
+# Per configuration: the models, the paper's N (certification) and fine-tuning settings (SPEC section 4), and the
+# default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "cifar10": dict(denoiser="cifar10", arch="cifar10_vit_base", image_size=32, num_classes=10, N=100_000,
+                    ft_method="full", num_noises=4, attack_steps=4, lbd=4.0, layer_decay=0.65,
+                    cpu=dict(batch_size=16, iters=2, ft_images=1), cuda=dict(batch_size=500, iters=10, ft_images=8)),
+    "imagenet": dict(denoiser="imagenet", arch="imagenet_vit_base", image_size=224, num_classes=1000, N=10_000,
+                     ft_method="lora", num_noises=2, attack_steps=1, lbd=2.0, layer_decay=0.9,
+                     cpu=dict(batch_size=2, iters=1, ft_images=1), cuda=dict(batch_size=64, iters=5, ft_images=8)),
+    "digits": dict(denoiser="digits", arch="digits_vit_tiny", image_size=16, num_classes=10, N=100_000,
+                   ft_method="full", num_noises=4, attack_steps=4, lbd=4.0, layer_decay=0.65,
+                   cpu=dict(batch_size=256, iters=4, ft_images=8), cuda=dict(batch_size=4096, iters=10, ft_images=32)),
+}
+N0 = 100  # selection samples of CERTIFY, counted in the seconds per image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference path (Carlini et al. 2023 on Cohen et al. 2019), re-created
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _extract(arr: np.ndarray, t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """arr[t] per sample, broadcast to ``shape``: a numpy float64 table copied to the device on every call, as
+    upstream's ``_extract_into_tensor`` (which casts to float32; float64 inputs keep float64 here)."""
+    res = torch.from_numpy(arr).to(device=t.device)[t].to(dtype)
+    return res.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
+class ReferenceDiffusion:
+    """The part of improved-/guided-diffusion's ``GaussianDiffusion`` that DDS calls, with the learned-range
+    variance (``learn_sigma=True``) and ε-prediction of both official checkpoints. From ᾱ_t: β_t = 1 − ᾱ_t/ᾱ_{t−1}.
+
+        q_sample:  x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε
+        p_mean_variance:  ε̂, v = UNet(x_t, τ);  x̂_0 = clip(sqrt(1/ᾱ_t)·x_t − sqrt(1/ᾱ_t − 1)·ε̂, −1, 1)
+                   mean = c1_t·x̂_0 + c2_t·x_t,  log var = f·log β_t + (1 − f)·log β̃_t,  f = (v + 1)/2
+        p_sample:  sample = mean + 1[t > 0]·exp(log var / 2)·z,  z fresh;  returns sample and x̂_0
+    """
+
+    def __init__(self, alphas_cumprod: np.ndarray, rescale_timesteps: bool):
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        ac_prev = np.append(1.0, ac[:-1])
+        self.num_timesteps = len(ac)
+        self.rescale_timesteps = rescale_timesteps
+        self.betas = 1.0 - ac / ac_prev
+        self.sqrt_alphas_cumprod = np.sqrt(ac)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
+        self.posterior_variance = self.betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = self.betas * np.sqrt(ac_prev) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ac)
+        self.log_betas = np.log(self.betas)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        s, d = x_start.shape, x_start.dtype
+        return (_extract(self.sqrt_alphas_cumprod, t, s, d) * x_start
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, s, d) * noise)
+
+    def p_mean_variance(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s, d = x.shape, x.dtype
+        tau = t.to(d) * (1000.0 / self.num_timesteps) if self.rescale_timesteps else t
+        model_output, model_var_values = torch.split(model(x, tau), x.shape[1], dim=1)
+        min_log = _extract(self.posterior_log_variance_clipped, t, s, d)
+        max_log = _extract(self.log_betas, t, s, d)
+        frac = (model_var_values + 1) / 2
+        model_log_variance = frac * max_log + (1 - frac) * min_log
+        pred_xstart = (_extract(self.sqrt_recip_alphas_cumprod, t, s, d) * x
+                       - _extract(self.sqrt_recipm1_alphas_cumprod, t, s, d) * model_output).clamp(-1, 1)
+        mean = (_extract(self.posterior_mean_coef1, t, s, d) * pred_xstart
+                + _extract(self.posterior_mean_coef2, t, s, d) * x)
+        return {"mean": mean, "variance": torch.exp(model_log_variance), "log_variance": model_log_variance,
+                "pred_xstart": pred_xstart}
+
+    def p_sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = self.p_mean_variance(model, x, t)
+        noise = torch.randn_like(x)
+        nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (len(x.shape) - 1)))
+        return {"sample": out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise,
+                "pred_xstart": out["pred_xstart"]}
+
+
+class ReferenceDenoisedClassifier(nn.Module):
+    """DDS's ``DiffusionRobustModel``: x in [0, 1] (clean: the diffusion adds the noise) -> logits of f(x̂_0).
+
+    x_in = 2x − 1; x_t = q_sample(x_in, t*, fresh ε); x̂_0 = p_sample(UNet, x_t, t*)["pred_xstart"]; f((x̂_0 + 1)/2).
+    """
+
+    def __init__(self, denoiser: DiffusionDenoiser, classifier: nn.Module, sigma: float):
+        super().__init__()
+        self.unet = denoiser.unet
+        self.classifier = classifier
+        self.diffusion = ReferenceDiffusion(denoiser.alphas_cumprod.cpu().numpy(), denoiser.rescale_timesteps)
+        self.t = denoiser.timestep_for_sigma(sigma)
+
+    def denoise(self, x_start: torch.Tensor) -> torch.Tensor:
+        t_batch = torch.tensor([self.t] * len(x_start), device=x_start.device)
+        x_t = self.diffusion.q_sample(x_start, t_batch, torch.randn_like(x_start))
+        with torch.no_grad():
+            return self.diffusion.p_sample(self.unet, x_t, t_batch)["pred_xstart"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier((self.denoise(x * 2 - 1) + 1) / 2)
+
+
+def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
+    counts = np.zeros(length, dtype=int)
+    for idx in arr:
+        counts[idx] += 1
+    return counts
+
+
+def reference_sample_noise(model: nn.Module, x: torch.Tensor, num: int, batch_size: int, num_classes: int
+                           ) -> np.ndarray:
+    """Cohen's ``Smooth._sample_noise`` as DDS runs it: the clean image repeated, noised inside the model, the
+    predictions copied to the host and counted in Python, batch by batch."""
+    with torch.no_grad():
+        counts = np.zeros(num_classes, dtype=int)
+        for _ in range(math.ceil(num / batch_size)):
+            this_batch_size = min(batch_size, num)
+            num -= this_batch_size
+            batch = x.repeat((this_batch_size, 1, 1, 1))
+            predictions = model(batch).argmax(1)
+            counts += _count_arr(predictions.cpu().numpy(), num_classes)
+        return counts
+
+
+@contextlib.contextmanager
+def eager_attention() -> Any:
+    """Scaled dot-product attention as the upstream code writes it (matmul, softmax, matmul): SDPA's math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models, devices, memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or the process's peak RSS (Linux ``clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA ``max_memory_allocated`` or the process's peak resident set size (VmHWM, else ``ru_maxrss``), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _randomize_zero_init(module: nn.Module) -> None:
+    """Give the UNet's zero-initialised layers (output convs, attention projections) PyTorch's default init, scaled
+    by 0.1: with them at zero a random UNet predicts ε̂ = 0 and the denoiser is the identity, which would hide its
+    share of the bf16 error in the agreement figure."""
+    g = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not m.weight.detach().any():
+            bound = 0.1 / math.sqrt(m.weight[0].numel())
+            with torch.no_grad():
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(-bound, bound, generator=g))
+
+
+def build_models(name: str, device: torch.device, weights: str) -> Dict[str, Any]:
+    """The denoiser and classifier of a configuration: shipped weights for ``digits`` when present (``weights`` =
+    ``auto``), else random weights (timing only; ``weights`` = ``random`` forces them)."""
+    cfg = CONFIGS[name]
+    shipped = (name == "digits" and weights == "auto" and default_checkpoint_path("digits").is_file()
+               and (Path(__file__).resolve().parent / "models" / "digits_vit_tiny.pt").is_file())
+    torch.manual_seed(0)
+    if shipped:
+        denoiser = load_denoiser("digits", device=device)
+        classifier = get_architecture(cfg["arch"], pretrained=True, device=device)
+    else:
+        denoiser = build_denoiser(cfg["denoiser"])
+        _randomize_zero_init(denoiser.unet)
+        classifier = get_architecture(cfg["arch"], num_classes=cfg["num_classes"])
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
+    classifier = classifier.to(device).eval().requires_grad_(False)
+    return {"denoiser": denoiser, "classifier": classifier, "weights": "shipped" if shipped else "random",
+            "denoiser_params": sum(p.numel() for p in denoiser.parameters()),
+            "classifier_params": sum(p.numel() for p in classifier.parameters())}
+
+
+def fast_model(denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float, precision: str,
+               channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
+    """The fast path's f o D, on copies: :func:`core.prepare_inference_` (Linear/Conv weights stored in the
+    autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place."""
+    model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
+    prepare_inference_(model, precision, channels_last)
+    if compile:
+        model.denoiser.unet.compile(mode=compile_mode, dynamic=False)
+        model.classifier.model.compile(mode=compile_mode, dynamic=False)
+    return model
+
+
+def test_images(name: str, count: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` clean images [count, 3, S, S] in [0, 1] and labels: digits test images for ``digits``, else smooth
+    random images (bilinear upsampling of 4x4 uniform noise; random weights have no data to match)."""
+    size = CONFIGS[name]["image_size"]
+    if name == "digits":
+        from datasets import get_dataset
+        data = get_dataset("digits", "test")
+        step = max(len(data) // count, 1)
+        items = [data[i * step] for i in range(count)]
+        return (torch.stack([x for x, _ in items]).to(device),
+                torch.tensor([y for _, y in items], device=device))
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(count, 3, 4, 4, generator=g), size=(size, size), mode="bilinear",
+                      align_corners=False)
+    return x.to(device), torch.randint(0, CONFIGS[name]["num_classes"], (count,), generator=g).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Certification throughput
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CertifyPath:
+    """One way of drawing ``num`` samples of f(D(x + δ)) for one image and counting the classes."""
+
+    def __init__(self, label: str, precision: str, compiled: bool, channels_last: bool, batch_size: int,
+                 sample: Callable[[torch.Tensor, int, int], Any]):
+        self.label, self.precision, self.compiled, self.channels_last = label, precision, compiled, channels_last
+        self.batch_size = batch_size
+        self.sample = sample
+        self.seconds = 0.0
+        self.samples = 0
+        self.rates: List[float] = []
+        self.warmup_s = 0.0
+        self.peak_mb = 0.0
+
+    def run(self, x: torch.Tensor, num: int, device: torch.device) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        self.sample(x, num, self.batch_size)
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+def reference_path(denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float, num_classes: int,
+                   batch_size: int) -> CertifyPath:
+    model = ReferenceDenoisedClassifier(denoiser, classifier, sigma).eval()
+
+    def sample(x: torch.Tensor, num: int, batch: int) -> np.ndarray:
+        with eager_attention():
+            return reference_sample_noise(model, x, num, batch, num_classes)
+
+    return CertifyPath("reference", "fp32", False, False, batch_size, sample)
+
+
+def fast_path(model: DenoisedClassifier, num_classes: int, precision: str, compiled: bool, channels_last: bool,
+              batch_size: int) -> CertifyPath:
+    """``core.Smooth`` over ``model``: on-device noise at sigma, autocast ``precision``, on-device counts."""
+    smooth = Smooth(model, num_classes, model.sigma, precision=precision)
+    key = iter(range(1, 1 << 30))
+
+    def sample(x: torch.Tensor, num: int, batch: int) -> np.ndarray:
+        return smooth._sample_noise(x, num, batch, next(key), PHASE_ESTIMATION).cpu().numpy()
+
+    label = "fast" + (" compiled" if compiled else "")
+    return CertifyPath(label, precision, compiled, channels_last and precision != "fp32", batch_size, sample)
+
+
+def largest_batch(path: CertifyPath, x: torch.Tensor, device: torch.device, start: int, cap: int) -> int:
+    """CUDA: the largest batch (doubling from ``start``, at most ``cap``) with which one batch of ``path`` runs."""
+    best, b = 0, start
+    while b <= cap:
+        try:
+            path.sample(x, b, b)
+            _sync(device)
+            best, b = b, b * 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if not best:
+        raise UserError(f"--batch_size auto: even a batch of {start} does not fit on {device}; pass a smaller "
+                        "--batch_size")
+    return best
+
+
+def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fast: DenoisedClassifier,
+              precision: str, sigma: float, images: torch.Tensor, per_image: int, batch_size: int,
+              seed: int) -> Dict[str, float]:
+    """Share of samples whose class under ``fast`` (autocast ``precision``) equals the fp32 class on the same noise
+    x + sigma·δ, with the logit error beside it: ``margin_median`` (fp32 top-1 minus top-2 logit) against
+    ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1)."""
+    ref = DenoisedClassifier(denoiser_fp32, classifier, sigma).eval()
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    z32, zf = [], []
+    with torch.inference_mode():
+        for x in images:
+            noise = torch.randn((per_image, *x.shape), generator=g, device=x.device)
+            for chunk in (x + sigma * noise).split(batch_size):
+                z32.append(ref(chunk).float())
+                with autocast(chunk.device, precision):
+                    zf.append(fast(chunk).float())
+    z32_t, zf_t = torch.cat(z32), torch.cat(zf)
+    top2 = z32_t.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    diff = (zf_t - z32_t).abs()
+    same = zf_t.argmax(1) == z32_t.argmax(1)
+    decided = margin > 2 * diff.max(1).values
+    return {
+        "samples": int(len(same)),
+        "agreement": float(same.float().mean()),
+        "logit_max_abs_diff": float(diff.max()),
+        "logit_mean_abs_diff": float(diff.mean()),
+        "logit_std": float(z32_t.std()),
+        "margin_median": float(margin.median()),
+        "decided_share": float(decided.float().mean()),
+        "decided_agreement": float(same[decided].float().mean()) if bool(decided.any()) else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reference_clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's ``clip_gradients`` as FT-CADIS calls it: each parameter's gradient norm capped, one host sync each."""
+    for p in model.parameters():
+        if p.grad is not None:
+            clip_coef = clip / (p.grad.data.norm(2) + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+class FinetuneStep:
+    """One FT-CADIS micro-step with accum_iter = 1 on B' clean images x M noises (noise-major), SPEC section 4.
+
+    ``reference``: FT-CADIS's loop: noise from q_sample + full p_sample, attack and adversarial forward on every
+    image, ``torch.optim.AdamW`` defaults (a for-loop on CPU), per-parameter clipping with a host sync per
+    parameter; precision fp16 with loss scaling on CUDA (its default ``--use_fp16 True``), fp32 on CPU.
+    Otherwise ours (``train.py``'s step): noise at sigma + one-shot denoise without grad by a denoiser prepared with
+    :func:`core.prepare_inference_`, fused AdamW, foreach clipping; the attack and the adversarial forward only on
+    masked-in images when ``masked_only``.
+    """
+
+    def __init__(self, name: str, classifier: ImageClassifier, denoiser: DiffusionDenoiser, sigma: float,
+                 precision: str, reference: bool, masked_only: bool, device: torch.device, eps: float = 64 / 256,
+                 clip_grad: float = 0.3):
+        cfg = CONFIGS[name]
+        self.classifier = classifier.train()
+        self.sigma = sigma
+        self.t_star = denoiser.timestep_for_sigma(sigma)
+        self.M, self.lbd, self.steps = cfg["num_noises"], cfg["lbd"], cfg["attack_steps"]
+        self.eps_pixels = eps / 2  # the reference's [-1, 1] units -> [0, 1] pixels
+        self.precision, self.reference, self.masked_only = precision, reference, masked_only
+        self.device, self.clip_grad = device, clip_grad
+        groups = param_groups_lrd(classifier, weight_decay=0.04, layer_decay=cfg["layer_decay"])
+        self.params = [p for g in groups for p in g["params"]]
+        if reference:
+            self.optimizer = torch.optim.AdamW(groups, lr=1e-5)
+            self.ref_model = ReferenceDenoisedClassifier(denoiser, classifier, sigma)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=1e-5, fused=True)
+            self.denoiser = prepare_inference_(copy.deepcopy(denoiser), precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.masked_in: List[float] = []
+
+    def denoise(self, clean: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference:
+                return (self.ref_model.denoise(clean * 2 - 1) + 1) / 2
+            noisy = clean + self.sigma * torch.randn_like(clean)
+            return self.denoiser.denoise(noisy, self.t_star).to(clean.dtype)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        from train import clip_grad_per_param
+        clean = images.repeat(self.M, 1, 1, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            denoised = self.denoise(clean)
+            loss, _, _, correct = cadis_objective(self.classifier, clean, denoised, targets, self.M, self.lbd,
+                                                  self.eps_pixels, self.steps, masked_only=self.masked_only)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.reference:
+            _reference_clip_gradients(self.classifier, self.clip_grad)
+        else:
+            clip_grad_per_param(self.params, self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.masked_in.append(float(correct.all(0).float().mean()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_config(name: str, device: torch.device, sigma: float, precisions: Sequence[str], compile: bool,
+                 compile_mode: Optional[str], channels_last: bool, batch_size: Optional[int | str],
+                 iters: Optional[int], rounds: int, N: Optional[int], agreement_samples: int, certify: bool,
+                 ft: bool, ft_images: Optional[int], ft_iters: int, weights: str, seed: int,
+                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Time the reference and the fast paths of configuration ``name``; returns its JSON record."""
+    cfg = CONFIGS[name]
+    dflt = cfg["cuda" if device.type == "cuda" else "cpu"]
+    N = N or cfg["N"]
+    iters = iters or dflt["iters"]
+    models = build_models(name, device, weights)
+    denoiser, classifier = models["denoiser"], models["classifier"]
+    t_star = denoiser.timestep_for_sigma(sigma)
+    log(f"[{name}] denoiser {models['denoiser_params'] / 1e6:.1f}M + classifier "
+        f"{models['classifier_params'] / 1e6:.1f}M params ({models['weights']} weights), sigma {sigma}, t* {t_star}")
+    rows = []
+    if certify:
+        if batch_size is None or (batch_size == "auto" and device.type != "cuda"):
+            batch_size = dflt["batch_size"]  # 'auto' searches CUDA memory only
+        rows = bench_certify(name, denoiser, classifier, sigma, device, precisions, compile, compile_mode,
+                             channels_last, batch_size, iters, rounds, N, agreement_samples, seed, log)
+    finetune = []
+    if ft:
+        finetune = bench_finetune(name, denoiser, classifier, sigma, device, precisions,
+                                  ft_images or dflt["ft_images"], ft_iters, seed, log)
+    return {
+        "config": name, "weights": models["weights"], "denoiser": cfg["denoiser"], "classifier": cfg["arch"],
+        "denoiser_params": models["denoiser_params"], "classifier_params": models["classifier_params"],
+        "image_size": cfg["image_size"], "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
+        "rounds": rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
+    }
+
+
+def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float,
+                  device: torch.device, precisions: Sequence[str], compile: bool, compile_mode: Optional[str],
+                  channels_last: bool, batch_size: int | str, iters: int, rounds: int, N: int,
+                  agreement_samples: int, seed: int, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Samples/s of the reference path and of each fast variant (precision x compiled), ratios, agreement."""
+    num_classes = CONFIGS[name]["num_classes"]
+    x_clean, _ = test_images(name, max(4, rounds), device, seed)
+    start = 32 if batch_size == "auto" else int(batch_size)
+    paths: List[CertifyPath] = []
+    fast_modules: Dict[tuple, DenoisedClassifier] = {}
+    for compiled in ([False, True] if compile else [False]):
+        for precision in precisions:
+            model = fast_model(denoiser, classifier, sigma, precision, channels_last, compiled, compile_mode)
+            fast_modules[(precision, compiled)] = model
+            paths.append(fast_path(model, num_classes, precision, compiled, channels_last, start))
+    ref = reference_path(denoiser, classifier, sigma, num_classes, start)
+    if batch_size == "auto" and device.type == "cuda":
+        for p in paths:
+            p.batch_size = largest_batch(p, x_clean[0], device, start, max(N, start))
+        ref.batch_size = largest_batch(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
+        log(f"[{name}] batch sizes: reference {ref.batch_size}, fast {', '.join(str(p.batch_size) for p in paths)}")
+    all_paths = [ref, *paths]
+
+    # warm-up (one batch; compiles the compiled paths), then rounds alternating the paths so that a change of
+    # machine load hits all of them alike
+    for p in all_paths:
+        reset_peak_memory(device)
+        t0 = time.perf_counter()
+        p.run(x_clean[0], p.batch_size, device)
+        p.warmup_s = time.perf_counter() - t0
+        p.peak_mb = peak_memory_mb(device)
+    for r in range(rounds):
+        x = x_clean[r % len(x_clean)]
+        for p in all_paths:
+            num = iters * p.batch_size
+            reset_peak_memory(device)
+            dt = p.run(x, num, device)
+            p.peak_mb = max(p.peak_mb, peak_memory_mb(device))
+            p.seconds += dt
+            p.samples += num
+            p.rates.append(num / dt)
+            log(f"[{name}] round {r + 1}/{rounds} {p.label:<14} {p.precision}: {num / dt:8.2f} samples/s")
+
+    ref_rate = ref.samples / ref.seconds
+    rows = []
+    for p in all_paths:
+        rate = p.samples / p.seconds
+        row: Dict[str, Any] = {
+            "path": p.label, "precision": p.precision, "compiled": p.compiled, "channels_last": p.channels_last,
+            "batch_size": p.batch_size, "samples": p.samples, "seconds": p.seconds, "samples_per_s": rate,
+            "rates_per_round": p.rates, "speedup_vs_reference": rate / ref_rate,
+            "speedup_per_round": [a / b for a, b in zip(p.rates, ref.rates)],
+            "sec_per_image": (N0 + N) / rate, "warmup_s": p.warmup_s, "peak_memory_mb": p.peak_mb,
+        }
+        if p is not ref and agreement_samples > 0:
+            per_image = max(1, agreement_samples // len(x_clean))
+            row["agreement_vs_fp32"] = agreement(
+                denoiser, classifier, fast_modules[(p.precision, p.compiled)], p.precision, sigma, x_clean,
+                per_image, p.batch_size, seed)
+            log(f"[{name}] agreement {p.label} {p.precision} vs fp32: "
+                f"{row['agreement_vs_fp32']['agreement']:.4f} over {row['agreement_vs_fp32']['samples']} samples")
+        rows.append(row)
+    return rows
+
+
+def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float,
+                   device: torch.device, precisions: Sequence[str], ft_images: int, ft_iters: int, seed: int,
+                   log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Time the reference step, ours with the attack on every image (the cost when all images are masked in)
+    and ours as ``train.py`` runs it (attack on masked-in images only; its time depends on the masked-in share,
+    reported). Same images, targets = the classifier's own predictions, same seed for each path."""
+    cfg = CONFIGS[name]
+    images, _ = test_images(name, ft_images, device, seed + 1)
+    with torch.inference_mode():
+        targets = classifier(denoiser.denoise(images, denoiser.timestep_for_sigma(sigma))).argmax(1).clone()
+    ref_precision = "fp16" if device.type == "cuda" else "fp32"
+    fast_precision = next((p for p in precisions if p != "fp32"), "fp32")
+    rows = []
+    for label, reference, masked_only, precision in (("reference", True, False, ref_precision),
+                                                     ("fast (all)", False, False, fast_precision),
+                                                     ("fast (masked)", False, True, fast_precision)):
+        clf = copy.deepcopy(classifier).requires_grad_(True)
+        if cfg["ft_method"] == "lora":
+            apply_lora(clf, rank=4, alpha=4.0)
+        step = FinetuneStep(name, clf, denoiser, sigma, precision, reference, masked_only, device)
+        torch.manual_seed(seed)
+        reset_peak_memory(device)
+        step(images, targets)  # warm-up (optimizer state, allocator)
+        step.masked_in.clear()
+        times = []
+        for _ in range(ft_iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            step(images, targets)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        rows.append({"path": label, "precision": precision, "images": ft_images, "num_noises": step.M,
+                     "denoised_per_step": ft_images * step.M, "attack_steps": step.steps,
+                     "ft_method": cfg["ft_method"], "optimizer": "AdamW (default)" if reference else "AdamW (fused)",
+                     "attack_on": "masked-in images" if masked_only else "all images",
+                     "sec_per_step": float(np.mean(times)), "sec_per_step_all": times,
+                     "masked_in_share": float(np.mean(step.masked_in)), "peak_memory_mb": peak_memory_mb(device)})
+        log(f"[{name}] fine-tuning step {label} {precision}: {np.mean(times):.3f} s "
+            f"(masked-in share {rows[-1]['masked_in_share']:.2f})")
+        del step, clf
+    for r in rows:
+        r["speedup_vs_reference"] = rows[0]["sec_per_step"] / r["sec_per_step"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    env: Dict[str, Any] = {
+        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "peak_memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """The readable table: one row per certification path, then one per fine-tuning step."""
+    lines = [f"device {result['env']['device']} ({result['env'].get('gpu') or result['env']['cpu']}), "
+             f"{result['env']['threads']} threads, torch {result['env']['torch']}, load average at start "
+             f"{result['env']['load_average']}"]
+    head = (f"{'config':<9}{'path':<15}{'prec':<6}{'batch':>6}{'samples/s':>11}{'x ref':>7}{'s/img@N':>10}"
+            f"{'N':>8}{'agree':>8}{'peak MiB':>10}")
+    lines += ["", "certification (noise -> denoise -> classify -> count)", head, "-" * len(head)]
+    for c in result["configs"]:
+        for r in c["certify"]:
+            agree = r.get("agreement_vs_fp32", {}).get("agreement")
+            lines.append(f"{c['config']:<9}{r['path']:<15}{r['precision']:<6}{r['batch_size']:>6}"
+                         f"{r['samples_per_s']:>11.2f}{r['speedup_vs_reference']:>7.2f}{r['sec_per_image']:>10.1f}"
+                         f"{c['N']:>8}{'' if agree is None else f'{100 * agree:.2f}%':>8}{r['peak_memory_mb']:>10.0f}")
+    if any(c["finetune"] for c in result["configs"]):
+        head = (f"{'config':<9}{'path':<15}{'prec':<6}{'imgs x M':>9}{'s/step':>9}{'x ref':>7}{'masked-in':>10}"
+                f"{'peak MiB':>10}")
+        lines += ["", "fine-tuning step (denoise, forward, attack, backward, AdamW)", head, "-" * len(head)]
+        for c in result["configs"]:
+            for r in c["finetune"]:
+                lines.append(f"{c['config']:<9}{r['path']:<15}{r['precision']:<6}"
+                             f"{str(r['images']) + ' x ' + str(r['num_noises']):>9}{r['sec_per_step']:>9.3f}"
+                             f"{r['speedup_vs_reference']:>7.2f}{r['masked_in_share']:>10.2f}"
+                             f"{r['peak_memory_mb']:>10.0f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                   help="configurations to time (default: digits cifar10, plus imagenet on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("--sigma", type=float, default=0.25, help="noise level (sets t*; default 0.25)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS,
+                   help="fast-path autocast precisions (default: bf16 on CPU, bf16 fp16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    p.add_argument("--compile_mode", default=None,
+                   help="torch.compile mode, e.g. max-autotune or reduce-overhead (CUDA graphs)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last UNet on the fast path (as certify.py)")
+    p.add_argument("--batch_size", default=None,
+                   help="samples per batch for every path (default: per config and device); 'auto' on CUDA: the "
+                        "largest batch that fits, found per path (CPU: the default)")
+    p.add_argument("--iters", type=int, default=None, help="timed batches per path and round (default: per config)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timing rounds (default 2); the paths alternate within each round")
+    p.add_argument("--N", type=int, default=None,
+                   help="certification samples per image for the s/image column (default: 100000 cifar10 and "
+                        "digits, 10000 imagenet); N0 = 100 is added")
+    p.add_argument("--agreement_samples", type=int, default=64,
+                   help="samples on which the fast path's classes are compared with fp32 (default 64; 0: skip)")
+    p.add_argument("--no_certify", action="store_true", help="skip the certification paths")
+    p.add_argument("--no_finetune", action="store_true", help="skip the fine-tuning step")
+    p.add_argument("--ft_images", type=int, default=None, help="clean images per fine-tuning step (x M noises)")
+    p.add_argument("--ft_iters", type=int, default=1,
+                   help="timed fine-tuning steps per path, after one warm-up (default 1)")
+    p.add_argument("--weights", default="auto", choices=("auto", "random"),
+                   help="auto: the shipped digits models when present; random: random weights everywhere")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be >= 1")
+    batch_size: Optional[int | str] = args.batch_size
+    if batch_size not in (None, "auto"):
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise UserError(f"--batch_size {args.batch_size!r}: give a positive integer or 'auto'") from None
+        if batch_size < 1:
+            raise UserError(f"--batch_size {batch_size}: must be >= 1")
+    for flag in ("iters", "rounds", "N", "ft_images", "ft_iters"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be >= 1")
+    if not args.sigma > 0:
+        raise UserError(f"--sigma {args.sigma}: must be > 0")
+    configs = args.configs or (["digits", "cifar10"] + (["imagenet"] if device.type == "cuda" else []))
+    precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["bf16"])
+    if args.compile and device.type == "cpu":
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True  # weights become constants: oneDNN prepacking on CPU (inference only)
+    if args.json:  # fail before the long run, not after it
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
+    with torch_threads(args.threads):
+        result: Dict[str, Any] = {"env": environment(device), "args": vars(args), "configs": []}
+        for name in configs:
+            result["configs"].append(bench_config(
+                name, device, args.sigma, precisions, args.compile, args.compile_mode, args.channels_last, batch_size,
+                args.iters, args.rounds, args.N, args.agreement_samples, not args.no_certify, not args.no_finetune,
+                args.ft_images, args.ft_iters, args.weights, args.seed))
+    result["env"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,161 @@
+"""bench.py: the re-created reference path is the upstream computation, the fast path agrees with fp32, the CLI runs."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth, prepare_inference_
+from denoiser import build_denoiser
+from utils import UserError, torch_threads
+
+
+def _digits_models(seed: int = 0):
+    """The digits-size denoiser and classifier with random weights (no zero-initialised layers), fp32, eval."""
+    torch.manual_seed(seed)
+    denoiser = build_denoiser("digits")
+    bench._randomize_zero_init(denoiser.unet)
+    classifier = bench.get_architecture("digits_vit_tiny", num_classes=10)
+    return denoiser.eval().requires_grad_(False), classifier.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name, schedule", [
+    ("improved_small", "cifar10_uncond_50M_500K_schedule.json"),
+    ("guided_small", "256x256_diffusion_uncond_schedule.json"),
+])
+def test_reference_diffusion_matches_upstream(fixtures_dir, name, schedule):
+    """q_sample and p_mean_variance (pred_xstart, posterior mean, learned-range log-variance) reproduce the
+    upstream float64 numbers, given the upstream model output."""
+    ref = np.load(fixtures_dir / "diffusion" / f"{name}_denoise_reference.npz")
+    sched = json.loads((fixtures_dir / "diffusion" / schedule).read_text())
+    meta = json.loads((fixtures_dir / "diffusion" / f"{name}_denoise_reference.json").read_text())
+    diffusion = bench.ReferenceDiffusion(np.array(sched["alphas_cumprod"]), sched.get("rescale_timesteps", False))
+    t = torch.from_numpy(ref["t"])
+    x0, eps = torch.from_numpy(ref["x0"]), torch.from_numpy(ref["eps"])
+    seen = {}
+
+    def model(x, tau):
+        seen["tau"] = tau
+        return torch.from_numpy(ref["model_output"])
+
+    x_t = diffusion.q_sample(x0, t, eps)
+    torch.testing.assert_close(x_t, torch.from_numpy(ref["x_t"]), rtol=0, atol=1e-12)
+    out = diffusion.p_mean_variance(model, x_t, t)
+    np.testing.assert_allclose(seen["tau"].numpy(), ref["model_input_timesteps"], rtol=0, atol=1e-9)
+    assert float(seen["tau"][0]) == meta["model_input_timestep"]["value"]
+    for key, expected in (("pred_xstart", "pred_xstart"), ("mean", "p_mean"), ("log_variance", "p_log_variance")):
+        torch.testing.assert_close(out[key], torch.from_numpy(ref[expected]), rtol=1e-10, atol=1e-10)
+    sample = diffusion.p_sample(model, x_t, t)
+    assert torch.equal(sample["pred_xstart"], out["pred_xstart"])
+    assert not torch.equal(sample["sample"], out["mean"])  # t > 0: the sample carries fresh noise
+
+
+def test_reference_denoise_is_the_one_shot_denoiser():
+    """With matched noise (δ = sqrt(1 − ᾱ)/(2 sqrt(ᾱ))·ε) the reference's q_sample + p_sample equals
+    DiffusionDenoiser.denoise: the reference path computes the same function, only with more work."""
+    denoiser, classifier = _digits_models()
+    denoiser = denoiser.double()
+    model = bench.ReferenceDenoisedClassifier(denoiser, classifier, sigma=0.25)
+    abar = float(denoiser.alphas_cumprod[model.t])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 16, 16, generator=g, dtype=torch.float64)
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    t_batch = torch.full((4,), model.t)
+    x_t = model.diffusion.q_sample(x * 2 - 1, t_batch, eps)
+    ours = denoiser.denoise(x + math.sqrt(1 - abar) / (2 * math.sqrt(abar)) * eps, model.t)
+    theirs = (model.diffusion.p_sample(denoiser.unet, x_t, t_batch)["pred_xstart"] + 1) / 2
+    assert 0.01 < float((theirs - x).abs().mean())  # the UNet does something
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
+
+
+@torch_threads(1)  # small ops: one thread is faster, and immune to a busy second core
+def test_fast_path_agrees_with_fp32_on_same_noise():
+    """bf16 autocast + channels_last vs fp32, same noise, digits-size models: >= 99% of classes match, logits close."""
+    denoiser, classifier = _digits_models()
+    fast = bench.fast_model(denoiser, classifier, 0.25, "bf16", channels_last=True, compile=False, compile_mode=None)
+    assert fast.classifier.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert classifier.model.blocks[0].attn.qkv.weight.dtype == torch.float32  # the fp32 model is untouched
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    stats = bench.agreement(denoiser, classifier, fast, "bf16", 0.25, images, per_image=64, batch_size=256, seed=3)
+    assert stats["samples"] == 256
+    assert stats["agreement"] >= 0.99
+    assert stats["decided_agreement"] == 1.0
+    assert stats["logit_max_abs_diff"] < 0.1 * stats["logit_std"] + 0.05
+    assert stats["logit_mean_abs_diff"] < 0.02 * stats["logit_std"] + 0.01
+
+    # the certification loop itself (on-device noise and counts): same key, same noise -> nearly the same counts
+    x = images[0]
+    counts = {}
+    for precision, base in (("fp32", DenoisedClassifier(denoiser, classifier, 0.25)), ("bf16", fast)):
+        smooth = Smooth(base, 10, 0.25, precision=precision)
+        counts[precision] = smooth._sample_noise(x, 300, 150, key=7, phase=PHASE_ESTIMATION).numpy()
+    assert counts["fp32"].sum() == counts["bf16"].sum() == 300
+    assert np.abs(counts["fp32"] - counts["bf16"]).sum() <= 6  # <= 1% of the samples change class
+
+
+@torch_threads(1)
+def test_fast_path_agrees_on_shipped_digits_models():
+    """Trained weights (the demo's shipped models), digits test images: bf16 fast path == fp32 on >= 99% of samples."""
+    models = bench.build_models("digits", torch.device("cpu"), "auto")
+    if models["weights"] != "shipped":
+        pytest.skip("models/digits_denoiser.pt / digits_vit_tiny.pt not present")
+    denoiser, classifier = models["denoiser"], models["classifier"]
+    fast = bench.fast_model(denoiser, classifier, 0.25, "bf16", channels_last=True, compile=False, compile_mode=None)
+    images, _ = bench.test_images("digits", 4, torch.device("cpu"))
+    stats = bench.agreement(denoiser, classifier, fast, "bf16", 0.25, images, per_image=64, batch_size=256, seed=5)
+    assert stats["agreement"] >= 0.99
+    assert stats["margin_median"] > 10 * stats["logit_max_abs_diff"]  # trained: margins dwarf the bf16 error
+
+
+def test_prepare_inference_is_plain_autocast():
+    """Weights stored in bf16 (contiguous UNet): bit-for-bit the logits of plain autocast; fp32: a no-op."""
+    denoiser, classifier = _digits_models()
+    model = DenoisedClassifier(denoiser, classifier, 0.25).eval()
+    fast = prepare_inference_(copy.deepcopy(model), "bf16", channels_last=False)
+    assert fast.denoiser.unet.out[2].weight.dtype == torch.bfloat16
+    assert fast.classifier.model.pos_embed.dtype == fast.classifier.model.norm.weight.dtype == torch.float32
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(4)) + 0.25
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(x), model(x))
+    assert prepare_inference_(model, "fp32") is model
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bench_cli_digits_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--configs", "digits", "--device", "cpu", "--threads", "1", "--weights", "random",
+                         "--batch_size", "16",
+                         "--iters", "1", "--rounds", "1", "--agreement_samples", "8", "--ft_images", "1",
+                         "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["configs"][0]["config"] == "digits" and data["env"]["device"] == "cpu"
+    rows = data["configs"][0]["certify"]
+    assert [r["path"] for r in rows] == ["reference", "fast"]
+    assert rows[0]["precision"] == "fp32" and rows[1]["precision"] == "bf16"
+    assert rows[0]["speedup_vs_reference"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["samples"] == 16 and r["samples_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["sec_per_image"] == pytest.approx((100 + 100_000) / r["samples_per_s"])
+    assert 0.0 <= rows[1]["agreement_vs_fp32"]["agreement"] <= 1.0
+    ft = data["configs"][0]["finetune"]
+    assert [r["path"] for r in ft] == ["reference", "fast (all)", "fast (masked)"]
+    assert all(r["sec_per_step"] > 0 and r["denoised_per_step"] == 4 for r in ft)
+    assert result["configs"][0]["t_star"] == data["configs"][0]["t_star"] > 0
+    table = capsys.readouterr().out
+    assert "certification" in table and "fine-tuning step" in table and "digits" in table
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch_size", "many"], "--batch_size"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--iters", "0"], "--iters"),
+    (["--sigma", "-1"], "--sigma"),
+])
+def test_bench_cli_rejects_bad_flags(argv, match):
+    with pytest.raises(UserError, match=match):
+        bench.main(["--configs", "digits", "--device", "cpu", *argv])
