@@ -8,18 +8,20 @@ The two halves of this module:
 """
 from __future__ import annotations
 
-# ---------------------------------------------------------------------------------------------------------------
-# Section 1: smoothing and certification
-# ---------------------------------------------------------------------------------------------------------------
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from utils import autocast
+from utils import autocast, precision_dtype
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section 1: smoothing and certification
+# ---------------------------------------------------------------------------------------------------------------
 
 # Samples per independently seeded noise block. Part of a certification log's configuration: the noise (hence the
 # log) depends on it, never on the batch size.
@@ -61,7 +63,6 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
     """
     if precision == "fp32":
         return model
-    from utils import precision_dtype
     dtype = precision_dtype(precision)
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -219,11 +220,6 @@ class Smooth:
 # ---------------------------------------------------------------------------------------------------------------
 # Section 2: the FT-CADIS objective
 # ---------------------------------------------------------------------------------------------------------------
-
-# Section 2 needs only torch; these imports are repeated here so the two sections can be edited independently.
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 def _per_sample(x: torch.Tensor) -> tuple[int, ...]:

@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 bash setup_environment.sh
+# one OpenMP thread per process (the suite starts multi-process jobs); set OMP_NUM_THREADS to override
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "${VENV:-.venv}/bin/python" -m pytest -q tests "$@"

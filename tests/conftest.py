@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FT_CADIS_SHARED", REPO.parent / "shared"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread per process: the suite runs multi-process jobs (gloo) and tiny models, where OpenMP threads
+# oversubscribe the cores and slow everything down (measured up to 20x on 2 cores). OMP_NUM_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
