@@ -506,7 +506,7 @@ def plot_certified_accuracy(path: str | Path, dfs: Sequence[pd.DataFrame], label
     ax.set_xlabel(r"$\ell_2$ radius")
     ax.set_ylabel("certified accuracy" + (f" (α={high_prob[0]:g}, ρ={high_prob[1]:g})" if high_prob else ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="lower left")  # curves start high at r = 0 and fall to the right
     if title:
         ax.set_title(title)
     fig.tight_layout()
