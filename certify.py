@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from tqdm import tqdm
 
 import analyze
 from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator, prepare_inference_
-from utils import PRECISIONS, UserError, barrier, cleanup_distributed, init_distributed, run_cli
+from utils import (PRECISIONS, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed,
+                   run_cli)
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 LOG_FORMAT = 1
@@ -190,20 +190,6 @@ def open_for_append(path: Path) -> TextIO:
         log.write(HEADER + "\n")
         log.flush()
     return log
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def merge_parts(outfile: Path) -> list[Row]:

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from core import cadis_objective, prepare_inference_
-from utils import (PRECISIONS, UserError, atomic_torch_save, autocast, cleanup_distributed, init_distributed,
-                   run_cli)
+from utils import (PRECISIONS, UserError, atomic_torch_save, atomic_write_text, autocast, cleanup_distributed,
+                   init_distributed, run_cli)
 
 DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
@@ -165,9 +165,7 @@ def _truncate_log(path: Path, max_step: int) -> None:
         return
     col = lines[0].split("\t").index("step")
     keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t")[col]) <= max_step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(keep) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(keep) + "\n")
 
 
 def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
@@ -398,11 +396,11 @@ def train(
         # ---- models
         num_classes = get_num_classes(dataset)
         if ckpt is not None:
-            from classifier import load_timm_state_dict, to_timm_state_dict
+            from classifier import has_lora_keys, load_timm_state_dict, to_timm_state_dict
             classifier = _build_classifier(arch, num_classes, ft_method, drop_path, lora_rank, lora_alpha,
                                            classifier_ckpt if arch == "hf_vit" else None, "--classifier_ckpt", dev,
                                            pretrained=False)
-            if not any(k.endswith(".lora_q_A") for k in ckpt["state_dict"]) and ft_method == "lora":
+            if ft_method == "lora" and not has_lora_keys(ckpt["state_dict"]):
                 raise UserError(f"--resume {resume}: no LoRA weights in the checkpoint, but --ft_method lora")
             load_timm_state_dict(classifier, to_timm_state_dict(ckpt["state_dict"]), source=f"--resume {resume}")
         elif load_from is not None:
