@@ -42,7 +42,6 @@ LOG_FORMAT = 1
 # (skip 50 on the class-sorted validation set) with N = 10,000
 DEFAULT_N = {"cifar10": 100_000, "imagenet": 10_000, "digits": 10_000}
 DEFAULT_SKIP = {"cifar10": 1, "imagenet": 50, "digits": 1}
-DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
 # entries of the sidecar's "config" that a --resume must match (the others are informational)
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
                "denoiser_ckpt", "classifier", "precision", "noise_block")
@@ -267,15 +266,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Fill dataset-dependent defaults and reject bad values (nothing is read or written yet)."""
-    from datasets import DATASETS
+    from datasets import DATASETS, DEFAULT_ARCH
 
     if args.dataset not in DATASETS:
         raise UserError(f"--dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
     args.N = DEFAULT_N.get(args.dataset, 100_000) if args.N is None else args.N
     args.skip = DEFAULT_SKIP.get(args.dataset, 1) if args.skip is None else args.skip
     if args.arch is None:
-        if args.dataset not in DEFAULT_ARCH:
-            raise UserError(f"--arch: no default classifier for --dataset {args.dataset}; name one")
         args.arch = DEFAULT_ARCH[args.dataset]
     if not (math.isfinite(args.sigma) and args.sigma > 0):
         raise UserError(f"--sigma {args.sigma}: must be > 0")

@@ -27,6 +27,8 @@ from utils import UserError
 DATASETS = ("cifar10", "imagenet", "digits")
 SPLITS = ("train", "test")
 NUM_CLASSES = {"cifar10": 10, "imagenet": 1000, "digits": 10}
+# the classifier `--arch` each dataset uses by default (the paper's, and the demo's for digits)
+DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
 IMAGE_SIZE = {"cifar10": 32, "imagenet": 224, "digits": 16}
 DATA_ENV = {"cifar10": "CIFAR10_DIR", "imagenet": "IMAGENET_DIR"}
 CIFAR10_DEFAULT_DIR = "./data/cifar10"

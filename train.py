@@ -42,7 +42,6 @@ from core import cadis_objective, prepare_inference_
 from utils import (PRECISIONS, UserError, atomic_torch_save, atomic_write_text, autocast, cleanup_distributed,
                    init_distributed, run_cli)
 
-DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
 DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
 LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
@@ -358,6 +357,8 @@ def train(
     if resume and load_from:
         raise UserError("--resume continues a run (weights, optimizer, position); --load_from starts a new run from "
                         "weights: pass only one of them")
+    from datasets import DEFAULT_ARCH
+
     arch = arch or DEFAULT_ARCH.get(dataset)
     if arch is None:
         raise UserError(f"--dataset {dataset!r}: unknown dataset; choose one of {', '.join(DEFAULT_ARCH)}")
