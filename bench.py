@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
-from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, prepare_inference_
+from core import (PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, compile_for_inference_,
+                  prepare_inference_)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from utils import PRECISIONS, UserError, autocast, resolve_device, run_cli, torch_threads
 
@@ -147,7 +148,8 @@ class ReferenceDenoisedClassifier(nn.Module):
             return self.diffusion.p_sample(self.unet, x_t, t_batch)["pred_xstart"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier((self.denoise(x * 2 - 1) + 1) / 2)
+        x_hat = (self.denoise(x * 2 - 1) + 1) / 2
+        return self.classifier.model(self.classifier.normalize(x_hat))  # every token through every block
 
 
 def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
@@ -252,8 +254,7 @@ def fast_model(denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: 
     model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
     prepare_inference_(model, precision, channels_last)
     if compile:
-        model.denoiser.unet.compile(mode=compile_mode, dynamic=False)
-        model.classifier.model.compile(mode=compile_mode, dynamic=False)
+        compile_for_inference_(model, compile_mode)
     return model
 
 
@@ -710,9 +711,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UserError(f"--sigma {args.sigma}: must be > 0")
     configs = args.configs or (["digits", "cifar10"] + (["imagenet"] if device.type == "cuda" else []))
     precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["bf16"])
-    if args.compile and device.type == "cpu":
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = True  # weights become constants: oneDNN prepacking on CPU (inference only)
     if args.json:  # fail before the long run, not after it
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import analyze
-from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator, prepare_inference_
+from core import NOISE_BLOCK, DenoisedClassifier, Smooth, compile_for_inference_, image_generator, prepare_inference_
 from utils import (PRECISIONS, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed,
                    run_cli)
 
@@ -256,6 +256,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast of f o D (fp32 is exact)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the classifier (each batch size compiles once, tens of seconds; "
+                        "worth it for N in the thousands; see README, Performance)")
     p.add_argument("--noise_block", type=int, default=NOISE_BLOCK,
                    help=f"noise samples per seeded block (default {NOISE_BLOCK}; part of the configuration)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted log of the same configuration")
@@ -360,6 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row]]:
                                       None if args.no_denoiser else args.denoiser_ckpt, args.sigma,
                                       get_num_classes(args.dataset), device)
         prepare_inference_(model, args.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
+        if args.compile:
+            compile_for_inference_(model)
         smoothed = Smooth(model, get_num_classes(args.dataset), args.sigma, precision=args.precision,
                           noise_block=args.noise_block)
         barrier()
@@ -372,7 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row]]:
             outfile.parent.mkdir(parents=True, exist_ok=True)
             if not side.is_file():
                 info = {"argv": list(sys.argv if argv is None else argv), "batch_size": args.batch_size,
-                        "world_size": dist_info.world_size, "device": str(device), "torch": torch.__version__,
+                        "world_size": dist_info.world_size, "device": str(device), "compile": args.compile,
+                        "torch": torch.__version__,
                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}
                 atomic_write_text(side, json.dumps({"config": config, "info": info}, indent=1) + "\n")
         barrier()

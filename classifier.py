@@ -32,8 +32,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention, LayerNorm
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from utils import UserError, state_dict_mismatch
 
@@ -96,10 +96,71 @@ class ImageClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        x = self.normalize(x)
+        if not self.training and supports_class_token_forward(self.model):
+            return vit_class_token_forward(self.model, x)  # the same logits, ~7 % fewer FLOPs for ViT-B
+        return self.model(x)
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference: only the class token through the last block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def supports_class_token_forward(model: nn.Module) -> bool:
+    """Whether :func:`vit_class_token_forward` computes exactly ``model(x)``: a timm ``VisionTransformer`` whose
+    logits read the class token alone (``global_pool='token'``, no attention pool) and whose last block is a plain
+    pre-norm ``Block`` with standard ``Attention`` (no gate)."""
+    if type(model) is not VisionTransformer or model.global_pool != "token" or model.attn_pool is not None:
+        return False
+    if model.num_prefix_tokens < 1 or len(model.blocks) == 0:
+        return False
+    last = model.blocks[-1]
+    return type(last) is Block and type(last.attn) is Attention and getattr(last.attn, "gate", None) is None
+
+
+def vit_class_token_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with the last block computed for the class token only.
+
+    The logits read token 0 after the last block, and in that block only the attention *query* mixes tokens, so
+
+        h = norm1(z),  a_0 = softmax(q(h_0) k(h)ᵀ / sqrt(d)) v(h),  z_0' = z_0 + proj(a_0),
+        z_0'' = z_0' + mlp(norm2(z_0'))
+
+    is all that is needed: keys and values for every token, but the query, output projection and MLP for one. For
+    ViT-B/16 at 224 px (197 tokens) this skips 5.9 of the last block's 7.1 M multiply-adds per token, ~7 % of the
+    network. Same function (exact in real arithmetic; float rounding may differ in the last bits). Call only when
+    :func:`supports_class_token_forward` holds, in eval mode (dropout and drop-path are not applied).
+    """
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    for blk in model.blocks[:-1]:
+        x = blk(x)
+    blk = model.blocks[-1]
+    attn: Attention = blk.attn
+    h = blk.norm1(x)
+    B, N, C = h.shape
+    dim = attn.attn_dim
+    if type(attn.qkv) is nn.Linear:  # q of the class token only; k, v of all tokens
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(h[:, :1], w[:dim], None if b is None else b[:dim])
+        kv = F.linear(h, w[dim:], None if b is None else b[dim:])
+    else:  # e.g. LoRAQKV: the module's own qkv for every token
+        q, kv = attn.qkv(h).split([dim, 2 * dim], dim=-1)
+        q = q[:, :1]
+    q = q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, heads, 1, head_dim)
+    a = attn.proj(attn.norm(a.transpose(1, 2).reshape(B, 1, dim)))
+    z = x[:, :1] + blk.ls1(a)
+    z = z + blk.ls2(blk.mlp(blk.norm2(z)))
+    return model.forward_head(model.norm(z))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -73,6 +73,25 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
     return model
 
 
+def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None) -> DenoisedClassifier:
+    """``torch.compile`` the denoiser's UNet and the classifier of ``model`` in place, for inference.
+
+    Static shapes (``dynamic=False``): each distinct batch size compiles once (tens of seconds for the full-size
+    networks), which pays off over certification's N = 10^4 to 10^5 samples per image. On CPU, inductor's weight
+    freezing is switched on (a process-wide setting): weights become constants that oneDNN prepacks, which is only
+    valid while the weights do not change, i.e. for inference. ``mode``: e.g. ``max-autotune`` or
+    ``reduce-overhead`` (CUDA graphs).
+    """
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cpu":
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
+    if model.denoiser is not None:
+        model.denoiser.unet.compile(mode=mode, dynamic=False)
+    model.classifier.compile(mode=mode, dynamic=False)
+    return model
+
+
 def block_seed(key: int, phase: int, block: int) -> int:
     """The 64-bit seed of noise block ``block`` of phase ``phase`` of a call whose key is ``key``."""
     return int(np.random.SeedSequence([key, phase, block]).generate_state(1, np.uint64)[0])

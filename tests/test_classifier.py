@@ -213,6 +213,79 @@ def test_wrapper_autocast_and_channels_last():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Inference: the class token alone through the last block
+# ---------------------------------------------------------------------------------------------------------------
+
+_SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=5)
+
+
+def _random_vit(**kw) -> nn.Module:
+    """A small timm ViT with every parameter (LayerNorms, biases, class token) random, in float64."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(**{**_SMALL_VIT, **kw}).double().eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return vit
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # the cifar10_vit_base structure (CLS token, post-norm head)
+    dict(pre_norm=True, qkv_bias=True),  # the CLIP tower of imagenet_vit_base
+    dict(reg_tokens=2, init_values=0.1, qk_norm=True),  # registers, LayerScale, q/k norms
+    dict(qkv_bias=False),
+])
+def test_class_token_forward_is_the_full_forward(kw):
+    vit = _random_vit(**kw)
+    assert C.supports_class_token_forward(vit)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full, short = vit(x), C.vit_class_token_forward(vit, x)
+        assert full.std() > 0.1  # a real signal, not a near-constant
+        assert torch.allclose(short, full, rtol=0, atol=1e-12)
+        # a change of a non-class token at the input still reaches the logits (through keys and values)
+        x2 = x.clone()
+        x2[:, :, -8:, -8:] += 1.0
+        assert not torch.allclose(C.vit_class_token_forward(vit, x2), short, atol=1e-6)
+
+
+def test_class_token_forward_in_the_wrapper_and_with_lora():
+    vit = _random_vit()
+    clf = C.ImageClassifier(vit, 32, (0.5,) * 3, (0.5,) * 3).double().eval()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    calls = []
+    handle = vit.register_forward_hook(lambda *_: calls.append(1))  # fires only for the full vit(x)
+    with torch.no_grad():
+        fast = clf(x)
+        assert calls == []  # eval: the shortcut ran
+        full = vit(clf.normalize(x))
+        assert torch.allclose(fast, full, rtol=0, atol=1e-12)
+        clf.train()
+        clf(x)
+        assert len(calls) == 2  # train mode (dropout, drop-path): the model's own forward
+    handle.remove()
+    clf.eval()
+    C.apply_lora(clf, rank=2)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p))
+        lora_full = vit(clf.normalize(x))
+        assert not torch.allclose(lora_full, full, atol=1e-3)  # the adapters matter
+        assert torch.allclose(clf(x), lora_full, rtol=0, atol=1e-12)
+
+
+def test_class_token_forward_only_where_exact():
+    assert not C.supports_class_token_forward(_random_vit(global_pool="avg"))
+    assert not C.supports_class_token_forward(_random_vit(class_token=False, global_pool="avg"))
+    assert not C.supports_class_token_forward(nn.Linear(2, 2))
+    assert C.supports_class_token_forward(C.get_architecture("cifar10_vit_base", device="meta").model)
+    assert C.supports_class_token_forward(C.get_architecture("imagenet_vit_base", device="meta").model)
+    assert C.supports_class_token_forward(C.get_architecture("digits_vit_tiny").model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------------------------
 
