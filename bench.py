@@ -42,7 +42,7 @@ from classifier import ImageClassifier, apply_lora, get_architecture, param_grou
 from core import (PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, compile_for_inference_,
                   prepare_inference_)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
-from utils import PRECISIONS, UserError, autocast, resolve_device, run_cli, torch_threads
+from utils import PRECISIONS, UserError, autocast, precision_dtype, resolve_device, run_cli, torch_threads
 
 # Per configuration: the models, the paper's N (certification) and fine-tuning settings (SPEC section 4), and the
 # default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).
@@ -533,6 +533,8 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
             log(f"[{name}] round {r + 1}/{rounds} {p.label:<14} {p.precision}: {num / dt:8.2f} samples/s")
 
     ref_rate = ref.samples / ref.seconds
+    ref_gflops = gflops_per_sample(ReferenceDenoisedClassifier(denoiser, classifier, sigma).eval(), x_clean)
+    fast_gflops = gflops_per_sample(DenoisedClassifier(denoiser, classifier, sigma).eval(), x_clean)
     rows = []
     for p in all_paths:
         rate = p.samples / p.seconds
@@ -542,7 +544,9 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
             "rates_per_round": p.rates, "speedup_vs_reference": rate / ref_rate,
             "speedup_per_round": [a / b for a, b in zip(p.rates, ref.rates)],
             "sec_per_image": (N0 + N) / rate, "warmup_s": p.warmup_s, "peak_memory_mb": p.peak_mb,
+            "gflops_per_sample": ref_gflops if p is ref else fast_gflops,
         }
+        row["achieved_gflops_per_s"] = rate * row["gflops_per_sample"]
         if p is not ref and agreement_samples > 0:
             per_image = max(1, agreement_samples // len(x_clean))
             row["agreement_vs_fp32"] = agreement(
@@ -600,6 +604,44 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The ceiling: FLOPs per sample and the device's matrix-multiply rate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gflops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
+    """GFLOPs (2 per multiply-add) of one sample through ``model``, counted by ``torch.utils.flop_counter`` on a
+    batch of one in fp32: the matrix multiplies, convolutions and attention, i.e. the work a faster kernel cannot
+    avoid. Elementwise work (norms, activations, noise) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), eager_attention(), counter:
+        model(x[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(device: torch.device, precisions: Sequence[str], shape: Sequence[int] = (3152, 768, 3072),
+                  repeats: int = 5) -> Dict[str, float]:
+    """The best of ``repeats`` GFLOP/s of one (m x k) @ (k x n) matrix multiply per dtype: fp32 and each precision.
+    The default shape is ViT-B's MLP at batch 16 (16 x 197 tokens, 768 -> 3072). Speed-up ceiling of a precision
+    over fp32 for matmul-bound work = its rate / the fp32 rate."""
+    m, k, n = shape
+    rates = {}
+    for precision in dict.fromkeys(["fp32", *precisions]):
+        dtype = torch.float32 if precision == "fp32" else precision_dtype(precision)
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        best = math.inf
+        for _ in range(repeats + 1):  # the first is a warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        rates[precision] = 2 * m * k * n / best / 1e9
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -632,14 +674,20 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{result['env']['threads']} threads, torch {result['env']['torch']}, load average at start "
              f"{result['env']['load_average']}"]
     head = (f"{'config':<9}{'path':<15}{'prec':<6}{'batch':>6}{'samples/s':>11}{'x ref':>7}{'s/img@N':>10}"
-            f"{'N':>8}{'agree':>8}{'peak MiB':>10}")
+            f"{'N':>8}{'agree':>8}{'peak MiB':>10}{'GFLOP':>7}{'GFLOP/s':>9}")
+    rates = result["env"].get("matmul_gflops_per_s")
+    if rates:
+        lines.append("matrix multiply (ViT-B MLP shape) GFLOP/s: "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+                     + "".join(f"; {k}/fp32 {v / rates['fp32']:.2f}x" for k, v in rates.items() if k != "fp32"))
     lines += ["", "certification (noise -> denoise -> classify -> count)", head, "-" * len(head)]
     for c in result["configs"]:
         for r in c["certify"]:
             agree = r.get("agreement_vs_fp32", {}).get("agreement")
             lines.append(f"{c['config']:<9}{r['path']:<15}{r['precision']:<6}{r['batch_size']:>6}"
                          f"{r['samples_per_s']:>11.2f}{r['speedup_vs_reference']:>7.2f}{r['sec_per_image']:>10.1f}"
-                         f"{c['N']:>8}{'' if agree is None else f'{100 * agree:.2f}%':>8}{r['peak_memory_mb']:>10.0f}")
+                         f"{c['N']:>8}{'' if agree is None else f'{100 * agree:.2f}%':>8}{r['peak_memory_mb']:>10.0f}"
+                         f"{r['gflops_per_sample']:>7.3g}{r['achieved_gflops_per_s']:>9.0f}")
     if any(c["finetune"] for c in result["configs"]):
         head = (f"{'config':<9}{'path':<15}{'prec':<6}{'imgs x M':>9}{'s/step':>9}{'x ref':>7}{'masked-in':>10}"
                 f"{'peak MiB':>10}")
@@ -716,6 +764,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     with torch_threads(args.threads):
         result: Dict[str, Any] = {"env": environment(device), "args": vars(args), "configs": []}
+        result["env"]["matmul_gflops_per_s"] = matmul_gflops(device, precisions)
         for name in configs:
             result["configs"].append(bench_config(
                 name, device, args.sigma, precisions, args.compile, args.compile_mode, args.channels_last, batch_size,

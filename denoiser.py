@@ -232,7 +232,7 @@ class DiffusionDenoiser(nn.Module):
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         tau_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
-        tau = torch.full((x_t.shape[0],), self.model_timestep(t), dtype=tau_dtype, device=x_t.device)
+        tau = torch.tensor(self.model_timestep(t), dtype=tau_dtype, device=x_t.device)  # one embedding, broadcast
         eps = self.unet(x_in, tau)[:, :3]
         # (clip(c1·x_t − c2·ε̂, −1, 1) + 1)/2 == clip(c1/2·x_t − c2/2·ε̂ + 1/2, 0, 1)
         return x_t.mul(0.5 * c1).sub_(eps, alpha=0.5 * c2).add_(0.5).clamp_(0.0, 1.0)

@@ -349,12 +349,14 @@ class UNetModel(nn.Module):
         """x: [B, C_in, H, W] (diffusion scale); timesteps: [B] (or a scalar for all), possibly fractional.
 
         Returns [B, C_out, H, W] in x's dtype: ε̂ (and the variance interpolation v when learning sigma).
+        A scalar timestep's embedding is computed once and broadcast over the batch (the same numbers as [B]
+        copies of it, without B identical rows through the embedding MLP and every block's projection).
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y if and only if the model is class-conditional")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
-            timesteps = timesteps.expand(x.shape[0])
+            timesteps = timesteps.reshape(1)
         t_emb = timestep_embedding(timesteps, self.model_channels, dtype=_compute_dtype(x))
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if y is not None:

@@ -126,6 +126,35 @@ def test_prepare_inference_is_plain_autocast():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_compile_for_inference_compiles_both_networks():
+    """Both the UNet and the classifier wrapper (whose forward holds the class-token shortcut) are compiled;
+    without a denoiser, the classifier alone."""
+    from core import compile_for_inference_
+    denoiser, classifier = _digits_models()
+    model = compile_for_inference_(DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), 0.25))
+    assert model.denoiser.unet._compiled_call_impl is not None
+    assert model.classifier._compiled_call_impl is not None
+    alone = compile_for_inference_(DenoisedClassifier(None, copy.deepcopy(classifier), 0.25))
+    assert alone.classifier._compiled_call_impl is not None
+
+
+def test_flop_count_and_matmul_rate():
+    """The ceiling figures: the shortcut saves FLOPs exactly where expected; matmul rates are positive."""
+    denoiser, classifier = _digits_models()
+    x = torch.rand(1, 3, 16, 16)
+    full = bench.gflops_per_sample(bench.ReferenceDenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
+    fast = bench.gflops_per_sample(DenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
+    unet = bench.gflops_per_sample(lambda y: denoiser.denoise(y, 100), x)
+    vit = full - unet
+    # digits ViT: 17 tokens, dim 64, MLP 256; the last block keeps k, v for 17 tokens and the rest for 1 token
+    per_token_block = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256)
+    assert full - fast == pytest.approx(16 * (per_token_block - 2 * 2 * 64 * 64) / 1e9
+                                        + 2 * 2 * 4 * 16 * 17 * 16 / 1e9, rel=1e-6)
+    assert 0 < vit and 0 < unet
+    rates = bench.matmul_gflops(torch.device("cpu"), ["bf16"], shape=(64, 64, 64), repeats=1)
+    assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
+
+
 def test_bench_cli_digits_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main(["--configs", "digits", "--device", "cpu", "--threads", "1", "--weights", "random",
