@@ -674,7 +674,7 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{result['env']['threads']} threads, torch {result['env']['torch']}, load average at start "
              f"{result['env']['load_average']}"]
     head = (f"{'config':<9}{'path':<15}{'prec':<6}{'batch':>6}{'samples/s':>11}{'x ref':>7}{'s/img@N':>10}"
-            f"{'N':>8}{'agree':>8}{'peak MiB':>10}{'GFLOP':>7}{'GFLOP/s':>9}")
+            f"{'N':>8}{'agree':>8}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}")
     rates = result["env"].get("matmul_gflops_per_s")
     if rates:
         lines.append("matrix multiply (ViT-B MLP shape) GFLOP/s: "
@@ -687,7 +687,7 @@ def format_table(result: Dict[str, Any]) -> str:
             lines.append(f"{c['config']:<9}{r['path']:<15}{r['precision']:<6}{r['batch_size']:>6}"
                          f"{r['samples_per_s']:>11.2f}{r['speedup_vs_reference']:>7.2f}{r['sec_per_image']:>10.1f}"
                          f"{c['N']:>8}{'' if agree is None else f'{100 * agree:.2f}%':>8}{r['peak_memory_mb']:>10.0f}"
-                         f"{r['gflops_per_sample']:>7.3g}{r['achieved_gflops_per_s']:>9.0f}")
+                         f"{r['gflops_per_sample']:>8.4g}{r['achieved_gflops_per_s']:>9.0f}")
     if any(c["finetune"] for c in result["configs"]):
         head = (f"{'config':<9}{'path':<15}{'prec':<6}{'imgs x M':>9}{'s/step':>9}{'x ref':>7}{'masked-in':>10}"
                 f"{'peak MiB':>10}")
