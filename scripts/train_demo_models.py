@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from classifier import ImageClassifier, get_architecture  # noqa: E402
 from datasets import get_dataset  # noqa: E402
 from denoiser import DiffusionDenoiser, build_denoiser, load_denoiser  # noqa: E402
-from utils import UserError, atomic_torch_save, resolve_device, run_cli  # noqa: E402
+from utils import UserError, atomic_torch_save, autocast, resolve_device, run_cli  # noqa: E402
 
 DENOISER_FILE = "digits_denoiser.pt"
 CLASSIFIER_FILE = "digits_vit_tiny.pt"
@@ -155,11 +155,17 @@ def train_classifier(
         label_smoothing: float = 0.1,
         seed: int = 0,
         device: torch.device = torch.device("cpu"),
+        classifier: Optional[ImageClassifier] = None,
+        precision: str = "fp32",
+        log_every: int = 10,
 ) -> tuple[ImageClassifier, dict[str, Any]]:
-    """Cross-entropy training of ``digits_vit_tiny`` (random init) on clean images; AdamW, warmup + cosine lr."""
+    """Cross-entropy training of ``classifier`` (default: a random-init ``digits_vit_tiny``) on clean images;
+    AdamW, warmup + cosine lr, autocast ``precision`` (fp32 for the shipped model)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    classifier = get_architecture("digits_vit_tiny", device=device).train()
+    if classifier is None:
+        classifier = get_architecture("digits_vit_tiny", device=device)
+    classifier = classifier.to(device).train()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     total, start, cpu_start = epochs * steps_per_epoch, time.time(), time.process_time()
@@ -172,18 +178,19 @@ def train_classifier(
                 group["lr"] = cosine_lr(step, total, lr, warmup_epochs * steps_per_epoch)
             idx = order[i:i + batch_size]
             x = random_shift(x_train[idx], max_shift, generator).to(device)
-            loss = F.cross_entropy(classifier(x), y_train[idx].to(device), label_smoothing=label_smoothing)
+            with autocast(device, precision):
+                loss = F.cross_entropy(classifier(x), y_train[idx].to(device), label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.item() * len(idx)
             seen += len(idx)
             step += 1
-        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+        if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
             print(f"  classifier epoch {epoch + 1}/{epochs}  loss {running / seen:.4f}  ({time.time() - start:.0f} s)",
                   flush=True)
     record = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                  max_shift=max_shift, label_smoothing=label_smoothing, seed=seed,
+                  max_shift=max_shift, label_smoothing=label_smoothing, seed=seed, precision=precision,
                   train_seconds=round(time.time() - start, 1),
                   cpu_seconds=round(time.process_time() - cpu_start, 1))
     return classifier.eval().requires_grad_(False), record

@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +190,23 @@ def test_bench_cli_digits_writes_json(tmp_path, capsys):
 def test_bench_cli_rejects_bad_flags(argv, match):
     with pytest.raises(UserError, match=match):
         bench.main(["--configs", "digits", "--device", "cpu", *argv])
+
+
+def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
+    """scripts/agreement_vit_b.py with an existing checkpoint (no training): ViT-B/16 structure, every figure."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import agreement_vit_b as script
+    if not bench.default_checkpoint_path("digits").is_file():
+        pytest.skip("models/digits_denoiser.pt not present")
+    clf = script.vit_b(32)
+    assert clf.model.embed_dim == 768 and len(clf.model.blocks) == 12 and clf.model.norm.eps == 1e-12
+    ckpt = tmp_path / "vit.pt"
+    torch.save(clf.model.state_dict(), ckpt)
+    with torch_threads(1):
+        result = script.main(["--img_size", "32", "--checkpoint", str(ckpt), "--per_image", "2",
+                              "--test_images", "20", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["agreement"]["bf16"]["samples"] == 40
+    assert 0 <= result["clean_accuracy"] <= 1 and result["margin_median"] > 0
+    assert 0.5 < result["agreement"]["bf16"]["agreement"] <= 1
+    with pytest.raises(UserError, match="multiple of the patch size"):
+        script.vit_b(30)
