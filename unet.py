@@ -349,8 +349,9 @@ class UNetModel(nn.Module):
         """x: [B, C_in, H, W] (diffusion scale); timesteps: [B] (or a scalar for all), possibly fractional.
 
         Returns [B, C_out, H, W] in x's dtype: ε̂ (and the variance interpolation v when learning sigma).
-        A scalar timestep's embedding is computed once and broadcast over the batch (the same numbers as [B]
-        copies of it, without B identical rows through the embedding MLP and every block's projection).
+        A scalar timestep's embedding is computed once and broadcast over the batch: the same function as [B]
+        copies of it (float rounding may differ in the last bits), without B identical rows through the embedding
+        MLP and every block's projection.
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y if and only if the model is class-conditional")
