@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from utils import UserError, state_dict_mismatch
+from utils import UserError, attention, state_dict_mismatch
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -156,7 +156,7 @@ def vit_class_token_forward(model: VisionTransformer, x: torch.Tensor) -> torch.
     q = q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    a = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, heads, 1, head_dim)
+    a = attention(q, k, v, attn.scale)  # (B, heads, 1, head_dim)
     a = attn.proj(attn.norm(a.transpose(1, 2).reshape(B, 1, dim)))
     z = x[:, :1] + blk.ls1(a)
     z = z + blk.ls2(blk.mlp(blk.norm2(z)))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from utils import autocast, precision_dtype
+from utils import autocast, explicit_attention_is_faster, precision_dtype
 
 # ---------------------------------------------------------------------------------------------------------------
 # Section 1: smoothing and certification
@@ -58,7 +58,9 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
     that dtype anyway, but casts each fp32 weight again on every call (a few % of the time on an idle CPU, up to half
     of it on a busy one); norms, biases, embeddings and the residual streams stay fp32, so the results are those of
     plain autocast.
-    A denoiser's UNet goes channels_last (``channels_last``; may change float rounding). fp32: nothing changes.
+    A denoiser's UNet goes channels_last (``channels_last``; may change float rounding). Where
+    ``utils.explicit_attention_is_faster`` (bf16 on CPU), timm attention layers take their explicit
+    (non-fused) form, as ``utils.attention`` does. fp32: nothing changes.
     Afterwards the model is for inference under ``autocast(precision)`` only (not for training).
     """
     if precision == "fp32":
@@ -67,6 +69,10 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             m.weight.data = m.weight.data.to(dtype)
+        if isinstance(getattr(m, "fused_attn", None), bool):  # a timm attention layer
+            weight = next(m.parameters(), None)
+            if weight is not None and explicit_attention_is_faster(weight.device, dtype):
+                m.fused_attn = False
         if channels_last and hasattr(m, "unet") and hasattr(m, "channels_last"):  # a denoiser.DiffusionDenoiser
             m.unet.to(memory_format=torch.channels_last)
             m.channels_last = True

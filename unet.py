@@ -11,8 +11,8 @@ One :class:`UNetModel` covers both families (written from the published architec
 ``state_dict()`` keys, shapes and order are exactly those of the upstream models, so the official checkpoints
 load with ``strict=True``. Numerics follow upstream: GroupNorm and the sinusoidal timestep embedding are computed
 in float32 (float64 when the input is float64) and cast back, so the model also runs under bf16/fp16 autocast.
-Attention uses ``F.scaled_dot_product_attention``: softmax(q·kᵀ/sqrt(d))·v is the same function upstream writes as
-softmax((q·d^-1/4)·(k·d^-1/4)ᵀ)·v. Tensors may be channels_last.
+Attention is ``utils.attention`` (``F.scaled_dot_product_attention``; the explicit form for bf16 on CPU):
+softmax(q·kᵀ/sqrt(d))·v is the same function upstream writes as softmax((q·d^-1/4)·(k·d^-1/4)ᵀ)·v. Tensors may be channels_last.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from utils import attention
 
 __all__ = ["UNetModel", "ResBlock", "AttentionBlock", "timestep_embedding"]
 
@@ -219,7 +221,7 @@ class AttentionBlock(nn.Module):
         else:
             qkv = qkv.view(b, n, heads, 3, head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, T, head_dim]
-        a = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head_dim))
+        a = attention(q, k, v, 1.0 / math.sqrt(head_dim))
         a = a.transpose(1, 2).reshape(b, n, c)
         h = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [B, T, C]
         return x + h.transpose(1, 2).reshape(b, c, *spatial)

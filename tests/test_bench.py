@@ -115,11 +115,17 @@ def test_fast_path_agrees_on_shipped_digits_models():
 
 
 def test_prepare_inference_is_plain_autocast():
-    """Weights stored in bf16 (contiguous UNet): bit-for-bit the logits of plain autocast; fp32: a no-op."""
+    """Weights stored in bf16 (contiguous UNet): bit-for-bit the logits of plain autocast with timm's explicit
+    attention (the form ``utils.attention`` takes for bf16 on CPU); fp32: a no-op."""
     denoiser, classifier = _digits_models()
     model = DenoisedClassifier(denoiser, classifier, 0.25).eval()
     fast = prepare_inference_(copy.deepcopy(model), "bf16", channels_last=False)
     assert fast.denoiser.unet.out[2].weight.dtype == torch.bfloat16
+    timm_attention = [m for m in fast.modules() if hasattr(m, "fused_attn")]
+    assert timm_attention and not any(m.fused_attn for m in timm_attention)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
     assert fast.classifier.model.pos_embed.dtype == fast.classifier.model.norm.weight.dtype == torch.float32
     x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(4)) + 0.25
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
