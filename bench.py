@@ -9,8 +9,9 @@ For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on
   and counted in a Python loop;
 * the **fast path**: :class:`core.Smooth` over :class:`core.DenoisedClassifier` after
   :func:`core.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
-  bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention,
-  optional ``torch.compile``, class counts kept on the device (one transfer per call);
+  bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention
+  (``utils.attention``: its explicit form for bf16 on CPU), optional ``torch.compile``, class counts kept on the
+  device (one transfer per call);
 
 and reports every fast figure as a ratio to the reference, the share of samples whose predicted class matches the
 fp32 path on the same noise, and one FT-CADIS step (noise + denoise without grad, train forward, attack, backward,
@@ -18,6 +19,13 @@ AdamW): the reference's (all images attacked, for-loop AdamW, per-parameter clip
 (attack on masked-in images only, fused AdamW, foreach clipping).
 
     python bench.py --configs digits cifar10 --compile --json runs/bench_cpu.json
+
+Weights are random (timing only) except for ``digits``, whose shipped models are used; ``--denoiser_ckpt`` and
+``--classifier_ckpt`` (one configuration) time and check real checkpoints instead, so that the agreement figure is
+that of the model one certifies:
+
+    python bench.py --configs cifar10 --denoiser_ckpt models/cifar10_uncond_50M_500K.pt \
+        --classifier_ckpt vit_cifar10.pth --compile
 """
 from __future__ import annotations
 
@@ -226,23 +234,35 @@ def _randomize_zero_init(module: nn.Module) -> None:
                 m.weight.copy_(torch.empty_like(m.weight).uniform_(-bound, bound, generator=g))
 
 
-def build_models(name: str, device: torch.device, weights: str) -> Dict[str, Any]:
-    """The denoiser and classifier of a configuration: shipped weights for ``digits`` when present (``weights`` =
-    ``auto``), else random weights (timing only; ``weights`` = ``random`` forces them)."""
+def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: Optional[str] = None,
+                 classifier_ckpt: Optional[str] = None) -> Dict[str, Any]:
+    """The denoiser and classifier of a configuration: ``denoiser_ckpt`` / ``classifier_ckpt`` when given (as
+    ``certify.py`` loads them), else shipped weights for ``digits`` when present (``weights`` = ``auto``), else
+    random weights (timing only; ``weights`` = ``random`` forces them)."""
     cfg = CONFIGS[name]
     shipped = (name == "digits" and weights == "auto" and default_checkpoint_path("digits").is_file()
                and (Path(__file__).resolve().parent / "models" / "digits_vit_tiny.pt").is_file())
     torch.manual_seed(0)
-    if shipped:
+    if denoiser_ckpt is not None:
+        denoiser = load_denoiser(cfg["denoiser"], denoiser_ckpt, device=device)
+    elif shipped:
         denoiser = load_denoiser("digits", device=device)
-        classifier = get_architecture(cfg["arch"], pretrained=True, device=device)
     else:
         denoiser = build_denoiser(cfg["denoiser"])
         _randomize_zero_init(denoiser.unet)
+    if classifier_ckpt is not None:
+        classifier = get_architecture(cfg["arch"], num_classes=cfg["num_classes"], checkpoint=classifier_ckpt,
+                                      device=device)
+    elif shipped:
+        classifier = get_architecture(cfg["arch"], pretrained=True, device=device)
+    else:
         classifier = get_architecture(cfg["arch"], num_classes=cfg["num_classes"])
+    kinds = ["checkpoint" if denoiser_ckpt else "shipped" if shipped else "random",
+             "checkpoint" if classifier_ckpt else "shipped" if shipped else "random"]
     denoiser = denoiser.to(device).eval().requires_grad_(False)
     classifier = classifier.to(device).eval().requires_grad_(False)
-    return {"denoiser": denoiser, "classifier": classifier, "weights": "shipped" if shipped else "random",
+    return {"denoiser": denoiser, "classifier": classifier,
+            "weights": kinds[0] if kinds[0] == kinds[1] else f"denoiser {kinds[0]}, classifier {kinds[1]}",
             "denoiser_params": sum(p.numel() for p in denoiser.parameters()),
             "classifier_params": sum(p.numel() for p in classifier.parameters())}
 
@@ -460,13 +480,14 @@ def bench_config(name: str, device: torch.device, sigma: float, precisions: Sequ
                  compile_mode: Optional[str], channels_last: bool, batch_size: Optional[int | str],
                  iters: Optional[int], rounds: int, N: Optional[int], agreement_samples: int, certify: bool,
                  ft: bool, ft_images: Optional[int], ft_iters: int, weights: str, seed: int,
-                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+                 log: Callable[[str], None] = print, denoiser_ckpt: Optional[str] = None,
+                 classifier_ckpt: Optional[str] = None) -> Dict[str, Any]:
     """Time the reference and the fast paths of configuration ``name``; returns its JSON record."""
     cfg = CONFIGS[name]
     dflt = cfg["cuda" if device.type == "cuda" else "cpu"]
     N = N or cfg["N"]
     iters = iters or dflt["iters"]
-    models = build_models(name, device, weights)
+    models = build_models(name, device, weights, denoiser_ckpt, classifier_ckpt)
     denoiser, classifier = models["denoiser"], models["classifier"]
     t_star = denoiser.timestep_for_sigma(sigma)
     log(f"[{name}] denoiser {models['denoiser_params'] / 1e6:.1f}M + classifier "
@@ -732,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed fine-tuning steps per path, after one warm-up (default 1)")
     p.add_argument("--weights", default="auto", choices=("auto", "random"),
                    help="auto: the shipped digits models when present; random: random weights everywhere")
+    p.add_argument("--denoiser_ckpt", default=None,
+                   help="diffusion checkpoint of the (single) configuration, instead of random weights")
+    p.add_argument("--classifier_ckpt", default=None,
+                   help="classifier weights (timm/HF/train.py file, as certify.py) of the (single) configuration")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
@@ -758,6 +783,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if not args.sigma > 0:
         raise UserError(f"--sigma {args.sigma}: must be > 0")
     configs = args.configs or (["digits", "cifar10"] + (["imagenet"] if device.type == "cuda" else []))
+    if (args.denoiser_ckpt or args.classifier_ckpt) and len(configs) != 1:
+        raise UserError("--denoiser_ckpt / --classifier_ckpt belong to one configuration: pass --configs NAME")
+    for flag in ("denoiser_ckpt", "classifier_ckpt"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
+            raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
     precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["bf16"])
     if args.json:  # fail before the long run, not after it
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -769,7 +799,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             result["configs"].append(bench_config(
                 name, device, args.sigma, precisions, args.compile, args.compile_mode, args.channels_last, batch_size,
                 args.iters, args.rounds, args.N, args.agreement_samples, not args.no_certify, not args.no_finetune,
-                args.ft_images, args.ft_iters, args.weights, args.seed))
+                args.ft_images, args.ft_iters, args.weights, args.seed, denoiser_ckpt=args.denoiser_ckpt,
+                classifier_ckpt=args.classifier_ckpt))
     result["env"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(format_table(result))
     if args.json:

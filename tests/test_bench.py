@@ -198,6 +198,26 @@ def test_bench_cli_rejects_bad_flags(argv, match):
         bench.main(["--configs", "digits", "--device", "cpu", *argv])
 
 
+def test_bench_with_checkpoints(tmp_path):
+    """--denoiser_ckpt / --classifier_ckpt: the given (here: the shipped, trained) weights are timed and checked,
+    the record says so; a missing file or several configurations are refused."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    den, clf = models / "digits_denoiser.pt", models / "digits_vit_tiny.pt"
+    if not (den.is_file() and clf.is_file()):
+        pytest.skip("shipped digits models not present")
+    with torch_threads(1):
+        result = bench.main(["--configs", "digits", "--device", "cpu", "--weights", "random", "--no_finetune",
+                             "--denoiser_ckpt", str(den), "--classifier_ckpt", str(clf), "--batch_size", "64",
+                             "--iters", "1", "--rounds", "1", "--agreement_samples", "128"])
+    record = result["configs"][0]
+    assert record["weights"] == "checkpoint"  # not random, although --weights random
+    assert record["certify"][1]["agreement_vs_fp32"]["agreement"] >= 0.99  # trained: bf16 keeps the classes
+    with pytest.raises(UserError, match="no such file"):
+        bench.main(["--configs", "digits", "--device", "cpu", "--denoiser_ckpt", str(tmp_path / "nope.pt")])
+    with pytest.raises(UserError, match="one configuration"):
+        bench.main(["--configs", "digits", "cifar10", "--device", "cpu", "--classifier_ckpt", str(clf)])
+
+
 def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
     """scripts/agreement_vit_b.py with an existing checkpoint (no training): ViT-B/16 structure, every figure."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
