@@ -379,7 +379,7 @@ def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fas
             for chunk in (x + sigma * noise).split(batch_size):
                 z32.append(ref(chunk).float())
                 with autocast(chunk.device, precision):
-                    zf.append(fast(chunk).float())
+                    zf.append(fast(chunk).to(torch.float32, copy=True))  # CUDA graphs reuse output memory
     z32_t, zf_t = torch.cat(z32), torch.cat(zf)
     top2 = z32_t.topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]
