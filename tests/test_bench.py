@@ -236,3 +236,14 @@ def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
     assert 0.5 < result["agreement"]["bf16"]["agreement"] <= 1
     with pytest.raises(UserError, match="multiple of the patch size"):
         script.vit_b(30)
+    with pytest.raises(UserError, match="no such file"):
+        script.main(["--init", str(tmp_path / "missing.pt"), "--checkpoint", str(tmp_path / "new.pt")])
+    # --init at another size: every weight carried over, the position embedding resampled to the new grid
+    big = script.vit_b(48)
+    script.load_resampled(big, ckpt)
+    assert big.model.pos_embed.shape == (1, 1 + 3 * 3, 768)
+    assert torch.equal(big.model.pos_embed[:, :1], clf.model.pos_embed[:, :1])  # the class token's is kept
+    assert torch.equal(big.model.blocks[5].mlp.fc1.weight, clf.model.blocks[5].mlp.fc1.weight)
+    same = script.vit_b(32)
+    script.load_resampled(same, ckpt)  # same grid: identical
+    assert torch.equal(same.model.pos_embed, clf.model.pos_embed)
