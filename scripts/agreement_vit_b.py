@@ -15,11 +15,12 @@ denoised smoothing with the shipped digits denoiser at sigma:
 The default input size is smaller than CIFAR-10's 224 px (64 px = 16 tokens + class token) so that training takes
 minutes on a CPU; depth, width and the precision of every layer are those of the CIFAR-10 classifier. For the
 CIFAR-10 classifier's own input size, ``--init`` fine-tunes the 64-px model at 224 px (196 tokens + class token; the
-position embedding is resampled to the new grid), which costs about 10 minutes an epoch on 2 cores:
+position embedding is resampled to the new grid), which costs about 9 minutes an epoch on 2 cores (3 epochs: 90.6 %
+test accuracy, README "Performance"):
 
     python scripts/agreement_vit_b.py --epochs 30 --lr 1e-4 --compile --json runs/agreement_vit_b.json  # ~30 min, 2 cores
     python scripts/agreement_vit_b.py --img_size 224 --init runs/vit_b_digits.pt --checkpoint runs/vit_b_digits_224.pt \
-        --epochs 2 --warmup_epochs 0 --lr 5e-5 --per_image 2 --json runs/agreement_vit_b_224.json
+        --epochs 3 --warmup_epochs 0 --lr 1e-4 --batch_size 32 --per_image 2 --compile --json runs/agreement_vit_b_224.json
 """
 from __future__ import annotations
 
