@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-import analyze
+import analysis
 from core import NOISE_BLOCK, DenoisedClassifier, Smooth, compile_for_inference_, image_generator, prepare_inference_
 from utils import (PRECISIONS, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed,
                    run_cli)
@@ -324,14 +324,14 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float) -> None:
     """Certified accuracy at a few radii, ACR, abstentions and time of the merged log."""
-    df = analyze.read_log(outfile)
-    acc = analyze.certified_accuracy(df, RADII)
+    df = analysis.read_log(outfile)
+    acc = analysis.certified_accuracy(df, RADII)
     total = float(df["time"].sum())
     print(f"{outfile}: {len(df)} images, sigma={config['sigma']}, N0={config['N0']}, N={config['N']}, "
           f"alpha={config['alpha']} ({num_new} certified in this run, {wall:.1f} s)")
     print("  certified accuracy  " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(RADII, acc)))
-    print(f"  ACR {analyze.acr(df):.4f}, abstentions {int((df['predict'] == Smooth.ABSTAIN).sum())} "
-          f"({analyze.abstention_rate(df):.1%}), certification time {total:.1f} s "
+    print(f"  ACR {analysis.acr(df):.4f}, abstentions {int((df['predict'] == Smooth.ABSTAIN).sum())} "
+          f"({analysis.abstention_rate(df):.1%}), certification time {total:.1f} s "
           f"({total / len(df):.3f} s/image)")
 
 

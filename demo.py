@@ -146,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The four stages (see the module docstring) with the resolved ``args``; returns the summary."""
     os.environ.setdefault("MPLBACKEND", "Agg")
+    import analysis
     import analyze
     import certify
     import train
@@ -207,8 +208,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     analyze.main([*logs, *labels, *radii, "--out", str(outdir / "table.txt")])
     table = analyze.main([*logs, *labels, *radii])
     # the curves run on to the largest certifiable radius (the table stops at the last multiple of 0.25)
-    analyze.plot_certified_accuracy(plot, [analyze.read_log(off_log), analyze.read_log(ft_log)],
-                                    [OFF_THE_SHELF, FT_CADIS], 0.0, r_max, title=title)
+    analysis.plot_curves(plot, [analysis.read_log(off_log), analysis.read_log(ft_log)], [OFF_THE_SHELF, FT_CADIS],
+                         0.0, r_max, title=title)
     print(f"wrote {plot}", file=sys.stderr)
     timings["total"] = time.perf_counter() - start
 

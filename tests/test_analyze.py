@@ -1,4 +1,5 @@
-"""analyze.py: reading every log variant, the metrics on Cohen et al.'s published logs, tables, plots, errors."""
+"""analyze.py and its library analysis.py: reading every log variant, the metrics on Cohen et al.'s published logs,
+tables, plots, errors."""
 from __future__ import annotations
 
 import datetime
@@ -13,8 +14,8 @@ import pandas as pd
 import pytest
 
 import analyze
-from analyze import (LogWarning, abstention_rate, acr, certified_accuracy, clean_accuracy, envelope,
-                     high_prob_certified_accuracy, read_log)
+from analysis import (LogWarning, abstention_rate, acr, certified_accuracy, clean_accuracy, envelope,
+                      high_prob_certified_accuracy, read_log)
 from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,511 @@
+"""Certified-accuracy tables, ACR and plots from Cohen-style certification logs (SPEC section 5): the library.
+
+A log is tab-separated with the header ``idx label predict radius correct time`` (CERTIFY, Cohen et al. 2019)
+or ``idx label predict correct time`` (PREDICT). Logs from other repositories vary; :func:`read_log` accepts
+``time`` as seconds or ``H:MM:SS.ffffff``, ``correct`` as 0/1, True/False or a running total
+(diffusion_denoised_smoothing), an extra ``correct_num`` column (FT-CADIS) or any other extra column, blank
+lines and a truncated last line. Correctness is always ``predict == label and predict != -1``.
+
+Metrics on a log of n rows (abstentions, ``predict == -1``, count as wrong):
+
+* approximate certified accuracy  acc(r) = (1/n) sum_i 1[correct_i and radius_i >= r];
+* Cohen's high-probability accuracy  acc(r) - alpha - sqrt(alpha (1 - alpha) log(1/rho) / n) - log(1/rho) / (3n);
+* average certified radius  ACR = (1/n) sum_i correct_i * radius_i;
+* clean accuracy of the smoothed classifier  (1/n) sum_i correct_i;  abstention rate  (1/n) sum_i 1[predict_i = -1];
+* the envelope of several curves (e.g. best over sigma): the pointwise maximum.
+
+The command line is ``analyze.py``; this module is its library (importable without torch).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from utils import UserError
+
+ABSTAIN = -1
+COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+FORMATS = ("table", "markdown", "latex", "csv")
+PLOT_SUFFIXES = (".png", ".pdf")
+_TRUE = {"1", "true", "1.0"}
+_FALSE = {"0", "false", "0.0"}
+_TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
+
+
+class LogWarning(UserWarning):
+    """Something in a log was repaired or ignored (a truncated last line, an inconsistent ``correct`` column)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _split_header(line: str) -> tuple[list[str], Optional[str]]:
+    """Column names (the standard ones in lower case) and the separator: tab (Cohen), comma, or whitespace."""
+    sep = "\t" if "\t" in line else ("," if "," in line else None)
+    names = [name.strip() for name in line.split(sep)]
+    return [name.lower() if name.lower() in COLUMNS else name for name in names], sep
+
+
+def _parse_time(value: str) -> float:
+    """Seconds from ``12.3`` or ``H:MM:SS.ffffff`` (``str(datetime.timedelta)``, also ``1 day, H:MM:SS``)."""
+    m = _TIMEDELTA.match(value)
+    if m:
+        days, hours, minutes, seconds = m.groups()
+        return int(days or 0) * 86400.0 + int(hours) * 3600.0 + int(minutes) * 60.0 + float(seconds)
+    return float(value)
+
+
+def _parse_int(value: str) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def _parse_correct(value: str) -> int:
+    """0/1, True/False, or a non-negative integer (a running total of correct rows)."""
+    low = value.lower()
+    if low in _TRUE:
+        return 1
+    if low in _FALSE:
+        return 0
+    number = _parse_int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+_PARSERS = {"idx": _parse_int, "label": _parse_int, "predict": _parse_int, "radius": float,
+            "correct": _parse_correct, "time": _parse_time}
+
+
+def _parse_row(fields: list[str], names: list[str]) -> list:
+    return [_PARSERS[name](field) if name in _PARSERS else field for name, field in zip(names, fields)]
+
+
+def _as_number(values: list[str]) -> np.ndarray | list[str]:
+    """An extra column as numbers when every value is one, else as the strings it holds."""
+    try:
+        return np.array([float(v) for v in values])
+    except ValueError:
+        return values
+
+
+def read_log(path: str | Path) -> pd.DataFrame:
+    """Read a CERTIFY or PREDICT log into a DataFrame.
+
+    Columns: ``idx``, ``label``, ``predict`` (int; -1 = abstain), ``radius`` (float; NaN for a PREDICT log),
+    ``correct`` (bool, recomputed as ``predict == label and predict != -1``), ``time`` (seconds; NaN if absent),
+    then any extra columns of the file. ``df.attrs`` holds ``path``, ``kind`` (``"certify"``/``"predict"``),
+    ``correct_column`` (``"flags"``, ``"running total"``, ``"inconsistent"`` or ``"absent"``) and ``dropped``
+    (1 when an incomplete last line was dropped). Raises :class:`UserError` naming the file when it is missing,
+    empty, not text, lacks the ``label``/``predict`` columns or has a malformed row.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a log file (the CLI expands directories)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    if b"\0" in data:
+        raise UserError(f"{path}: not a text log (binary data); expected a tab-separated certification log")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text log (not UTF-8); expected a tab-separated certification log") from None
+    lines = [(num, line.rstrip("\r\n")) for num, line in enumerate(text.split("\n"), start=1)]
+    lines = [(num, line) for num, line in lines if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: empty file; expected a header 'idx label predict radius correct time' and rows")
+
+    names, sep = _split_header(lines[0][1])
+    if "label" not in names or "predict" not in names:
+        missing = ", ".join(c for c in ("label", "predict") if c not in names)
+        raise UserError(f"{path}: not a certification log: no column {missing} in the first line "
+                        f"{lines[0][1][:80]!r} (expected 'idx label predict radius correct time')")
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: repeated column names in the header {lines[0][1]!r}")
+
+    rows, dropped = [], 0
+    body = lines[1:]
+    for k, (num, line) in enumerate(body):
+        fields = [field.strip() for field in line.split(sep)]
+        try:
+            if len(fields) != len(names):
+                raise ValueError(f"{len(fields)} fields, the header has {len(names)}")
+            rows.append(_parse_row(fields, names))
+        except ValueError as err:
+            if k == len(body) - 1 and len(fields) <= len(names):
+                dropped = 1
+                warnings.warn(f"{path}: dropped the incomplete last line {num} ({line[:60]!r})", LogWarning,
+                              stacklevel=2)
+                break
+            raise UserError(f"{path}: line {num} is malformed ({err}): {line[:80]!r}") from None
+    if not rows:
+        raise UserError(f"{path}: no complete rows after the header")
+
+    cols = dict(zip(names, map(list, zip(*rows))))
+    n = len(rows)
+    label = np.asarray(cols["label"], dtype=np.int64)
+    predict = np.asarray(cols["predict"], dtype=np.int64)
+    correct = (predict == label) & (predict != ABSTAIN)
+    df = pd.DataFrame({
+        "idx": np.asarray(cols["idx"], dtype=np.int64) if "idx" in cols else np.arange(n, dtype=np.int64),
+        "label": label,
+        "predict": predict,
+        "radius": np.asarray(cols["radius"], dtype=np.float64) if "radius" in cols else np.full(n, np.nan),
+        "correct": correct,
+        "time": np.asarray(cols["time"], dtype=np.float64) if "time" in cols else np.full(n, np.nan),
+    })
+    for name in names:
+        if name not in COLUMNS:
+            df[name] = _as_number(cols[name])
+
+    df.attrs.update(path=str(path), kind="certify" if "radius" in cols else "predict", dropped=dropped,
+                    correct_column=_check_correct(path, cols.get("correct"), correct))
+    return df
+
+
+def _check_correct(path: Path, written: Optional[list[int]], correct: np.ndarray) -> str:
+    """How the file's ``correct`` column relates to ``predict == label``; warn when it disagrees."""
+    if written is None:
+        return "absent"
+    written = np.asarray(written, dtype=np.int64)
+    if np.array_equal(written, correct.astype(np.int64)):
+        return "flags"
+    steps = np.diff(written, prepend=written[0] - int(correct[0]))
+    if np.array_equal(steps, correct.astype(np.int64)):  # a running total (possibly resumed, with an offset)
+        return "running total"
+    if written.max() <= 1:
+        bad = int((written != correct).sum())
+    else:
+        bad = int((steps != correct).sum())
+    warnings.warn(f"{path}: the 'correct' column disagrees with predict == label on {bad} row(s); "
+                  f"using predict == label", LogWarning, stacklevel=3)
+    return "inconsistent"
+
+
+def is_log(path: str | Path) -> bool:
+    """Whether ``path`` is a text file whose first non-blank line is a log header (has label and predict)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if b"\0" in head:
+            return False
+        for line in head.decode("utf-8", errors="replace").splitlines():
+            if line.strip():
+                names, _ = _split_header(line)
+                return "label" in names and "predict" in names
+    except OSError:
+        pass
+    return False
+
+
+def expand_logs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a directory becomes the logs found under it (sorted, hidden files skipped)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts) and is_log(q))
+            if not found:
+                raise UserError(f"{p}: directory holds no certification logs (files whose header has "
+                                f"label and predict)")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def default_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short distinguishing labels from paths: the path components not shared by all of them.
+
+    One log: its last three components (``noise_0.50/test/sigma_0.50``). Several: components common to every
+    path are dropped (``.../noise_0.25/test/sigma_0.25`` and ``.../noise_0.50/test/sigma_0.50`` ->
+    ``noise_0.25/sigma_0.25``, ``noise_0.50/sigma_0.50``); the file name is always kept.
+    """
+    if len(paths) == 1:
+        return ["/".join(Path(paths[0]).parts[-3:])]
+    parts = [Path(p).resolve().parts for p in paths]
+    common = set.intersection(*(set(p[:-1]) for p in parts))
+    labels = ["/".join([c for c in p[:-1] if c not in common] + [p[-1]]) for p in parts]
+    if len(set(labels)) < len(labels):  # identical leftovers: fall back to the paths as given
+        labels = [str(p) for p in paths]
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _radii(df: pd.DataFrame, what: str) -> np.ndarray:
+    if df.attrs.get("kind") == "predict" or df["radius"].isna().all():
+        raise UserError(f"{df.attrs.get('path', 'log')}: a PREDICT log (no radius column) has no {what}; "
+                        f"only clean accuracy and abstention rate")
+    return df["radius"].to_numpy()
+
+
+def radius_grid(start: float, stop: float, step: float) -> np.ndarray:
+    """start, start + step, ..., up to and including stop (rounded to 10 decimals, so 0.1*3 == 0.3)."""
+    if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)):
+        raise UserError(f"--radii {start} {stop} {step}: values must be finite")
+    if step <= 0 or start < 0 or stop < start:
+        raise UserError(f"--radii {start} {stop} {step}: need 0 <= START <= STOP and STEP > 0")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > 1000:
+        raise UserError(f"--radii {start} {stop} {step}: {count} radii is too many (at most 1000)")
+    return np.round(start + step * np.arange(count), 10)
+
+
+def certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Approximate certified accuracy (1/n) sum_i 1[correct_i and radius_i >= r] at each r in ``radii``."""
+    radius = _radii(df, "certified accuracy")
+    r = np.round(np.asarray(radii, dtype=np.float64), 10)
+    correct = df["correct"].to_numpy(dtype=bool)
+    return ((radius[None, :] >= r[:, None]) & correct[None, :]).mean(axis=1)
+
+
+def high_prob_certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray, alpha: float,
+                                 rho: float) -> np.ndarray:
+    """Cohen et al.'s bound, holding with probability >= 1 - rho over the draw of the n test points:
+    acc(r) - alpha - sqrt(alpha (1 - alpha) log(1/rho) / n) - log(1/rho) / (3n)."""
+    if not (0 < alpha < 1 and 0 < rho < 1):
+        raise UserError(f"--high-prob {alpha} {rho}: ALPHA and RHO must lie in (0, 1)")
+    n = len(df)
+    log_term = math.log(1 / rho)
+    return (certified_accuracy(df, radii) - alpha - math.sqrt(alpha * (1 - alpha) * log_term / n)
+            - log_term / (3 * n))
+
+
+def acr(df: pd.DataFrame) -> float:
+    """Average certified radius (1/n) sum_i correct_i * radius_i (wrong and abstained rows count 0)."""
+    radius = _radii(df, "ACR")
+    return float(np.where(df["correct"].to_numpy(dtype=bool), radius, 0.0).mean())
+
+
+def abstention_rate(df: pd.DataFrame) -> float:
+    """Share of rows where the smoothed classifier abstained (predict == -1)."""
+    return float((df["predict"].to_numpy() == ABSTAIN).mean())
+
+
+def clean_accuracy(df: pd.DataFrame) -> float:
+    """Accuracy of the smoothed classifier's prediction (abstentions are wrong); = certified accuracy at r = 0."""
+    return float(df["correct"].to_numpy(dtype=bool).mean())
+
+
+def envelope(curves: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
+    """Pointwise maximum of curves on the same radii (e.g. the best over sigma at each radius)."""
+    if len(curves) == 0:
+        raise ValueError("envelope of no curves")
+    stacked = np.vstack([np.asarray(c, dtype=np.float64) for c in curves])
+    return stacked.max(axis=0)
+
+
+def default_radii(dfs: Sequence[pd.DataFrame]) -> np.ndarray:
+    """0 to the largest radius of a correct row, in steps of 0.25, 0.5, 1, 2, 5, ... (at most 9 radii)."""
+    certs = [df for df in dfs if df.attrs.get("kind") != "predict"]
+    if not certs:
+        return np.zeros(0)
+    max_r = max(float(df["radius"][df["correct"]].max()) if df["correct"].any() else 0.0 for df in certs)
+    step = 0.25
+    while max_r / step > 8:
+        step = {0.25: 0.5, 0.5: 1.0, 1.0: 2.0, 2.0: 5.0}.get(step, step * 2)
+    return radius_grid(0.0, math.floor(max_r / step + 1e-9) * step, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+
+ENVELOPE_LABEL = "envelope (best)"
+STAT_COLUMNS = ("ACR", "clean", "abstain", "n")
+
+
+def radius_names(radii: np.ndarray) -> list[str]:
+    """Column names for radii, with as many decimals as they need (at least 2)."""
+    decimals = 2
+    while decimals < 6 and np.any(np.abs(np.round(radii, decimals) - radii) > 1e-9):
+        decimals += 1
+    return [f"{r:.{decimals}f}" for r in radii]
+
+
+def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.ndarray,
+                  high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
+    """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
+    ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n. PREDICT logs get NaN where a radius is
+    needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius."""
+    names = radius_names(radii)
+    rows = []
+    for df in dfs:
+        row = dict.fromkeys(names, np.nan)
+        row.update(ACR=np.nan, clean=clean_accuracy(df), abstain=abstention_rate(df), n=len(df))
+        if df.attrs.get("kind") != "predict":
+            acc = (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
+                   else certified_accuracy(df, radii))
+            row.update(zip(names, acc), ACR=acr(df))
+        rows.append(row)
+    table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *STAT_COLUMNS])
+    if with_envelope:
+        curves = [table.loc[lab, names].to_numpy(dtype=np.float64)
+                  for lab, df in zip(labels, dfs) if df.attrs.get("kind") != "predict"]
+        if not curves:
+            raise UserError("--envelope: needs at least one CERTIFY log (with a radius column)")
+        best = dict.fromkeys(table.columns, np.nan)
+        best.update(zip(names, envelope(curves)))
+        table.loc[ENVELOPE_LABEL] = best
+    table.attrs.update(radii=radii, radius_columns=names, high_prob=high_prob, envelope=with_envelope)
+    return table
+
+
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a value is the column's best over the logs (ties all count; the envelope row is excluded).
+
+    Columns: the radii, ACR and clean accuracy (higher is better); a column with fewer than 2 values, or with all
+    values equal, has none."""
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    rows = [lab for lab in table.index if not (table.attrs.get("envelope") and lab == ENVELOPE_LABEL)]
+    for col in [*table.attrs["radius_columns"], "ACR", "clean"]:
+        values = table.loc[rows, col].astype(float)
+        if values.notna().sum() >= 2 and values.max() > values.min():  # all equal: nothing stands out
+            mask.loc[rows, col] = np.isclose(values, values.max(), rtol=0, atol=1e-12) & values.notna()
+    return mask
+
+
+def _cell(col: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(int(value)) if col == "n" else f"{value:.3f}"
+
+
+def _caption(table: pd.DataFrame, stats: bool = True) -> str:
+    hp = table.attrs.get("high_prob")
+    kind = (f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})" if hp
+            else "approximate certified accuracy")
+    return f"{kind} at l2 radius r; ACR = average certified radius" + (
+        "; clean = smoothed-classifier accuracy; abstain = abstention rate" if stats else "")
+
+
+def format_text(table: pd.DataFrame) -> str:
+    """A plain aligned table for the console."""
+    header = ["log", *table.columns]
+    body = [[str(lab), *(_cell(c, table.loc[lab, c]) for c in table.columns)] for lab in table.index]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    rule = "-" * len(line(header))
+    return "\n".join([_caption(table), line(header), rule, *map(line, body)]) + "\n"
+
+
+def format_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table; the best value of each column in bold."""
+    mask = best_mask(table)
+    out = ["| log | " + " | ".join(table.columns) + " |",
+           "|:---|" + "---:|" * len(table.columns)]
+    for lab in table.index:
+        cells = [f"**{_cell(c, table.loc[lab, c])}**" if mask.loc[lab, c] else _cell(c, table.loc[lab, c])
+                 for c in table.columns]
+        out.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return f"{_caption(table)}\n\n" + "\n".join(out) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "σ": r"$\sigma$", "ℓ": r"$\ell$", "α": r"$\alpha$", "ρ": r"$\rho$", "λ": r"$\lambda$",
+                  "ε": r"$\epsilon$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def format_latex(table: pd.DataFrame) -> str:
+    """A booktabs ``tabular``: certified accuracy at each radius and ACR, the best of each column in bold."""
+    mask = best_mask(table)
+    cols = [*table.attrs["radius_columns"], "ACR"]
+    k = len(table.attrs["radius_columns"])
+    out = [f"% {_caption(table, stats=False)} (analyze.py)", r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule"]
+    if k:
+        out += [" & \\multicolumn{" + str(k) + "}{c}{Certified accuracy at $\\ell_2$ radius $r$} & \\\\",
+                "\\cmidrule(lr){2-" + str(k + 1) + "}"]
+    out.append("Model & " + " & ".join(["$r = " + c + "$" for c in cols[:k]] + ["ACR"]) + r" \\")
+    out.append(r"\midrule")
+    for lab in table.index:
+        if table.attrs.get("envelope") and lab == ENVELOPE_LABEL:
+            out.append(r"\midrule")
+        cells = []
+        for c in cols:
+            value = table.loc[lab, c]
+            text = "--" if math.isnan(value) else _cell(c, value)
+            cells.append(r"\textbf{" + text + "}" if mask.loc[lab, c] else text)
+        out.append(latex_escape(str(lab)) + " & " + " & ".join(cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def format_csv(table: pd.DataFrame) -> str:
+    """Comma-separated values at full precision (empty where a value does not apply)."""
+    return table.to_csv(float_format="%.10g")
+
+
+FORMATTERS = {"table": format_text, "markdown": format_markdown, "latex": format_latex, "csv": format_csv}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_plot_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {path}: the file name must end in .png or .pdf")
+    return path
+
+
+def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[str],
+                            start: float, stop: float, high_prob: Optional[tuple[float, float]] = None,
+                            with_envelope: bool = False, title: Optional[str] = None) -> None:
+    """Certified accuracy vs l2 radius on [start, stop], one line per CERTIFY log (PNG or PDF by suffix),
+    optionally with the envelope (best over the logs) as a dashed black line. Headless (Agg/PDF canvases)."""
+    from matplotlib.figure import Figure
+
+    path = check_plot_path(path)
+    pairs = [(df, lab) for df, lab in zip(dfs, labels) if df.attrs.get("kind") != "predict"]
+    if not pairs:
+        raise UserError(f"--plot {path}: needs at least one CERTIFY log (with a radius column)")
+    stop = stop if stop > start else start + 1.0
+    grid = np.round(np.linspace(start, stop, 801), 10)
+    curves = [high_prob_certified_accuracy(df, grid, *high_prob) if high_prob else certified_accuracy(df, grid)
+              for df, _ in pairs]
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    for curve, (_, lab) in zip(curves, pairs):
+        ax.plot(grid, curve, linewidth=1.5, label=lab)
+    if with_envelope:
+        ax.plot(grid, envelope(curves), color="black", linestyle="--", linewidth=1.5, label=ENVELOPE_LABEL)
+    ax.set_xlim(start, stop)
+    ax.set_ylim(min(0.0, float(np.min(curves))), 1.0)
+    ax.set_xlabel(r"$\ell_2$ radius")
+    ax.set_ylabel("certified accuracy" + (f" (α={high_prob[0]:g}, ρ={high_prob[1]:g})" if high_prob else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")  # curves start high at r = 0 and fall to the right
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
