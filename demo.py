@@ -28,13 +28,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from utils import UserError, run_cli, torch_threads
+from utils import UserError, check_number, check_output, lock_path, resolve_device, run_cli, run_lock, torch_threads
 
 REPO = Path(__file__).resolve().parent
 MODELS = REPO / "models"
 DENOISER_CKPT = MODELS / "digits_denoiser.pt"
 CLASSIFIER_CKPT = MODELS / "digits_vit_tiny.pt"
-MARKER = ".ft_cadis_demo"  # marks an output folder as the demo's own, so a rerun may replace what is in it
+MARKER = ".ft_cadis_demo"
+LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)  # marks an output folder as the demo's own, so a rerun may replace what is in it
 OFF_THE_SHELF, FT_CADIS = "off-the-shelf", "FT-CADIS"
 OUTPUTS = ("off_the_shelf.tsv", "off_the_shelf.tsv.json", "ft_cadis.tsv", "ft_cadis.tsv.json", "table.txt",
            "table.md", "table.csv", "certified_accuracy.png", "summary.json", "ft_cadis")
@@ -51,7 +52,7 @@ def prepare_outdir(outdir: Path) -> None:
     """Create ``outdir``, or clear the demo's own outputs in it (announced); refuse a foreign non-empty folder."""
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"--outdir {outdir}: exists and is not a folder; choose another --outdir")
-    if outdir.is_dir() and any(outdir.iterdir()):
+    if outdir.is_dir() and any(p.name != LOCK for p in outdir.iterdir()):
         if not (outdir / MARKER).is_file():
             raise UserError(f"--outdir {outdir}: exists, is not empty and was not written by demo.py; choose another "
                             "--outdir (or empty it)")
@@ -113,8 +114,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--steps {args.max_steps}: must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be >= 1")
-    if not args.sigma > 0:
-        raise UserError(f"--sigma {args.sigma}: must be > 0")
+    check_number("--sigma", args.sigma, 0, low_open=True)
+    check_number("--alpha", args.alpha, 0, 1, low_open=True, high_open=True)
+    check_number("--blr", args.blr, 0, low_open=True)
+    check_number("--lbd", args.lbd, 0)
+    resolve_device(args.device)
+    check_output(args.outdir, "--outdir", folder=True)
     for flag, path in (("--denoiser_ckpt", args.denoiser_ckpt), ("--classifier_ckpt", args.classifier_ckpt)):
         if not Path(path).is_file():
             raise UserError(f"{flag} {path}: not found; the demo models ship in models/ (re-create them with "
@@ -146,11 +151,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The four stages (see the module docstring) with the resolved ``args``; returns the summary."""
     os.environ.setdefault("MPLBACKEND", "Agg")
-    import analysis
-    import analyze
-    import certify
-    import train
-
     from datasets import get_dataset
 
     num_test = len(get_dataset("digits", "test"))  # 360, 36 per class
@@ -158,7 +158,19 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--max_images {args.max_images}: the digits test split has only {num_test} images")
     skip = num_test // args.max_images  # spread the images over the test split
     outdir = Path(args.outdir)
-    prepare_outdir(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    with run_lock(lock_path(outdir, is_dir=True), f"--outdir {outdir}"):
+        prepare_outdir(outdir)
+        return run_stages(args, outdir, skip)
+
+
+def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, Any]:
+    """Stages 1-4 into the prepared ``outdir`` (held locked by :func:`run_demo`); returns the summary."""
+    import analysis
+    import analyze
+    import certify
+    import train
+
     off_log, ft_log, ft_dir = outdir / "off_the_shelf.tsv", outdir / "ft_cadis.tsv", outdir / "ft_cadis"
     start = time.perf_counter()
     print(f"FT-CADIS demo on scikit-learn digits (16x16): sigma={args.sigma}, {args.max_images} test images "

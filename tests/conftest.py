@@ -1,9 +1,12 @@
 """Shared pytest fixtures: the location of ../shared and a skip when it is absent."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -28,3 +31,58 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir: Path) -> Path:
     return shared_dir / "fixtures"
+
+
+def _cli_error(main, argv, capsys) -> str:
+    """Run a CLI's ``main`` through ``utils.run_cli``; assert exit status 2 and exactly one ``error: ...`` line on
+    stderr (no traceback); return that line."""
+    from utils import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning")]
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(main, argv)``: the one ``error: ...`` line a CLI prints for bad input (exit status 2 checked)."""
+    return lambda main, argv: _cli_error(main, argv, capsys)
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file under ``roots`` (files or folders) -> its bytes: compare before/after to show nothing changed."""
+    files = [p for root in roots for p in ([root] if root.is_file() else sorted(root.rglob("*"))) if p.is_file()]
+    return {str(p): p.read_bytes() for p in files}
+
+
+@pytest.fixture
+def files_of():
+    """``files_of(*paths)``: :func:`snapshot` (file -> bytes), to assert that a refused command changed nothing."""
+    return snapshot
+
+
+@contextlib.contextmanager
+def _lock_held_elsewhere(lock: Path, what: str = "--outfile x") -> Iterator[subprocess.Popen]:
+    """Another process holds ``utils.run_lock(lock)`` inside the block (it is killed at the end)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from utils import run_lock\n"
+            f"with run_lock({str(lock)!r}, {what!r}):\n    print('locked', flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+@pytest.fixture
+def lock_held_elsewhere():
+    """``with lock_held_elsewhere(lock_file) as proc:`` another live process holds that run lock (a real second
+    process: POSIX locks do not exclude their own process)."""
+    return _lock_held_elsewhere

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -112,3 +113,31 @@ def test_bad_flags_are_user_errors(tmp_path):
         demo.main(["--quick", "--outdir", str(tmp_path / "o"), "--denoiser_ckpt", str(tmp_path / "missing.pt")])
     with pytest.raises(UserError, match="--N "):
         demo.main(["--quick", "--outdir", str(tmp_path / "o"), "--N", "0"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "1.5"], r"--alpha 1.5: must be a finite number > 0 and < 1"),
+    (["--alpha", "0"], r"--alpha 0.0: must be a finite number > 0 and < 1"),
+    (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
+    (["--sigma", "nan"], r"--sigma nan: must be a finite number > 0"),
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    (["--outdir", "{file}/out"], r"--outdir .*file\.txt/out: .*file\.txt is a file, not a folder"),
+])
+def test_bad_values_are_one_line_errors_that_write_nothing(tmp_path, cli_error, files_of, extra, message):
+    (tmp_path / "file.txt").write_text("keep")
+    before = files_of(tmp_path)
+    argv = ["--quick", "--outdir", str(tmp_path / "o")] + [e.format(file=tmp_path / "file.txt") for e in extra]
+    assert re.search(message, cli_error(demo.main, argv))
+    assert files_of(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def test_a_demo_running_in_the_outdir_locks_it(tmp_path, cli_error, files_of, lock_held_elsewhere):
+    from utils import lock_path
+    out = tmp_path / "o"
+    demo.prepare_outdir(out)
+    (out / "table.md").write_text("the running demo's")
+    with lock_held_elsewhere(lock_path(out, is_dir=True)) as proc:
+        before = files_of(out)  # (including the holder's lock file)
+        line = cli_error(demo.main, ["--quick", "--outdir", out])
+    assert f"--outdir {out} is in use by pid {proc.pid}" in line
+    assert files_of(out) == before

@@ -23,31 +23,14 @@ from utils import (UserError, atomic_torch_save, atomic_write_text, check_finger
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _holder(lock: Path) -> subprocess.Popen:
-    """Another process that takes ``run_lock(lock)``, says so on stdout, then sleeps until killed."""
-    code = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
-        from utils import run_lock
-        with run_lock({str(lock)!r}, "--outfile x"):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_run_lock_excludes_a_second_process_and_dies_with_it(tmp_path, sig):
+def test_run_lock_excludes_a_second_process_and_dies_with_it(tmp_path, sig, lock_held_elsewhere):
     lock = lock_path(tmp_path / "log.tsv")
     assert lock == tmp_path / "log.tsv.lock"
-    proc = _holder(lock)
-    try:
+    with lock_held_elsewhere(lock) as proc:
         with pytest.raises(UserError, match=rf"--outfile x is in use by pid {proc.pid} on .*lock file"):
             with run_lock(lock, "--outfile x"):
                 pass
-    finally:
         proc.send_signal(sig)
         proc.wait(timeout=30)
     # the kernel released the dead process's lock (its file stays after kill -9): no stale lock
