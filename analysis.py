@@ -137,7 +137,7 @@ def read_log(path: str | Path) -> pd.DataFrame:
     if len(set(names)) != len(names):
         raise UserError(f"{path}: repeated column names in the header {lines[0][1]!r}")
 
-    rows, dropped = [], 0
+    rows, line_numbers, dropped = [], [], 0
     body = lines[1:]
     for k, (num, line) in enumerate(body):
         fields = [field.strip() for field in line.split(sep)]
@@ -145,6 +145,7 @@ def read_log(path: str | Path) -> pd.DataFrame:
             if len(fields) != len(names):
                 raise ValueError(f"{len(fields)} fields, the header has {len(names)}")
             rows.append(_parse_row(fields, names))
+            line_numbers.append(num)
         except ValueError as err:
             if k == len(body) - 1 and len(fields) <= len(names):
                 dropped = 1
@@ -154,6 +155,7 @@ def read_log(path: str | Path) -> pd.DataFrame:
             raise UserError(f"{path}: line {num} is malformed ({err}): {line[:80]!r}") from None
     if not rows:
         raise UserError(f"{path}: no complete rows after the header")
+    rows, line_numbers = _checked_rows(path, names, rows, line_numbers)
 
     cols = dict(zip(names, map(list, zip(*rows))))
     n = len(rows)
@@ -175,6 +177,43 @@ def read_log(path: str | Path) -> pd.DataFrame:
     df.attrs.update(path=str(path), kind="certify" if "radius" in cols else "predict", dropped=dropped,
                     correct_column=_check_correct(path, cols.get("correct"), correct))
     return df
+
+
+def _checked_rows(path: Path, names: list[str], rows: list[list], line_numbers: list[int]
+                  ) -> tuple[list[list], list[int]]:
+    """Refuse impossible radii; drop repeated idx rows that repeat the same result, refuse conflicting ones.
+
+    A certified radius is a finite number >= 0 (CERTIFY writes 0 for an abstention), so a NaN, infinite or negative
+    radius is an error naming its line: it would otherwise count as "not certified" (NaN) or break the table (inf).
+    An idx that appears twice with the same label, prediction and radius is what an appended re-run of an image
+    leaves (a restarted Cohen-era script): its later rows are skipped with a warning. Two rows of one idx that
+    disagree are an error naming both lines: the log mixes two runs.
+    """
+    radius = names.index("radius") if "radius" in names else None
+    idx = names.index("idx") if "idx" in names else None
+    key = [names.index(c) for c in ("label", "predict", "radius") if c in names]
+    first: dict[int, tuple[int, list]] = {}
+    kept, kept_lines, repeated = [], [], []
+    for row, num in zip(rows, line_numbers):
+        if radius is not None and not (math.isfinite(row[radius]) and row[radius] >= 0):
+            raise UserError(f"{path}: line {num} has radius {row[radius]}; a certified radius is a finite number "
+                            ">= 0 (the log is corrupt: repair or remove that line)")
+        if idx is not None and row[idx] in first:
+            num0, row0 = first[row[idx]]
+            if [row0[i] for i in key] != [row[i] for i in key]:
+                raise UserError(f"{path}: lines {num0} and {num} both certify idx {row[idx]} with different "
+                                "results (the log mixes two runs); keep one of them")
+            repeated.append(num)
+            continue
+        if idx is not None:
+            first[row[idx]] = (num, row)
+        kept.append(row)
+        kept_lines.append(num)
+    if repeated:
+        warnings.warn(f"{path}: skipped {len(repeated)} repeated row(s) of an idx already read with the same result "
+                      f"(line(s) {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''})",
+                      LogWarning, stacklevel=3)
+    return kept, kept_lines
 
 
 def _check_correct(path: Path, written: Optional[list[int]], correct: np.ndarray) -> str:
@@ -474,6 +513,33 @@ def check_plot_path(path: str | Path) -> Path:
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {path}: the file name must end in .png or .pdf")
     return path
+
+
+def check_outputs_are_not_inputs(outputs: dict[str, Optional[str | Path]], inputs: Sequence[str | Path]) -> None:
+    """Refuse an output that is one of the logs read (``analyze.py LOG --out LOG`` would replace the log) or that
+    two outputs share; then check each output location (:func:`utils.check_output`).
+
+    Args:
+        outputs: flag -> output path (None: not given).
+        inputs: the log files read.
+    """
+    from utils import check_output
+
+    def same(a: Path, b: Path) -> bool:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+        return a.resolve() == b.resolve()
+
+    given = [(flag, Path(path)) for flag, path in outputs.items() if path is not None]
+    for k, (flag, out) in enumerate(given):
+        for log in map(Path, inputs):
+            if same(out, log):
+                raise UserError(f"{flag} {out}: is one of the logs read ({log}); writing there would replace it, "
+                                f"choose another {flag}")
+        for other_flag, other in given[k + 1:]:
+            if same(out, other):
+                raise UserError(f"{flag} and {other_flag} name the same file {out}; give two different files")
+        check_output(out, flag)
 
 
 def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[str],

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from analysis import (FORMATS, FORMATTERS, LogWarning, check_plot_path, default_labels, default_radii, expand_logs,
-                      plot_curves, radius_grid, read_log, summary_table)
+from analysis import (FORMATS, FORMATTERS, LogWarning, check_outputs_are_not_inputs, check_plot_path, default_labels,
+                      default_radii, expand_logs, plot_curves, radius_grid, read_log, summary_table)
 from utils import UserError, run_cli
 
 
@@ -51,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
         raise UserError(f"--high-prob {high_prob[0]} {high_prob[1]}: ALPHA and RHO must lie in (0, 1)")
     if args.plot:
         check_plot_path(args.plot)
+    check_outputs_are_not_inputs({"--out": args.out, "--plot": args.plot}, paths)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LogWarning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -369,3 +370,50 @@ def test_cli_exit_code(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and "not_a_log.bin" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+HEADER_BYTES = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+
+
+@pytest.mark.parametrize("row3, message", [
+    (b"2\t3\t3\tnan\t1\t1.0\n", r"line 4 has radius nan; a certified radius is a finite number >= 0"),
+    (b"2\t3\t3\tinf\t1\t1.0\n", r"line 4 has radius inf"),
+    (b"2\t3\t3\t-0.5\t1\t1.0\n", r"line 4 has radius -0.5"),
+    (b"0\t1\t4\t0.3\t0\t1.0\n", r"lines 2 and 4 both certify idx 0 with different results"),
+])
+def test_impossible_radii_and_conflicting_repeats_are_errors(tmp_path, cli_error, files_of, row3, message):
+    log = tmp_path / "log.tsv"
+    log.write_bytes(HEADER_BYTES + b"0\t1\t1\t0.5\t1\t1.0\n1\t2\t2\t0.25\t1\t1.0\n" + row3)
+    before = files_of(tmp_path)
+    line = cli_error(analyze.main, [log, "--out", tmp_path / "t.txt", "--plot", tmp_path / "p.png"])
+    assert re.search(rf"^error: {re.escape(str(log))}: {message}", line), line
+    assert files_of(tmp_path) == before
+
+
+def test_repeated_rows_of_one_result_are_skipped_with_a_warning(tmp_path):
+    rows = b"0\t1\t1\t0.5\t1\t1.0\n1\t2\t-1\t0.0\t0\t1.0\n"
+    log = tmp_path / "log.tsv"
+    log.write_bytes(HEADER_BYTES + rows + b"0\t1\t1\t0.5\t1\t2.5\n")  # an appended re-run of image 0
+    with pytest.warns(LogWarning, match=r"skipped 1 repeated row\(s\) .*\(line\(s\) 4\)"):
+        df = read_log(log)
+    assert df["idx"].tolist() == [0, 1] and df["time"].tolist() == [1.0, 1.0]
+    assert acr(df) == pytest.approx(0.25)  # counted once: (0.5 + 0) / 2
+
+
+def test_outputs_onto_inputs_or_under_a_file_are_refused(logs, tmp_path, cli_error, files_of):
+    log = tmp_path / "log.tsv"
+    shutil.copy(logs / CIFAR_050, log)
+    (tmp_path / "file.txt").write_text("x")
+    before = files_of(tmp_path)
+    cases = [
+        ([log, "--out", log], rf"--out {re.escape(str(log))}: is one of the logs read"),
+        ([log, "--out", tmp_path / "." / "log.tsv"], r"--out .*: is one of the logs read"),
+        ([tmp_path, "--out", log], r"--out .*: is one of the logs read"),  # a folder's logs count too
+        ([log, "--out", tmp_path / "t.png", "--plot", tmp_path / "t.png"], r"--out and --plot name the same file"),
+        ([log, "--out", tmp_path / "file.txt" / "t.txt"], r"--out .*file\.txt is a file, not a folder"),
+        ([log, "--plot", tmp_path / "file.txt" / "p.png"], r"--plot .*file\.txt is a file, not a folder"),
+        ([log, "--out", tmp_path], r"--out .*: is a folder; name a file"),
+    ]
+    for argv, message in cases:
+        assert re.search(message, cli_error(analyze.main, argv)), argv
+    assert files_of(tmp_path) == before
