@@ -16,9 +16,17 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from analysis import (FORMATS, FORMATTERS, LogWarning, check_outputs_are_not_inputs, check_plot_path, default_labels,
-                      default_radii, expand_logs, plot_curves, radius_grid, read_log, summary_table)
+from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighProbAccuracy, Line, LogWarning,
+                      check_outputs_are_not_inputs, check_plot_path, default_labels, default_radii, expand_logs,
+                      latex_table_certified_accuracy, latex_table_certified_accuracy_acr,
+                      markdown_table_certified_accuracy, plot_certified_accuracy, plot_curves, radius_grid, read_log,
+                      smallplot_certified_accuracy, summary_table)
 from utils import UserError, run_cli
+
+# Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py
+__all__ = ["Accuracy", "ApproximateAccuracy", "HighProbAccuracy", "Line", "plot_certified_accuracy",
+           "smallplot_certified_accuracy", "latex_table_certified_accuracy", "markdown_table_certified_accuracy",
+           "latex_table_certified_accuracy_acr", "main"]
 
 
 def get_parser() -> argparse.ArgumentParser:
