@@ -86,3 +86,9 @@ def lock_held_elsewhere():
     """``with lock_held_elsewhere(lock_file) as proc:`` another live process holds that run lock (a real second
     process: POSIX locks do not exclude their own process)."""
     return _lock_held_elsewhere
+
+
+@pytest.fixture(scope="session")
+def cohen_logs(shared_dir: Path) -> Path:
+    """Cohen et al.'s published certification and prediction logs (``certify/...``, ``predict/...``)."""
+    return shared_dir / "cohen_logs"

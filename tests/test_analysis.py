@@ -22,14 +22,6 @@ CIFAR = "certify/cifar10/resnet110/noise_{0}/test/sigma_{0}"
 IMAGENET = "certify/imagenet/resnet50/noise_{0}/test/sigma_{0}"
 
 
-@pytest.fixture(scope="module")
-def logs(shared_dir: Path) -> Path:
-    path = shared_dir / "cohen_logs"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 def _raw_acr(path: Path) -> float:
     """ACR straight from the file: mean over rows of radius where predict == label (independent of read_log)."""
     with open(path, newline="") as f:
@@ -42,10 +34,10 @@ def _numbers(line: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def cohen_run(logs, tmp_path_factory) -> tuple[Path, str]:
+def cohen_run(cohen_logs, tmp_path_factory) -> tuple[Path, str]:
     """The Cohen-style script run unchanged from a directory whose data/ is the published logs."""
     work = tmp_path_factory.mktemp("cohen")
-    (work / "data").symlink_to(logs)
+    (work / "data").symlink_to(cohen_logs)
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=work, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -78,13 +70,13 @@ def test_cohen_script_reproduces_published_imagenet_table(cohen_run):
     assert [s[0] for s in starred] == [0.67, 0.49, 0.37, 0.29, 0.19, 0.15, 0.12]
 
 
-def test_cohen_script_acr_table_plots_and_direct_calls(cohen_run, logs):
+def test_cohen_script_acr_table_plots_and_direct_calls(cohen_run, cohen_logs):
     out, stdout = cohen_run
     lines = (out / "latex" / "vary_noise_cifar10_acr").read_text().splitlines()
     assert lines[0].startswith(r"& ACR & $r = 0.0$& $r = 0.25$") and lines[1] == r"\midrule"
     for line, s in zip(lines[2:], ("0.12", "0.25", "0.50", "1.00")):
         label, acr, *acc = line.rstrip("\\").split(" & ")
-        assert label == f"$\\sigma = {s}$" and acr == f"{_raw_acr(logs / CIFAR.format(s)):.3f}"
+        assert label == f"$\\sigma = {s}$" and acr == f"{_raw_acr(cohen_logs / CIFAR.format(s)):.3f}"
         assert all(re.fullmatch(r"\d+\.\d", a) for a in acc) and len(acc) == 7
     assert lines[4].rstrip("\\").split(" & ")[1:] == ["0.538", "65.2", "54.6", "41.4", "32.0", "23.4", "15.2", "9.4"]
     for name in ("vary_noise_cifar10", "high_prob"):
@@ -94,8 +86,8 @@ def test_cohen_script_acr_table_plots_and_direct_calls(cohen_run, logs):
     assert "cifar10 sigma=0.50 acr 0.538" in stdout
 
 
-def test_cohen_classes(logs, tmp_path):
-    path = str(logs / IMAGENET.format("0.50"))
+def test_cohen_classes(cohen_logs, tmp_path):
+    path = str(cohen_logs / IMAGENET.format("0.50"))
     radii = np.array([0.0, 0.5, 1.0])
     approx = analyze.ApproximateAccuracy(path)
     high = analyze.HighProbAccuracy(path, 0.001, 0.001)
