@@ -50,7 +50,8 @@ from classifier import ImageClassifier, apply_lora, get_architecture, param_grou
 from core import (PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, compile_for_inference_,
                   prepare_inference_)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
-from utils import PRECISIONS, UserError, autocast, precision_dtype, resolve_device, run_cli, torch_threads
+from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
+                   resolve_device, resolve_precision, run_cli, torch_threads)
 
 # Per configuration: the models, the paper's N (certification) and fine-tuning settings (SPEC section 4), and the
 # default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).
@@ -728,8 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configurations to time (default: digits cifar10, plus imagenet on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--sigma", type=float, default=0.25, help="noise level (sets t*; default 0.25)")
-    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS,
-                   help="fast-path autocast precisions (default: bf16 on CPU, bf16 fp16 on CUDA)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISION_CHOICES,
+                   help="fast-path autocast precisions (default: auto, i.e. bf16 where the device computes it "
+                        "natively, else fp32 on CPU; on CUDA auto and fp16)")
     p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
     p.add_argument("--compile_mode", default=None,
                    help="torch.compile mode, e.g. max-autotune or reduce-overhead (CUDA graphs)")
@@ -788,9 +790,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for flag in ("denoiser_ckpt", "classifier_ckpt"):
         if getattr(args, flag) and not Path(getattr(args, flag)).exists():
             raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
-    precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["bf16"])
+    precisions = list(dict.fromkeys(resolve_precision(p, device, "--precisions") for p in args.precisions or (
+        ["auto", "fp16"] if device.type == "cuda" else ["auto"])))
     if args.json:  # fail before the long run, not after it
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        check_output(args.json, "--json")
 
     with torch_threads(args.threads):
         result: Dict[str, Any] = {"env": environment(device), "args": vars(args), "configs": []}
@@ -804,8 +807,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     result["env"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
 

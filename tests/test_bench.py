@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def test_bench_cli_digits_writes_json(tmp_path, capsys):
     result = bench.main(["--configs", "digits", "--device", "cpu", "--threads", "1", "--weights", "random",
                          "--batch_size", "16",
                          "--iters", "1", "--rounds", "1", "--agreement_samples", "8", "--ft_images", "1",
-                         "--json", str(out)])
+                         "--precisions", "bf16", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["configs"][0]["config"] == "digits" and data["env"]["device"] == "cpu"
     rows = data["configs"][0]["certify"]
@@ -196,6 +197,23 @@ def test_bench_cli_digits_writes_json(tmp_path, capsys):
 def test_bench_cli_rejects_bad_flags(argv, match):
     with pytest.raises(UserError, match=match):
         bench.main(["--configs", "digits", "--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--json", "{file}/r.json"], r"^error: --json .*file\.txt/r\.json: .*file\.txt is a file, not a folder"),
+    (["--json", "{dir}"], r"^error: --json .*: is a folder; name a file"),
+    (["--sigma", "nan"], r"^error: --sigma nan"),
+    (["--device", "meta"], r"^error: --device meta: not a device this program runs on"),
+])
+def test_bench_bad_outputs_and_values_fail_before_work(tmp_path, cli_error, files_of, argv, match):
+    (tmp_path / "file.txt").write_text("x")
+    before = files_of(tmp_path)
+    argv = ["--configs", "digits", "--device", "cpu"] + [a.format(file=tmp_path / "file.txt", dir=tmp_path)
+                                                         for a in argv]
+    line = cli_error(bench.main, argv)  # (a repeated --device: the last one counts)
+    assert re.search(match, line), line
+    assert files_of(tmp_path) == before
+
 
 
 def test_bench_with_checkpoints(tmp_path):
