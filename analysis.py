@@ -470,7 +470,7 @@ def format_markdown(table: pd.DataFrame) -> str:
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "σ": r"$\sigma$", "ℓ": r"$\ell$", "α": r"$\alpha$", "ρ": r"$\rho$", "λ": r"$\lambda$",
-                  "ε": r"$\epsilon$"}
+                  "ε": r"$\epsilon$", "∈": r"$\in$"}
 
 
 def latex_escape(text: str) -> str:
@@ -781,3 +781,172 @@ def latex_table_certified_accuracy_acr(outfile: str, radius_start: float, radius
         cells = "".join(f" & {100 * a:.1f}" for a in acc[i])
         out.append(f"{method.legend} & {method.quantity.acr():.3f}{cells}\\\\\n")
     _open_out(outfile).write_text("".join(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper-style tables (analyze.py --style paper)
+# ---------------------------------------------------------------------------------------------------------------
+# Rows grouped by sigma, one row per method in each group; columns ACR (3 decimals) then certified accuracy in
+# percent (1 decimal); the best of each column in bold. Optionally the envelope over sigma per method ("best of
+# sigma in {...}": at each radius the highest certified accuracy any of the method's sigmas reaches, with the clean
+# accuracy of the sigma that reaches it in parentheses).
+
+_SIGMA_IN_NAME = re.compile(r"(?:^|[^a-z])sigma[_=-]?(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def log_sigma(path: str | Path) -> Optional[float]:
+    """The noise level sigma a log was certified at, or None when nothing says it.
+
+    Read from ``config.sigma`` of the log's sidecar ``<log>.json`` (certify.py writes it), else from the nearest path
+    component with ``sigma_<s>`` (Cohen's layout ``.../noise_0.50/test/sigma_0.50``).
+    """
+    import json
+
+    side = Path(f"{path}.json")
+    if side.is_file():
+        try:
+            return float(json.loads(side.read_text(encoding="utf-8"))["config"]["sigma"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    for part in reversed(Path(path).parts):
+        match = _SIGMA_IN_NAME.search(part)
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def envelope_label(sigmas: Sequence[float]) -> str:
+    """The envelope group's name, e.g. ``best of σ ∈ {0.25, 0.50, 1.00}``."""
+    return "best of σ ∈ {" + ", ".join(f"{s:.2f}" for s in sorted(set(sigmas))) + "}"
+
+
+def _is_envelope(group: str) -> bool:
+    return group.startswith("best of σ")
+
+
+def _best_of_sigma(acc: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per radius (column of ``acc``, one row per sigma): the best accuracy and the clean accuracy of the sigma that
+    reaches it (on ties, the sigma with the higher clean accuracy)."""
+    best = acc.max(axis=0)
+    tied = np.isclose(acc, best[None, :], rtol=0, atol=1e-12)
+    return best, np.where(tied, clean[:, None], -np.inf).max(axis=0)
+
+
+def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequence[float], radii: np.ndarray,
+                high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
+    """The paper's table: index (sigma group, method), columns ACR then certified accuracy in percent at each radius.
+
+    Args:
+        dfs: CERTIFY logs (:func:`read_log`).
+        labels: the method of each log (repeated across sigmas); (sigma, method) pairs must be distinct.
+        sigmas: the sigma of each log (:func:`log_sigma`).
+        radii: the radii of the columns.
+        high_prob: ``(alpha, rho)`` for Cohen's high-probability accuracy instead of the approximate one.
+        with_envelope: add the group :func:`envelope_label` with each method's best over its sigmas (ACR NaN);
+            ``attrs["clean_of_best"]`` then holds, per method and radius, the clean accuracy (%) of that sigma.
+    """
+    pairs = list(zip(sigmas, labels))
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({p for p in pairs if pairs.count(p) > 1})[0]
+        raise UserError(f"--style paper: two logs for method {dup[1]!r} at sigma {dup[0]:g}; give distinct --labels")
+    names = radius_names(radii)
+    methods = list(dict.fromkeys(labels))
+    rows, index, curves = [], [], {}
+    for sigma in sorted(set(sigmas)):
+        for method in methods:
+            if (sigma, method) in pairs:
+                df = dfs[pairs.index((sigma, method))]
+                acc = 100 * (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
+                             else certified_accuracy(df, radii))
+                curves.setdefault(method, []).append((acc, 100 * clean_accuracy(df)))
+                rows.append([acr(df), *acc])
+                index.append((f"{sigma:.2f}", method))
+    clean_of_best = pd.DataFrame(columns=names, dtype=float)
+    if with_envelope:
+        for method in methods:
+            best, clean = _best_of_sigma(np.vstack([c[0] for c in curves[method]]),
+                                         np.array([c[1] for c in curves[method]]))
+            rows.append([np.nan, *best])
+            index.append((envelope_label(sigmas), method))
+            clean_of_best.loc[method] = clean
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["sigma", "method"]),
+                         columns=["ACR", *names])
+    table.attrs.update(radius_columns=names, high_prob=high_prob, envelope=with_envelope,
+                       clean_of_best=clean_of_best)
+    return table
+
+
+def paper_bold(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a shown value (ACR to 3 decimals, accuracy to 1) is the best among the rows it is compared with:
+    the methods of its sigma group; when every sigma group holds one method, all sigma rows; the envelope rows
+    among themselves. Ties are all bold; a comparison of fewer than 2 values, or of equal ones, has none."""
+    shown = table.copy()
+    shown["ACR"] = shown["ACR"].round(3)
+    shown[table.attrs["radius_columns"]] = shown[table.attrs["radius_columns"]].round(1)
+    groups = table.index.get_level_values("sigma")
+    env = np.array([_is_envelope(g) for g in groups], dtype=bool)
+    sigma_groups = pd.Series(groups[~env]).value_counts()
+    key = np.where(env, "envelope", "sigma" if (sigma_groups == 1).all() else groups)
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    for group in set(key):
+        rows = key == group
+        for col in table.columns:
+            values = shown.loc[rows, col]
+            if values.notna().sum() >= 2 and values.max() > values.min():
+                mask.loc[rows, col] = (values == values.max()).to_numpy()
+    return mask
+
+
+def _paper_caption(table: pd.DataFrame) -> str:
+    hp = table.attrs.get("high_prob")
+    kind = (f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})" if hp
+            else "Approximate certified accuracy")
+    text = f"{kind} (%) at l2 radius r and ACR; best of each column in bold"
+    if table.attrs.get("envelope"):
+        text += "; best of sigma: the highest accuracy over sigma, (clean accuracy of that sigma)"
+    return text
+
+
+def _paper_cells(table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str],
+                 missing: str) -> list[tuple[str, str, list[str]]]:
+    """(group, shown on its first row only, method, cells) per row; ``bold``/``sup`` wrap bold values and the clean
+    accuracies of the envelope rows; ``missing`` stands for a value that does not apply."""
+    mask, clean = paper_bold(table), table.attrs["clean_of_best"]
+    out, previous = [], None
+    for (group, method), values in table.iterrows():
+        cells = []
+        for col, value in values.items():
+            text = missing if math.isnan(value) else (f"{value:.3f}" if col == "ACR" else f"{value:.1f}")
+            if mask.loc[(group, method), col]:
+                text = bold[0] + text + bold[1]
+            if _is_envelope(group) and col != "ACR":
+                text += sup[0] + f"{clean.loc[method, col]:.1f}" + sup[1]
+            cells.append(text)
+        out.append((group if group != previous else "", method, cells))
+        previous = group
+    return out
+
+
+def format_paper_markdown(table: pd.DataFrame) -> str:
+    """:func:`paper_table` as a GitHub Markdown table."""
+    head = "| σ | method | ACR | " + " | ".join(table.attrs["radius_columns"]) + " |"
+    lines = [head, "|:---|:---|" + "---:|" * (1 + len(table.attrs["radius_columns"]))]
+    for group, method, cells in _paper_cells(table, ("**", "**"), (" (", ")"), "-"):
+        lines.append(f"| {group} | {method} | " + " | ".join(cells) + " |")
+    return f"{_paper_caption(table)}\n\n" + "\n".join(lines) + "\n"
+
+
+def format_paper_latex(table: pd.DataFrame) -> str:
+    """:func:`paper_table` as a booktabs ``tabular`` (a rule between sigma groups)."""
+    k = len(table.attrs["radius_columns"])
+    out = [f"% {_paper_caption(table)} (analyze.py --style paper)", r"\begin{tabular}{llc" + "c" * k + "}",
+           r"\toprule",
+           " & & & \\multicolumn{" + str(k) + "}{c}{Certified accuracy (\\%) at $\\ell_2$ radius $r$} \\\\",
+           "\\cmidrule(lr){4-" + str(k + 3) + "}",
+           "$\\sigma$ & Method & ACR & " + " & ".join(f"${c}$" for c in table.attrs["radius_columns"]) + r" \\"]
+    for group, method, cells in _paper_cells(table, (r"\textbf{", "}"), ("$^{(", ")}$"), "--"):
+        if group:
+            out.append(r"\midrule")
+        out.append(f"{latex_escape(group)} & {latex_escape(method)} & " + " & ".join(cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"

@@ -14,13 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighProbAccuracy, Line, LogWarning,
                       check_outputs_are_not_inputs, check_plot_path, default_labels, default_radii, expand_logs,
-                      latex_table_certified_accuracy, latex_table_certified_accuracy_acr,
-                      markdown_table_certified_accuracy, plot_certified_accuracy, plot_curves, radius_grid, read_log,
-                      smallplot_certified_accuracy, summary_table)
+                      format_paper_latex, format_paper_markdown, latex_table_certified_accuracy,
+                      latex_table_certified_accuracy_acr, log_sigma, markdown_table_certified_accuracy, paper_table,
+                      plot_certified_accuracy, plot_curves, radius_grid, read_log, smallplot_certified_accuracy,
+                      summary_table)
 from utils import UserError, run_cli
 
 # Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py
@@ -32,8 +34,9 @@ __all__ = ["Accuracy", "ApproximateAccuracy", "HighProbAccuracy", "Line", "plot_
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Certified-accuracy tables, ACR and plots from Cohen-style "
                                                  "certification logs (CERTIFY or PREDICT).")
-    parser.add_argument("logs", nargs="+", help="log files, or directories to search for logs")
-    parser.add_argument("--labels", nargs="+", help="one label per log (default: from the paths)")
+    parser.add_argument("logs", nargs="*", help="log files, or directories to search for logs")
+    parser.add_argument("--labels", nargs="+", help="one label per log (default: from the paths); with --style paper "
+                                                    "the method of each log, repeated across sigmas")
     parser.add_argument("--radii", nargs=3, type=float, metavar=("START", "STOP", "STEP"),
                         help="radii of the table (STOP included); default 0 to the largest certified radius")
     parser.add_argument("--format", choices=FORMATS, default="table", help="table output format")
@@ -43,17 +46,56 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--high-prob", nargs=2, type=float, metavar=("ALPHA", "RHO"),
                         help="Cohen's high-probability certified accuracy instead of the approximate one")
     parser.add_argument("--title", help="plot title")
+    parser.add_argument("--style", choices=("plain", "paper"), default="plain",
+                        help="paper: rows grouped by sigma, ACR first, accuracy in percent with one decimal, best in "
+                             "bold (--format latex or markdown); with --envelope the best of sigma per method")
+    parser.add_argument("--sigmas", nargs="+", type=float,
+                        help="with --style paper: the sigma of each log (default: from <log>.json or a sigma_<s> "
+                             "path component)")
     return parser
+
+
+def _labels(args: argparse.Namespace, paths: list[Path]) -> list[str]:
+    if args.labels is not None and len(args.labels) != len(paths):
+        raise UserError(f"--labels: got {len(args.labels)} labels for {len(paths)} logs ({', '.join(map(str, paths))})")
+    labels = args.labels if args.labels is not None else default_labels(paths)
+    if args.style != "paper" and len(set(labels)) != len(labels):
+        raise UserError(f"--labels: labels must be distinct, got {labels}")
+    return labels
+
+
+def _sigmas(args: argparse.Namespace, paths: list[Path]) -> list[float]:
+    """--style paper: the sigma of each log (--sigmas, else what the log's sidecar or path says)."""
+    if args.sigmas is not None:
+        if len(args.sigmas) != len(paths):
+            raise UserError(f"--sigmas: got {len(args.sigmas)} values for {len(paths)} logs")
+        return list(args.sigmas)
+    sigmas = [log_sigma(p) for p in paths]
+    unknown = [str(p) for p, s in zip(paths, sigmas) if s is None]
+    if unknown:
+        raise UserError(f"--style paper: no sigma known for {', '.join(unknown)} (no <log>.json beside it, no "
+                        f"sigma_<s> in its path); pass --sigmas, one per log")
+    return sigmas
+
+
+def _paper_text(args: argparse.Namespace, paths: list[Path], dfs: list[pd.DataFrame], labels: list[str],
+                radii: np.ndarray, high_prob: Optional[tuple[float, float]]) -> tuple[pd.DataFrame, str]:
+    predict = [str(p) for p, df in zip(paths, dfs) if df.attrs["kind"] == "predict"]
+    if predict:
+        raise UserError(f"--style paper: needs CERTIFY logs (with a radius column); {', '.join(predict)} "
+                        f"is a PREDICT log")
+    if args.format == "csv":
+        raise UserError("--style paper: use --format latex or markdown (csv is --style plain)")
+    table = paper_table(dfs, labels, _sigmas(args, paths), radii, high_prob=high_prob, with_envelope=args.envelope)
+    return table, (format_paper_latex if args.format == "latex" else format_paper_markdown)(table)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
     args = get_parser().parse_args(argv)
+    if not args.logs:
+        raise UserError("give the logs to analyze (files or directories)")
     paths = expand_logs(args.logs)
-    if args.labels is not None and len(args.labels) != len(paths):
-        raise UserError(f"--labels: got {len(args.labels)} labels for {len(paths)} logs ({', '.join(map(str, paths))})")
-    labels = args.labels if args.labels is not None else default_labels(paths)
-    if len(set(labels)) != len(labels):
-        raise UserError(f"--labels: labels must be distinct, got {labels}")
+    labels = _labels(args, paths)
     high_prob = tuple(args.high_prob) if args.high_prob else None
     if high_prob and not (0 < high_prob[0] < 1 and 0 < high_prob[1] < 1):
         raise UserError(f"--high-prob {high_prob[0]} {high_prob[1]}: ALPHA and RHO must lie in (0, 1)")
@@ -71,8 +113,11 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
                         f"column); all {len(paths)} logs are PREDICT logs (e.g. {paths[0]})")
 
     radii = radius_grid(*args.radii) if args.radii else default_radii(dfs)
-    table = summary_table(dfs, labels, radii, high_prob=high_prob, with_envelope=args.envelope)
-    text = FORMATTERS[args.format](table)
+    if args.style == "paper":
+        table, text = _paper_text(args, paths, dfs, labels, radii, high_prob)
+    else:
+        table = summary_table(dfs, labels, radii, high_prob=high_prob, with_envelope=args.envelope)
+        text = FORMATTERS[args.format](table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

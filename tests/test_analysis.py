@@ -22,11 +22,20 @@ CIFAR = "certify/cifar10/resnet110/noise_{0}/test/sigma_{0}"
 IMAGENET = "certify/imagenet/resnet50/noise_{0}/test/sigma_{0}"
 
 
-def _raw_acr(path: Path) -> float:
-    """ACR straight from the file: mean over rows of radius where predict == label (independent of read_log)."""
+def _raw_rows(path: Path) -> list[tuple[bool, float]]:
+    """(predict == label, radius) per row, straight from the file (independent of read_log)."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return sum(float(r["radius"]) for r in rows if r["predict"] == r["label"]) / len(rows)
+        return [(r["predict"] == r["label"], float(r["radius"])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def _raw_acr(path: Path) -> float:
+    rows = _raw_rows(path)
+    return sum(radius for ok, radius in rows if ok) / len(rows)
+
+
+def _raw_percent(path: Path, radius: float) -> float:
+    rows = _raw_rows(path)
+    return 100 * sum(ok and r >= radius for ok, r in rows) / len(rows)
 
 
 def _numbers(line: str) -> list[float]:
@@ -105,3 +114,78 @@ def test_cohen_classes(cohen_logs, tmp_path):
         analyze.plot_certified_accuracy(str(tmp_path / "p"), "t", 1.0, [line], radius_step=0.0)
     analyze.smallplot_certified_accuracy(str(tmp_path / "small"), "unused", 2.0, [analyze.Line(approx, "a", "k-")])
     assert (tmp_path / "small.pdf").read_bytes()[:5] == b"%PDF-" and not (tmp_path / "small.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper-style tables
+# ---------------------------------------------------------------------------------------------------------------
+
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+SIGMAS = ("0.12", "0.25", "0.50", "1.00")
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()[4:] if line.startswith("|")]
+
+
+def test_paper_markdown_one_method_over_sigma(cohen_logs, tmp_path):
+    """Each cell as computed straight from the files; bold = best sigma per column; the envelope row is Cohen et
+    al.'s Table 1 (CIFAR-10, r = 0.25..1.5: 60 / 43 / 32 / 23 / 17 / 14 %) with the clean accuracy of that sigma."""
+    paths = [cohen_logs / CIFAR.format(s) for s in SIGMAS]
+    out = tmp_path / "t.md"
+    analyze.main([*map(str, paths), "--style", "paper", "--format", "markdown", "--radii", "0", "1.5", "0.25",
+                  "--labels", *["Cohen"] * 4, "--envelope", "--out", str(out)])
+    md = out.read_text()
+    assert md.splitlines()[2] == "| σ | method | ACR | 0.00 | 0.25 | 0.50 | 0.75 | 1.00 | 1.25 | 1.50 |"
+    rows = _md_rows(md)
+    assert [r[:2] for r in rows] == [[s, "Cohen"] for s in SIGMAS] + [["best of σ ∈ {0.12, 0.25, 0.50, 1.00}",
+                                                                        "Cohen"]]
+    expected = [[f"{_raw_acr(p):.3f}"] + [f"{_raw_percent(p, r):.1f}" for r in RADII] for p in paths]
+    assert [[c.strip("*") for c in r[2:]] for r in rows[:4]] == expected
+    shown = np.array([[float(c.strip("*")) for c in r[2:]] for r in rows[:4]])
+    for j in range(shown.shape[1]):  # bold exactly where the column is best
+        assert [r[2 + j].startswith("**") for r in rows[:4]] == list(shown[:, j] == shown[:, j].max()), j
+    env = [c.split(" (") for c in rows[4][3:]]
+    assert rows[4][2] == "-" and [float(v) for v, _ in env] == [81.4, 60.0, 42.8, 32.0, 23.4, 17.4, 14.0]
+    clean = [round(_raw_percent(p, 0.0), 1) for p in paths]
+    assert [float(c.rstrip(")")) for _, c in env] == [clean[0], clean[1], clean[1], clean[2], clean[2], clean[3],
+                                                      clean[3]]
+
+
+def test_paper_latex_methods_grouped_by_sigma(cohen_logs, tmp_path):
+    """Two methods at sigma 0.50 (Cohen's matched model and the one trained at 1.00): bold within the group."""
+    paths = [cohen_logs / CIFAR.format("0.25"), cohen_logs / CIFAR.format("0.50"),
+             cohen_logs / "certify/cifar10/resnet110/noise_1.00/test/sigma_0.50"]
+    tex = analyze.main([*map(str, paths), "--style", "paper", "--format", "latex", "--radii", "0", "1.0", "0.5",
+                        "--labels", "matched", "matched", "train 1.00", "--out", str(tmp_path / "t.tex")])
+    text = (tmp_path / "t.tex").read_text()
+    assert r"\begin{tabular}{llcccc}" in text and text.count(r"\midrule") == 2 and r"\bottomrule" in text
+    body = [line.rstrip(" \\").split(" & ") for line in text.splitlines() if line.count(" & ") == 5][1:]
+    assert [r[:2] for r in body] == [["0.25", "matched"], ["0.50", "matched"], ["", "train 1.00"]]
+    assert body[0][2:] == ["0.429", "74.8", "42.8", "0.0"]  # alone in its group: nothing bold
+    expected = [[f"{_raw_acr(p):.3f}"] + [f"{_raw_percent(p, r):.1f}" for r in (0.0, 0.5, 1.0)] for p in paths[1:]]
+    assert body[1][2:] == [r"\textbf{" + expected[0][0] + "}", r"\textbf{65.2}", r"\textbf{41.4}", "23.4"]
+    assert body[2][2:] == expected[1][:3] + [r"\textbf{" + expected[1][3] + "}"]
+    assert list(tex.index) == [("0.25", "matched"), ("0.50", "matched"), ("0.50", "train 1.00")]
+
+
+def test_paper_sigma_sources_and_errors(cohen_logs, tmp_path):
+    log = tmp_path / "ours.tsv"
+    log.write_text((cohen_logs / CIFAR.format("0.50")).read_text())
+    assert analysis.log_sigma(cohen_logs / CIFAR.format("0.25")) == 0.25 and analysis.log_sigma(log) is None
+    (tmp_path / "ours.tsv.json").write_text('{"config": {"sigma": 0.5}}')
+    assert analysis.log_sigma(log) == 0.5
+    other = tmp_path / "other.tsv"
+    other.write_text(log.read_text())
+    with pytest.raises(UserError, match=r"no sigma known for .*other.tsv.*pass --sigmas"):
+        analyze.main([str(log), str(other), "--style", "paper"])
+    table = analyze.main([str(log), str(other), "--style", "paper", "--sigmas", "0.5", "0.25",
+                          "--radii", "0", "0", "1"])
+    assert list(table.index) == [("0.25", "other.tsv"), ("0.50", "ours.tsv")]
+    cases = [([str(log), str(log), "--labels", "a", "a"], "two logs for method 'a' at sigma 0.5"),
+             ([str(log), "--sigmas", "0.5", "1"], "--sigmas: got 2 values for 1 logs"),
+             ([str(log), "--format", "csv"], "--format latex or markdown"),
+             ([str(cohen_logs / "predict/imagenet/resnet50/noise_0.25/test/N_100"), "--sigmas", "0.25"], "PREDICT")]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            analyze.main([*argv, "--style", "paper"])
