@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
+from logs import ABSTAIN
 from utils import autocast, explicit_attention_is_faster, precision_dtype
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,8 +120,8 @@ class Smooth:
     selection and estimation samples are independent. Class counts stay on the device until one transfer per call.
     """
 
-    # to abstain, Smooth returns this int
-    ABSTAIN = -1
+    # to abstain, Smooth returns this int (logs.ABSTAIN)
+    ABSTAIN = ABSTAIN
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, precision: str = "fp32",
                  noise_block: int = NOISE_BLOCK):

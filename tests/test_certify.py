@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import certify
-from certify import HEADER
+from logs import HEADER
 from utils import UserError, run_cli, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]

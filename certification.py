@@ -1,0 +1,443 @@
+"""The library behind ``certify.py`` (and PREDICT-style CLIs): build f o D, run a per-image method over a dataset's
+selected images, write and resume Cohen-format logs, split the work over ``torchrun`` processes.
+
+A run (:func:`run`):
+
+1. read-only checks of what is on disk (:func:`check_outputs`; ``--resume`` compares the sidecar's configuration);
+2. data and models (:func:`build_base_classifier`, then the opt-in speed-ups of :mod:`fast` when asked);
+3. rank 0 writes the configuration sidecar; every rank appends rows to its own file (:func:`run_dataset`);
+4. rank 0 merges the parts into one idx-sorted log (:func:`logs.merge_parts`) and prints a summary.
+
+Image idx's noise comes from a generator seeded by (seed, idx) (:func:`core.image_generator`), so a log depends
+neither on the batch size, nor on the number of processes, nor on interruptions. What is computed per image is a
+:class:`Method` (CERTIFY: :func:`certify_method`; PREDICT: :func:`predict_method`), with its own row type.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TextIO, Type
+
+import torch
+from tqdm import tqdm
+
+from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator
+from logs import (LogRow, PredictRow, Row, existing_parts, merge_parts, open_for_append, part_path, read_done,
+                  sidecar_path)
+from utils import PRECISIONS, DistInfo, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed
+
+LOG_FORMAT = 1
+# the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one image per
+# class (skip 50 on the class-sorted validation set) with N = 10,000
+DEFAULT_N = {"cifar10": 100_000, "imagenet": 10_000, "digits": 10_000}
+DEFAULT_SKIP = {"cifar10": 1, "imagenet": 50, "digits": 1}
+# entries of the sidecar's "config" that a --resume must match (the others are informational)
+RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
+               "denoiser_ckpt", "classifier", "precision", "noise_block")
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
+FSYNC_SECONDS = 60.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    """The resolved options of a run (the flags of :func:`add_run_arguments`; see :func:`resolve_options`)."""
+
+    dataset: str
+    sigma: float
+    outfile: str
+    seed: int
+    split: str
+    skip: Optional[int]
+    max: Optional[int]
+    N0: Optional[int]  # None: the method draws no selection samples (PREDICT)
+    N: Optional[int]
+    batch_size: int
+    alpha: float
+    arch: Optional[str]
+    finetuned_path: Optional[str]
+    off_the_shelf: bool
+    classifier_ckpt: Optional[str]
+    denoiser_ckpt: Optional[str]
+    data_dir: Optional[str]
+    device: Optional[str]
+    precision: str
+    compile: bool
+    fast: bool
+    noise_block: int
+    resume: bool
+    overwrite: bool
+    no_progress: bool
+    # filled by resolve_options
+    no_denoiser: bool = False
+    classifier: Optional[str] = None
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "RunOptions":
+        """The options from a parsed command line (flags a CLI does not define are None)."""
+        return cls(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls) if f.default is
+                      dataclasses.MISSING})
+
+    @property
+    def use_fast(self) -> bool:
+        """Whether the run takes the opt-in fast path (:mod:`fast`): asked with --fast, implied by a reduced
+        precision or --compile."""
+        return bool(self.fast or self.compile or self.precision != "fp32")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every certification-style CLI shares (model, data, noise, precision, output, resume)."""
+    p.add_argument("--dataset", required=True, help="cifar10, imagenet or digits")
+    p.add_argument("--sigma", type=float, required=True, help="noise level sigma of the smoothed classifier")
+    p.add_argument("--outfile", required=True, help="the log to write (with <outfile>.json, its configuration)")
+    p.add_argument("--seed", type=int, default=0, help="image idx's noise is seeded by (seed, idx)")
+    p.add_argument("--split", default="test", help="dataset split (default test)")
+    p.add_argument("--skip", type=int, default=None, help="use every skip-th image (default: 1; imagenet 50)")
+    p.add_argument("--max_images", "--max", dest="max", type=int, default=None,
+                   help="use at most this many images (the first ones); under torchrun write --max_images "
+                        "(torchrun's own parser takes --max for an abbreviation of its --max-restarts)")
+    p.add_argument("--N", type=int, default=None,
+                   help="estimation samples (default: cifar10 100000, imagenet 10000, digits 10000)")
+    p.add_argument("--batch_size", type=int, default=1000, help="base-classifier batch (does not change the log)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--arch", default=None, help="classifier architecture (default: cifar10_vit_base, "
+                                                "imagenet_vit_base or digits_vit_tiny) or any timm model name")
+    p.add_argument("--finetuned_path", default=None, help="a train.py checkpoint (takes precedence over "
+                                                          "--classifier_ckpt)")
+    p.add_argument("--off-the-shelf", dest="off_the_shelf", action="store_true",
+                   help="use the off-the-shelf classifier (--classifier_ckpt, else pretrained weights); the "
+                        "default when --finetuned_path is not given")
+    p.add_argument("--classifier_ckpt", default=None,
+                   help="off-the-shelf classifier weights (timm/HF/train.py file); default: pretrained")
+    p.add_argument("--denoiser_ckpt", default=None,
+                   help="diffusion checkpoint (default models/<official file>); 'none' = no denoiser (plain "
+                        "Gaussian smoothing of the classifier)")
+    p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast of f o D (fp32 is exact); bf16/fp16 take the fast path (see --fast)")
+    p.add_argument("--fast", action="store_true",
+                   help="the opt-in inference speed-ups of fast.py (class-token shortcut, and with bf16/fp16 "
+                        "weights stored in that dtype, channels_last UNet); implied by --precision bf16/fp16 "
+                        "and --compile")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the classifier (each batch size compiles once, tens of seconds; "
+                        "worth it for N in the thousands; see README, Performance)")
+    p.add_argument("--noise_block", type=int, default=NOISE_BLOCK,
+                   help=f"noise samples per seeded block (default {NOISE_BLOCK}; part of the configuration)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted log of the same configuration")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing log")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_options(opts: RunOptions) -> RunOptions:
+    """Fill dataset-dependent defaults and reject bad values (nothing is read or written yet); returns ``opts``."""
+    from datasets import DATASETS, DEFAULT_ARCH
+
+    if opts.dataset not in DATASETS:
+        raise UserError(f"--dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
+    opts.N = DEFAULT_N.get(opts.dataset, 100_000) if opts.N is None else opts.N
+    opts.skip = DEFAULT_SKIP.get(opts.dataset, 1) if opts.skip is None else opts.skip
+    opts.arch = DEFAULT_ARCH[opts.dataset] if opts.arch is None else opts.arch
+    if not (math.isfinite(opts.sigma) and opts.sigma > 0):
+        raise UserError(f"--sigma {opts.sigma}: must be > 0")
+    if not 0 < opts.alpha < 1:
+        raise UserError(f"--alpha {opts.alpha}: must lie in (0, 1)")
+    for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
+        if getattr(opts, flag) is not None and getattr(opts, flag) <= 0:
+            raise UserError(f"--{flag} {getattr(opts, flag)}: must be a positive integer")
+    if opts.seed < 0:
+        raise UserError(f"--seed {opts.seed}: must be >= 0")
+    if opts.max is not None and opts.max < 0:
+        raise UserError(f"--max_images {opts.max}: must be >= 0")
+    if opts.resume and opts.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if opts.finetuned_path and opts.off_the_shelf:
+        raise UserError("--finetuned_path and --off-the-shelf contradict each other; pick one")
+    opts.no_denoiser = opts.denoiser_ckpt is not None and opts.denoiser_ckpt.lower() == "none"
+    if opts.no_denoiser:
+        opts.denoiser_ckpt = None
+    else:
+        from denoiser import default_checkpoint_path
+        opts.denoiser_ckpt = opts.denoiser_ckpt or str(default_checkpoint_path(opts.dataset))
+    opts.classifier = opts.finetuned_path or opts.classifier_ckpt
+    # (a missing --denoiser_ckpt is reported by denoiser.load_denoiser, with where to download it)
+    for flag, path in (("--finetuned_path", opts.finetuned_path), ("--classifier_ckpt", opts.classifier_ckpt)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{flag} {path}: no such file")
+    if Path(opts.outfile).is_dir():
+        raise UserError(f"--outfile {opts.outfile}: is a directory; name a file")
+    return opts
+
+
+def run_config(opts: RunOptions) -> dict[str, Any]:
+    """What determines a log's rows (:data:`RESUME_KEYS`) plus information about the run."""
+    return {
+        "format": LOG_FORMAT, "dataset": opts.dataset, "split": opts.split, "sigma": opts.sigma, "N0": opts.N0,
+        "N": opts.N, "alpha": opts.alpha, "seed": opts.seed, "skip": opts.skip, "arch": opts.arch,
+        "denoiser": None if opts.no_denoiser else opts.dataset,
+        "denoiser_ckpt": None if opts.no_denoiser else Path(opts.denoiser_ckpt).name,
+        "classifier": Path(opts.classifier).name if opts.classifier else "pretrained",
+        "precision": opts.precision, "noise_block": opts.noise_block,
+        # informational
+        "max": opts.max, "finetuned": bool(opts.finetuned_path),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-image methods and the loop over a dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a run computes for one image and how the result becomes a log row.
+
+    ``compute(x, generator)`` returns the result for image x whose noise comes from ``generator``; ``to_row(idx,
+    label, result, seconds)`` the row of type ``row_type``.
+    """
+
+    row_type: Type[LogRow]
+    compute: Callable[[torch.Tensor, torch.Generator], Any]
+    to_row: Callable[[int, int, Any, float], LogRow]
+
+
+def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: int) -> Method:
+    """Cohen et al.'s CERTIFY (:meth:`core.Smooth.certify`): rows ``idx label predict radius correct time``."""
+    def compute(x: torch.Tensor, generator: torch.Generator) -> tuple[int, float]:
+        return smoothed.certify(x, n0, n, alpha, batch_size, generator=generator)
+
+    def to_row(idx: int, label: int, result: tuple[int, float], seconds: float) -> Row:
+        prediction, radius = result
+        return Row(idx, label, int(prediction), float(radius), int(prediction == label), seconds)
+
+    return Method(Row, compute, to_row)
+
+
+def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> Method:
+    """Cohen et al.'s PREDICT (:meth:`core.Smooth.predict`): rows ``idx label predict correct time``."""
+    def compute(x: torch.Tensor, generator: torch.Generator) -> int:
+        return smoothed.predict(x, n, alpha, batch_size, generator=generator)
+
+    def to_row(idx: int, label: int, prediction: int, seconds: float) -> PredictRow:
+        return PredictRow(idx, label, int(prediction), int(prediction == label), seconds)
+
+    return Method(PredictRow, compute, to_row)
+
+
+def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextIO, seed: int, device: torch.device,
+                progress: bool = True, done: Sequence[LogRow] = ()) -> list[LogRow]:
+    """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to ``log`` as soon as it is
+    known (fsync at least every :data:`FSYNC_SECONDS`).
+
+    Image idx's noise is seeded by (seed, idx) (:func:`core.image_generator`), so a row does not depend on which
+    process computes it, in which order, or with which batch size. ``done`` (rows written earlier) only feeds the
+    progress bar's running figures. Returns the new rows.
+    """
+    rows: list[LogRow] = []
+    last_sync = time.monotonic()
+    bar = tqdm(indices, disable=not progress, unit="img", dynamic_ncols=True, file=sys.stderr)
+    for idx in bar:
+        x, label = dataset[idx]
+        x, label = x.to(device), int(label)
+        t0 = time.perf_counter()
+        result = method.compute(x, image_generator(seed, idx))
+        row = method.to_row(int(idx), label, result, time.perf_counter() - t0)
+        log.write(row.line())
+        log.flush()
+        if time.monotonic() - last_sync > FSYNC_SECONDS:
+            os.fsync(log.fileno())
+            last_sync = time.monotonic()
+        rows.append(row)
+        if progress:
+            bar.set_postfix(_running_figures([*done, *rows]), refresh=False)
+    return rows
+
+
+def _running_figures(rows: Sequence[LogRow]) -> dict[str, str]:
+    """The progress bar's accuracy (and average certified radius, for CERTIFY rows) so far."""
+    figures = {"acc": f"{sum(r.correct for r in rows) / len(rows):.3f}"}  # type: ignore[attr-defined]
+    if hasattr(rows[-1], "radius"):
+        figures["acr"] = f"{sum(r.radius * r.correct for r in rows) / len(rows):.3f}"  # type: ignore[attr-defined]
+    return figures
+
+
+def certify_dataset(smoothed: Smooth, dataset: Any, indices: Sequence[int], log: TextIO, n0: int, n: int,
+                    alpha: float, batch_size: int, seed: int, device: torch.device, progress: bool = True,
+                    done: Sequence[Row] = ()) -> list[Row]:
+    """CERTIFY every ``dataset[idx]`` for idx in ``indices`` (:func:`run_dataset` with :func:`certify_method`)."""
+    return run_dataset(certify_method(smoothed, n0, n, alpha, batch_size), dataset, indices, log, seed, device,
+                       progress, done)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str], denoiser_ckpt: Optional[str],
+                          sigma: float, num_classes: int, device: torch.device) -> DenoisedClassifier:
+    """f o D: the classifier ``arch`` (weights from ``classifier_ckpt``, else pretrained) after the denoiser of
+    config ``dataset`` (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing)."""
+    from classifier import get_architecture
+    from denoiser import load_denoiser
+
+    denoiser = None if denoiser_ckpt is None else load_denoiser(dataset, denoiser_ckpt, device=device)
+    classifier = get_architecture(arch, num_classes=num_classes, pretrained=classifier_ckpt is None,
+                                  checkpoint=classifier_ckpt, device=device)
+    return DenoisedClassifier(denoiser, classifier, sigma).to(device).eval()
+
+
+def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
+    """The smoothed classifier of a run: f o D, sped up by :mod:`fast` when the options ask for it."""
+    from datasets import get_num_classes
+
+    num_classes = get_num_classes(opts.dataset)
+    model = build_base_classifier(opts.dataset, opts.arch, opts.classifier, opts.denoiser_ckpt, opts.sigma,
+                                  num_classes, device)
+    if opts.use_fast:
+        from core import compile_for_inference_, prepare_inference_
+        prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
+        if opts.compile:
+            compile_for_inference_(model)
+    return Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs: checks, sidecar, resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS) -> None:
+    """Refuse to continue a log whose recorded configuration differs from this run's."""
+    side = sidecar_path(outfile)
+    if not side.is_file():
+        raise UserError(f"--resume: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
+                        "against this run; use another --outfile (or --overwrite to replace it)")
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--resume: {side} is not a configuration file of this kind; use another --outfile"
+                        ) from None
+    diff = [f"{k}={recorded.get(k)!r} (now {config[k]!r})" for k in resume_keys if recorded.get(k) != config[k]]
+    if diff:
+        raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
+                        "rerun with the recorded flags, or use another --outfile or --overwrite")
+
+
+def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool,
+                  row_type: Type[LogRow] = Row) -> tuple[list[Path], dict[int, LogRow]]:
+    """Read-only checks before anything is written: (existing output files, rows already done).
+
+    An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
+    """
+    existing = [p for p in [outfile, sidecar_path(outfile)] + existing_parts(outfile) if p.exists()]
+    if existing and not (resume or overwrite):
+        raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
+                        "--overwrite to replace it")
+    if resume and existing:
+        check_resume(outfile, config)
+    return existing, (read_done(outfile, row_type) if resume else {})
+
+
+def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any],
+                    info: dict[str, Any]) -> None:
+    """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent."""
+    if overwrite:
+        for path in existing:
+            path.unlink()
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    side = sidecar_path(outfile)
+    if not side.is_file():
+        atomic_write_text(side, json.dumps({"config": config, "info": info}, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfile: Path, done: dict[int, LogRow],
+              seed: int, dist_info: DistInfo, progress: bool) -> Optional[list[LogRow]]:
+    """Every rank computes every W-th image not yet done into its own part (the log itself with one process);
+    rank 0 then merges the parts into one idx-sorted log and returns its rows (None on the other ranks)."""
+    todo = [i for i in indices if i not in done][dist_info.rank::dist_info.world_size]
+    target = outfile if dist_info.world_size == 1 else part_path(outfile, dist_info.rank)
+    if dist_info.is_main and done:
+        print(f"resuming {outfile}: {sum(i in done for i in indices)} of {len(indices)} images already done",
+              file=sys.stderr)
+    with open_for_append(target, method.row_type) as log:
+        run_dataset(method, dataset, todo, log, seed, dist_info.device, progress=dist_info.is_main and progress,
+                    done=[done[i] for i in indices if i in done])
+        os.fsync(log.fileno())
+    barrier()
+    return merge_parts(outfile, method.row_type) if dist_info.is_main else None
+
+
+def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float) -> str:
+    """Certified accuracy at :data:`RADII`, ACR, abstentions and time of a merged CERTIFY log (accuracy,
+    abstentions and time of a PREDICT log)."""
+    import analysis
+    from logs import ABSTAIN, read_log
+
+    df = read_log(outfile)
+    certify = df.attrs["kind"] == "certify"
+    total = float(df["time"].sum())
+    lines = [f"{outfile}: {len(df)} images, sigma={config['sigma']}, N0={config['N0']}, N={config['N']}, "
+             f"alpha={config['alpha']} ({num_new} {'certified' if certify else 'predicted'} in this run, "
+             f"{wall:.1f} s)"]
+    if certify:
+        acc = analysis.certified_accuracy(df, RADII)
+        lines.append("  certified accuracy  " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(RADII, acc)))
+        head = f"  ACR {analysis.acr(df):.4f}"
+    else:
+        head = f"  accuracy {analysis.clean_accuracy(df):.3f}"
+    lines.append(f"{head}, abstentions {int((df['predict'] == ABSTAIN).sum())} ({analysis.abstention_rate(df):.1%}), "
+                 f"{'certification' if certify else 'prediction'} time {total:.1f} s ({total / len(df):.3f} s/image)")
+    return "\n".join(lines)
+
+
+def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth, RunOptions], Method],
+        argv: Sequence[str]) -> Optional[list[LogRow]]:
+    """A whole run (see the module docstring) with resolved ``opts``; returns the merged log's rows on rank 0 (None
+    on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``) for the smoothed
+    classifier; ``argv`` is recorded in the sidecar."""
+    config = run_config(opts)
+    outfile = Path(opts.outfile)
+    existing, done = check_outputs(outfile, config, opts.resume, opts.overwrite, row_type)
+    dist_info = init_distributed(opts.device)
+    try:
+        from datasets import certification_indices, get_dataset
+        dataset = get_dataset(opts.dataset, opts.split, data_dir=opts.data_dir)
+        indices = certification_indices(dataset, opts.skip, opts.max)
+        method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
+        barrier()
+        if dist_info.is_main:
+            info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
+                    "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
+                    "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            prepare_outputs(outfile, existing, opts.overwrite, config, info)
+        barrier()
+        start = time.perf_counter()
+        rows = run_parts(method, dataset, indices, outfile, done, opts.seed, dist_info, not opts.no_progress)
+        if rows is None:
+            return None
+        if rows:
+            print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
+        else:
+            print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
+        return rows
+    finally:
+        cleanup_distributed()
