@@ -19,6 +19,7 @@ The command line is ``analyze.py``; this module is its library (importable witho
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
