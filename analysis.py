@@ -721,3 +721,101 @@ def format_paper_latex(table: pd.DataFrame) -> str:
         out.append(f"{latex_escape(group)} & {latex_escape(method)} & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training curves from train.py's text logs (analyze.py --train RUN_DIR)
+# ---------------------------------------------------------------------------------------------------------------
+# train.py writes RUN_DIR/log_steps.txt (one row per logged optimizer step) and RUN_DIR/log.txt (one row per
+# epoch), tab-separated with a header. Every numeric column is plotted against the optimizer step: the per-step
+# values as lines, the per-epoch values as dots at the epoch's last step, one panel per quantity.
+
+TRAIN_LOGS = ("log_steps.txt", "log.txt")
+# panel title -> what a column name contains to go there (first match wins); other columns get a panel each
+TRAIN_PANELS = {"loss and its parts": ("loss", "sce", "madv"), "accuracy": ("acc",), "masked-in share": ("masked",),
+                "learning rate": ("lr",), "weight decay": ("wd",)}
+_NOT_PLOTTED = ("step", "epoch", "time")
+
+
+def read_training_log(path: str | Path) -> pd.DataFrame:
+    """A tab-separated training log with a header (train.py's ``log.txt`` / ``log_steps.txt``) as numbers.
+
+    An incomplete last line (a run killed while writing) is dropped; any other malformed line, a missing ``step``
+    column or no rows is a :class:`UserError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    # the text after the last newline is not a complete line
+    complete = [line.rstrip("\r") for line in path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]]
+    if not complete or "step" not in complete[0].split("\t"):
+        raise UserError(f"{path}: not a train.py log (the first line has no 'step' column)")
+    names = complete[0].split("\t")
+    rows = []
+    for num, line in enumerate(complete[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            if len(fields) != len(names):
+                raise ValueError(f"{len(fields)} fields, the header has {len(names)}")
+            rows.append([float(f) for f in fields])
+        except ValueError as err:
+            raise UserError(f"{path}: line {num} is malformed ({err}): {line[:80]!r}") from None
+    if not rows:
+        raise UserError(f"{path}: no rows after the header")
+    return pd.DataFrame(rows, columns=names)
+
+
+def training_panels(columns: Sequence[str]) -> dict[str, list[str]]:
+    """Which columns go in which panel (:data:`TRAIN_PANELS`; unknown columns one panel each, in order)."""
+    panels: dict[str, list[str]] = {}
+    for col in columns:
+        if col in _NOT_PLOTTED:
+            continue
+        title = next((t for t, keys in TRAIN_PANELS.items() if any(k in col for k in keys)), col)
+        panels.setdefault(title, []).append(col)
+    return panels
+
+
+def plot_training_curves(run_dir: str | Path, outputs: Sequence[str | Path]) -> dict[str, list[str]]:
+    """Plot the training curves of a train.py run folder to each of ``outputs`` (PNG or PDF by suffix).
+
+    Args:
+        run_dir: the run's ``--outdir`` (holds ``log_steps.txt`` and/or ``log.txt``).
+        outputs: the files to write.
+
+    Returns:
+        panel title -> the columns drawn in it (as ``"log_steps.txt:loss"``).
+    """
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    logs = {name: read_training_log(run_dir / name) for name in TRAIN_LOGS if (run_dir / name).is_file()}
+    if not logs:
+        raise UserError(f"--train {run_dir}: no {' or '.join(TRAIN_LOGS)} in it (is it a train.py --outdir?)")
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for name, df in logs.items():
+        for title, cols in training_panels(df.columns).items():
+            panels.setdefault(title, []).extend((name, c) for c in cols if df[c].notna().any())
+    order = [*TRAIN_PANELS, *(t for t in panels if t not in TRAIN_PANELS)]
+    panels = {t: panels[t] for t in order if panels.get(t)}
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(6.0 * ncols, 3.2 * nrows))
+    for k, (title, series) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for name, col in series:
+            df = logs[name]
+            style = dict(marker="o", linestyle="--") if name == "log.txt" else dict(linewidth=1.2)
+            ax.plot(df["step"], df[col], label=f"{col} ({'per epoch' if name == 'log.txt' else 'per step'})",
+                    **style)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"training curves: {run_dir}")
+    fig.tight_layout()
+    for out in outputs:
+        fig.savefig(check_plot_path(out), dpi=120)
+    return {t: [f"{name}:{col}" for name, col in v] for t, v in panels.items()}

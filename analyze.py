@@ -2,6 +2,8 @@
 
     python analyze.py LOG [LOG ...] [--labels ...] [--radii START STOP STEP] [--format table|markdown|latex|csv]
                       [--out FILE] [--plot FILE.png|FILE.pdf] [--envelope] [--high-prob ALPHA RHO]
+                      [--style paper [--sigmas S ...]]
+    python analyze.py --train RUN_DIR [--plot FILE.png|FILE.pdf]      # training curves from train.py's text logs
 
 The library is :mod:`analysis`. Scripts written against Cohen et al.'s ``analyze.py`` keep working:
 ``from analyze import ApproximateAccuracy, Line, plot_certified_accuracy, ...`` gets the names re-exported here.
@@ -21,8 +23,8 @@ from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighPr
                       check_outputs_are_not_inputs, check_plot_path, default_labels, default_radii, expand_logs,
                       format_paper_latex, format_paper_markdown, latex_table_certified_accuracy,
                       latex_table_certified_accuracy_acr, log_sigma, markdown_table_certified_accuracy, paper_table,
-                      plot_certified_accuracy, plot_curves, radius_grid, read_log, smallplot_certified_accuracy,
-                      summary_table)
+                      plot_certified_accuracy, plot_curves, plot_training_curves, radius_grid, read_log,
+                      smallplot_certified_accuracy, summary_table)
 from utils import UserError, run_cli
 
 # Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py
@@ -49,6 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style", choices=("plain", "paper"), default="plain",
                         help="paper: rows grouped by sigma, ACR first, accuracy in percent with one decimal, best in "
                              "bold (--format latex or markdown); with --envelope the best of sigma per method")
+    parser.add_argument("--train", metavar="RUN_DIR",
+                        help="instead of logs: plot the training curves of a train.py run folder (its log_steps.txt "
+                             "and log.txt) to RUN_DIR/training_curves.png and .pdf, or to --plot FILE")
     parser.add_argument("--sigmas", nargs="+", type=float,
                         help="with --style paper: the sigma of each log (default: from <log>.json or a sigma_<s> "
                              "path component)")
@@ -90,8 +95,22 @@ def _paper_text(args: argparse.Namespace, paths: list[Path], dfs: list[pd.DataFr
     return table, (format_paper_latex if args.format == "latex" else format_paper_markdown)(table)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def _train_curves(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--train RUN_DIR: the training curves from train.py's text logs."""
+    if args.logs:
+        raise UserError(f"--train {args.train}: plots one run folder; give no logs with it (got {args.logs[0]})")
+    outputs = [check_plot_path(args.plot)] if args.plot else [Path(args.train) / f"training_curves{suffix}"
+                                                              for suffix in (".png", ".pdf")]
+    panels = plot_training_curves(args.train, outputs)
+    for out in outputs:
+        print(f"wrote {out} ({', '.join(panels)})", file=sys.stderr)
+    return panels
+
+
+def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame | dict[str, list[str]]:
     args = get_parser().parse_args(argv)
+    if args.train:
+        return _train_curves(args)
     if not args.logs:
         raise UserError("give the logs to analyze (files or directories)")
     paths = expand_logs(args.logs)

@@ -189,3 +189,51 @@ def test_paper_sigma_sources_and_errors(cohen_logs, tmp_path):
     for argv, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
             analyze.main([*argv, "--style", "paper"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training curves (analyze.py --train)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_train_curves_of_a_tiny_digits_run(tmp_path):
+    """A 4-step train.py run on digits: its step and epoch logs plotted, one panel per quantity."""
+    import train
+
+    run = tmp_path / "run"
+    train.main(["--dataset", "digits", "--denoiser_ckpt", str(REPO / "models/digits_denoiser.pt"),
+                "--classifier_ckpt", str(REPO / "models/digits_vit_tiny.pt"), "--device", "cpu", "--batch", "8",
+                "--num_noises", "2", "--workers", "0", "--log_every", "1", "--test_per_class", "1",
+                "--train_noise_sd", "0.25", "--epochs", "1", "--max_steps", "4", "--no_progress", "--outdir", str(run)])
+    panels = analyze.main(["--train", str(run)])
+    assert list(panels)[:4] == ["loss and its parts", "accuracy", "masked-in share", "learning rate"]
+    assert {"log_steps.txt:loss", "log_steps.txt:sce", "log_steps.txt:madv", "log.txt:train_loss"} <= set(
+        panels["loss and its parts"])
+    assert {"log_steps.txt:acc", "log.txt:train_acc", "log.txt:test_acc"} <= set(panels["accuracy"])
+    assert "log_steps.txt:masked_in" in panels["masked-in share"]
+    assert not any(c.endswith((":step", ":epoch", ":time")) for cols in panels.values() for c in cols)
+    assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "training_curves.pdf").read_bytes()[:5] == b"%PDF-"
+    steps = analysis.read_training_log(run / "log_steps.txt")
+    assert list(steps["step"]) == [1, 2, 3, 4] and steps["loss"].notna().all()
+
+
+def test_train_curves_written_logs_and_errors(tmp_path):
+    """New columns get their own panel; a half-written last line is dropped; bad input is one clear error."""
+    (tmp_path / "log_steps.txt").write_text("step\tepoch\tlr\tloss\tgrad_norm\timages_per_s\n"
+                                            "10\t1\t0.001\t2.3\t1.5\t120\n20\t1\t0.002\t2.1\t1.2\t125\n30\t1\t0.0")
+    out = tmp_path / "curves.pdf"
+    panels = analyze.main(["--train", str(tmp_path), "--plot", str(out)])
+    assert panels == {"loss and its parts": ["log_steps.txt:loss"], "learning rate": ["log_steps.txt:lr"],
+                      "grad_norm": ["log_steps.txt:grad_norm"], "images_per_s": ["log_steps.txt:images_per_s"]}
+    assert out.read_bytes()[:5] == b"%PDF-" and not (tmp_path / "training_curves.png").exists()
+    assert len(analysis.read_training_log(tmp_path / "log_steps.txt")) == 2
+    (tmp_path / "log.txt").write_text("epoch\tstep\tloss\n1\t20\tx\n")
+    cases = [(["--train", str(tmp_path)], "log.txt: line 2 is malformed"),
+             (["--train", str(tmp_path / "empty")], "no log_steps.txt or log.txt"),
+             (["--train", str(tmp_path), "x.tsv"], "give no logs with it"),
+             ([], "give the logs to analyze")]
+    (tmp_path / "empty").mkdir()
+    for argv, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            analyze.main(argv)
