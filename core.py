@@ -8,12 +8,15 @@ The two halves of this module:
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
@@ -110,6 +113,128 @@ def image_generator(seed: int, idx: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, idx]).generate_state(1, np.uint64)[0]))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sequential CERTIFY: an anytime-valid lower confidence sequence for pA over pre-set checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+# The plan measured best on Cohen's CIFAR-10 logs (scripts/sequential_savings.py, docs/SEQUENTIAL.md): checkpoints
+# n_1 = 100, n_{k+1} = ceil(1.25 n_k) up to n_max; half of alpha on n_max, the other half split evenly over the
+# earlier checkpoints; futility judged with a level-0.01 upper bound.
+SEQUENTIAL_FIRST = 100
+SEQUENTIAL_RATIO = 1.25
+SEQUENTIAL_FINAL_SHARE = 0.5
+FUTILITY_ALPHA = 0.01
+
+
+def clopper_pearson_lower(nA: np.ndarray | float, n: int, alpha: float | np.ndarray) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from nA successes of n: Beta^-1(alpha; nA, n - nA + 1).
+
+    Vectorized over ``nA`` (which may be fractional, for projections); 0 where nA = 0. Equals
+    ``proportion_confint(nA, n, alpha=2*alpha, method="beta")[0]`` (Cohen's CERTIFY bound).
+    """
+    nA = np.asarray(nA, dtype=float)
+    return np.where(nA > 0, beta_dist.ppf(alpha, np.maximum(nA, 1e-300), n - nA + 1), 0.0)
+
+
+def clopper_pearson_upper(nA: np.ndarray | float, n: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on p from nA of n: Beta^-1(1 - alpha; nA + 1, n - nA)."""
+    return 1.0 - clopper_pearson_lower(n - np.asarray(nA, dtype=float), n, alpha)
+
+
+def checkpoint_schedule(n_max: int, first: int = SEQUENTIAL_FIRST, ratio: float = SEQUENTIAL_RATIO) -> list[int]:
+    """Sample counts n_1 = min(first, n_max) < n_2 < ... < n_K = n_max with n_{k+1} = min(ceil(ratio n_k), n_max)."""
+    checkpoints = [min(first, n_max)]
+    while checkpoints[-1] < n_max:
+        checkpoints.append(min(n_max, max(checkpoints[-1] + 1, math.ceil(checkpoints[-1] * ratio))))
+    return checkpoints
+
+
+# the radii of the paper's certified-accuracy tables (Cohen et al. 2019; FT-CADIS, TMLR 2024)
+PAPER_TABLE_RADII = {"cifar10": (0.25, 0.5, 0.75, 1.0), "imagenet": (0.5, 1.0, 1.5, 2.0, 3.0),
+                     "digits": (0.25, 0.5, 0.75, 1.0)}
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """sigma * Phi^-1(alpha^(1/n)): the radius of nA = n, the largest that n samples at level alpha can certify."""
+    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
+
+
+def default_sequential_radii(dataset: str, sigma: float, n_max: int, alpha: float) -> list[float]:
+    """0 and the paper's table radii of ``dataset`` up to the largest radius sequential CERTIFY can certify with
+    n_max samples (at n_max it spends alpha_K = SEQUENTIAL_FINAL_SHARE * alpha)."""
+    largest = max_certifiable_radius(sigma, n_max, SEQUENTIAL_FINAL_SHARE * alpha)
+    return [0.0] + [r for r in PAPER_TABLE_RADII.get(dataset, PAPER_TABLE_RADII["cifar10"]) if r <= largest]
+
+
+@dataclass(frozen=True)
+class SequentialPlan:
+    """What sequential CERTIFY decides with: checkpoints n_k, their levels alpha_k (sum_k alpha_k = alpha), the pA
+    thresholds Phi(r / sigma) of the requested radii (radius 0 -> 1/2), and the futility level."""
+
+    checkpoints: tuple[int, ...]
+    alphas: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    futility_alpha: float = FUTILITY_ALPHA
+
+    @property
+    def n_max(self) -> int:
+        return self.checkpoints[-1]
+
+
+def sequential_plan(n_max: int, alpha: float, radii: Sequence[float], sigma: float,
+                    first: int = SEQUENTIAL_FIRST, ratio: float = SEQUENTIAL_RATIO,
+                    final_share: float = SEQUENTIAL_FINAL_SHARE, futility_alpha: float = FUTILITY_ALPHA
+                    ) -> SequentialPlan:
+    """The union-bound plan: alpha_K = final_share * alpha at n_K = n_max, (1 - final_share) * alpha / (K - 1) at
+    each earlier checkpoint (all of alpha at n_max when K = 1).
+
+    Args:
+        n_max: the most estimation samples (the last checkpoint).
+        alpha: the failure probability of the whole sequence.
+        radii: the requested radii (>= 0); each gives the threshold pA > Phi(r / sigma).
+        sigma: the noise level.
+        first, ratio: the checkpoint schedule (:func:`checkpoint_schedule`).
+        final_share: the part of alpha spent at n_max.
+        futility_alpha: level of the upper bound that decides futility stops (never affects validity).
+    """
+    if not radii or min(radii) < 0:
+        raise ValueError(f"radii must be a non-empty list of radii >= 0, got {list(radii)}")
+    checkpoints = checkpoint_schedule(n_max, first, ratio)
+    K = len(checkpoints)
+    alphas = [alpha] if K == 1 else [(1 - final_share) * alpha / (K - 1)] * (K - 1) + [final_share * alpha]
+    thresholds = sorted({float(norm.cdf(r / sigma)) for r in radii})
+    return SequentialPlan(tuple(checkpoints), tuple(alphas), tuple(thresholds), futility_alpha)
+
+
+def sequential_step(plan: SequentialPlan, k: int, nA: np.ndarray, lower_so_far: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One checkpoint of sequential CERTIFY, vectorized over images: ``(pABar, stop)`` after nA successes of n_k.
+
+    pABar_k = max(pABar_{k-1}, CP_lower(nA, n_k, alpha_k)) (the running maximum: still inside the union bound).
+    Stop when pABar_k certifies the largest threshold, at n_max, or when even an optimistic continuation cannot
+    certify the next threshold t above pABar_k: with U = CP_upper(nA, n_k, futility_alpha), the projected count
+    nA + U (n_max - n_k) at n_max would still give CP_lower(., n_max, alpha_K) < t. That includes U < t, i.e.
+    pA > t is implausible; with t = 1/2, abstention. Only the stopping time depends on U; validity does not.
+    """
+    n = plan.checkpoints[k]
+    lower = np.maximum(lower_so_far, clopper_pearson_lower(nA, n, plan.alphas[k]))
+    if k == len(plan.checkpoints) - 1:
+        return lower, np.ones_like(lower, dtype=bool)
+    thresholds = np.asarray(plan.thresholds)
+    above = lower[:, None] < thresholds[None, :]
+    next_threshold = np.where(above.any(1), thresholds[above.argmax(1)], np.inf)
+    upper = clopper_pearson_upper(nA, n, plan.futility_alpha)
+    projected = clopper_pearson_lower(nA + upper * (plan.n_max - n), plan.n_max, plan.alphas[-1])
+    return lower, ~above.any(1) | (projected < next_threshold)
+
+
+def radius_from_bound(pABar: float, sigma: float) -> tuple[bool, float]:
+    """(certified, R): R = sigma Phi^-1(pABar) when pABar >= 1/2 (Cohen et al. Theorem 1), else (False, 0.0)."""
+    if pABar < 0.5:
+        return False, 0.0
+    return True, float(sigma * norm.ppf(pABar))
+
+
 class Smooth:
     """A smoothed classifier g(x) = argmax_c P[f(x + delta) = c], delta ~ N(0, sigma^2 I) (Cohen et al. 2019).
 
@@ -117,7 +242,8 @@ class Smooth:
     autocasts the base classifier). Each call draws one key from ``generator`` (default: torch's global RNG); block b
     of ``noise_block`` samples of phase p then comes from its own generator seeded by (key, p, b). The samples are thus
     a function of the generator's state, n0, n and ``noise_block`` only, not of ``batch_size``, and CERTIFY's
-    selection and estimation samples are independent. Class counts stay on the device until one transfer per call.
+    selection and estimation samples are independent. Class counts stay on the device until the selection guess
+    and the estimation counts are read (sequential CERTIFY: the counts at each checkpoint).
     """
 
     # to abstain, Smooth returns this int (logs.ABSTAIN)
@@ -160,18 +286,106 @@ class Smooth:
         :return: (predicted class cAHat, certified radius); on abstention (pABar < 0.5) the class is ABSTAIN and the
                  radius 0.0
         """
+        prediction, radius, _ = self.certify_heads(x, n0, n, alpha, batch_size, generator=generator)[0]
+        return prediction, radius
+
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+                           radii: Sequence[float], generator: Optional[torch.Generator] = None
+                           ) -> tuple[int, float, int]:
+        """Sequential CERTIFY: Cohen's selection, then estimation that stops as soon as the requested radii are decided.
+
+        Selection as in :meth:`certify` (cAHat from n0 separate samples). Estimation draws the fresh samples in
+        growing batches up to the checkpoints n_1 < ... < n_K = n_max of :func:`sequential_plan` and keeps the lower
+        confidence sequence pABar_k = max_{j <= k} CP_lower(nA_j, n_j, alpha_j), with sum_j alpha_j = alpha. It stops
+        (:func:`sequential_step`) once pABar_k certifies the largest of ``radii``, or once even an optimistic
+        continuation to n_max could not certify the next requested radius (radius 0: pA > 1/2), or at n_max, and
+        returns R = sigma * Phi^-1(pABar at the stop), abstaining below 1/2.
+
+        Guarantee: with probability at least 1 - alpha, the returned class (when not ABSTAIN) equals g(x) and g is
+        constant on the L2 ball of radius R, as for :meth:`certify`. Why it survives optional stopping: by the union
+        bound, P[exists k: CP_lower(nA_k, n_k, alpha_k) > pA] <= sum_k alpha_k = alpha, so the whole sequence
+        (pABar_k)_k lies below pA simultaneously for all k with probability >= 1 - alpha. The stopping time, whatever
+        rule chose it (here one looking at the counts only, never at the label), is one of the k, so pABar at the
+        stop lies below pA on that same event. The samples behind all checkpoints are one prefix of the estimation
+        stream, cut from fixed seeded noise blocks: the result does not depend on ``batch_size``.
+
+        Args:
+            x: the input [C x H x W] in [0, 1], on the base classifier's device.
+            n0: selection samples.
+            n_max: the most estimation samples.
+            alpha: the failure probability.
+            batch_size: base-classifier batch (does not change the result).
+            radii: the requested radii (>= 0), e.g. a paper table's (include 0 to decide abstentions early).
+            generator: CPU generator from which this call's noise is seeded (default: torch's global RNG).
+
+        Returns:
+            (cAHat or ABSTAIN, radius, estimation samples used).
+        """
+        return self.certify_heads(x, n0, n_max, alpha, batch_size, radii=radii, generator=generator)[0]
+
+    def certify_heads(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                      radii: Optional[Sequence[float]] = None, generator: Optional[torch.Generator] = None,
+                      label: Optional[int] = None) -> list[tuple[int, float, int]]:
+        """CERTIFY (``radii`` None, n estimation samples) or sequential CERTIFY (n = n_max) of every head at once.
+
+        A base classifier with logits [B x K x num_classes] is K base classifiers sharing each noise sample (e.g. one
+        denoiser, K classifiers): each head gets exactly the result it would get alone with the same generator. With
+        ``radii``, sampling goes on until every head has stopped; each head's count is its own stop.
+        ``label`` (evaluation only, never for deployment): a head whose selection guess differs from it skips
+        estimation and gets (guess, 0.0, 0), i.e. a row that counts as wrong; no estimation at all if every head does.
+
+        Args:
+            x, n0, n, alpha, batch_size, generator: as in :meth:`certify` (n = n_max with ``radii``).
+            radii: requested radii of sequential CERTIFY (:meth:`certify_sequential`); None = fixed n.
+            label: the true label, for the label-aware early exit.
+
+        Returns:
+            per head: (cAHat or ABSTAIN, radius, estimation samples used).
+        """
         self.base_classifier.eval()
         key = self._draw_key(generator)
-        counts = torch.stack([self._sample_noise(x, n0, batch_size, key, PHASE_SELECTION),
-                              self._sample_noise(x, n, batch_size, key, PHASE_ESTIMATION)]).cpu().numpy()
-        # use the selection samples to take a guess at the top class, the estimation samples to lower-bound pA
-        counts_selection, counts_estimation = counts
-        cAHat = int(counts_selection.argmax())
-        nA = int(counts_estimation[cAHat])
-        pABar = self._lower_confidence_bound(nA, n, alpha)
-        if pABar < 0.5:
-            return Smooth.ABSTAIN, 0.0
-        return cAHat, float(self.sigma * norm.ppf(pABar))
+        cAHat = self._sample_noise(x, n0, batch_size, key, PHASE_SELECTION).reshape(-1, self.num_classes)
+        cAHat = [int(c) for c in cAHat.argmax(1).cpu()]  # cAHat: the selection guess of each head
+        skipped = [label is not None and c != label for c in cAHat]
+        if all(skipped):
+            results = [(c, 0.0, 0) for c in cAHat]
+        elif radii is None:
+            counts = self._sample_noise(x, n, batch_size, key, PHASE_ESTIMATION).reshape(-1, self.num_classes).cpu()
+            results = [self._fixed_result(int(counts[k, c]), n, alpha, c) for k, c in enumerate(cAHat)]
+        else:
+            results = self._sequential_results(x, cAHat, skipped, n, alpha, batch_size, radii, key)
+        return [(c, 0.0, 0) if skip else result for c, skip, result in zip(cAHat, skipped, results)]
+
+    def _fixed_result(self, nA: int, n: int, alpha: float, cAHat: int) -> tuple[int, float, int]:
+        certified, radius = radius_from_bound(self._lower_confidence_bound(nA, n, alpha), self.sigma)
+        return (cAHat if certified else Smooth.ABSTAIN), radius, n
+
+    def _sequential_results(self, x: torch.Tensor, cAHat: list[int], skipped: list[bool], n_max: int, alpha: float,
+                            batch_size: int, radii: Sequence[float], key: int) -> list[tuple[int, float, int]]:
+        """Estimation of :meth:`certify_sequential` for every head not ``skipped``, until all have stopped."""
+        plan = sequential_plan(n_max, alpha, radii, self.sigma)
+        heads = np.arange(len(cAHat))
+        active = ~np.asarray(skipped)
+        lower, used = np.zeros(len(cAHat)), np.zeros(len(cAHat), dtype=int)
+        counts = torch.zeros(len(cAHat), self.num_classes, dtype=torch.long, device=x.device)
+        blocks: dict[int, torch.Tensor] = {}
+        start = 0
+        for k, n in enumerate(plan.checkpoints):
+            batches = self._range_batches(x, start, n, batch_size, key, PHASE_ESTIMATION, blocks)
+            counts += self._count(x, batches, min(batch_size, n - start)).reshape(len(cAHat), -1)
+            start = n
+            nA = counts.cpu().numpy()[heads, cAHat]
+            new_lower, stop = sequential_step(plan, k, nA[active], lower[active])
+            lower[active] = new_lower
+            used[np.flatnonzero(active)[stop]] = n
+            active[np.flatnonzero(active)[stop]] = False
+            if not active.any():
+                break
+        results = []
+        for c, pABar, n in zip(cAHat, lower, used):
+            certified, radius = radius_from_bound(float(pABar), self.sigma)
+            results.append(((c if certified else Smooth.ABSTAIN), radius, int(n)))
+        return results
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: Optional[torch.Generator] = None) -> int:
@@ -191,6 +405,8 @@ class Smooth:
         """
         self.base_classifier.eval()
         counts = self._sample_noise(x, n, batch_size, self._draw_key(generator), PHASE_PREDICTION).cpu().numpy()
+        if counts.ndim != 1:
+            raise ValueError("predict takes a single-head base classifier (logits [B x num_classes])")
         top2 = np.argsort(-counts, kind="stable")[:2]
         count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
         if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
@@ -200,29 +416,45 @@ class Smooth:
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int, key: int, phase: int) -> torch.Tensor:
         """Counts of the base classifier's predictions f(x + delta) over ``num`` noise samples of phase ``phase``.
 
-        :return: a LongTensor [num_classes] on x's device (no host synchronization)
+        :return: a LongTensor [num_classes] (a multi-head base classifier: [K x num_classes]) on x's device (no host
+                 synchronization)
         """
+        return self._count(x, self._noise_batches(x, num, batch_size, key, phase), min(batch_size, num))
+
+    def _count(self, x: torch.Tensor, batches: Iterator[torch.Tensor], max_batch: int) -> torch.Tensor:
+        """Class counts of f(x + sigma * noise) over the noise ``batches`` (each of at most ``max_batch`` samples)."""
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
-        ones = torch.ones(min(batch_size, num), dtype=torch.long, device=x.device)
+        ones = torch.ones(max(max_batch, 1), dtype=torch.long, device=x.device)
         with torch.inference_mode():
-            for noise in self._noise_batches(x, num, batch_size, key, phase):
+            for noise in batches:
                 with autocast(x.device, self.precision):
-                    predictions = self.base_classifier(x + self.sigma * noise).argmax(1)
+                    predictions = self.base_classifier(x + self.sigma * noise).argmax(-1)
+                if predictions.dim() == 2:  # K heads: count head k's class c at k * num_classes + c
+                    if counts.numel() == self.num_classes:
+                        counts = counts.repeat(predictions.shape[1])
+                    predictions = predictions + self.num_classes * torch.arange(predictions.shape[1],
+                                                                                device=x.device)
+                    predictions = predictions.flatten()
+                    if len(ones) < len(predictions):
+                        ones = torch.ones(len(predictions), dtype=torch.long, device=x.device)
                 # index_add_ rather than bincount: CUDA bincount reads max/min back to the host (a sync per batch)
                 counts.index_add_(0, predictions, ones[: len(predictions)])
-        return counts
+        return counts if counts.numel() == self.num_classes else counts.view(-1, self.num_classes)
+
+    def _block(self, x: torch.Tensor, key: int, phase: int, block: int, size: int) -> torch.Tensor:
+        """The first ``size`` standard normal samples [size x C x H x W] of noise block ``block`` of ``phase``."""
+        g = torch.Generator(device=x.device)
+        g.manual_seed(block_seed(key, phase, block))
+        return torch.randn((size, *x.shape), generator=g, device=x.device,
+                           dtype=torch.promote_types(x.dtype, torch.float32))
 
     def _noise_batches(self, x: torch.Tensor, num: int, batch_size: int, key: int, phase: int
                        ) -> Iterator[torch.Tensor]:
         """Standard normal noise [<= batch_size x C x H x W] for ``num`` samples, cut from fixed-size seeded blocks."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
         pending: list[torch.Tensor] = []
         buffered = 0
         for block, start in enumerate(range(0, num, self.noise_block)):
-            g = torch.Generator(device=x.device)
-            g.manual_seed(block_seed(key, phase, block))
-            pending.append(torch.randn((min(self.noise_block, num - start), *x.shape), generator=g,
-                                       device=x.device, dtype=dtype))
+            pending.append(self._block(x, key, phase, block, min(self.noise_block, num - start)))
             buffered += len(pending[-1])
             while buffered >= batch_size:
                 noise = pending[0] if len(pending) == 1 else torch.cat(pending)
@@ -231,6 +463,26 @@ class Smooth:
                 yield noise[:batch_size]
         if buffered:
             yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+    def _range_batches(self, x: torch.Tensor, start: int, stop: int, batch_size: int, key: int, phase: int,
+                       blocks: dict[int, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Noise samples start .. stop - 1 of ``phase`` in batches of <= batch_size, cut from FULL seeded blocks.
+
+        Full blocks, so that any prefix of the stream is the same whatever the checkpoints (for n a multiple of
+        noise_block, the first n samples are those of :meth:`_noise_batches`). ``blocks`` caches the blocks a later
+        range still needs.
+        """
+        size = self.noise_block
+        for s in range(start, stop, batch_size):
+            e = min(stop, s + batch_size)
+            parts = []
+            for b in range(s // size, (e - 1) // size + 1):
+                if b not in blocks:
+                    blocks[b] = self._block(x, key, phase, b, size)
+                parts.append(blocks[b][max(s - b * size, 0): min(e - b * size, size)])
+            for b in [b for b in blocks if b < e // size]:
+                del blocks[b]
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _draw_key(generator: Optional[torch.Generator]) -> int:
@@ -241,6 +493,58 @@ class Smooth:
     def _lower_confidence_bound(NA: int, N: int, alpha: float) -> float:
         """A one-sided (1 - alpha) Clopper-Pearson lower confidence bound on a Bernoulli proportion from NA of N."""
         return float(proportion_confint(NA, N, alpha=2 * alpha, method="beta")[0])
+
+
+def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float, rng: np.random.Generator,
+                     radii: Optional[Sequence[float]] = None, num_classes: int = 10
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CERTIFY (``radii`` None) or sequential CERTIFY of images whose pA is known, without a model: vectorized.
+
+    Image i's base classifier returns class 0 with probability pA[i] and each of the other num_classes - 1 classes
+    with probability (1 - pA[i]) / (num_classes - 1); the count of a class among m samples is then Binomial(m, p),
+    drawn directly. Selection, bounds and stopping are those of :class:`Smooth` (:func:`sequential_step`). For
+    planning N and alpha, and for measuring validity and savings over many trials.
+
+    Args:
+        pA: [m] the probability of class 0 for each image.
+        n0, n, alpha, sigma: as in :meth:`Smooth.certify` (n = n_max with ``radii``).
+        rng: numpy generator of the counts.
+        radii: requested radii of sequential CERTIFY; None = fixed n.
+        num_classes: classes of the simulated base classifier (>= 2).
+
+    Returns:
+        (prediction [m]: 0 = the class of pA, 1 = another class, ABSTAIN; radius [m]; estimation samples used [m]).
+    """
+    pA = np.asarray(pA, dtype=float)
+    p_other = (1 - pA) / (num_classes - 1)
+    selection = rng.multinomial(n0, np.stack([pA] + [p_other] * (num_classes - 1), axis=-1))
+    top = selection.argmax(1) == 0
+    p = np.where(top, pA, p_other)  # P[f = cAHat]
+    if radii is None:
+        lower, used = clopper_pearson_lower(rng.binomial(n, p), n, alpha), np.full(len(p), n)
+    else:
+        lower, used = _simulate_sequential(p, sequential_plan(n, alpha, radii, sigma), rng)
+    certified = lower >= 0.5
+    radius = np.where(certified, sigma * norm.ppf(np.where(certified, lower, 0.5)), 0.0)
+    return np.where(certified, np.where(top, 0, 1), Smooth.ABSTAIN), radius, used
+
+
+def _simulate_sequential(p: np.ndarray, plan: SequentialPlan, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """pABar at the stop and the samples used, for images whose P[f = cAHat] is ``p``."""
+    nA, lower, used = np.zeros(len(p)), np.zeros(len(p)), np.zeros(len(p), dtype=int)
+    active = np.ones(len(p), dtype=bool)
+    start = 0
+    for k, n in enumerate(plan.checkpoints):
+        nA[active] += rng.binomial(n - start, p[active])
+        start = n
+        index = np.flatnonzero(active)
+        lower[index], stop = sequential_step(plan, k, nA[index], lower[index])
+        used[index[stop]] = n
+        active[index[stop]] = False
+        if not active.any():
+            break
+    return lower, used
 
 
 # ---------------------------------------------------------------------------------------------------------------
