@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from analyze import read_log  # noqa: E402
+from logs import read_log  # noqa: E402
 from core import default_sequential_radii, simulate_certify  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
