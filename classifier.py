@@ -1,13 +1,16 @@
 """Off-the-shelf classifiers f for denoised smoothing: timm models, Hugging Face ViT conversion, LoRA, layer decay.
 
 Every classifier is an :class:`ImageClassifier`: it takes ``[0, 1]`` images of any size, resizes them to the model's
-input size (bicubic, antialias) and normalizes them with the model's own mean/std (SPEC section 3), so the denoiser's
-output goes in as it is.
+input size (bicubic, antialias) and maps them to the model's input scale (SPEC section 3), so the denoiser's output goes
+in as it is. The input convention (``input_norm``) is ``paper`` (x -> 2x - 1, i.e. mean = std = 0.5, what the paper's
+code feeds every classifier) or ``model`` (the model's own mean/std); ``imagenet_vit_base`` defaults to ``paper``, every
+other architecture to ``model`` (for the CIFAR-10 and digits ViTs the two are the same).
 
 * ``cifar10_vit_base``: ViT-B/16 at 224 px, 10 classes, LayerNorm eps 1e-12, exact GELU, mean = std = 0.5: the
   structure of the paper's Hugging Face checkpoint ``aaraki/vit-base-patch16-224-in21k-finetuned-cifar10``, run as a
   timm ``VisionTransformer`` (:func:`convert_hf_vit_to_timm`).
-* ``imagenet_vit_base``: timm ``vit_base_patch16_clip_384.laion2b_ft_in12k_in1k`` (384 px, CLIP mean/std).
+* ``imagenet_vit_base``: timm ``vit_base_patch16_clip_384.laion2b_ft_in12k_in1k`` (384 px; fed 2x - 1 as in the paper,
+  or its CLIP mean/std with ``input_norm="model"``).
 * ``digits_vit_tiny``: a small ViT for the embedded 16x16 digits demo (weights shipped in ``models/``).
 * ``hf_vit``: any Hugging Face ``ViTForImageClassification`` folder, the structure read from its ``config.json``.
 * any other timm model name.
@@ -15,6 +18,11 @@ output goes in as it is.
 LoRA (Hu et al. 2022) on q and v of each block's fused qkv: W_q <- W_q + (alpha/r) B_q A_q, likewise W_v; k untouched.
 Layer-wise lr decay (BEiT/MAE): lr scale = layer_decay^(L+1-layer) with layer 0 = embeddings, i+1 = block i,
 L+1 = the rest.
+
+Checkpoints written by the paper's code (``{"state_dict": ...}`` with every key under ``classifier.``) load in their
+three layouts (:func:`convert_upstream_state_dict`): Hugging Face ViT keys (CIFAR-10 full fine-tuning), timm keys
+(ImageNet full fine-tuning) and timm keys under ``lora_vit.`` with the paper's LoRA modules (ImageNet LoRA, scale
+alpha // r).
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ from utils import UserError, attention, state_dict_mismatch
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
 FT_METHODS = ("full", "lora")
+# The classifier's input convention: "paper" = 2x - 1 (mean = std = 0.5), "model" = the model's own mean/std.
+INPUT_NORMS = ("paper", "model")
+PAPER_MEAN_STD = (0.5, 0.5, 0.5)
+# The paper's code feeds the ImageNet CLIP ViT 2x - 1, not its CLIP statistics (SPEC section 3).
+DEFAULT_INPUT_NORM = {"imagenet_vit_base": "paper"}
 IMAGENET_TIMM_NAME = "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"
 CIFAR10_HF_REPO = "aaraki/vit-base-patch16-224-in21k-finetuned-cifar10"
 DIGITS_CHECKPOINT = REPO / "models" / "digits_vit_tiny.pt"
@@ -77,9 +90,11 @@ class ImageClassifier(nn.Module):
             input_size: Union[int, Sequence[int]],
             mean: Sequence[float],
             std: Sequence[float],
+            input_norm: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.input_norm = input_norm  # the convention mean/std came from ("paper", "model"), recorded in checkpoints
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size[-2:])
         self.input_size: Tuple[int, int] = (int(size[0]), int(size[1]))
         device = next(iter(model.parameters()), torch.empty(0)).device
@@ -102,7 +117,8 @@ class ImageClassifier(nn.Module):
         return self.model(x)
 
     def extra_repr(self) -> str:
-        return f"input_size={self.input_size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        return (f"input_size={self.input_size}, input_norm={self.input_norm}, mean={self.mean.flatten().tolist()}, "
+                f"std={self.std.flatten().tolist()}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +328,95 @@ def read_hf_config(folder: PathLike) -> Tuple[Optional[Dict[str, Any]], Optional
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints written by the paper's code (suhyeok-jang/FT-CADIS)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The paper's code wraps each classifier in a module whose attribute ``classifier`` holds the network, so every key
+# of its checkpoints starts with this (after ``module.`` when a DDP-wrapped model was saved).
+UPSTREAM_PREFIX = "classifier."
+# Its ImageNet LoRA wrapper (LoRA_ViT_timm) holds the timm model as ``lora_vit`` and replaces each block's
+# ``attn.qkv`` by a module with the original Linear as ``qkv`` and four bias-free adapters.
+_UPSTREAM_LORA_PREFIX = "lora_vit."
+_UPSTREAM_LORA_KEYS = {
+    "attn.qkv.qkv.weight": "attn.qkv.weight",
+    "attn.qkv.qkv.bias": "attn.qkv.bias",
+    "attn.qkv.linear_a_q.weight": "attn.qkv.lora_q_A",
+    "attn.qkv.linear_b_q.weight": "attn.qkv.lora_q_B",
+    "attn.qkv.linear_a_v.weight": "attn.qkv.lora_v_A",
+    "attn.qkv.linear_b_v.weight": "attn.qkv.lora_v_B",
+}
+_TIMM_VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+
+
+def _strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """Remove ``prefix`` from the keys when every key carries it (e.g. ``module.`` of DDP)."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def is_upstream_state_dict(state_dict: StateDict) -> bool:
+    """True for a state dict saved by the paper's code: every key under ``classifier.`` (after ``module.``)."""
+    sd = _strip_prefix(state_dict, "module.")
+    return bool(sd) and all(k.startswith(UPSTREAM_PREFIX) for k in sd)
+
+
+def upstream_layout(state_dict: StateDict) -> str:
+    """Which of the paper's three layouts a state dict (``classifier.`` already stripped) is in.
+
+    ``hf_vit``: Hugging Face ``ViTForImageClassification`` keys (CIFAR-10 full fine-tuning); ``timm_lora``: timm keys
+    under ``lora_vit.`` with the LoRA adapters (ImageNet LoRA); ``timm``: plain timm ViT keys (ImageNet full
+    fine-tuning). Anything else is a one-line error naming the keys it saw.
+    """
+    if any(k.startswith(_UPSTREAM_LORA_PREFIX) for k in state_dict):
+        return "timm_lora"
+    if is_hf_vit_state_dict(state_dict):
+        return "hf_vit"
+    if any(k.startswith(_TIMM_VIT_KEYS) for k in state_dict):
+        return "timm"
+    raise UserError(f"a checkpoint of the paper's code (keys under {UPSTREAM_PREFIX!r}) in a layout not recognised: "
+                    f"keys {_few([UPSTREAM_PREFIX + k for k in state_dict])}; known: classifier.vit.* (Hugging Face "
+                    "ViT), classifier.blocks.* (timm), classifier.lora_vit.* (timm with LoRA)")
+
+
+def convert_upstream_lora(state_dict: StateDict, lora_alpha: float = 4.0) -> StateDict:
+    """The paper's LoRA layout (keys under ``lora_vit.``) -> our :class:`LoRAQKV` keys.
+
+    The paper's module computes qkv = W x + b, then qkv[..., :D] += (alpha // r) B_q A_q x and
+    qkv[..., -D:] += (alpha // r) B_v A_v x, with A = ``linear_a_*.weight`` [r, D], B = ``linear_b_*.weight`` [D, r].
+    That is :class:`LoRAQKV` with ``lora_scaling`` = alpha // r: an *integer* division (r = alpha = 4: 1), kept so
+    that the logits are those of the paper's model (alpha = 6, r = 4 gives 1, not 1.5).
+    """
+    out: StateDict = {}
+    for key, tensor in _strip_prefix(state_dict, _UPSTREAM_LORA_PREFIX).items():
+        head, sep, tail = key.partition(".attn.qkv.")
+        name = _UPSTREAM_LORA_KEYS.get("attn.qkv." + tail) if sep else None
+        if sep and name is None:
+            raise UserError(f"the paper's LoRA checkpoint: unexpected key {_UPSTREAM_LORA_PREFIX + key}")
+        out[f"{head}.{name}" if name else key] = tensor
+        if name == "attn.qkv.lora_q_A":
+            rank = tensor.shape[0]
+            out[f"{head}.attn.qkv.lora_scaling"] = torch.tensor(float(lora_alpha // rank), dtype=torch.float32)
+    return out
+
+
+def convert_upstream_state_dict(state_dict: StateDict, lora_alpha: float = 4.0) -> StateDict:
+    """A state dict saved by the paper's code (:func:`is_upstream_state_dict`) -> timm keys (LoRA kept unmerged).
+
+    Strips ``module.`` and ``classifier.`` (once), then converts by :func:`upstream_layout`: Hugging Face keys with
+    :func:`convert_hf_vit_to_timm`, LoRA with :func:`convert_upstream_lora` (``lora_alpha``: the paper's alpha, 4),
+    timm keys as they are.
+    """
+    sd = _strip_prefix(_strip_prefix(state_dict, "module."), UPSTREAM_PREFIX)
+    layout = upstream_layout(sd)
+    if layout == "hf_vit":
+        return convert_hf_vit_to_timm(sd)
+    if layout == "timm_lora":
+        return convert_upstream_lora(sd, lora_alpha)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # LoRA on the fused qkv
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -489,7 +594,7 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
 
     ``path``: a ``.safetensors`` or ``torch.save`` file (a bare state dict, or a ``train.py`` checkpoint with
     ``state_dict``/``arch``), or a Hugging Face folder with ``model.safetensors`` / ``pytorch_model.bin``.
-    info: ``arch`` (train.py checkpoints), ``hf_config`` / ``hf_preprocessor`` (HF config.json files beside the
+    info: ``arch`` and ``input_norm`` (train.py checkpoints), ``hf_config`` / ``hf_preprocessor`` (HF config.json files beside the
     weights), ``path``.
     """
     path = Path(path).expanduser()
@@ -514,6 +619,10 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         if obj.get("arch") is not None:
             info["arch"] = str(obj["arch"])
+        if obj.get("input_norm") in INPUT_NORMS:
+            info["input_norm"] = obj["input_norm"]
+        elif "args" in obj:  # a train.py checkpoint from before --input_norm existed: the model's own mean/std
+            info["input_norm"] = "model"
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -523,11 +632,13 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     return dict(obj), info
 
 
-def to_timm_state_dict(state_dict: StateDict) -> StateDict:
-    """Strip ``module.`` (DDP) and ``model.`` (:class:`ImageClassifier`) prefixes; convert HF ViT keys to timm."""
+def to_timm_state_dict(state_dict: StateDict, lora_alpha: float = 4.0) -> StateDict:
+    """Strip ``module.`` (DDP) and ``model.`` (:class:`ImageClassifier`) prefixes; convert HF ViT keys to timm and the
+    paper's checkpoints (:func:`convert_upstream_state_dict`, ``lora_alpha`` for its LoRA scale) to ours."""
+    if is_upstream_state_dict(state_dict):
+        return convert_upstream_state_dict(state_dict, lora_alpha)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    if sd and all(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items()}
+    sd = _strip_prefix(sd, "model.")
     if is_hf_vit_state_dict(sd):
         sd = convert_hf_vit_to_timm(sd)
     return sd
@@ -638,15 +749,29 @@ def get_architecture(
         lora_alpha: float = 4.0,
         drop_path: float = 0.0,
         device: Optional[Union[str, torch.device]] = None,
+        input_norm: Optional[str] = None,
+        attn_drop_rate: float = 0.0,
 ) -> ImageClassifier:
     """Build the classifier ``arch`` (see module docstring) as an :class:`ImageClassifier`.
 
-    Weights: ``checkpoint`` (a local file or HF folder, see :func:`read_checkpoint`; it supersedes ``pretrained``), else
-    ``pretrained`` (timm's hub download; for ``cifar10_vit_base`` the paper's HF checkpoint from the hub, converted;
-    for ``digits_vit_tiny`` the shipped ``models/digits_vit_tiny.pt``), else random init.
-    ``ft_method="lora"``: LoRA(rank, alpha) on q/v, only LoRA + head trainable. A checkpoint with unmerged LoRA
-    weights loads into either: merged on the fly for ``"full"`` (certification), kept as LoRA for ``"lora"``.
-    ``device="meta"`` builds without memory (for counting parameters).
+    Args:
+        arch: ``cifar10_vit_base``, ``imagenet_vit_base``, ``digits_vit_tiny``, ``hf_vit`` or a timm model name.
+        num_classes: head size (default: the architecture's, or the checkpoint's for other timm models).
+        pretrained: timm's hub download; for ``cifar10_vit_base`` the paper's HF checkpoint from the hub, converted;
+            for ``digits_vit_tiny`` the shipped ``models/digits_vit_tiny.pt``. Unused with ``checkpoint``.
+        checkpoint: a local file or HF folder (:func:`read_checkpoint`; train.py's, the paper's code's, timm's or
+            Hugging Face's); else ``pretrained``, else random init.
+        ft_method: ``"full"`` or ``"lora"`` (LoRA(rank, alpha) on q/v, only LoRA + head trainable). A checkpoint
+            with unmerged LoRA weights loads into either: merged on the fly for ``"full"`` (certification), kept as
+            LoRA for ``"lora"``.
+        lora_rank, lora_alpha: LoRA rank and alpha (``lora_alpha`` is also the paper's alpha of its LoRA checkpoints).
+        drop_path: timm stochastic depth rate.
+        device: where to build; ``"meta"`` builds without memory (for counting parameters).
+        input_norm: ``"paper"`` (2x - 1) or ``"model"`` (the model's mean/std); None: the one the checkpoint
+            recorded, else :data:`DEFAULT_INPUT_NORM` (``paper`` for imagenet_vit_base, ``model`` otherwise). A value
+            that contradicts the checkpoint's record is an error.
+        attn_drop_rate: the paper's CIFAR-10 regularizer, block i's attention dropout linspace(0, rate, depth)[i]
+            (:func:`set_attention_dropout`).
     """
     if ft_method == "full-ft":
         ft_method = "full"
@@ -654,26 +779,24 @@ def get_architecture(
         raise UserError(f"--ft_method {ft_method!r}: choose one of {', '.join(FT_METHODS)}")
     if num_classes is not None and num_classes < 1:
         raise UserError(f"number of classes must be >= 1 (got {num_classes})")
-    if not 0.0 <= drop_path < 1.0:
-        raise UserError(f"--drop_path {drop_path}: must be in [0, 1)")
+    for flag, rate in (("--drop_path", drop_path), ("--attn_drop_rate", attn_drop_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise UserError(f"{flag} {rate}: must be in [0, 1)")
     state_dict: Optional[StateDict] = None
     info: Dict[str, Any] = {}
-    if checkpoint is None and pretrained and arch == "digits_vit_tiny":
-        if not DIGITS_CHECKPOINT.is_file():
-            raise UserError(f"{DIGITS_CHECKPOINT} not found; retrain the demo models (see README) "
-                            "or pass --classifier_ckpt")
-        checkpoint = DIGITS_CHECKPOINT
-    if checkpoint is None and pretrained and arch == "cifar10_vit_base":
-        checkpoint = _download_hf_checkpoint(CIFAR10_HF_REPO)
+    checkpoint = _default_checkpoint(arch, checkpoint, pretrained)
     if checkpoint is not None:
         state_dict, info = read_checkpoint(checkpoint)
         if info.get("arch") not in (None, arch):
             raise UserError(f"--classifier_ckpt {checkpoint}: written for --arch {info['arch']}, not {arch}")
         if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
             _check_cifar10_hf_config(info["hf_config"], checkpoint)
-        state_dict = to_timm_state_dict(state_dict)
+        if is_upstream_state_dict(state_dict):  # the paper's code fed every classifier 2x - 1
+            info.setdefault("input_norm", "paper")
+        state_dict = to_timm_state_dict(state_dict, lora_alpha)
         if num_classes is None and arch not in ARCHS:  # any timm model: take the head size from the checkpoint
             num_classes = _head_size(arch, state_dict)
+    norm = resolve_input_norm(arch, input_norm, info.get("input_norm"), checkpoint)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():
         model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info)
@@ -684,10 +807,67 @@ def get_architecture(
         load_timm_state_dict(model, state_dict, source=f"--classifier_ckpt {info.get('path', checkpoint)}")
     if ft_method == "lora" and not any(isinstance(m, LoRAQKV) for m in model.modules()):
         apply_lora(model, rank=lora_rank, alpha=lora_alpha)
-    classifier = ImageClassifier(model, input_size, mean, std)
+    if attn_drop_rate:
+        set_attention_dropout(model, attn_drop_rate)
+    if norm == "paper":
+        mean = std = PAPER_MEAN_STD
+    classifier = ImageClassifier(model, input_size, mean, std, input_norm=norm)
     if device is not None and not meta:
         classifier = classifier.to(device)
     return classifier
+
+
+def _default_checkpoint(arch: str, checkpoint: Optional[PathLike], pretrained: bool) -> Optional[PathLike]:
+    """The weights file behind ``pretrained`` where it is a file (digits: shipped; CIFAR-10: the HF hub download)."""
+    if checkpoint is None and pretrained and arch == "digits_vit_tiny":
+        if not DIGITS_CHECKPOINT.is_file():
+            raise UserError(f"{DIGITS_CHECKPOINT} not found; retrain the demo models (see README) "
+                            "or pass --classifier_ckpt")
+        return DIGITS_CHECKPOINT
+    if checkpoint is None and pretrained and arch == "cifar10_vit_base":
+        return _download_hf_checkpoint(CIFAR10_HF_REPO)
+    return checkpoint
+
+
+def resolve_input_norm(arch: str, requested: Optional[str], recorded: Optional[str],
+                       checkpoint: Optional[PathLike] = None) -> str:
+    """The classifier's input convention: ``requested`` (the --input_norm flag), else the checkpoint's ``recorded``
+    one, else the architecture's default (:data:`DEFAULT_INPUT_NORM`, ``model`` when not listed).
+
+    Args:
+        arch: the architecture name.
+        requested: the flag's value or None.
+        recorded: what the checkpoint recorded (train.py writes it; the paper's code implies ``paper``) or None.
+        checkpoint: the checkpoint's path, for the error message.
+    """
+    if requested is not None and requested not in INPUT_NORMS:
+        raise UserError(f"--input_norm {requested!r}: choose one of {', '.join(INPUT_NORMS)}")
+    if requested is not None and recorded is not None and requested != recorded:
+        raise UserError(f"--input_norm {requested} contradicts {checkpoint}, which was trained with --input_norm "
+                        f"{recorded}; drop the flag (the checkpoint's convention is used)")
+    return requested or recorded or DEFAULT_INPUT_NORM.get(arch, "model")
+
+
+def set_attention_dropout(model: nn.Module, rate: float) -> List[float]:
+    """The paper's CIFAR-10 regularizer: block i's attention-probability dropout p_i = linspace(0, rate, depth)[i].
+
+    The paper's code sets these on the Hugging Face ViT when it is given ``--drop_path``; here they go on timm's
+    ``attn_drop``, which timm's attention applies in its fused (``scaled_dot_product_attention(dropout_p=...)``) and
+    explicit forms alike, in train mode only. Returns the probabilities set.
+
+    Args:
+        model: a timm ViT (or an :class:`ImageClassifier` around one) whose blocks have ``attn.attn_drop``.
+        rate: the last block's probability, in [0, 1).
+    """
+    net = _timm_model(model)
+    drops = [getattr(getattr(block, "attn", None), "attn_drop", None) for block in getattr(net, "blocks", [])]
+    if not drops or not all(isinstance(d, nn.Dropout) for d in drops):
+        raise UserError(f"--attn_drop_rate needs a ViT whose blocks have attn.attn_drop (a timm VisionTransformer), "
+                        f"not {type(net).__name__}; use --drop_path (stochastic depth) instead")
+    probabilities = [float(p) for p in torch.linspace(0, rate, len(drops))]
+    for dropout, p in zip(drops, probabilities):
+        dropout.p = p
+    return probabilities
 
 
 def _check_cifar10_hf_config(config: Dict[str, Any], checkpoint: PathLike) -> None:

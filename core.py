@@ -32,6 +32,8 @@ from utils import autocast, explicit_attention_is_faster, precision_dtype
 NOISE_BLOCK = 1000
 # Noise phases of one call: selection and estimation samples of CERTIFY never share a generator.
 PHASE_SELECTION, PHASE_ESTIMATION, PHASE_PREDICTION = 0, 1, 2
+# Last entry of the seeds of multi-step denoising's per-sample generators (never a noise block's seed).
+CHAIN_TAG = 0x636861696E
 
 
 class DenoisedClassifier(nn.Module):
@@ -41,17 +43,25 @@ class DenoisedClassifier(nn.Module):
     whose noise level matches sigma, SPEC section 1), f the classifier. ``denoiser=None`` gives the classifier alone,
     i.e. plain Gaussian smoothing (Cohen et al. 2019). Input: noisy images ``[B, 3, H, W]`` in pixel space (``[0, 1]``
     plus noise, not clipped); output: logits ``[B, num_classes]``. The noise itself is added by :class:`Smooth`.
+    ``multistep``: D runs the whole reverse chain t_star, ..., 0 instead (``denoise_multistep``, t_star + 1 UNet
+    calls), its posterior noise drawn from ``generators`` (one per image; :class:`Smooth` seeds them per sample).
     """
 
-    def __init__(self, denoiser: Optional[nn.Module], classifier: nn.Module, sigma: float):
+    def __init__(self, denoiser: Optional[nn.Module], classifier: nn.Module, sigma: float, multistep: bool = False):
         super().__init__()
         self.denoiser = denoiser
         self.classifier = classifier
         self.sigma = sigma
+        self.multistep = multistep and denoiser is not None
         self.t_star: Optional[int] = None if denoiser is None else int(denoiser.timestep_for_sigma(sigma))
 
-    def forward(self, x_noisy: torch.Tensor) -> torch.Tensor:
-        x_hat = x_noisy if self.denoiser is None else self.denoiser.denoise(x_noisy, self.t_star)
+    def forward(self, x_noisy: torch.Tensor, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
+        if self.denoiser is None:
+            x_hat = x_noisy
+        elif self.multistep:
+            x_hat = self.denoiser.denoise_multistep(x_noisy, self.t_star, generators)
+        else:
+            x_hat = self.denoiser.denoise(x_noisy, self.t_star)
         return self.classifier(x_hat)
 
 
@@ -105,6 +115,17 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
 def block_seed(key: int, phase: int, block: int) -> int:
     """The 64-bit seed of noise block ``block`` of phase ``phase`` of a call whose key is ``key``."""
     return int(np.random.SeedSequence([key, phase, block]).generate_state(1, np.uint64)[0])
+
+
+def sample_generators(key: int, phase: int, start: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """Generators for samples ``start .. start + count - 1`` of phase ``phase`` of a call whose key is ``key``, one per
+    sample (seeded by (key, phase, sample, "chain")): the posterior noise of multi-step denoising, independent of the
+    batch a sample falls in and of the smoothing noise's blocks."""
+    out = []
+    for i in range(start, start + count):
+        seed = int(np.random.SeedSequence([key, phase, i, CHAIN_TAG]).generate_state(1, np.uint64)[0])
+        out.append(torch.Generator(device=device).manual_seed(seed))
+    return out
 
 
 def image_generator(seed: int, idx: int) -> torch.Generator:
@@ -372,7 +393,8 @@ class Smooth:
         start = 0
         for k, n in enumerate(plan.checkpoints):
             batches = self._range_batches(x, start, n, batch_size, key, PHASE_ESTIMATION, blocks)
-            counts += self._count(x, batches, min(batch_size, n - start)).reshape(len(cAHat), -1)
+            counts += self._count(x, batches, min(batch_size, n - start), key, PHASE_ESTIMATION,
+                                  start).reshape(len(cAHat), -1)
             start = n
             nA = counts.cpu().numpy()[heads, cAHat]
             new_lower, stop = sequential_step(plan, k, nA[active], lower[active])
@@ -419,16 +441,18 @@ class Smooth:
         :return: a LongTensor [num_classes] (a multi-head base classifier: [K x num_classes]) on x's device (no host
                  synchronization)
         """
-        return self._count(x, self._noise_batches(x, num, batch_size, key, phase), min(batch_size, num))
+        return self._count(x, self._noise_batches(x, num, batch_size, key, phase), min(batch_size, num), key, phase)
 
-    def _count(self, x: torch.Tensor, batches: Iterator[torch.Tensor], max_batch: int) -> torch.Tensor:
-        """Class counts of f(x + sigma * noise) over the noise ``batches`` (each of at most ``max_batch`` samples)."""
+    def _count(self, x: torch.Tensor, batches: Iterator[torch.Tensor], max_batch: int, key: int, phase: int,
+               start: int = 0) -> torch.Tensor:
+        """Class counts of f(x + sigma * noise) over the noise ``batches`` (each of at most ``max_batch`` samples),
+        samples ``start, start + 1, ...`` of phase ``phase`` of the call with key ``key``."""
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
         ones = torch.ones(max(max_batch, 1), dtype=torch.long, device=x.device)
         with torch.inference_mode():
             for noise in batches:
                 with autocast(x.device, self.precision):
-                    predictions = self.base_classifier(x + self.sigma * noise).argmax(-1)
+                    predictions = self._logits(x + self.sigma * noise, key, phase, start).argmax(-1)
                 if predictions.dim() == 2:  # K heads: count head k's class c at k * num_classes + c
                     if counts.numel() == self.num_classes:
                         counts = counts.repeat(predictions.shape[1])
@@ -439,6 +463,7 @@ class Smooth:
                         ones = torch.ones(len(predictions), dtype=torch.long, device=x.device)
                 # index_add_ rather than bincount: CUDA bincount reads max/min back to the host (a sync per batch)
                 counts.index_add_(0, predictions, ones[: len(predictions)])
+                start += len(noise)
         return counts if counts.numel() == self.num_classes else counts.view(-1, self.num_classes)
 
     def _block(self, x: torch.Tensor, key: int, phase: int, block: int, size: int) -> torch.Tensor:
@@ -447,6 +472,13 @@ class Smooth:
         g.manual_seed(block_seed(key, phase, block))
         return torch.randn((size, *x.shape), generator=g, device=x.device,
                            dtype=torch.promote_types(x.dtype, torch.float32))
+
+    def _logits(self, x_noisy: torch.Tensor, key: int, phase: int, start: int) -> torch.Tensor:
+        """The base classifier on samples ``start ..`` of a phase; a multi-step denoiser gets per-sample generators."""
+        model = self.base_classifier
+        if isinstance(model, DenoisedClassifier) and model.multistep:
+            return model(x_noisy, sample_generators(key, phase, start, len(x_noisy), x_noisy.device))
+        return model(x_noisy)
 
     def _noise_batches(self, x: torch.Tensor, num: int, batch_size: int, key: int, phase: int
                        ) -> Iterator[torch.Tensor]:

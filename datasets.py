@@ -2,9 +2,10 @@
 
 * ``cifar10``: torchvision CIFAR10 under ``data_dir`` / ``$CIFAR10_DIR`` / ``./data/cifar10``; downloads only when
   asked. train = RandomCrop(32, padding 4) + horizontal flip (the paper's), test = as is.
-* ``imagenet``: ImageFolder ``train/`` and ``val/`` under ``data_dir`` / ``$IMAGENET_DIR`` (val in class folders).
-  train = RandomResizedCrop(224) + flip, test = Resize(256) + CenterCrop(224). The paper's 1,000-image certification
-  subset is ``certification_indices(val, skip=50)``: one image per class, as the val set is sorted by class.
+* ``imagenet``: ImageFolder ``train/`` and ``val/`` under ``data_dir`` / ``$IMAGENET_DIR`` / ``$IMAGENET_LOC_ENV`` (val
+  in class folders). train = RandomResizedCrop(224) + flip, test = Resize(256) + CenterCrop(224). The paper's
+  1,000-image certification subset is :func:`paper_imagenet_subset` (one random image per class);
+  ``certification_indices(val, skip=50)`` is diffusion denoised smoothing's (every 50th image).
 * ``digits``: ``sklearn.datasets.load_digits`` (1,797 8x8 images, values 0..16 -> /16), bilinearly upsampled to
   16x16, grey repeated to 3 channels; a fixed stratified split of 36 test images per class (1,437 train / 360 test).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -30,7 +32,8 @@ NUM_CLASSES = {"cifar10": 10, "imagenet": 1000, "digits": 10}
 # the classifier `--arch` each dataset uses by default (the paper's, and the demo's for digits)
 DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
 IMAGE_SIZE = {"cifar10": 32, "imagenet": 224, "digits": 16}
-DATA_ENV = {"cifar10": "CIFAR10_DIR", "imagenet": "IMAGENET_DIR"}
+# Environment variables naming a dataset's root, first found wins ($IMAGENET_LOC_ENV: Cohen's and the paper's code).
+DATA_ENV = {"cifar10": ("CIFAR10_DIR",), "imagenet": ("IMAGENET_DIR", "IMAGENET_LOC_ENV")}
 CIFAR10_DEFAULT_DIR = "./data/cifar10"
 DIGITS_SIZE = 16
 DIGITS_TEST_PER_CLASS = 36
@@ -85,7 +88,7 @@ def get_dataset(
 
 
 def _data_root(name: str, data_dir: Optional[str | os.PathLike], default: Optional[str]) -> Optional[Path]:
-    root = data_dir or os.environ.get(DATA_ENV[name]) or default
+    root = data_dir or next((os.environ[v] for v in DATA_ENV[name] if os.environ.get(v)), None) or default
     return Path(root).expanduser() if root else None
 
 
@@ -112,12 +115,12 @@ def _cifar10(split: str, data_dir: Optional[str | os.PathLike], download: bool, 
 def _imagenet(split: str, data_dir: Optional[str | os.PathLike], augment: bool) -> Dataset:
     root = _data_root("imagenet", data_dir, None)
     if root is None:
-        raise UserError("ImageNet: pass --data_dir or set $IMAGENET_DIR to a folder with train/ and val/ "
-                        "(class sub-folders, val prepared with valprep.sh)")
+        raise UserError("ImageNet: pass --data_dir or set $IMAGENET_DIR (or $IMAGENET_LOC_ENV) to a folder with "
+                        "train/ and val/ (class sub-folders, val prepared with valprep.sh)")
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
-        raise UserError(f"ImageNet: {folder} not found; --data_dir / $IMAGENET_DIR must hold train/ and val/ "
-                        "with one sub-folder per class (val prepared with valprep.sh)")
+        raise UserError(f"ImageNet: {folder} not found; --data_dir / $IMAGENET_DIR / $IMAGENET_LOC_ENV must hold "
+                        "train/ and val/ with one sub-folder per class (val prepared with valprep.sh)")
     if augment:
         transform = transforms.Compose([
             transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
@@ -132,8 +135,9 @@ def _imagenet(split: str, data_dir: Optional[str | os.PathLike], augment: bool) 
 def certification_indices(dataset: Dataset, skip: int = 1, max_images: Optional[int] = None) -> List[int]:
     """Indices of the images to certify: 0, skip, 2 skip, ... (Cohen's ``--skip``), at most ``max_images`` of them.
 
-    With ImageNet's val set (sorted by class, 50 per class) ``skip=50`` gives the paper's 1,000 images, one per class.
-    The indices are the dataset's own, so a log row names the image it certified.
+    With ImageNet's val set (sorted by class, 50 per class) ``skip=50`` gives diffusion denoised smoothing's 1,000
+    images (the first of each class); the paper's are :func:`paper_imagenet_subset`. The indices are the dataset's
+    own, so a log row names the image it certified.
     """
     if skip < 1:
         raise UserError(f"--skip {skip}: must be >= 1")
@@ -141,6 +145,35 @@ def certification_indices(dataset: Dataset, skip: int = 1, max_images: Optional[
         max_images = None
     indices = list(range(0, len(dataset), skip))
     return indices if max_images is None else indices[:max_images]
+
+
+def paper_imagenet_subset(targets: Sequence[int], seed: int = 0, num_classes: int = 1000) -> List[int]:
+    """The paper's ImageNet certification subset: one image per class, chosen at random.
+
+    The rule of the paper's ``certify.py`` (``fix_random_seeds(seed)``, then ``sample_1_per_class_imagenet``):
+    ``random.seed(seed)`` (Python's generator), then for each class c = 0 .. num_classes - 1 in order, the list of
+    class c's dataset indices (in dataset order) is shuffled with ``random.shuffle`` and its first element kept
+    (a class without images contributes nothing). Python's global generator is left as it was.
+
+    Args:
+        targets: the label of every image, in dataset order (``ImageFolder.targets``).
+        seed: the paper's ``--seed`` (0 by default, as there).
+        num_classes: the number of classes (1000 for ImageNet).
+
+    Returns:
+        The dataset indices, in class order.
+    """
+    by_class: List[List[int]] = [[] for _ in range(num_classes)]
+    for i, label in enumerate(targets):
+        if not 0 <= int(label) < num_classes:
+            raise UserError(f"paper_imagenet_subset: label {label} of image {i} outside 0..{num_classes - 1}")
+        by_class[int(label)].append(i)
+    rng = random.Random(seed)  # same sequence as random.seed(seed) + random.shuffle on the global generator
+    chosen = []
+    for members in by_class:
+        rng.shuffle(members)
+        chosen.extend(members[:1])
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ level σ it uses t* = min{t ≥ 1 : sqrt((1 − ᾱ_t)/ᾱ_t) ≥ 2σ} and maps 
     y = 2(x + δ) − 1,   x_t = sqrt(ᾱ) · y,   ε̂ = UNet(x_t, τ)[:, :3]   (τ = t*·1000/T if rescaled, else t*)
     x̂0 = clip(sqrt(1/ᾱ) · x_t − sqrt(1/ᾱ − 1) · ε̂, −1, 1),   D(x + δ) = (x̂0 + 1) / 2.
 
+:meth:`DiffusionDenoiser.denoise_multistep` is the paper's optional ``multistep=True``: from x_t* the whole reverse
+chain t*, ..., 0, sampling the posterior with the learned variance at each step (t* + 1 UNet calls instead of one).
+
 ``load_denoiser("cifar10" | "imagenet", path)`` builds the paper's configuration (the OpenAI improved-/guided-
 diffusion checkpoints) and loads the official file strictly; ``"digits"`` is the small model of the embedded demo.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -176,7 +179,8 @@ class DiffusionDenoiser(nn.Module):
         self.num_timesteps = int(diffusion_steps)
         self.rescale_timesteps = rescale_timesteps
         self.channels_last = channels_last
-        self._alphas_cumprod = np.cumprod(1.0 - get_named_beta_schedule(noise_schedule, self.num_timesteps))
+        self._betas = get_named_beta_schedule(noise_schedule, self.num_timesteps)
+        self._alphas_cumprod = np.cumprod(1.0 - self._betas)
         # Noise std of x_t / sqrt(ᾱ_t) on the [-1, 1] scale, as DDS: sqrt(1 - ᾱ) / sqrt(ᾱ).
         self._noise_ratio = np.sqrt(1.0 - self._alphas_cumprod) / np.sqrt(self._alphas_cumprod)
         self.register_buffer("alphas_cumprod", torch.from_numpy(self._alphas_cumprod.copy()), persistent=False)
@@ -209,13 +213,8 @@ class DiffusionDenoiser(nn.Module):
         """τ, the value the UNet receives: t·1000/T with rescaled timesteps, else t."""
         return t * (1000.0 / self.num_timesteps) if self.rescale_timesteps else float(t)
 
-    def denoise(self, x_noisy: torch.Tensor, t: int) -> torch.Tensor:
-        """One-shot denoise of x_noisy = x + δ ([B, 3, H, W], pixel scale, unclipped) at timestep t (an int).
-
-        Returns x̂ in [0, 1], in x_noisy's dtype. H and W must be multiples of ``unet.downsample_factor``.
-        Gradients flow only if x_noisy requires grad (``load_denoiser`` freezes the weights).
-        """
-        t = int(t)
+    def _check_input(self, x_noisy: torch.Tensor, t: int) -> None:
+        """One-line errors for a timestep outside the schedule and images the UNet cannot take."""
         if not 0 <= t < self.num_timesteps:
             raise UserError(f"denoiser timestep t={t} outside 0..{self.num_timesteps - 1}")
         if x_noisy.dim() != 4 or x_noisy.shape[1] != self.unet.in_channels:
@@ -224,6 +223,15 @@ class DiffusionDenoiser(nn.Module):
         if x_noisy.shape[-2] % f or x_noisy.shape[-1] % f:
             raise UserError(f"denoiser input size {x_noisy.shape[-2]}x{x_noisy.shape[-1]} is not a multiple of {f} "
                             f"(the UNet downsamples by {f}); resize or crop the images")
+
+    def denoise(self, x_noisy: torch.Tensor, t: int) -> torch.Tensor:
+        """One-shot denoise of x_noisy = x + δ ([B, 3, H, W], pixel scale, unclipped) at timestep t (an int).
+
+        Returns x̂ in [0, 1], in x_noisy's dtype. H and W must be multiples of ``unet.downsample_factor``.
+        Gradients flow only if x_noisy requires grad (``load_denoiser`` freezes the weights).
+        """
+        t = int(t)
+        self._check_input(x_noisy, t)
         abar = float(self._alphas_cumprod[t])
         sqrt_abar = math.sqrt(abar)
         c1, c2 = math.sqrt(1.0 / abar), math.sqrt(1.0 / abar - 1)
@@ -236,6 +244,77 @@ class DiffusionDenoiser(nn.Module):
         eps = self.unet(x_in, tau)[:, :3]
         # (clip(c1·x_t − c2·ε̂, −1, 1) + 1)/2 == clip(c1/2·x_t − c2/2·ε̂ + 1/2, 0, 1)
         return x_t.mul(0.5 * c1).sub_(eps, alpha=0.5 * c2).add_(0.5).clamp_(0.0, 1.0)
+
+    def posterior_coefficients(self, s: int) -> tuple[float, float, float, float]:
+        """(c1, c2, log β̃_s, log β_s) of the reverse step at s (float64, upstream ``GaussianDiffusion``'s arrays):
+
+            μ = c1·x̂0 + c2·x_s,  c1 = β_s·sqrt(ᾱ_{s−1})/(1 − ᾱ_s),  c2 = (1 − ᾱ_{s−1})·sqrt(α_s)/(1 − ᾱ_s),
+            β̃_s = β_s·(1 − ᾱ_{s−1})/(1 − ᾱ_s)  (ᾱ_{−1} = 1; the log uses β̃_1 at s = 0, as upstream's "clipped" log).
+        """
+        abar = self._alphas_cumprod
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = self._betas * (1.0 - abar_prev) / (1.0 - abar)
+        c1 = self._betas[s] * math.sqrt(abar_prev[s]) / (1.0 - abar[s])
+        c2 = (1.0 - abar_prev[s]) * math.sqrt(1.0 - self._betas[s]) / (1.0 - abar[s])
+        return float(c1), float(c2), float(math.log(post_var[max(s, 1)])), float(math.log(self._betas[s]))
+
+    def reverse_step(self, x_s: torch.Tensor, s: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """One posterior sample x_{s−1} = μ + exp(½·log σ²)·z of the learned-variance model (upstream ``p_sample``
+        with ``clip_denoised=True``; ``noise`` z is unused and may be None at s = 0):
+
+            ε̂, v = UNet(x_s, τ_s);  x̂0 = clip(sqrt(1/ᾱ_s)·x_s − sqrt(1/ᾱ_s − 1)·ε̂, −1, 1)
+            μ = c1·x̂0 + c2·x_s;  log σ² = f·log β_s + (1 − f)·log β̃_s,  f = (v + 1)/2   (:meth:`posterior_coefficients`)
+        """
+        abar = float(self._alphas_cumprod[s])
+        tau_dtype = torch.float64 if x_s.dtype == torch.float64 else torch.float32
+        tau = torch.tensor(self.model_timestep(s), dtype=tau_dtype, device=x_s.device)
+        x_in = x_s.to(self.unet.dtype)
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        out = self.unet(x_in, tau).to(x_s.dtype)
+        eps, v = out[:, :3], out[:, 3:6]
+        x0 = (math.sqrt(1.0 / abar) * x_s - math.sqrt(1.0 / abar - 1.0) * eps).clamp(-1.0, 1.0)
+        c1, c2, log_post_var, log_beta = self.posterior_coefficients(s)
+        mean = c1 * x0 + c2 * x_s
+        if s == 0:
+            return mean
+        frac = (v + 1.0) / 2.0
+        log_var = frac * log_beta + (1.0 - frac) * log_post_var
+        return mean + torch.exp(0.5 * log_var) * noise
+
+    def denoise_multistep(self, x_noisy: torch.Tensor, t: int,
+                          generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+        """Multi-step denoise of x_noisy = x + δ (the paper's ``multistep=True``): x_t = sqrt(ᾱ_t)·(2(x + δ) − 1),
+        then x_{s−1} = :meth:`reverse_step` (x_s, s) for s = t, t − 1, ..., 0; returns (x_{−1} + 1)/2.
+
+        t + 1 UNet calls (one-shot :meth:`denoise` is one). The paper's loop runs s = t − 1, ..., 0 on x_t, i.e. its
+        first step treats x_t as if it were x_{t−1}; here the chain starts at t, where x_t is.
+
+        Args:
+            x_noisy: [B, 3, H, W] noisy images on the pixel scale.
+            t: the timestep t* of x_t (:meth:`timestep_for_sigma`).
+            generators: one generator per image, on x_noisy's device, from which that image's posterior noise z_s is
+                drawn (s = t, ..., 1, one ``randn`` of the image's shape each), so an image's chain does not depend
+                on the batch it is in; None: torch's global generator.
+        """
+        self._check_input(x_noisy, t)
+        if self.unet.out_channels != 6:
+            raise UserError("multi-step denoising samples with the learned variance: it needs a learn_sigma UNet "
+                            "(6 output channels)")
+        if generators is not None and len(generators) != len(x_noisy):
+            raise ValueError(f"{len(generators)} generators for {len(x_noisy)} images")
+        sqrt_abar = math.sqrt(float(self._alphas_cumprod[t]))
+        x = x_noisy.mul(2 * sqrt_abar).sub_(sqrt_abar)  # sqrt(ᾱ)·(2x − 1)
+        shape, dtype = x.shape[1:], torch.promote_types(x.dtype, torch.float32)
+        for s in range(t, -1, -1):
+            noise = None
+            if s > 0 and generators is None:
+                noise = torch.randn(x.shape, device=x.device, dtype=dtype)
+            elif s > 0:
+                noise = torch.stack([torch.randn(shape, generator=g, device=x.device, dtype=dtype)
+                                     for g in generators])
+            x = self.reverse_step(x, s, noise)
+        return (x + 1.0) / 2.0
 
     def forward(self, x_noisy: torch.Tensor, t: int) -> torch.Tensor:
         """Alias of :meth:`denoise`."""

@@ -481,3 +481,176 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
     for arch in ("cifar10_vit_base", "test_vit.r160_in1k"):
         with pytest.raises(UserError, match="--classifier_ckpt"):
             C.get_architecture(arch, pretrained=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's input convention, attention dropout and checkpoints (issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_imagenet_vit_base_input_paper_and_model():
+    """imagenet_vit_base (random weights) computes, in eval mode, the timm model on resize_384(2x - 1) by default and
+    on the CLIP-normalized 384-px input with input_norm="model"."""
+    from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    torch.manual_seed(0)
+    paper = C.get_architecture("imagenet_vit_base").eval()
+    torch.manual_seed(0)
+    model = C.get_architecture("imagenet_vit_base", input_norm="model").eval()
+    assert (paper.input_norm, model.input_norm) == ("paper", "model")
+    assert torch.equal(paper.model.pos_embed, model.model.pos_embed)  # the same random weights
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    resize = dict(size=(384, 384), mode="bicubic", antialias=True)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected_paper = paper.model(F.interpolate(2 * x - 1, **resize))  # the paper's code: 2x - 1, then resize
+        expected_model = paper.model((F.interpolate(x, **resize) - mean) / std)
+        got_paper, got_model = paper(x), model(x)
+    assert (got_paper - expected_paper).abs().max() < 1e-4
+    assert (got_model - expected_model).abs().max() < 1e-4
+    assert (expected_paper - expected_model).abs().max() > 1e-2  # the two conventions give other logits
+
+
+def test_input_norm_defaults_record_and_contradiction(tmp_path):
+    """Defaults per arch; a checkpoint's recorded convention wins; a contradicting flag is an error."""
+    half = [0.5] * 3
+    assert C.get_architecture("imagenet_vit_base", device="meta").mean.flatten().tolist() == half
+    assert C.get_architecture("cifar10_vit_base", device="meta").input_norm == "model"
+    net = C.get_architecture("test_byobnet")
+    imagenet_mean = [pytest.approx(m) for m in (0.485, 0.456, 0.406)]
+    assert net.input_norm == "model" and net.mean.flatten().tolist() == imagenet_mean
+    assert C.get_architecture("test_byobnet", input_norm="paper").std.flatten().tolist() == half
+    sd = net.model.state_dict()
+    cases = {"recorded_paper": ({"state_dict": sd, "input_norm": "paper", "args": {}}, "paper"),
+             "old_train_py": ({"state_dict": sd, "args": {}}, "model"),  # before the option: the model's statistics
+             "bare": (sd, "model")}
+    for name, (obj, recorded) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        loaded = C.get_architecture("test_byobnet", checkpoint=tmp_path / f"{name}.pt")
+        assert loaded.input_norm == recorded, name
+        assert loaded.mean.flatten().tolist() == (half if recorded == "paper" else imagenet_mean), name
+    with pytest.raises(UserError, match="--input_norm model contradicts .*recorded_paper.pt.*--input_norm paper"):
+        C.get_architecture("test_byobnet", checkpoint=tmp_path / "recorded_paper.pt", input_norm="model")
+    with pytest.raises(UserError, match="--input_norm 'clip'"):
+        C.get_architecture("test_byobnet", input_norm="clip")
+
+
+def test_attn_drop_rate_is_the_papers_per_block_dropout():
+    """Block i's attention dropout is linspace(0, R, depth)[i], drop path 0; eval logits unchanged; the fused
+    attention applies it in train mode."""
+    vit_b = C.get_architecture("cifar10_vit_base", attn_drop_rate=0.2, device="meta")
+    expected = torch.linspace(0, 0.2, 12)
+    for i, block in enumerate(vit_b.model.blocks):
+        assert block.attn.attn_drop.p == pytest.approx(float(expected[i]), abs=0)
+        assert isinstance(block.drop_path1, nn.Identity) and isinstance(block.drop_path2, nn.Identity)
+    assert vit_b.model.blocks[0].attn.attn_drop.p == 0.0
+    assert vit_b.model.blocks[-1].attn.attn_drop.p == pytest.approx(0.2, abs=1e-7)  # float32 linspace, as the paper's
+    torch.manual_seed(0)
+    plain = C.get_architecture("digits_vit_tiny")
+    torch.manual_seed(0)
+    dropped = C.get_architecture("digits_vit_tiny", attn_drop_rate=0.5)
+    assert [b.attn.attn_drop.p for b in dropped.model.blocks] == [0.0, pytest.approx(1 / 6), pytest.approx(1 / 3),
+                                                                  0.5]
+    assert all(b.attn.fused_attn for b in dropped.model.blocks)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), dropped.eval()(x))
+        plain.train(), dropped.train()
+        assert torch.equal(plain(x), plain(x))  # no dropout anywhere in the plain model
+        assert not torch.allclose(dropped(x), dropped(x))  # the fused path drops attention probabilities
+    with pytest.raises(UserError, match="--attn_drop_rate 1.0: must be in"):
+        C.get_architecture("digits_vit_tiny", attn_drop_rate=1.0)
+    with pytest.raises(UserError, match="needs a ViT"):
+        C.get_architecture("test_byobnet", attn_drop_rate=0.1)
+
+
+def _paper_checkpoint(path: Path, state_dict: dict, prefix: str = "classifier.", arch: str | None = None) -> Path:
+    """A checkpoint as the paper's train.py writes it: epoch, arch, state_dict (of its wrapper), optimizer."""
+    obj = {"epoch": 1, "state_dict": {prefix + k: v for k, v in state_dict.items()},
+           "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}}
+    if arch is not None:
+        obj["arch"] = arch
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["classifier.", "module.classifier."])
+def test_paper_checkpoint_hf_layout(hf_dir, ref, tmp_path, prefix):
+    """CIFAR-10 full fine-tuning: Hugging Face ViT keys under classifier. (tiny HF ViT fixture)."""
+    import shutil
+    raw, _ = C.read_checkpoint(hf_dir / WEIGHT_FILES[0])
+    (tmp_path / "run").mkdir()
+    shutil.copy(hf_dir / "tiny_hf_vit" / "config.json", tmp_path / "run" / "config.json")
+    path = _paper_checkpoint(tmp_path / "run" / "checkpoint-1.pth.tar", raw, prefix, arch="hf_vit")
+    assert C.upstream_layout({k[len("classifier."):]: v for k, v in {"classifier." + k: v
+                                                                      for k, v in raw.items()}.items()}) == "hf_vit"
+    loaded = C.get_architecture("hf_vit", checkpoint=path).eval()
+    with torch.no_grad():
+        logits = loaded.model(torch.from_numpy(ref["input"])).numpy()
+    assert np.abs(logits - ref["logits"]).max() < 1e-5
+
+
+def test_paper_checkpoint_timm_layout(tmp_path):
+    """ImageNet full fine-tuning: timm keys under classifier."""
+    torch.manual_seed(0)
+    net = C.get_architecture("test_vit", num_classes=7).model.eval()
+    path = _paper_checkpoint(tmp_path / "full.pth.tar", net.state_dict())
+    loaded = C.get_architecture("test_vit", checkpoint=path).eval()
+    assert loaded.input_norm == "paper"  # what the paper's code fed its classifiers
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert (loaded.model(x) - net(x)).abs().max() < 1e-5
+
+
+class _PaperLoRAQKV(nn.Module):
+    """The forward of the paper's LoRA qkv module, written from its formula: qkv[..., :D] += (alpha // r) B_q A_q x,
+    qkv[..., -D:] += (alpha // r) B_v A_v x."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, alpha: int) -> None:
+        super().__init__()
+        dim = qkv.in_features
+        self.qkv, self.rank, self.alpha = qkv, rank, alpha
+        self.scale = alpha // rank
+        self.linear_a_q, self.linear_a_v = nn.Linear(dim, rank, bias=False), nn.Linear(dim, rank, bias=False)
+        self.linear_b_q, self.linear_b_v = nn.Linear(rank, dim, bias=False), nn.Linear(rank, dim, bias=False)
+        for lin in (self.linear_b_q, self.linear_b_v):  # nonzero B: the adapters change the logits
+            nn.init.normal_(lin.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv, dim = self.qkv(x), self.qkv.in_features
+        qkv[:, :, :dim] += self.scale * self.linear_b_q(self.linear_a_q(x))
+        qkv[:, :, -dim:] += self.scale * self.linear_b_v(self.linear_a_v(x))
+        return qkv
+
+
+@pytest.mark.parametrize("alpha", [4, 6])
+@pytest.mark.parametrize("ft_method", ["full", "lora"])
+def test_paper_checkpoint_lora_layout(tmp_path, alpha, ft_method):
+    """ImageNet LoRA: timm keys under classifier.lora_vit., adapters applied with scale alpha // r (r = 4)."""
+    torch.manual_seed(0)
+    net = C.get_architecture("test_vit", num_classes=5).model.eval()
+    for block in net.blocks:
+        block.attn.qkv = _PaperLoRAQKV(block.attn.qkv, rank=4, alpha=alpha)
+    sd = net.state_dict()
+    assert "blocks.0.attn.qkv.qkv.weight" in sd and sd["blocks.0.attn.qkv.linear_a_q.weight"].shape == (4, 64)
+    path = _paper_checkpoint(tmp_path / "lora.pth.tar", sd, prefix="classifier.lora_vit.")
+    loaded = C.get_architecture("test_vit", checkpoint=path, ft_method=ft_method, lora_alpha=alpha).eval()
+    assert any(isinstance(m, C.LoRAQKV) for m in loaded.modules()) == (ft_method == "lora")
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = net(x)
+        assert (loaded.model(x) - expected).abs().max() < 1e-5
+        if alpha == 6:  # alpha / r = 1.5 would be another model: the integer division matters
+            float_scale = C.get_architecture("test_vit", checkpoint=path, lora_alpha=6.4).eval()
+            assert (float_scale.model(x) - expected).abs().max() < 1e-5  # 6.4 // 4 == 1 as well
+            for m in net.modules():
+                if isinstance(m, _PaperLoRAQKV):
+                    m.scale = m.alpha / m.rank  # 1.5
+            assert (net(x) - expected).abs().max() > 1e-3
+
+
+def test_paper_checkpoint_unknown_layout_is_named(tmp_path):
+    path = _paper_checkpoint(tmp_path / "odd.pth.tar", {"encoder.weight": torch.zeros(2), "fc.bias": torch.zeros(2)})
+    with pytest.raises(UserError, match=r"paper's code .* not recognised: keys classifier\.encoder\.weight, "
+                                        r"classifier\.fc\.bias; known: classifier\.vit\.\*"):
+        C.get_architecture("test_vit", checkpoint=path)

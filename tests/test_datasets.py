@@ -69,6 +69,7 @@ def test_cifar10_missing_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_imagenet_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    monkeypatch.delenv("IMAGENET_LOC_ENV", raising=False)
     with pytest.raises(UserError, match="IMAGENET_DIR"):
         D.get_dataset("imagenet", "test")
     with pytest.raises(UserError, match="val not found"):
@@ -107,3 +108,33 @@ def test_imagenet_fake_folder(fake_imagenet, monkeypatch):
     assert D.certification_indices(val, skip=1) == list(range(12))
     with pytest.raises(UserError, match="--skip"):
         D.certification_indices(val, skip=0)
+
+
+def test_imagenet_root_from_imagenet_loc_env(fake_imagenet, monkeypatch):
+    """$IMAGENET_LOC_ENV (Cohen's and the paper's variable) names the root when $IMAGENET_DIR is not set."""
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    monkeypatch.setenv("IMAGENET_LOC_ENV", str(fake_imagenet))
+    assert len(D.get_dataset("imagenet", "test")) == 12
+    monkeypatch.setenv("IMAGENET_DIR", str(fake_imagenet / "elsewhere"))  # $IMAGENET_DIR comes first
+    with pytest.raises(UserError, match="elsewhere"):
+        D.get_dataset("imagenet", "test")
+
+
+def test_paper_imagenet_subset_reproduces_the_papers_rule():
+    """Both cases of fixtures/upstream/imagenet_subset.json (outputs of the paper's code), exactly."""
+    import json
+    import random
+    cases = json.loads((Path(__file__).parent / "fixtures" / "upstream" / "imagenet_subset.json").read_text())["cases"]
+    assert len(cases) == 2
+    state = random.getstate()
+    for case in cases:
+        targets = [c for c, count in enumerate(case["counts"]) for _ in range(count)]  # sorted by class
+        chosen = D.paper_imagenet_subset(targets, case["seed"])
+        assert chosen == case["indices"]
+        assert len(chosen) == sum(1 for n in case["counts"] if n > 0)
+        assert all(targets[i] == c for i, c in zip(chosen, sorted({targets[i] for i in chosen})))
+    assert random.getstate() == state  # Python's global generator is left alone
+    assert D.paper_imagenet_subset(targets, 1) != D.paper_imagenet_subset(targets, 2)
+    assert D.paper_imagenet_subset([2, 0, 2, 0], 0, num_classes=3) in ([1, 0], [1, 2], [3, 0], [3, 2])
+    with pytest.raises(UserError, match="label 7"):
+        D.paper_imagenet_subset([0, 7], 0, num_classes=3)

@@ -382,3 +382,61 @@ def test_unet_forward_scalar_timestep_and_class_cond():
     assert not torch.allclose(out, unet(x, 10.0, torch.tensor([2, 3])))
     with pytest.raises(ValueError, match="class-conditional"):
         unet(x, 10.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-step denoising (the paper's multistep=True)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _posterior_chain(unet: nn.Module, schedule: dict, x_noisy: torch.Tensor, t: int, seeds: list) -> torch.Tensor:
+    """The reverse chain t, ..., 0 written out from the schedule file's betas / alphas_cumprod (upstream's arrays):
+    p_sample with clip_denoised=True and the learned-range variance, posterior noise from one generator per image."""
+    betas, abar = np.array(schedule["betas"]), np.array(schedule["alphas_cumprod"])
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    log_post_var = np.log(np.append(post_var[1], post_var[1:]))
+    coef1, coef2 = betas * np.sqrt(abar_prev) / (1 - abar), (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar)
+    scale = 1000.0 / schedule["num_timesteps"] if schedule["rescale_timesteps"] else 1.0
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = math.sqrt(abar[t]) * (2 * x_noisy - 1)
+    for s in range(t, -1, -1):
+        out = unet(x, torch.full((len(x),), s * scale, dtype=torch.float64))
+        eps, v = out[:, :3], out[:, 3:]
+        x0 = (math.sqrt(1 / abar[s]) * x - math.sqrt(1 / abar[s] - 1) * eps).clamp(-1, 1)
+        mean = coef1[s] * x0 + coef2[s] * x
+        if s == 0:
+            x = mean
+            break
+        log_var = (v + 1) / 2 * math.log(betas[s]) + (1 - (v + 1) / 2) * log_post_var[s]
+        z = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in gens])
+        x = mean + torch.exp(0.5 * log_var) * z
+    return (x + 1) / 2
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_multistep_denoise_is_the_posterior_chain(diffusion_dir, small_models, name):
+    """Multi-step denoising equals the chain computed directly from the schedule's posterior formulas (float64, same
+    noise), does not depend on the batch an image is in, and its noise matters."""
+    den = small_models(name, torch.float64)
+    schedule = _json(diffusion_dir / f"{FULL['cifar10' if name == 'improved_small' else 'imagenet']}_schedule.json")
+    size = 32 if name == "improved_small" else 64
+    x_noisy = torch.from_numpy(np.random.default_rng(5).uniform(-0.2, 1.2, (2, 3, size, size)))
+    t, seeds = 6, [11, 12]
+    with torch.no_grad():
+        expected = _posterior_chain(den.unet, schedule, x_noisy, t, seeds)
+        got = den.denoise_multistep(x_noisy, t, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = den.denoise_multistep(x_noisy[1:], t, [torch.Generator().manual_seed(seeds[1])])
+        other_noise = den.denoise_multistep(x_noisy, t, [torch.Generator().manual_seed(s + 100) for s in seeds])
+    assert got.dtype == torch.float64 and got.shape == x_noisy.shape
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(alone.numpy(), got[1:].numpy(), rtol=0, atol=1e-10)
+    assert (other_noise - got).abs().max() > 1e-3
+    assert got.min() >= -1e-9 and got.max() <= 1 + 1e-9  # the last step returns the clipped x0 estimate
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        den.denoise_multistep(x_noisy, t, [torch.Generator()])
+
+
+def test_multistep_needs_learned_variance():
+    den = build_denoiser("digits", learn_sigma=False)
+    with pytest.raises(UserError, match="learn_sigma"):
+        den.denoise_multistep(torch.rand(1, 3, 16, 16), 3)

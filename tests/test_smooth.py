@@ -271,3 +271,29 @@ def test_denoised_classifier():
     plain = DenoisedClassifier(None, clf, 0.25)
     assert plain.t_star is None
     torch.testing.assert_close(plain(x), x.flatten(1))
+
+
+def test_multistep_denoising_samples_do_not_depend_on_the_batch():
+    """Smooth gives a multi-step DenoisedClassifier per-sample generators: the counts do not depend on batch_size,
+    and the chain's noise is in play (other keys, other counts of the denoised-logit argmax)."""
+    from denoiser import build_denoiser
+    torch.manual_seed(0)
+    denoiser = build_denoiser("digits").eval()
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    model = DenoisedClassifier(denoiser, head, sigma=0.005, multistep=True)
+    assert model.multistep and model.t_star == 9
+    smooth = Smooth(model, 5, sigma=0.005, noise_block=4)
+    x = torch.rand(3, 16, 16)
+    counts = {b: smooth._sample_noise(x, 10, b, key=7, phase=core.PHASE_ESTIMATION).tolist() for b in (3, 10)}
+    assert counts[3] == counts[10] and sum(counts[3]) == 10
+    with torch.no_grad():  # the first 3 samples by hand: the smoothing noise of block 0, chains seeded per sample
+        g = torch.Generator().manual_seed(block_seed(7, core.PHASE_ESTIMATION, 0))
+        noisy = x + 0.005 * torch.randn((4, *x.shape), generator=g)[:3]
+        gens = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))
+        by_hand = head(denoiser.denoise_multistep(noisy, 9, gens)).argmax(1)
+        one_shot = head(denoiser.denoise(noisy, 9))
+    assert smooth._sample_noise(x, 3, 3, key=7, phase=core.PHASE_ESTIMATION).tolist() == \
+        torch.bincount(by_hand, minlength=5).tolist()
+    with torch.no_grad():
+        fresh = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))
+        assert not torch.allclose(model(noisy, fresh), one_shot)  # multi-step is another denoiser than one-shot
