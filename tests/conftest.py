@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the location of ../shared and a skip when it is absent."""
+"""Shared pytest fixtures: the reference data in ``tests/fixtures`` (shipped with the repository), CLI-error and
+run-lock helpers."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("FT_CADIS_SHARED", REPO.parent / "shared"))
+FIXTURES = REPO / "tests" / "fixtures"
 
 # One intra-op thread per process: the suite runs multi-process jobs (gloo) and tiny models, where OpenMP threads
 # oversubscribe the cores and slow everything down (measured up to 20x on 2 cores). OMP_NUM_THREADS overrides.
@@ -21,16 +22,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """``../shared`` beside the checkout (or ``$FT_CADIS_SHARED``); tests that need it skip without it."""
-    if not SHARED.is_dir():
-        pytest.skip(f"reference data not found at {SHARED} (set FT_CADIS_SHARED)")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
-    return shared_dir / "fixtures"
+def fixtures_dir() -> Path:
+    """``tests/fixtures``: upstream diffusion references, the tiny Hugging Face ViT, Cohen et al.'s published logs
+    (where each comes from: the README.md in each folder)."""
+    return FIXTURES
 
 
 def _cli_error(main, argv, capsys) -> str:
@@ -89,6 +84,6 @@ def lock_held_elsewhere():
 
 
 @pytest.fixture(scope="session")
-def cohen_logs(shared_dir: Path) -> Path:
+def cohen_logs(fixtures_dir: Path) -> Path:
     """Cohen et al.'s published certification and prediction logs (``certify/...``, ``predict/...``)."""
-    return shared_dir / "cohen_logs"
+    return fixtures_dir / "cohen_logs"

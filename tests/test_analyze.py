@@ -29,11 +29,8 @@ PREDICT = "predict/imagenet/resnet50/noise_0.25/test/N_{}"
 
 
 @pytest.fixture(scope="module")
-def logs(shared_dir: Path) -> Path:
-    path = shared_dir / "cohen_logs"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
+def logs(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "cohen_logs"
 
 
 def _same(df: pd.DataFrame, ref: pd.DataFrame) -> None:

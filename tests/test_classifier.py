@@ -1,4 +1,4 @@
-"""classifier.py: HF->timm ViT conversion against ../shared/fixtures/hf_vit, the [0,1] wrapper, LoRA, layer decay,
+"""classifier.py: HF->timm ViT conversion against tests/fixtures/hf_vit, the [0,1] wrapper, LoRA, layer decay,
 checkpoint loading and its errors. ViT-B is only ever built on the meta device."""
 from __future__ import annotations
 

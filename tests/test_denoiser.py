@@ -1,4 +1,4 @@
-"""Tests for unet.py / denoiser.py against the upstream references in ../shared/fixtures/diffusion."""
+"""Tests for unet.py / denoiser.py against the upstream references in tests/fixtures/diffusion."""
 from __future__ import annotations
 
 import json
