@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -142,12 +140,21 @@ def test_two_processes_equal_one(models, reference, tmp_path):
     assert "12 images" in output
 
 
-def _complete_rows(paths) -> int:
-    return sum(max(p.read_text().count("\n") - 1, 0) for p in paths if p.exists())
+def _leave_as_killed(out: Path, world: int, keep: int) -> None:
+    """Turn the complete log ``out`` of a ``world``-process run into what that run leaves when it is killed: no merged
+    log, and rank r's part with its first ``keep`` rows (rank r certifies every world-th image) and a half-written
+    next row."""
+    header, *rows = out.read_text().split("\n")[:-1]
+    for rank in range(world):
+        mine = rows[rank::world]
+        out.with_name(f"{out.name}.rank{rank}").write_text(
+            "\n".join([header, *mine[:keep]]) + "\n" + mine[keep][: len(mine[keep]) // 2])
+    out.unlink()
 
 
-def test_end_to_end_with_denoiser_killed_and_resumed(models, tmp_path):
-    """The real digits denoiser architecture (random weights): a 2-process run killed mid-way, resumed by one."""
+def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, capsys):
+    """The real digits denoiser architecture (random weights): a 2-process run equals the 1-process one; cut as a
+    killed run leaves it (rank parts, each ending in a half-written row), it is resumed by one process."""
     args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "30", "--max_images", "10",
             "--device", "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"]]
     ref = tmp_path / "ref" / "log.tsv"
@@ -156,16 +163,16 @@ def test_end_to_end_with_denoiser_killed_and_resumed(models, tmp_path):
 
     out = tmp_path / "run" / "log.tsv"
     proc = _torchrun(args + ["--outfile", str(out), "--batch_size", "7"])
-    parts = [out.with_name("log.tsv.rank0"), out.with_name("log.tsv.rank1")]
-    deadline = time.monotonic() + 240
-    while _complete_rows(parts) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # as a scheduler's preemption: torchrun passes SIGTERM on to the workers
-    output, _ = proc.communicate(timeout=120)
-    assert not out.exists(), f"the run finished before it could be killed:\n{output}"
-    assert 3 <= _complete_rows(parts) < 10
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert _body(out) == _body(ref)
 
+    _leave_as_killed(out, world=2, keep=2)
+    parts = [out.with_name("log.tsv.rank0"), out.with_name("log.tsv.rank1")]
+    assert [len(p.read_text().split("\n")) for p in parts] == [4, 4]  # header, 2 rows, a half row
+    capsys.readouterr()
     certify.main(args + ["--outfile", str(out), "--batch_size", "16", "--resume"])
+    assert "(6 certified in this run" in capsys.readouterr().out  # the 4 complete rows of the parts are kept
     assert _body(out) == _body(ref)
     assert not any(p.exists() for p in parts)
 
