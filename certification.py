@@ -34,13 +34,18 @@ from logs import (LogRow, PredictRow, Row, existing_parts, merge_parts, open_for
 from utils import PRECISIONS, DistInfo, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed
 
 LOG_FORMAT = 1
-# the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one image per
-# class (skip 50 on the class-sorted validation set) with N = 10,000
+# the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
+# per class (datasets.paper_imagenet_subset, seeded by --seed) with N = 10,000
 DEFAULT_N = {"cifar10": 100_000, "imagenet": 10_000, "digits": 10_000}
+SUBSETS = ("paper", "skip")
+DEFAULT_SUBSET = {"imagenet": "paper"}  # the others: "skip" (every --skip-th image)
+# --subset skip; imagenet 50: diffusion denoised smoothing's 1,000 images (the first of each class)
 DEFAULT_SKIP = {"cifar10": 1, "imagenet": 50, "digits": 1}
 # entries of the sidecar's "config" that a --resume must match (the others are informational)
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
-               "denoiser_ckpt", "classifier", "precision", "noise_block")
+               "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep")
+# what logs written before an entry existed computed (a sidecar without it is compared with this value)
+RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False}
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
 FSYNC_SECONDS = 60.0
 
@@ -79,6 +84,9 @@ class RunOptions:
     resume: bool
     overwrite: bool
     no_progress: bool
+    subset: Optional[str]
+    input_norm: Optional[str]
+    multistep: bool
     # filled by resolve_options
     no_denoiser: bool = False
     classifier: Optional[str] = None
@@ -103,7 +111,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--outfile", required=True, help="the log to write (with <outfile>.json, its configuration)")
     p.add_argument("--seed", type=int, default=0, help="image idx's noise is seeded by (seed, idx)")
     p.add_argument("--split", default="test", help="dataset split (default test)")
-    p.add_argument("--skip", type=int, default=None, help="use every skip-th image (default: 1; imagenet 50)")
+    p.add_argument("--subset", default=None, choices=SUBSETS,
+                   help="which images: 'paper' = the paper's ImageNet rule, one random image per class seeded by "
+                        "--seed (default for imagenet); 'skip' = every --skip-th image (the default otherwise)")
+    p.add_argument("--skip", type=int, default=None,
+                   help="with --subset skip: use every skip-th image (default: 1; imagenet 50, i.e. diffusion "
+                        "denoised smoothing's 1,000 images, the first of each class); implies --subset skip")
     p.add_argument("--max_images", "--max", dest="max", type=int, default=None,
                    help="use at most this many images (the first ones); under torchrun write --max_images "
                         "(torchrun's own parser takes --max for an abbreviation of its --max-restarts)")
@@ -123,6 +136,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--denoiser_ckpt", default=None,
                    help="diffusion checkpoint (default models/<official file>); 'none' = no denoiser (plain "
                         "Gaussian smoothing of the classifier)")
+    p.add_argument("--input_norm", default=None, choices=("paper", "model"),
+                   help="classifier input: 'paper' = 2x - 1 (mean = std = 0.5, what the paper's code feeds) or 'model' "
+                        "= the model's own mean/std; default: what the checkpoint recorded, else paper for "
+                        "imagenet_vit_base and model otherwise (the same for the CIFAR-10 ViT)")
+    p.add_argument("--multistep", action="store_true",
+                   help="denoise with the whole reverse chain t*, ..., 0 (the paper's multistep=True; t* + 1 UNet calls "
+                        "per sample instead of one); default: one-shot, the paper's setting")
     p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -149,7 +169,7 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     if opts.dataset not in DATASETS:
         raise UserError(f"--dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
     opts.N = DEFAULT_N.get(opts.dataset, 100_000) if opts.N is None else opts.N
-    opts.skip = DEFAULT_SKIP.get(opts.dataset, 1) if opts.skip is None else opts.skip
+    _resolve_subset(opts)
     opts.arch = DEFAULT_ARCH[opts.dataset] if opts.arch is None else opts.arch
     if not (math.isfinite(opts.sigma) and opts.sigma > 0):
         raise UserError(f"--sigma {opts.sigma}: must be > 0")
@@ -172,14 +192,43 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     else:
         from denoiser import default_checkpoint_path
         opts.denoiser_ckpt = opts.denoiser_ckpt or str(default_checkpoint_path(opts.dataset))
+    if opts.multistep and opts.no_denoiser:
+        raise UserError("--multistep needs a denoiser; drop --denoiser_ckpt none or --multistep")
     opts.classifier = opts.finetuned_path or opts.classifier_ckpt
     # (a missing --denoiser_ckpt is reported by denoiser.load_denoiser, with where to download it)
     for flag, path in (("--finetuned_path", opts.finetuned_path), ("--classifier_ckpt", opts.classifier_ckpt)):
         if path is not None and not Path(path).exists():
             raise UserError(f"{flag} {path}: no such file")
+    from classifier import checkpoint_input_norm, resolve_input_norm
+    opts.input_norm = resolve_input_norm(opts.arch, opts.input_norm, checkpoint_input_norm(opts.classifier),
+                                         opts.classifier)
     if Path(opts.outfile).is_dir():
         raise UserError(f"--outfile {opts.outfile}: is a directory; name a file")
     return opts
+
+
+def _resolve_subset(opts: RunOptions) -> None:
+    """--subset and --skip: defaults by dataset; an explicit --skip means --subset skip; --subset paper takes none."""
+    if opts.subset is None:
+        opts.subset = "skip" if opts.skip is not None else DEFAULT_SUBSET.get(opts.dataset, "skip")
+    if opts.subset == "paper" and opts.skip is not None:
+        raise UserError(f"--skip {opts.skip} contradicts --subset paper (one random image per class); use --subset "
+                        "skip --skip N for every N-th image")
+    if opts.subset == "skip" and opts.skip is None:
+        opts.skip = DEFAULT_SKIP.get(opts.dataset, 1)
+
+
+def select_indices(dataset: Any, opts: RunOptions) -> list[int]:
+    """The dataset indices a run certifies: :func:`datasets.paper_imagenet_subset` (``--subset paper``, seeded by
+    --seed) or every --skip-th image, at most --max_images of them (the first ones)."""
+    from datasets import certification_indices, get_num_classes, paper_imagenet_subset
+    if opts.subset != "paper":
+        return certification_indices(dataset, opts.skip, opts.max)
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise UserError(f"--subset paper: the {opts.dataset} dataset has no list of labels; use --subset skip")
+    indices = paper_imagenet_subset(targets, opts.seed, get_num_classes(opts.dataset))
+    return indices if opts.max is None or opts.max < 0 else indices[:opts.max]
 
 
 def run_config(opts: RunOptions) -> dict[str, Any]:
@@ -190,7 +239,8 @@ def run_config(opts: RunOptions) -> dict[str, Any]:
         "denoiser": None if opts.no_denoiser else opts.dataset,
         "denoiser_ckpt": None if opts.no_denoiser else Path(opts.denoiser_ckpt).name,
         "classifier": Path(opts.classifier).name if opts.classifier else "pretrained",
-        "precision": opts.precision, "noise_block": opts.noise_block,
+        "precision": opts.precision, "noise_block": opts.noise_block, "subset": opts.subset,
+        "input_norm": opts.input_norm, "multistep": bool(opts.multistep),
         # informational
         "max": opts.max, "finetuned": bool(opts.finetuned_path),
     }
@@ -288,16 +338,18 @@ def certify_dataset(smoothed: Smooth, dataset: Any, indices: Sequence[int], log:
 
 
 def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str], denoiser_ckpt: Optional[str],
-                          sigma: float, num_classes: int, device: torch.device) -> DenoisedClassifier:
-    """f o D: the classifier ``arch`` (weights from ``classifier_ckpt``, else pretrained) after the denoiser of
-    config ``dataset`` (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing)."""
+                          sigma: float, num_classes: int, device: torch.device, input_norm: Optional[str] = None,
+                          multistep: bool = False) -> DenoisedClassifier:
+    """f o D: the classifier ``arch`` (weights from ``classifier_ckpt``, else pretrained; input convention
+    ``input_norm``, None = the checkpoint's or the architecture's) after the denoiser of config ``dataset``
+    (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing), one-shot or ``multistep``."""
     from classifier import get_architecture
     from denoiser import load_denoiser
 
     denoiser = None if denoiser_ckpt is None else load_denoiser(dataset, denoiser_ckpt, device=device)
     classifier = get_architecture(arch, num_classes=num_classes, pretrained=classifier_ckpt is None,
-                                  checkpoint=classifier_ckpt, device=device)
-    return DenoisedClassifier(denoiser, classifier, sigma).to(device).eval()
+                                  checkpoint=classifier_ckpt, device=device, input_norm=input_norm)
+    return DenoisedClassifier(denoiser, classifier, sigma, multistep=multistep).to(device).eval()
 
 
 def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
@@ -306,7 +358,7 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 
     num_classes = get_num_classes(opts.dataset)
     model = build_base_classifier(opts.dataset, opts.arch, opts.classifier, opts.denoiser_ckpt, opts.sigma,
-                                  num_classes, device)
+                                  num_classes, device, opts.input_norm, bool(opts.multistep))
     if opts.use_fast:
         from core import compile_for_inference_, prepare_inference_
         prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
@@ -331,7 +383,8 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
     except (ValueError, KeyError, TypeError):
         raise UserError(f"--resume: {side} is not a configuration file of this kind; use another --outfile"
                         ) from None
-    diff = [f"{k}={recorded.get(k)!r} (now {config[k]!r})" for k in resume_keys if recorded.get(k) != config[k]]
+    recorded = {k: recorded.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
+    diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
     if diff:
         raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
                         "rerun with the recorded flags, or use another --outfile or --overwrite")
@@ -419,9 +472,9 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     existing, done = check_outputs(outfile, config, opts.resume, opts.overwrite, row_type)
     dist_info = init_distributed(opts.device)
     try:
-        from datasets import certification_indices, get_dataset
+        from datasets import get_dataset
         dataset = get_dataset(opts.dataset, opts.split, data_dir=opts.data_dir)
-        indices = certification_indices(dataset, opts.skip, opts.max)
+        indices = select_indices(dataset, opts)
         method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
         barrier()
         if dist_info.is_main:

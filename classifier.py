@@ -594,8 +594,8 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
 
     ``path``: a ``.safetensors`` or ``torch.save`` file (a bare state dict, or a ``train.py`` checkpoint with
     ``state_dict``/``arch``), or a Hugging Face folder with ``model.safetensors`` / ``pytorch_model.bin``.
-    info: ``arch`` and ``input_norm`` (train.py checkpoints), ``hf_config`` / ``hf_preprocessor`` (HF config.json files beside the
-    weights), ``path``.
+    info: ``arch`` (train.py checkpoints), ``input_norm`` (:func:`input_norm_record`), ``hf_config`` /
+    ``hf_preprocessor`` (HF config.json files beside the weights), ``path``.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -616,13 +616,11 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
         raise UserError(f"--classifier_ckpt {path}: unreadable checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if input_norm_record(obj) is not None:
+        info["input_norm"] = input_norm_record(obj)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         if obj.get("arch") is not None:
             info["arch"] = str(obj["arch"])
-        if obj.get("input_norm") in INPUT_NORMS:
-            info["input_norm"] = obj["input_norm"]
-        elif "args" in obj:  # a train.py checkpoint from before --input_norm existed: the model's own mean/std
-            info["input_norm"] = "model"
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -630,6 +628,36 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
         raise UserError(f"--classifier_ckpt {path}: not a state dict (expected a dict of tensors, "
                         "or a train.py checkpoint with 'state_dict')")
     return dict(obj), info
+
+
+def input_norm_record(obj: Any) -> Optional[str]:
+    """The input convention a loaded checkpoint object records, None when it says nothing.
+
+    A train.py checkpoint's ``input_norm``; a train.py checkpoint from before that entry existed (it has ``args``):
+    ``model``, the model's own mean/std, which train.py used then; a checkpoint of the paper's code (every key of
+    its state dict under ``classifier.``): ``paper``, what that code fed its classifiers.
+    """
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("input_norm") in INPUT_NORMS:
+        return str(obj["input_norm"])
+    if "args" in obj and isinstance(obj.get("state_dict"), dict):
+        return "model"
+    state_dict = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else obj
+    return "paper" if is_upstream_state_dict(state_dict) else None
+
+
+def checkpoint_input_norm(path: Optional[PathLike]) -> Optional[str]:
+    """:func:`input_norm_record` of a checkpoint file, read without loading its tensors (``torch.load`` with mmap);
+    None for no path, a folder, a ``.safetensors`` file or a file that does not load (read_checkpoint reports it)."""
+    path = None if path is None else Path(path).expanduser()
+    if path is None or not path.is_file() or path.suffix == ".safetensors":
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, or not a checkpoint: read_checkpoint says which
+        return None
+    return input_norm_record(obj)
 
 
 def to_timm_state_dict(state_dict: StateDict, lora_alpha: float = 4.0) -> StateDict:
@@ -791,8 +819,6 @@ def get_architecture(
             raise UserError(f"--classifier_ckpt {checkpoint}: written for --arch {info['arch']}, not {arch}")
         if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
             _check_cifar10_hf_config(info["hf_config"], checkpoint)
-        if is_upstream_state_dict(state_dict):  # the paper's code fed every classifier 2x - 1
-            info.setdefault("input_norm", "paper")
         state_dict = to_timm_state_dict(state_dict, lora_alpha)
         if num_classes is None and arch not in ARCHS:  # any timm model: take the head size from the checkpoint
             num_classes = _head_size(arch, state_dict)

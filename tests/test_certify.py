@@ -261,3 +261,56 @@ def test_existing_outfile_and_resume_mismatch(models, reference, tmp_path, capsy
     certify.main(_args(models, out, "--overwrite", "--seed", "4"))
     assert json.loads((tmp_path / "log.tsv.json").read_text())["config"]["seed"] == 4
     assert _body(out) != _body(reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's settings: subset, input convention, multi-step denoising (issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_subset_paper_and_skip(models, reference, tmp_path):
+    """--subset paper certifies datasets.paper_imagenet_subset(targets, --seed) (the ImageNet default); an explicit
+    --skip means --subset skip; the sidecar records the subset and the input convention."""
+    from certification import RunOptions, resolve_options
+    from datasets import get_dataset, paper_imagenet_subset
+    side = json.loads(reference.with_name("ref.tsv.json").read_text())["config"]
+    assert (side["subset"], side["skip"], side["input_norm"], side["multistep"]) == ("skip", 1, "model", False)
+    rows = certify.main(_args(models, tmp_path / "paper.tsv", "--subset", "paper", "--max_images", "4"))
+    test_set = get_dataset("digits", "test")
+    assert [r.idx for r in rows] == sorted(paper_imagenet_subset(test_set.targets, 3, 10)[:4])  # the log: idx order
+    assert sorted(r.label for r in rows) == [0, 1, 2, 3]  # one image of each of the first four classes
+
+    def resolved(*extra):
+        args = certify.get_parser().parse_args(["--dataset", "imagenet", "--sigma", "0.5", "--outfile",
+                                                str(tmp_path / "in.tsv"), "--denoiser_ckpt", "none", *extra])
+        opts = resolve_options(RunOptions.from_namespace(args))
+        return opts.subset, opts.skip, opts.input_norm
+    assert resolved() == ("paper", None, "paper")
+    assert resolved("--skip", "50") == ("skip", 50, "paper")
+    assert resolved("--subset", "skip", "--input_norm", "model") == ("skip", 50, "model")
+    with pytest.raises(UserError, match="--skip 50 contradicts --subset paper"):
+        resolved("--subset", "paper", "--skip", "50")
+
+
+def test_input_norm_from_the_checkpoint_and_a_contradicting_flag(models, tmp_path):
+    clf = torch.load(models["clf"], weights_only=True)
+    torch.save({"state_dict": clf, "arch": "digits_vit_tiny", "input_norm": "paper", "args": {}}, tmp_path / "ft.pt")
+    out = tmp_path / "log.tsv"
+    certify.main(_args(models, out, "--finetuned_path", str(tmp_path / "ft.pt"), "--max_images", "2"))
+    assert json.loads(out.with_name("log.tsv.json").read_text())["config"]["input_norm"] == "paper"
+    with pytest.raises(UserError, match="--input_norm model contradicts .*ft.pt"):
+        certify.main(_args(models, tmp_path / "other.tsv", "--finetuned_path", str(tmp_path / "ft.pt"),
+                           "--input_norm", "model"))
+
+
+def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
+    """--multistep: the whole reverse chain (t* = 28 at sigma 0.01 for the digits schedule); each sample's chain noise
+    is seeded per sample, so the log is the same for any --batch_size; it differs from the one-shot log."""
+    args = ["--dataset", "digits", "--sigma", "0.01", "--N0", "6", "--N", "14", "--max_images", "2", "--device",
+            "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"]]
+    logs = {b: certify.main(args + ["--multistep", "--batch_size", str(b), "--outfile", str(tmp_path / f"m{b}.tsv")])
+            for b in (5, 20)}
+    assert [(r.predict, r.radius) for r in logs[5]] == [(r.predict, r.radius) for r in logs[20]]
+    assert json.loads((tmp_path / "m5.tsv.json").read_text())["config"]["multistep"] is True
+    with pytest.raises(UserError, match="--multistep needs a denoiser"):
+        certify.main(_args(models, tmp_path / "x.tsv", "--multistep"))

@@ -523,11 +523,16 @@ def test_input_norm_defaults_record_and_contradiction(tmp_path):
     sd = net.model.state_dict()
     cases = {"recorded_paper": ({"state_dict": sd, "input_norm": "paper", "args": {}}, "paper"),
              "old_train_py": ({"state_dict": sd, "args": {}}, "model"),  # before the option: the model's statistics
+             "paper_code": ({"state_dict": {"classifier." + k: v for k, v in sd.items()}}, "paper"),
              "bare": (sd, "model")}
     for name, (obj, recorded) in cases.items():
         torch.save(obj, tmp_path / f"{name}.pt")
+        if name == "paper_code":  # (its loading is test_paper_checkpoint_*: the paper's code only had ViTs)
+            assert C.checkpoint_input_norm(tmp_path / f"{name}.pt") == "paper"
+            continue
         loaded = C.get_architecture("test_byobnet", checkpoint=tmp_path / f"{name}.pt")
         assert loaded.input_norm == recorded, name
+        assert C.checkpoint_input_norm(tmp_path / f"{name}.pt") == (None if name == "bare" else recorded), name
         assert loaded.mean.flatten().tolist() == (half if recorded == "paper" else imagenet_mean), name
     with pytest.raises(UserError, match="--input_norm model contradicts .*recorded_paper.pt.*--input_norm paper"):
         C.get_architecture("test_byobnet", checkpoint=tmp_path / "recorded_paper.pt", input_norm="model")
