@@ -54,6 +54,7 @@ def cohen_run(cohen_logs, tmp_path_factory) -> tuple[Path, str]:
     return work / "analysis", proc.stdout
 
 
+@pytest.mark.slow
 def test_cohen_script_reproduces_published_cifar10_table(cohen_run):
     """Cohen et al. (2019) Table 1, CIFAR-10, best sigma per radius: 60 / 43 / 32 / 23 / 17 / 14 % at r = 0.25..1.5."""
     out, _ = cohen_run
@@ -67,6 +68,7 @@ def test_cohen_script_reproduces_published_cifar10_table(cohen_run):
     assert np.array_equal(np.array(bold).argmax(axis=0), table.argmax(axis=0)) and np.array(bold).sum() == 6
 
 
+@pytest.mark.slow
 def test_cohen_script_reproduces_published_imagenet_table(cohen_run):
     """Cohen et al. Table 1, ImageNet: 49 / 37 / 29 / 19 / 15 / 12 % at r = 0.5..3.0 (best sigma, marked *)."""
     out, _ = cohen_run
@@ -79,6 +81,7 @@ def test_cohen_script_reproduces_published_imagenet_table(cohen_run):
     assert [s[0] for s in starred] == [0.67, 0.49, 0.37, 0.29, 0.19, 0.15, 0.12]
 
 
+@pytest.mark.slow
 def test_cohen_script_acr_table_plots_and_direct_calls(cohen_run, cohen_logs):
     out, stdout = cohen_run
     lines = (out / "latex" / "vary_noise_cifar10_acr").read_text().splitlines()
@@ -196,6 +199,7 @@ def test_paper_sigma_sources_and_errors(cohen_logs, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_curves_of_a_tiny_digits_run(tmp_path):
     """A 4-step train.py run on digits: its step and epoch logs plotted, one panel per quantity."""
     import train

@@ -305,6 +305,7 @@ def test_console_markdown_csv(logs, tmp_path, capsys):
     assert table.shape == (2, 11)
 
 
+@pytest.mark.slow
 def test_plots(logs, tmp_path):
     paths = [str(logs / p) for p in CIFAR_SIGMAS]
     png, pdf = tmp_path / "curve.png", tmp_path / "sub" / "curve.pdf"

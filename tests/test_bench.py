@@ -76,6 +76,7 @@ def test_reference_denoise_is_the_one_shot_denoiser():
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @torch_threads(1)  # small ops: one thread is faster, and immune to a busy second core
 def test_fast_path_agrees_with_fp32_on_same_noise():
     """bf16 autocast + channels_last vs fp32, same noise, digits-size models: >= 99% of classes match, logits close."""
@@ -101,6 +102,7 @@ def test_fast_path_agrees_with_fp32_on_same_noise():
     assert np.abs(counts["fp32"] - counts["bf16"]).sum() <= 6  # <= 1% of the samples change class
 
 
+@pytest.mark.slow
 @torch_threads(1)
 def test_fast_path_agrees_on_shipped_digits_models():
     """Trained weights (the demo's shipped models), digits test images: bf16 fast path == fp32 on >= 99% of samples."""
@@ -183,6 +185,7 @@ def test_flop_count_and_matmul_rate():
     assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
 
 
+@pytest.mark.slow
 def test_bench_cli_digits_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main(["--configs", "digits", "--device", "cpu", "--threads", "1", "--weights", "random",
@@ -236,6 +239,7 @@ def test_bench_bad_outputs_and_values_fail_before_work(tmp_path, cli_error, file
 
 
 
+@pytest.mark.slow
 def test_bench_with_checkpoints(tmp_path):
     """--denoiser_ckpt / --classifier_ckpt: the given (here: the shipped, trained) weights are timed and checked,
     the record says so; a missing file or several configurations are refused."""
@@ -254,6 +258,7 @@ def test_bench_with_checkpoints(tmp_path):
         bench.main(["--configs", "digits", "cifar10", "--device", "cpu", "--classifier_ckpt", str(clf)])
 
 
+@pytest.mark.slow
 def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
     """scripts/agreement_vit_b.py with an existing checkpoint (no training): ViT-B/16 structure, every figure."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

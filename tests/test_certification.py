@@ -23,6 +23,7 @@ def _options(argv: list[str]) -> C.RunOptions:
         argv)))
 
 
+@pytest.mark.slow
 def test_predict_run_equals_smooth_predict(tmp_path):
     from classifier import get_architecture
     from datasets import certification_indices, get_dataset

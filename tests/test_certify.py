@@ -130,6 +130,7 @@ def _torchrun(args, nproc=2, **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(models, reference, tmp_path):
     out = tmp_path / "log.tsv"
     proc = _torchrun(_args(models, out, batch_size=7))
@@ -152,6 +153,7 @@ def _leave_as_killed(out: Path, world: int, keep: int) -> None:
     out.unlink()
 
 
+@pytest.mark.slow
 def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, capsys):
     """The real digits denoiser architecture (random weights): a 2-process run equals the 1-process one; cut as a
     killed run leaves it (rank parts, each ending in a half-written row), it is resumed by one process."""
@@ -177,6 +179,7 @@ def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, caps
     assert not any(p.exists() for p in parts)
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_log(tmp_path):
     """--compile (torch.compile of the UNet and the classifier) on the shipped, trained digits models: the same
     predictions and radii as the eager run on the same noise, and the sidecar records it."""

@@ -58,6 +58,7 @@ def test_shipped_denoiser_loads_and_denoises(metrics):
     assert abs(psnr - reported["psnr_denoised"]) < 1.0  # a subset and other noise than the report, same quality
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     outdir = tmp_path / "demo"
     threads = torch.get_num_threads()

@@ -43,6 +43,7 @@ def _wrong(prediction: np.ndarray, radius: np.ndarray, pA: np.ndarray, sigma: fl
     return certified & ((prediction != 0) | (radius > sigma * norm.ppf(pA) + 1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fixed", "sequential"])
 def test_validity_measured_with_known_pA(mode):
     """Wrong-certificate rate <= alpha at every pA placed just above / below a requested radius' threshold."""
@@ -66,6 +67,7 @@ def test_validity_measurement_has_power(monkeypatch):
     assert _wrong(prediction, radius, np.full(trials, pA)).mean() > ALPHA + 3 * _slack(ALPHA, trials)
 
 
+@pytest.mark.slow
 def test_sequential_radii_not_far_below_fixed():
     """At each requested radius, sequential certifies it nearly as often as fixed N, on far fewer samples."""
     trials, rng = 4000, np.random.default_rng(2)
@@ -130,6 +132,7 @@ class PixelThreshold(torch.nn.Module):
         return logits[:, 0] if len(self.a) == 1 else logits
 
 
+@pytest.mark.slow
 def test_smooth_certify_sequential_validity_measured():
     reps, x = 300, torch.zeros(1, 2, 2)
     for pA in (norm.cdf(0.25 / SIGMA + 0.1), norm.cdf(0.5 / SIGMA - 0.1)):

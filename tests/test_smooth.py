@@ -60,6 +60,7 @@ def _slack(alpha: float, reps: int = REPS) -> float:
     return 3 * math.sqrt(alpha * (1 - alpha) / reps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pA", [0.5, 0.7, 0.9, 0.99])
 def test_certify_validity_measured(pA):
     alpha = 0.2
@@ -74,6 +75,7 @@ def test_certify_validity_measured(pA):
         assert wrong == 0.0  # pABar <= nA/n < 0.99 almost surely with n = 100 at alpha = 0.2
 
 
+@pytest.mark.slow
 def test_validity_test_has_power(monkeypatch):
     """The measurement above catches a broken CERTIFY: a point estimate of pA, or selection and estimation sharing
     their samples."""
@@ -95,6 +97,7 @@ def test_validity_test_has_power(monkeypatch):
     assert wrong_shared > alpha + 2 * _slack(alpha)
 
 
+@pytest.mark.slow
 def test_predict_validity_measured():
     alpha, reps = 0.1, 1000
     x = torch.zeros(1, 2, 2)
@@ -273,6 +276,7 @@ def test_denoised_classifier():
     torch.testing.assert_close(plain(x), x.flatten(1))
 
 
+@pytest.mark.slow
 def test_multistep_denoising_samples_do_not_depend_on_the_batch():
     """Smooth gives a multi-step DenoisedClassifier per-sample generators: the counts do not depend on batch_size,
     and the chain's noise is in play (other keys, other counts of the denoised-logit argmax)."""

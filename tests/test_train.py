@@ -85,6 +85,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_and_exact_resume(tiny_models, tmp_path):
     # 3 micro-steps per optimizer step, 2 per batch: step 1 ends in the middle of a batch
     first = tmp_path / "first"
