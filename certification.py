@@ -15,6 +15,7 @@ neither on the batch size, nor on the number of processes, nor on interruptions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,14 +24,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO, Type
+from typing import Any, Callable, Container, Optional, Sequence, TextIO, Type
 
 import torch
 from tqdm import tqdm
 
-from core import NOISE_BLOCK, DenoisedClassifier, Smooth, image_generator
-from logs import (LogRow, PredictRow, Row, existing_parts, merge_parts, open_for_append, part_path, read_done,
-                  sidecar_path)
+from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
+from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, merge_parts, open_for_append, part_path,
+                  read_done, sidecar_path)
 from utils import PRECISIONS, DistInfo, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed
 
 LOG_FORMAT = 1
@@ -43,9 +44,11 @@ DEFAULT_SUBSET = {"imagenet": "paper"}  # the others: "skip" (every --skip-th im
 DEFAULT_SKIP = {"cifar10": 1, "imagenet": 50, "digits": 1}
 # entries of the sidecar's "config" that a --resume must match (the others are informational)
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
-               "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep")
+               "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep",
+               "mode", "radii", "skip_wrong")
 # what logs written before an entry existed computed (a sidecar without it is compared with this value)
-RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False}
+RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False, "mode": "fixed", "radii": None,
+                   "skip_wrong": False}
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
 FSYNC_SECONDS = 60.0
 
@@ -61,7 +64,7 @@ class RunOptions:
 
     dataset: str
     sigma: float
-    outfile: str
+    outfile: list[str]  # one log per classifier, in the order of :attr:`classifiers`
     seed: int
     split: str
     skip: Optional[int]
@@ -71,7 +74,7 @@ class RunOptions:
     batch_size: int
     alpha: float
     arch: Optional[str]
-    finetuned_path: Optional[str]
+    finetuned_path: Optional[list[str]]
     off_the_shelf: bool
     classifier_ckpt: Optional[str]
     denoiser_ckpt: Optional[str]
@@ -87,9 +90,14 @@ class RunOptions:
     subset: Optional[str]
     input_norm: Optional[str]
     multistep: bool
+    sequential: Optional[bool]  # certify.py only (None where a CLI has no such flag)
+    radii: Optional[list[float]]
+    skip_wrong: Optional[bool]
     # filled by resolve_options
     no_denoiser: bool = False
-    classifier: Optional[str] = None
+    classifiers: tuple[Optional[str], ...] = ()  # the checkpoint of each log's classifier; None = pretrained
+    finetuned: tuple[bool, ...] = ()
+    input_norms: tuple[str, ...] = ()  # the input convention of each classifier
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RunOptions":
@@ -108,7 +116,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every certification-style CLI shares (model, data, noise, precision, output, resume)."""
     p.add_argument("--dataset", required=True, help="cifar10, imagenet or digits")
     p.add_argument("--sigma", type=float, required=True, help="noise level sigma of the smoothed classifier")
-    p.add_argument("--outfile", required=True, help="the log to write (with <outfile>.json, its configuration)")
+    p.add_argument("--outfile", required=True, nargs="+",
+                   help="the log to write (with <outfile>.json, its configuration); several classifiers: one log "
+                        "each, in their order (the off-the-shelf one first, then each --finetuned_path)")
     p.add_argument("--seed", type=int, default=0, help="image idx's noise is seeded by (seed, idx)")
     p.add_argument("--split", default="test", help="dataset split (default test)")
     p.add_argument("--subset", default=None, choices=SUBSETS,
@@ -126,11 +136,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--arch", default=None, help="classifier architecture (default: cifar10_vit_base, "
                                                 "imagenet_vit_base or digits_vit_tiny) or any timm model name")
-    p.add_argument("--finetuned_path", default=None, help="a train.py checkpoint (takes precedence over "
-                                                          "--classifier_ckpt)")
+    p.add_argument("--finetuned_path", default=None, nargs="+",
+                   help="one or more train.py checkpoints (without --off-the-shelf, they replace the off-the-shelf "
+                        "classifier); several classifiers share every denoised sample, one --outfile each")
     p.add_argument("--off-the-shelf", dest="off_the_shelf", action="store_true",
-                   help="use the off-the-shelf classifier (--classifier_ckpt, else pretrained weights); the "
-                        "default when --finetuned_path is not given")
+                   help="use the off-the-shelf classifier (--classifier_ckpt, else pretrained weights): the "
+                        "default without --finetuned_path; with it, the off-the-shelf one comes first")
     p.add_argument("--classifier_ckpt", default=None,
                    help="off-the-shelf classifier weights (timm/HF/train.py file); default: pretrained")
     p.add_argument("--denoiser_ckpt", default=None,
@@ -184,8 +195,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         raise UserError(f"--max_images {opts.max}: must be >= 0")
     if opts.resume and opts.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    if opts.finetuned_path and opts.off_the_shelf:
-        raise UserError("--finetuned_path and --off-the-shelf contradict each other; pick one")
+    _resolve_classifiers(opts)
+    _resolve_sequential(opts)
     opts.no_denoiser = opts.denoiser_ckpt is not None and opts.denoiser_ckpt.lower() == "none"
     if opts.no_denoiser:
         opts.denoiser_ckpt = None
@@ -194,16 +205,18 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         opts.denoiser_ckpt = opts.denoiser_ckpt or str(default_checkpoint_path(opts.dataset))
     if opts.multistep and opts.no_denoiser:
         raise UserError("--multistep needs a denoiser; drop --denoiser_ckpt none or --multistep")
-    opts.classifier = opts.finetuned_path or opts.classifier_ckpt
     # (a missing --denoiser_ckpt is reported by denoiser.load_denoiser, with where to download it)
-    for flag, path in (("--finetuned_path", opts.finetuned_path), ("--classifier_ckpt", opts.classifier_ckpt)):
+    for flag, path in [("--finetuned_path", p) for p in opts.finetuned_path or []] + [
+            ("--classifier_ckpt", opts.classifier_ckpt)]:
         if path is not None and not Path(path).exists():
             raise UserError(f"{flag} {path}: no such file")
     from classifier import checkpoint_input_norm, resolve_input_norm
-    opts.input_norm = resolve_input_norm(opts.arch, opts.input_norm, checkpoint_input_norm(opts.classifier),
-                                         opts.classifier)
-    if Path(opts.outfile).is_dir():
-        raise UserError(f"--outfile {opts.outfile}: is a directory; name a file")
+    opts.input_norms = tuple(resolve_input_norm(opts.arch, opts.input_norm, checkpoint_input_norm(c), c)
+                             for c in opts.classifiers)
+    opts.input_norm = opts.input_norms[0]
+    for outfile in opts.outfile:
+        if Path(outfile).is_dir():
+            raise UserError(f"--outfile {outfile}: is a directory; name a file")
     return opts
 
 
@@ -231,18 +244,49 @@ def select_indices(dataset: Any, opts: RunOptions) -> list[int]:
     return indices if opts.max is None or opts.max < 0 else indices[:opts.max]
 
 
-def run_config(opts: RunOptions) -> dict[str, Any]:
-    """What determines a log's rows (:data:`RESUME_KEYS`) plus information about the run."""
+def _resolve_classifiers(opts: RunOptions) -> None:
+    """The classifiers of a run, one log each: the off-the-shelf one (without --finetuned_path, or with
+    --off-the-shelf), then each --finetuned_path."""
+    opts.outfile = [opts.outfile] if isinstance(opts.outfile, str) else list(opts.outfile)
+    finetuned = list(opts.finetuned_path or [])
+    off_the_shelf = [opts.classifier_ckpt] if opts.off_the_shelf or not finetuned else []
+    opts.classifiers = tuple(off_the_shelf + finetuned)
+    opts.finetuned = tuple([False] * len(off_the_shelf) + [True] * len(finetuned))
+    if len(opts.outfile) != len(opts.classifiers):
+        names = ["--off-the-shelf"] * len(off_the_shelf) + finetuned
+        raise UserError(f"--outfile: {len(opts.outfile)} log(s) for {len(opts.classifiers)} classifier(s) "
+                        f"({', '.join(names)}); give one --outfile per classifier, in that order")
+    if len({Path(o).resolve() for o in opts.outfile}) != len(opts.outfile):
+        raise UserError(f"--outfile {' '.join(opts.outfile)}: the same log twice; give each classifier its own")
+
+
+def _resolve_sequential(opts: RunOptions) -> None:
+    """--sequential's radii (default: 0 and the paper's table radii that --N could certify) and their checks."""
+    if opts.radii is not None and not opts.sequential:
+        raise UserError("--radii: only with --sequential (fixed-N CERTIFY certifies whatever radius N gives)")
+    if opts.sequential and opts.radii is None:
+        n = opts.N if opts.N is not None else DEFAULT_N.get(opts.dataset, 100_000)
+        opts.radii = default_sequential_radii(opts.dataset, opts.sigma, n, opts.alpha)
+    if opts.radii is not None:
+        if not opts.radii or any(not (math.isfinite(r) and r >= 0) for r in opts.radii):
+            raise UserError(f"--radii {' '.join(map(str, opts.radii))}: give one or more radii >= 0")
+        opts.radii = sorted(set(float(r) for r in opts.radii))
+
+
+def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
+    """What determines the rows of log ``k`` (:data:`RESUME_KEYS`) plus information about the run."""
+    classifier = opts.classifiers[k]
     return {
         "format": LOG_FORMAT, "dataset": opts.dataset, "split": opts.split, "sigma": opts.sigma, "N0": opts.N0,
         "N": opts.N, "alpha": opts.alpha, "seed": opts.seed, "skip": opts.skip, "arch": opts.arch,
         "denoiser": None if opts.no_denoiser else opts.dataset,
         "denoiser_ckpt": None if opts.no_denoiser else Path(opts.denoiser_ckpt).name,
-        "classifier": Path(opts.classifier).name if opts.classifier else "pretrained",
+        "classifier": Path(classifier).name if classifier else "pretrained",
         "precision": opts.precision, "noise_block": opts.noise_block, "subset": opts.subset,
-        "input_norm": opts.input_norm, "multistep": bool(opts.multistep),
+        "input_norm": opts.input_norms[k], "multistep": bool(opts.multistep),
+        "mode": "sequential" if opts.sequential else "fixed", "radii": opts.radii, "skip_wrong": bool(opts.skip_wrong),
         # informational
-        "max": opts.max, "finetuned": bool(opts.finetuned_path),
+        "max": opts.max, "finetuned": opts.finetuned[k],
     }
 
 
@@ -253,33 +297,43 @@ def run_config(opts: RunOptions) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Method:
-    """What a run computes for one image and how the result becomes a log row.
+    """What a run computes for one image and how each result becomes a log row.
 
-    ``compute(x, generator)`` returns the result for image x whose noise comes from ``generator``; ``to_row(idx,
-    label, result, seconds)`` the row of type ``row_type``.
+    ``compute(x, generator, label)`` returns one result per classifier (log) for image x, whose noise comes from
+    ``generator``; ``to_row(idx, label, result, seconds)`` the row of type ``row_type`` of one result.
     """
 
     row_type: Type[LogRow]
-    compute: Callable[[torch.Tensor, torch.Generator], Any]
+    compute: Callable[[torch.Tensor, torch.Generator, int], list[Any]]
     to_row: Callable[[int, int, Any, float], LogRow]
 
 
-def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: int) -> Method:
-    """Cohen et al.'s CERTIFY (:meth:`core.Smooth.certify`): rows ``idx label predict radius correct time``."""
-    def compute(x: torch.Tensor, generator: torch.Generator) -> tuple[int, float]:
-        return smoothed.certify(x, n0, n, alpha, batch_size, generator=generator)
+def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: int,
+                   radii: Optional[Sequence[float]] = None, skip_wrong: bool = False) -> Method:
+    """Cohen et al.'s CERTIFY (:meth:`core.Smooth.certify_heads`): rows ``idx label predict radius correct time``.
 
-    def to_row(idx: int, label: int, result: tuple[int, float], seconds: float) -> Row:
-        prediction, radius = result
-        return Row(idx, label, int(prediction), float(radius), int(prediction == label), seconds)
+    ``radii``: sequential CERTIFY (n = n_max) with these requested radii. ``skip_wrong`` (evaluation only): a
+    classifier whose selection guess is not the label gets the row (guess, radius 0, correct 0) without estimation.
+    Either adds the column ``n``, the estimation samples used (:class:`logs.SampledRow`).
+    """
+    sampled = radii is not None or skip_wrong
 
-    return Method(Row, compute, to_row)
+    def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[tuple[int, float, int]]:
+        return smoothed.certify_heads(x, n0, n, alpha, batch_size, radii=radii, generator=generator,
+                                      label=label if skip_wrong else None)
+
+    def to_row(idx: int, label: int, result: tuple[int, float, int], seconds: float) -> Row:
+        prediction, radius, used = result
+        values = (idx, label, int(prediction), float(radius), int(prediction == label), seconds)
+        return SampledRow(*values, int(used)) if sampled else Row(*values)
+
+    return Method(SampledRow if sampled else Row, compute, to_row)
 
 
 def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> Method:
     """Cohen et al.'s PREDICT (:meth:`core.Smooth.predict`): rows ``idx label predict correct time``."""
-    def compute(x: torch.Tensor, generator: torch.Generator) -> int:
-        return smoothed.predict(x, n, alpha, batch_size, generator=generator)
+    def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[int]:
+        return [smoothed.predict(x, n, alpha, batch_size, generator=generator)]
 
     def to_row(idx: int, label: int, prediction: int, seconds: float) -> PredictRow:
         return PredictRow(idx, label, int(prediction), int(prediction == label), seconds)
@@ -287,15 +341,19 @@ def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> M
     return Method(PredictRow, compute, to_row)
 
 
-def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextIO, seed: int, device: torch.device,
-                progress: bool = True, done: Sequence[LogRow] = ()) -> list[LogRow]:
-    """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to ``log`` as soon as it is
-    known (fsync at least every :data:`FSYNC_SECONDS`).
+def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextIO | Sequence[TextIO], seed: int,
+                device: torch.device, progress: bool = True, done: Sequence[LogRow] = (),
+                written: Sequence[Container[int]] = ()) -> list[LogRow]:
+    """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to its log (``log``: one per
+    result of the method) as soon as it is known (fsync at least every :data:`FSYNC_SECONDS`).
 
     Image idx's noise is seeded by (seed, idx) (:func:`core.image_generator`), so a row does not depend on which
-    process computes it, in which order, or with which batch size. ``done`` (rows written earlier) only feeds the
-    progress bar's running figures. Returns the new rows.
+    process computes it, in which order, or with which batch size. ``written[k]`` (resuming several logs): the idx
+    that log k already holds, not written again. ``done`` (rows written earlier) only feeds the progress bar's
+    running figures. Returns the new rows of the first log.
     """
+    logs = [log] if hasattr(log, "write") else list(log)  # type: ignore[arg-type]
+    written = list(written) or [()] * len(logs)
     rows: list[LogRow] = []
     last_sync = time.monotonic()
     bar = tqdm(indices, disable=not progress, unit="img", dynamic_ncols=True, file=sys.stderr)
@@ -303,14 +361,19 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextI
         x, label = dataset[idx]
         x, label = x.to(device), int(label)
         t0 = time.perf_counter()
-        result = method.compute(x, image_generator(seed, idx))
-        row = method.to_row(int(idx), label, result, time.perf_counter() - t0)
-        log.write(row.line())
-        log.flush()
+        results = method.compute(x, image_generator(seed, idx), label)
+        seconds = time.perf_counter() - t0
+        for k, (out, result) in enumerate(zip(logs, results)):
+            row = method.to_row(int(idx), label, result, seconds)
+            if idx not in written[k]:
+                out.write(row.line())
+                out.flush()
+            if k == 0:
+                rows.append(row)
         if time.monotonic() - last_sync > FSYNC_SECONDS:
-            os.fsync(log.fileno())
+            for out in logs:
+                os.fsync(out.fileno())
             last_sync = time.monotonic()
-        rows.append(row)
         if progress:
             bar.set_postfix(_running_figures([*done, *rows]), refresh=False)
     return rows
@@ -337,18 +400,24 @@ def certify_dataset(smoothed: Smooth, dataset: Any, indices: Sequence[int], log:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str], denoiser_ckpt: Optional[str],
-                          sigma: float, num_classes: int, device: torch.device, input_norm: Optional[str] = None,
-                          multistep: bool = False) -> DenoisedClassifier:
+def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str] | Sequence[Optional[str]],
+                          denoiser_ckpt: Optional[str], sigma: float, num_classes: int, device: torch.device,
+                          input_norm: Optional[str] | Sequence[Optional[str]] = None, multistep: bool = False
+                          ) -> DenoisedClassifier:
     """f o D: the classifier ``arch`` (weights from ``classifier_ckpt``, else pretrained; input convention
     ``input_norm``, None = the checkpoint's or the architecture's) after the denoiser of config ``dataset``
-    (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing), one-shot or ``multistep``."""
+    (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing), one-shot or ``multistep``. Lists of
+    checkpoints (and of their input conventions) give K classifiers after one denoiser
+    (:class:`core.ClassifierStack`, logits [B, K, classes])."""
     from classifier import get_architecture
     from denoiser import load_denoiser
 
     denoiser = None if denoiser_ckpt is None else load_denoiser(dataset, denoiser_ckpt, device=device)
-    classifier = get_architecture(arch, num_classes=num_classes, pretrained=classifier_ckpt is None,
-                                  checkpoint=classifier_ckpt, device=device, input_norm=input_norm)
+    ckpts = [classifier_ckpt] if classifier_ckpt is None or isinstance(classifier_ckpt, str) else list(classifier_ckpt)
+    norms = [input_norm] * len(ckpts) if input_norm is None or isinstance(input_norm, str) else list(input_norm)
+    classifiers = [get_architecture(arch, num_classes=num_classes, pretrained=ckpt is None, checkpoint=ckpt,
+                                    device=device, input_norm=norm) for ckpt, norm in zip(ckpts, norms)]
+    classifier = classifiers[0] if len(classifiers) == 1 else ClassifierStack(classifiers)
     return DenoisedClassifier(denoiser, classifier, sigma, multistep=multistep).to(device).eval()
 
 
@@ -357,8 +426,8 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
     from datasets import get_num_classes
 
     num_classes = get_num_classes(opts.dataset)
-    model = build_base_classifier(opts.dataset, opts.arch, opts.classifier, opts.denoiser_ckpt, opts.sigma,
-                                  num_classes, device, opts.input_norm, bool(opts.multistep))
+    model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
+                                  num_classes, device, opts.input_norms, bool(opts.multistep))
     if opts.use_fast:
         from core import compile_for_inference_, prepare_inference_
         prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
@@ -422,21 +491,26 @@ def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, co
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfile: Path, done: dict[int, LogRow],
-              seed: int, dist_info: DistInfo, progress: bool) -> Optional[list[LogRow]]:
-    """Every rank computes every W-th image not yet done into its own part (the log itself with one process);
-    rank 0 then merges the parts into one idx-sorted log and returns its rows (None on the other ranks)."""
-    todo = [i for i in indices if i not in done][dist_info.rank::dist_info.world_size]
-    target = outfile if dist_info.world_size == 1 else part_path(outfile, dist_info.rank)
+def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Sequence[Path],
+              dones: Sequence[dict[int, LogRow]], seed: int, dist_info: DistInfo, progress: bool
+              ) -> Optional[list[list[LogRow]]]:
+    """Every rank computes every W-th image that some log still lacks into its own part of each log (the logs
+    themselves with one process); rank 0 then merges each log's parts into one idx-sorted log and returns the rows
+    of each (None on the other ranks)."""
+    todo = [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
+    targets = [o if dist_info.world_size == 1 else part_path(o, dist_info.rank) for o in outfiles]
+    done = dones[0]
     if dist_info.is_main and done:
-        print(f"resuming {outfile}: {sum(i in done for i in indices)} of {len(indices)} images already done",
+        print(f"resuming {outfiles[0]}: {sum(i in done for i in indices)} of {len(indices)} images already done",
               file=sys.stderr)
-    with open_for_append(target, method.row_type) as log:
-        run_dataset(method, dataset, todo, log, seed, dist_info.device, progress=dist_info.is_main and progress,
-                    done=[done[i] for i in indices if i in done])
-        os.fsync(log.fileno())
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open_for_append(t, method.row_type)) for t in targets]
+        run_dataset(method, dataset, todo, logs, seed, dist_info.device, progress=dist_info.is_main and progress,
+                    done=[done[i] for i in indices if i in done], written=[set(d) for d in dones])
+        for log in logs:
+            os.fsync(log.fileno())
     barrier()
-    return merge_parts(outfile, method.row_type) if dist_info.is_main else None
+    return [merge_parts(o, method.row_type) for o in outfiles] if dist_info.is_main else None
 
 
 def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float) -> str:
@@ -459,17 +533,21 @@ def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float) ->
         head = f"  accuracy {analysis.clean_accuracy(df):.3f}"
     lines.append(f"{head}, abstentions {int((df['predict'] == ABSTAIN).sum())} ({analysis.abstention_rate(df):.1%}), "
                  f"{'certification' if certify else 'prediction'} time {total:.1f} s ({total / len(df):.3f} s/image)")
+    if "n" in df.columns:
+        lines.append(f"  {config.get('mode', 'fixed')} mode (radii {config.get('radii')}"
+                     f"{', --skip_wrong' if config.get('skip_wrong') else ''}): "
+                     f"{float(df['n'].mean()):.0f} estimation samples per image (N={config['N']})")
     return "\n".join(lines)
 
 
 def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth, RunOptions], Method],
-        argv: Sequence[str]) -> Optional[list[LogRow]]:
-    """A whole run (see the module docstring) with resolved ``opts``; returns the merged log's rows on rank 0 (None
-    on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``) for the smoothed
-    classifier; ``argv`` is recorded in the sidecar."""
-    config = run_config(opts)
-    outfile = Path(opts.outfile)
-    existing, done = check_outputs(outfile, config, opts.resume, opts.overwrite, row_type)
+        argv: Sequence[str]) -> Optional[list[list[LogRow]]]:
+    """A whole run (see the module docstring) with resolved ``opts``; returns the rows of each merged log on rank 0
+    (None on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``, one result
+    per log) for the smoothed classifier; ``argv`` is recorded in the sidecars."""
+    outfiles = [Path(o) for o in opts.outfile]
+    configs = [run_config(opts, k) for k in range(len(outfiles))]
+    checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type) for o, c in zip(outfiles, configs)]
     dist_info = init_distributed(opts.device)
     try:
         from datasets import get_dataset
@@ -480,17 +558,21 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
         if dist_info.is_main:
             info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
                     "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
-                    "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            prepare_outputs(outfile, existing, opts.overwrite, config, info)
+                    "classifiers": len(outfiles), "torch": torch.__version__,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            for outfile, config, (existing, _) in zip(outfiles, configs, checked):
+                prepare_outputs(outfile, existing, opts.overwrite, config, info)
         barrier()
         start = time.perf_counter()
-        rows = run_parts(method, dataset, indices, outfile, done, opts.seed, dist_info, not opts.no_progress)
-        if rows is None:
+        logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
+                         not opts.no_progress)
+        if logs is None:
             return None
-        if rows:
-            print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
-        else:
-            print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
-        return rows
+        for outfile, config, rows, (_, done) in zip(outfiles, configs, logs, checked):
+            if rows:
+                print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
+            else:
+                print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
+        return logs
     finally:
         cleanup_distributed()

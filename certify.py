@@ -14,7 +14,15 @@ the configuration; ``--resume`` continues an interrupted run (single-process or 
 ``--fast`` (implied by ``--precision bf16|fp16`` and ``--compile``) takes the opt-in speed-ups of ``fast.py``.
 The work is done by ``certification.py``; this file is its command line.
 
+``--sequential`` (``--N`` becomes n_max) stops each image's estimation once the requested ``--radii`` are decided
+(``core.Smooth.certify_sequential``: same guarantee, a fraction of the samples); ``--skip_wrong`` (measuring accuracy
+only) skips estimation where the selection guess is not the label. Both add a column ``n``, the estimation samples
+used. Several classifiers (``--off-the-shelf --finetuned_path A B``) share every denoised sample, one log each
+(``--outfile off.tsv a.tsv b.tsv``), each identical to that classifier's own run with the same seed.
+
     python certify.py --dataset cifar10 --sigma 0.25 --finetuned_path runs/ckpt.pt --outfile logs/c10_025.tsv
+    python certify.py --dataset cifar10 --sigma 0.5 --sequential --off-the-shelf --finetuned_path a.pt b.pt \
+        --outfile logs/off.tsv logs/a.tsv logs/b.tsv
     torchrun --nproc_per_node 8 certify.py --dataset imagenet --sigma 0.5 --off-the-shelf --outfile logs/in.tsv
 """
 from __future__ import annotations
@@ -24,7 +32,7 @@ import sys
 from typing import Optional, Sequence
 
 from certification import RunOptions, add_run_arguments, certify_method, resolve_options, run
-from logs import Row
+from logs import Row, SampledRow
 from utils import run_cli
 
 
@@ -33,14 +41,26 @@ def get_parser() -> argparse.ArgumentParser:
                                             "a tab-separated log 'idx label predict radius correct time'.")
     add_run_arguments(p)
     p.add_argument("--N0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--sequential", action="store_true",
+                   help="sequential CERTIFY: stop estimating once the --radii are decided (--N is the most samples)")
+    p.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="with --sequential: the radii to decide (default: 0 and the paper's table radii of the "
+                        "dataset that --N samples can certify)")
+    p.add_argument("--skip_wrong", action="store_true",
+                   help="for measuring accuracy only (not deployment): where the selection guess is not the label, "
+                        "write (guess, radius 0, correct 0) without estimation; same certified accuracy and ACR")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row]]:
-    """Run the certification; returns the merged log's rows on rank 0 (None on the other ranks)."""
+def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row] | list[list[Row]]]:
+    """Run the certification; returns the merged log's rows on rank 0 (several classifiers: the rows of each log;
+    None on the other ranks)."""
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
-    return run(opts, Row, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size),
-               list(sys.argv if argv is None else argv))  # type: ignore[return-value]
+    row_type = SampledRow if opts.sequential or opts.skip_wrong else Row
+    logs = run(opts, row_type, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size,
+                                                                   o.radii, bool(o.skip_wrong)),
+               list(sys.argv if argv is None else argv))
+    return logs if logs is None or len(logs) > 1 else logs[0]  # type: ignore[return-value]
 
 
 if __name__ == "__main__":

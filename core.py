@@ -112,6 +112,21 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
     return model
 
 
+class ClassifierStack(nn.Module):
+    """K classifiers applied to the same input: logits ``[B, K, num_classes]``.
+
+    As the classifier of a :class:`DenoisedClassifier`, each noisy sample is denoised once and classified by all K;
+    :meth:`Smooth.certify_heads` then certifies each of the K base classifiers on its own counts.
+    """
+
+    def __init__(self, classifiers: Sequence[nn.Module]):
+        super().__init__()
+        self.classifiers = nn.ModuleList(classifiers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([classifier(x) for classifier in self.classifiers], 1)
+
+
 def block_seed(key: int, phase: int, block: int) -> int:
     """The 64-bit seed of noise block ``block`` of phase ``phase`` of a call whose key is ``key``."""
     return int(np.random.SeedSequence([key, phase, block]).generate_state(1, np.uint64)[0])

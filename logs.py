@@ -3,6 +3,7 @@
 A log is tab-separated text, one header line, one row per image:
 
     idx  label  predict  radius  correct  time      (CERTIFY, :class:`Row`)
+    idx  label  predict  radius  correct  time  n   (CERTIFY with the samples used, :class:`SampledRow`)
     idx  label  predict  correct  time              (PREDICT, :class:`PredictRow`)
 
 ``predict`` is :data:`ABSTAIN` (-1) when the smoothed classifier abstains, ``radius`` is written at full precision,
@@ -90,6 +91,14 @@ class Row(LogRow):
     radius: float
     correct: int
     time: float
+
+
+@dataclass(frozen=True)
+class SampledRow(Row):
+    """A CERTIFY row with the estimation samples it used, ``n`` (``certify.py --sequential`` / ``--skip_wrong``:
+    0 for a row whose selection guess was wrong and skipped estimation)."""
+
+    n: int
 
 
 @dataclass(frozen=True)

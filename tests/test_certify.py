@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import certify
-from logs import HEADER
+import core
+from logs import HEADER, read_log
 from utils import UserError, run_cli, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,6 +217,9 @@ def test_compile_gives_the_eager_log(tmp_path):
     (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10"),
     (["--resume", "--overwrite"], "--resume"),
     (["--off-the-shelf", "--finetuned_path", "x.pt"], "--off-the-shelf"),
+    (["--radii", "0.5"], "--radii"),
+    (["--sequential", "--radii", "-0.5"], "--radii"),
+    (["--sequential", "--radii", "nan"], "--radii"),
 ])
 def test_bad_input(models, tmp_path, extra, message):
     out = tmp_path / "sub" / "log.tsv"
@@ -317,3 +321,69 @@ def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
     assert json.loads((tmp_path / "m5.tsv.json").read_text())["config"]["multistep"] is True
     with pytest.raises(UserError, match="--multistep needs a denoiser"):
         certify.main(_args(models, tmp_path / "x.tsv", "--multistep"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --sequential, --skip_wrong, several classifiers (issue 15), on the digits models (fp32)
+# ---------------------------------------------------------------------------------------------------------------
+
+DIGITS = ["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",
+          "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt")]
+OFF_THE_SHELF = ["--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt")]
+
+
+def _rows(path: Path) -> list[list[str]]:
+    """Every column but the time."""
+    lines = Path(path).read_text().split("\n")
+    names = lines[0].split("\t")
+    return [[v for name, v in zip(names, line.split("\t")) if name != "time"] for line in lines[1:-1]]
+
+
+def test_sequential_log_has_n_and_the_sidecar_records_mode_and_radii(tmp_path):
+    out = tmp_path / "seq.tsv"
+    rows = certify.main(DIGITS + OFF_THE_SHELF + ["--sigma", "0.5", "--N", "300", "--max_images", "3",
+                                                  "--sequential", "--outfile", str(out)])
+    assert out.read_text().split("\n")[0] == HEADER + "\tn"
+    assert all(r.n in core.checkpoint_schedule(300) for r in rows)
+    config = json.loads(out.with_name("seq.tsv.json").read_text())["config"]
+    # default radii: 0 and the table radii that 300 samples can certify at sigma 0.5 (0.5 Phi^-1(0.0005^(1/300)) = 0.98)
+    assert config["mode"] == "sequential" and config["radii"] == [0.0, 0.25, 0.5, 0.75]
+    df = read_log(out)
+    assert list(df["n"]) == [r.n for r in rows]
+    with pytest.raises(UserError, match="mode"):  # resuming it as a fixed-N run is refused
+        certify.main(DIGITS + OFF_THE_SHELF + ["--sigma", "0.5", "--N", "300", "--max_images", "3", "--resume",
+                                               "--outfile", str(out)])
+
+
+@pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0", "0.25", "0.5"]])
+def test_skip_wrong_same_accuracy_and_acr_fewer_samples(tmp_path, mode):
+    import analysis
+
+    common = DIGITS + OFF_THE_SHELF + ["--sigma", "1.0", "--N", "200", "--max_images", "12", *mode]
+    certify.main(common + ["--outfile", str(tmp_path / "full.tsv")])
+    certify.main(common + ["--skip_wrong", "--outfile", str(tmp_path / "skip.tsv")])
+    full, skip = read_log(tmp_path / "full.tsv"), read_log(tmp_path / "skip.tsv")
+    wrong = skip["n"] == 0
+    assert wrong.sum() >= 1, "the test needs images whose selection guess is wrong"
+    assert (full["correct"] == skip["correct"]).all() and not skip["correct"][wrong].any()
+    assert (full["radius"][skip["correct"]] == skip["radius"][skip["correct"]]).all()
+    radii = analysis.radius_grid(0, 2, 0.25)
+    assert (analysis.certified_accuracy(full, radii) == analysis.certified_accuracy(skip, radii)).all()
+    assert analysis.acr(full) == analysis.acr(skip)
+    assert analysis.clean_accuracy(full) == analysis.clean_accuracy(skip)
+    assert skip["n"].sum() < (full["n"].sum() if "n" in full else 200 * len(full))
+
+
+@pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0", "0.25", "0.5"]])
+def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_path, mode):
+    common = DIGITS + ["--sigma", "0.5", "--N", "200", "--max_images", "4", "--batch_size", "64", *mode]
+    logs = certify.main(common + OFF_THE_SHELF + ["--off-the-shelf", "--finetuned_path", models["clf"],
+                                                  "--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
+    assert len(logs) == 2
+    certify.main(common + OFF_THE_SHELF + ["--outfile", str(tmp_path / "a1.tsv")])
+    certify.main(common + ["--finetuned_path", models["clf"], "--outfile", str(tmp_path / "b1.tsv")])
+    assert _rows(tmp_path / "a.tsv") == _rows(tmp_path / "a1.tsv")
+    assert _rows(tmp_path / "b.tsv") == _rows(tmp_path / "b1.tsv")
+    assert _rows(tmp_path / "a.tsv") != _rows(tmp_path / "b.tsv")
+    side = json.loads((tmp_path / "b.tsv.json").read_text())["config"]
+    assert side["classifier"] == "clf.pt" and side["finetuned"] is True
