@@ -355,11 +355,12 @@ def test_sequential_log_has_n_and_the_sidecar_records_mode_and_radii(tmp_path):
                                                "--outfile", str(out)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0", "0.25", "0.5"]])
 def test_skip_wrong_same_accuracy_and_acr_fewer_samples(tmp_path, mode):
     import analysis
 
-    common = DIGITS + OFF_THE_SHELF + ["--sigma", "1.0", "--N", "200", "--max_images", "12", *mode]
+    common = DIGITS + OFF_THE_SHELF + ["--sigma", "1.0", "--N", "100", "--max_images", "10", *mode]
     certify.main(common + ["--outfile", str(tmp_path / "full.tsv")])
     certify.main(common + ["--skip_wrong", "--outfile", str(tmp_path / "skip.tsv")])
     full, skip = read_log(tmp_path / "full.tsv"), read_log(tmp_path / "skip.tsv")
@@ -371,12 +372,13 @@ def test_skip_wrong_same_accuracy_and_acr_fewer_samples(tmp_path, mode):
     assert (analysis.certified_accuracy(full, radii) == analysis.certified_accuracy(skip, radii)).all()
     assert analysis.acr(full) == analysis.acr(skip)
     assert analysis.clean_accuracy(full) == analysis.clean_accuracy(skip)
-    assert skip["n"].sum() < (full["n"].sum() if "n" in full else 200 * len(full))
+    assert skip["n"].sum() < (full["n"].sum() if "n" in full else 100 * len(full))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0", "0.25", "0.5"]])
 def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_path, mode):
-    common = DIGITS + ["--sigma", "0.5", "--N", "200", "--max_images", "4", "--batch_size", "64", *mode]
+    common = DIGITS + ["--sigma", "0.5", "--N", "150", "--max_images", "4", "--batch_size", "64", *mode]
     logs = certify.main(common + OFF_THE_SHELF + ["--off-the-shelf", "--finetuned_path", models["clf"],
                                                   "--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
     assert len(logs) == 2
