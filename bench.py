@@ -48,8 +48,9 @@ import torch.nn.functional as F
 
 from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
 from core import (PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, compile_for_inference_,
-                  prepare_inference_)
+                  eps_pixels, noise_and_denoise, prepare_inference_)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
+from training import clip_grad_per_param
 from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
                    resolve_device, resolve_precision, run_cli, torch_threads)
 
@@ -419,20 +420,21 @@ class FinetuneStep:
     ``reference``: FT-CADIS's loop: noise from q_sample + full p_sample, attack and adversarial forward on every
     image, ``torch.optim.AdamW`` defaults (a for-loop on CPU), per-parameter clipping with a host sync per
     parameter; precision fp16 with loss scaling on CUDA (its default ``--use_fp16 True``), fp32 on CPU.
-    Otherwise ours (``train.py``'s step): noise at sigma + one-shot denoise without grad by a denoiser prepared with
-    :func:`core.prepare_inference_`, fused AdamW, foreach clipping; the attack and the adversarial forward only on
-    masked-in images when ``masked_only``.
+    Otherwise ours (``train.py``'s step): :func:`core.noise_and_denoise` (noise at sigma, one-shot denoise without
+    grad) by a denoiser prepared with :func:`core.prepare_inference_`, fused AdamW, foreach clipping; the attack and
+    the adversarial forward only on masked-in images when ``masked_only``. ``eps`` is in ``--eps`` units
+    (:func:`core.eps_pixels`).
     """
 
     def __init__(self, name: str, classifier: ImageClassifier, denoiser: DiffusionDenoiser, sigma: float,
-                 precision: str, reference: bool, masked_only: bool, device: torch.device, eps: float = 64 / 256,
+                 precision: str, reference: bool, masked_only: bool, device: torch.device, eps: float = 64.0,
                  clip_grad: float = 0.3):
         cfg = CONFIGS[name]
         self.classifier = classifier.train()
         self.sigma = sigma
         self.t_star = denoiser.timestep_for_sigma(sigma)
         self.M, self.lbd, self.steps = cfg["num_noises"], cfg["lbd"], cfg["attack_steps"]
-        self.eps_pixels = eps / 2  # the reference's [-1, 1] units -> [0, 1] pixels
+        self.eps_pixels = eps_pixels(eps)
         self.precision, self.reference, self.masked_only = precision, reference, masked_only
         self.device, self.clip_grad = device, clip_grad
         groups = param_groups_lrd(classifier, weight_decay=0.04, layer_decay=cfg["layer_decay"])
@@ -447,14 +449,12 @@ class FinetuneStep:
         self.masked_in: List[float] = []
 
     def denoise(self, clean: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference:
+        if self.reference:
+            with torch.no_grad():
                 return (self.ref_model.denoise(clean * 2 - 1) + 1) / 2
-            noisy = clean + self.sigma * torch.randn_like(clean)
-            return self.denoiser.denoise(noisy, self.t_star).to(clean.dtype)
+        return noise_and_denoise(self.denoiser, clean, self.t_star, self.sigma)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        from train import clip_grad_per_param
         clean = images.repeat(self.M, 1, 1, 1)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):

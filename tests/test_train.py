@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+import training
 from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,18 +50,18 @@ def _steps(path: Path) -> dict[int, list[str]]:
 
 # ------------------------------------------------------------------------------------------------ schedules, clipping
 def test_lr_and_wd_schedules():
-    assert train.lr_at(0.0, 1e-3, 1e-6, 3, 30) == 0.0
-    assert train.lr_at(1.5, 1e-3, 1e-6, 3, 30) == pytest.approx(5e-4)  # linear warmup
-    assert train.lr_at(3.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-3)
-    assert train.lr_at(16.5, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)  # half-way cosine
-    assert train.lr_at(30.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6)
-    assert train.cosine_at(0.0, 0.04, 0.4, 30) == pytest.approx(0.04)
-    assert train.cosine_at(15.0, 0.04, 0.4, 30) == pytest.approx(0.22)
-    assert train.cosine_at(30.0, 0.04, 0.4, 30) == pytest.approx(0.4)
+    assert training.lr_at(0.0, 1e-3, 1e-6, 3, 30) == 0.0
+    assert training.lr_at(1.5, 1e-3, 1e-6, 3, 30) == pytest.approx(5e-4)  # linear warmup
+    assert training.lr_at(3.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-3)
+    assert training.lr_at(16.5, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)  # half-way cosine
+    assert training.lr_at(30.0, 1e-3, 1e-6, 3, 30) == pytest.approx(1e-6)
+    assert training.cosine_at(0.0, 0.04, 0.4, 30) == pytest.approx(0.04)
+    assert training.cosine_at(15.0, 0.04, 0.4, 30) == pytest.approx(0.22)
+    assert training.cosine_at(30.0, 0.04, 0.4, 30) == pytest.approx(0.4)
 
     opt = torch.optim.AdamW([{"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 0.5, "weight_decay": 0.1},
                              {"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 1.0, "weight_decay": 0.0}])
-    train.set_lr_wd(opt, 2e-3, 0.3)
+    training.set_lr_wd(opt, 2e-3, 0.3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]  # no-decay groups stay at 0
 
@@ -69,7 +70,7 @@ def test_per_parameter_gradient_clipping():
     a, b = torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad = torch.tensor([2.0, 0.0, 0.0, 0.0])
     b.grad = torch.tensor([0.06, 0.08])
-    train.clip_grad_per_param([a, b], 0.5)
+    training.clip_grad_per_param([a, b], 0.5)
     assert a.grad.norm().item() == pytest.approx(0.5, rel=1e-5)  # capped separately ...
     torch.testing.assert_close(b.grad, torch.tensor([0.06, 0.08]))  # ... the small one untouched
 
@@ -138,7 +139,7 @@ def test_incompatible_load_from_and_non_checkpoint_resume(tiny_models, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
-    real = train.cadis_objective
+    real = training.cadis_objective
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):  # the 5th micro-step (in optimizer step 2) produces NaN
@@ -146,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, t
         loss, sce, madv, correct = real(*args, **kwargs)
         return (loss * math.nan if calls["n"] == 5 else loss), sce, madv, correct
 
-    monkeypatch.setattr(train, "cadis_objective", flaky)
+    monkeypatch.setattr(training, "cadis_objective", flaky)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         train.main(_args(tiny_models, out, "--max_steps", "4", "--ckpt_every_steps", "1"))
@@ -159,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, t
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
     # the good checkpoint resumes (and a fresh run refuses to overwrite the folder)
-    monkeypatch.setattr(train, "cadis_objective", real)
+    monkeypatch.setattr(training, "cadis_objective", real)
     with pytest.raises(UserError, match="already holds a run"):
         train.main(_args(tiny_models, out, "--max_steps", "2"))
     result = train.main(_args(tiny_models, out, "--max_steps", "2", "--no_test",

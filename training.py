@@ -1,0 +1,865 @@
+"""The FT-CADIS fine-tuning library behind ``train.py`` (SPEC section 4), one process of a ``torchrun`` job.
+
+The story of a run, in the order of :func:`train`:
+
+1. :class:`TrainConfig` holds every setting; its fields define train.py's flags, their defaults and help once
+   (:func:`add_config_arguments`); :func:`resolve_config` checks them and fills the dataset-dependent defaults.
+2. :func:`build_run` builds the run: processes and seeds (:func:`run_seed`), classifier and frozen denoiser,
+   optimizer, data, and the position of a resumed run.
+3. :func:`run_epoch` runs one epoch. Each loader batch of ``batch`` clean images is split into M = ``num_noises``
+   chunks of B' = batch/M images; each chunk is repeated M times (noise-major) and makes one micro-step
+   (:func:`micro_step`: :func:`core.noise_and_denoise`, then :func:`core.cadis_objective`, backward).
+   Gradients are accumulated over ``accum_iter`` micro-steps (DDP ``no_sync`` in between), then
+   :func:`optimizer_step` clips per parameter and steps AdamW (layer-wise lr decay, per-iteration lr warmup +
+   half-cycle cosine, cosine weight decay).
+4. Checkpoints (:func:`save_checkpoint`) and logs (``log.txt`` per epoch, ``log_steps.txt`` per logged optimizer
+   step; formats in docs/ARCHITECTURE.md) are written by rank 0.
+
+Effective batch = batch x accum_iter x world_size / M; lr = blr x effective batch / 256 unless ``lr`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from core import cadis_objective, eps_pixels, noise_and_denoise, prepare_inference_
+from utils import (PRECISIONS, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast,
+                   cleanup_distributed, init_distributed)
+
+# test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
+DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
+LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
+STEP_LOG_HEADER = "step\tepoch\tlr\tloss\tsce\tmadv\tacc\tmasked_in"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the run stops without writing a checkpoint."""
+
+
+def bool_flag(value: str) -> bool:
+    """``true/false, yes/no, 1/0, on/off`` -> bool (the paper's ``--use_fp16 true``)."""
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if v in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The configuration: its fields are train.py's flags
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A :class:`TrainConfig` field: its default and the ``argparse`` help (and e.g. ``choices``, ``flags``).
+
+    The flag is ``--<name>``; a bool that defaults to True is ``--no_<name>``; ``bool_value=True`` makes a bool a
+    ``--<name> true|false`` flag; ``flags`` names the option strings explicitly.
+    """
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run; one field per ``train.py`` flag (adding a flag = adding a field)."""
+
+    dataset: str = field(metadata={"help": "cifar10, imagenet or digits"})
+    arch: Optional[str] = _flag(None, "classifier architecture (default: cifar10_vit_base / imagenet_vit_base / "
+                                      "digits_vit_tiny by dataset; or any timm model name)")
+    ft_method: str = _flag("full", "full fine-tuning or LoRA on q/v", choices=("full", "full-ft", "lora"))
+    epochs: int = _flag(30, "epochs")
+    warmup_epochs: float = _flag(3.0, "epochs of linear lr warmup")
+    batch: int = _flag(32, "images per loader batch and process (split into --num_noises chunks)")
+    accum_iter: int = _flag(1, "micro-steps (chunks) accumulated per optimizer step")
+    lr: Optional[float] = _flag(None, "absolute lr (default: blr x effective batch / 256)")
+    blr: float = _flag(1e-3, "base lr; effective batch = batch x accum_iter x world_size / M")
+    min_lr: float = _flag(1e-6, "final lr of the cosine schedule")
+    train_noise_sd: float = _flag(0.25, "sigma of the training noise (pixel scale [0, 1])")
+    test_noise_sd: Optional[float] = _flag(None, "sigma of the per-epoch test accuracy (default: train's)")
+    eps: float = _flag(64.0, "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] "
+                             "pixels (64 -> 0.25 on [-1, 1] = 0.125 pixels)")
+    num_steps: int = _flag(4, "attack steps", flags=("--num-steps", "--num_steps"))
+    lbd: float = _flag(1.0, "lambda, the weight of the masked adversarial loss")
+    eps_double: bool = _flag(False, "double eps from epoch --warmup_eps on")
+    warmup_eps: int = _flag(10000, "0-based epoch from which --eps_double applies")
+    layer_decay: float = _flag(0.65, "layer-wise lr decay")
+    weight_decay: float = _flag(0.04, "initial weight decay (cosine schedule)")
+    weight_decay_end: Optional[float] = _flag(0.4, "final weight decay")
+    use_fp16: bool = _flag(False, "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as "
+                                  "--precision fp16", bool_value=True)
+    clip_grad: float = _flag(0.3, "per-parameter gradient norm cap (0: off)")
+    drop_path: float = _flag(0.2, "drop path rate")
+    num_noises: int = _flag(4, "M, noises (denoised copies) per image")
+    warm_start: bool = _flag(True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: "
+                                   "off)", bool_value=True)
+    resume: Optional[str] = _flag(None, "continue a run from its checkpoint (weights, optimizer, schedule position, "
+                                        "RNG)", metavar="CKPT")
+    load_from: Optional[str] = _flag(None, "start a new run from these classifier weights (a train.py checkpoint or "
+                                           "a state dict)", metavar="CKPT")
+    seed: int = _flag(0, "seed (see training.run_seed; process r uses seed + r)")
+    workers: int = _flag(4, "data loading workers per process")
+    outdir: Optional[str] = _flag(None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
+    device: Optional[str] = _flag(None, "cuda, cuda:1, cpu (default: cuda when available)")
+    precision: str = _flag("fp32", "autocast: fp32 (exact), bf16 (no scaler), fp16", choices=PRECISIONS)
+    denoiser_ckpt: Optional[str] = _flag(None, "diffusion checkpoint (default: models/<official file name>)")
+    classifier_ckpt: Optional[str] = _flag(None, "off-the-shelf classifier weights (default: the architecture's "
+                                                 "pretrained weights; digits: models/digits_vit_tiny.pt)")
+    data_dir: Optional[str] = _flag(None, "dataset root (else the dataset's environment variable)")
+    download: bool = _flag(False, "download CIFAR-10 if missing")
+    lora_rank: int = _flag(4, "LoRA rank")
+    lora_alpha: float = _flag(4.0, "LoRA alpha")
+    max_steps: Optional[int] = _flag(None, "stop after this many optimizer steps in total (smoke runs); writes "
+                                           "checkpoint-step<N>.pth.tar")
+    ckpt_every_steps: int = _flag(0, "also checkpoint every N optimizer steps (0: off)")
+    log_every: int = _flag(10, "write log_steps.txt every N optimizer steps")
+    test_per_class: Optional[int] = _flag(None, "test images per class for the per-epoch accuracy (default: cifar10 "
+                                                "100, imagenet 5, digits all)")
+    no_test: bool = _flag(False, "skip the per-epoch test accuracy")
+    full_attack: bool = _flag(False, "attack every image, not only the masked-in ones (same loss, slower; for "
+                                     "comparison)")
+    progress: bool = _flag(True, "no progress bar")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser`` (dest = the field name, default = the field's).
+
+    Args:
+        parser: the parser of train.py (or of a script that runs the training itself).
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        bool_value = meta.pop("bool_value", False)
+        flags = meta.pop("flags", None)
+        kwargs: Dict[str, Any] = {"dest": f.name, **meta}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        if kind is bool and bool_value:
+            kwargs.update(type=bool_flag, nargs="?", const=True)
+        elif kind is bool:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        elif kind is not str:
+            kwargs["type"] = kind
+        negated = kind is bool and not bool_value and f.default is True
+        parser.add_argument(*(flags or [f"--no_{f.name}" if negated else f"--{f.name}"]), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed flags (other attributes of ``args`` are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Flag values that can never work -> :class:`UserError` naming the flag."""
+    M = cfg.num_noises
+    if M < 1:
+        raise UserError(f"--num_noises {M}: must be >= 1")
+    if cfg.batch < 1 or cfg.batch % M:
+        raise UserError(f"--batch {cfg.batch} is not divisible by --num_noises {M} (each batch is split into "
+                        f"{M} chunks of batch/M images, each denoised under M noises); use a multiple of {M}")
+    for name, value, low in (("--accum_iter", cfg.accum_iter, 1), ("--epochs", cfg.epochs, 1),
+                             ("--num-steps", cfg.num_steps, 0), ("--log_every", cfg.log_every, 1),
+                             ("--ckpt_every_steps", cfg.ckpt_every_steps, 0), ("--workers", cfg.workers, 0)):
+        if value < low:
+            raise UserError(f"{name} {value}: must be >= {low}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"--max_steps {cfg.max_steps}: must be >= 1")
+    for name, value in (("--eps", cfg.eps), ("--lbd", cfg.lbd), ("--clip_grad", cfg.clip_grad), ("--blr", cfg.blr),
+                        ("--warmup_epochs", cfg.warmup_epochs), ("--min_lr", cfg.min_lr)):
+        if value < 0:
+            raise UserError(f"{name} {value}: must be >= 0")
+    if cfg.resume and cfg.load_from:
+        raise UserError("--resume continues a run (weights, optimizer, position); --load_from starts a new run from "
+                        "weights: pass only one of them")
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` checked, with the defaults that depend on other flags filled in (precision, arch, test sigma, ...).
+
+    Args:
+        cfg: the flags as given.
+    """
+    from datasets import DEFAULT_ARCH
+
+    precision = cfg.precision
+    if cfg.use_fp16:
+        if precision not in ("fp32", "fp16"):
+            raise UserError(f"--use_fp16 true contradicts --precision {precision}; pass one of them")
+        precision = "fp16"
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _check_ranges(cfg)
+    arch = cfg.arch or DEFAULT_ARCH.get(cfg.dataset)
+    if arch is None:
+        raise UserError(f"--dataset {cfg.dataset!r}: unknown dataset; choose one of {', '.join(DEFAULT_ARCH)}")
+    ft_method = "full" if cfg.ft_method == "full-ft" else cfg.ft_method
+    outdir = cfg.outdir
+    if outdir is None:
+        outdir = (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else os.path.join(
+            "runs", "ft-cadis", cfg.dataset, ft_method, f"noise_{cfg.train_noise_sd}",
+            f"lbd_{cfg.lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}"))
+    return dataclasses.replace(
+        cfg, precision=precision, ft_method=ft_method, arch=arch, outdir=outdir,
+        test_noise_sd=cfg.train_noise_sd if cfg.test_noise_sd is None else cfg.test_noise_sd,
+        weight_decay_end=cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end,
+        test_per_class=(DEFAULT_TEST_PER_CLASS.get(cfg.dataset, 0) if cfg.test_per_class is None
+                        else cfg.test_per_class))
+
+
+def check_resume_checkpoint(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    """The checkpoint of ``--resume`` (None without), checked to belong to a run with this configuration."""
+    if not cfg.resume:
+        return None
+    ckpt = read_training_checkpoint(cfg.resume, "--resume")
+    for key, value in (("dataset", cfg.dataset), ("arch", cfg.arch), ("ft_method", cfg.ft_method)):
+        if ckpt.get(key) not in (None, value):
+            raise UserError(f"--resume {cfg.resume}: the run used --{key} {ckpt[key]}, not {value}")
+    if ckpt["args"].get("num_noises") not in (None, cfg.num_noises):
+        raise UserError(f"--resume {cfg.resume}: the run used --num_noises {ckpt['args']['num_noises']}, "
+                        f"not {cfg.num_noises}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds, schedules, clipping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int = 0) -> int:
+    """Every seed of a run, derived from ``--seed`` here and nowhere else.
+
+    * ``"process"``: seed + rank, the global torch/numpy/python RNGs of process ``rank`` (training noise, dropout,
+      drop path, new layers' initialization);
+    * ``"resume"``: seed + rank + 1000 * step, the same RNGs re-seeded when a run resumes at optimizer step ``step``
+      with a different number of processes (the saved RNG states do not fit);
+    * ``"sampler"``: seed, the shuffle of the ``DistributedSampler`` (the same on every rank, epoch added by it);
+    * ``"loader"``: seed * 100003 + epoch, the base seed of the epoch's ``DataLoader`` (its workers' seeds);
+    * ``"test"``: seed, the noise of the per-epoch test accuracy (the same images and noise every epoch).
+
+    Args:
+        seed: the ``--seed`` flag.
+        purpose: one of the names above.
+        rank, epoch, step: where the seed is used.
+    """
+    seeds = {"process": seed + rank, "resume": seed + rank + 1000 * step, "sampler": seed,
+             "loader": seed * 100003 + epoch, "test": seed}
+    if purpose not in seeds:
+        raise ValueError(f"unknown seed purpose {purpose!r}; one of {', '.join(seeds)}")
+    return seeds[purpose]
+
+
+def lr_at(progress: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warmup to ``lr`` over ``warmup_epochs``, then half-cycle cosine to ``min_lr`` at ``epochs``.
+
+    ``progress`` is in epochs (fractional: epoch + iteration / iterations per epoch), as MAE's ``lr_sched``.
+    """
+    if progress < warmup_epochs:
+        return lr * progress / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress - warmup_epochs, span) / span))
+
+
+def cosine_at(progress: float, start: float, end: float, epochs: float) -> float:
+    """Cosine from ``start`` (progress 0) to ``end`` (progress ``epochs``): the weight-decay schedule (DINO)."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(progress / max(epochs, 1e-12), 1.0)))
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """lr x each group's ``lr_scale`` (layer decay); ``weight_decay`` for groups that decay (the others keep 0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if group.get("weight_decay", 0.0) != 0.0:
+            group["weight_decay"] = weight_decay
+
+
+def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+    """Scale each parameter's gradient to L2 norm <= ``max_norm`` separately (DINO's ``clip_gradients``)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or max_norm <= 0:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state, checkpoints, logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's RNG states (torch CPU and CUDA, numpy, python) as tensors/lists (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore the RNG states of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def gather_rng_states(device: torch.device) -> List[Dict[str, Any]]:
+    """Every rank's RNG state (a list indexed by rank; a collective when distributed)."""
+    state = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()})
+    return states
+
+
+def _append(path: Path, header: str, row: str) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a") as f:
+        if new:
+            f.write(header + "\n")
+        f.write(row + "\n")
+
+
+def _truncate_log(path: Path, max_step: int) -> None:
+    """Drop the rows of ``path`` whose ``step`` column exceeds ``max_step`` (what a resumed run will redo)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    if not lines:
+        return
+    col = lines[0].split("\t").index("step")
+    keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t")[col]) <= max_step]
+    atomic_write_text(path, "\n".join(keep) + "\n")
+
+
+def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
+    """A ``train.py`` checkpoint (``weights_only=True``), checked to be one."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: file not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's file problem
+        raise UserError(f"{flag} {p}: unreadable checkpoint ({type(err).__name__})") from None
+    needed = ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise UserError(f"{flag} {p}: not a train.py checkpoint (needs {', '.join(needed)}); "
+                        "to start from other weights use --load_from or --classifier_ckpt")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_subset(dataset: Any, per_class: int) -> List[int]:
+    """The first ``per_class`` indices of each class (``per_class`` 0: all), in dataset order."""
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    if per_class <= 0:
+        return list(range(len(labels)))
+    seen: Dict[int, int] = {}
+    out = []
+    for i, y in enumerate(labels):
+        y = int(y)
+        if seen.get(y, 0) < per_class:
+            seen[y] = seen.get(y, 0) + 1
+            out.append(i)
+    return out
+
+
+@torch.no_grad()
+def evaluate(classifier: nn.Module, denoiser: nn.Module, loader: DataLoader, sigma: float, t_star: int,
+             device: torch.device, precision: str, seed: int) -> tuple[int, int]:
+    """(correct, total) of argmax f(D(x + delta)) on this rank's share (summed over ranks when distributed).
+
+    Args:
+        classifier, denoiser: f and D.
+        loader: this rank's test images.
+        sigma, t_star: the noise level and its diffusion step.
+        device, precision: where and in which autocast precision.
+        seed: seeds the generator of delta (the training RNG is not touched).
+    """
+    was_training = classifier.training
+    classifier.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            pred = classifier(noise_and_denoise(denoiser, x, t_star, sigma, generator=gen)).argmax(-1)
+        correct += (pred == y).sum()
+        total += y.numel()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    classifier.train(was_training)
+    return int(correct), int(total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything one process of a run holds: the resolved config, models, optimizer, data and position."""
+
+    cfg: TrainConfig
+    args: Dict[str, Any]  # the flags as given (saved in checkpoints)
+    info: DistInfo
+    out: Path
+    classifier: nn.Module
+    model: nn.Module  # the classifier, or its DistributedDataParallel wrapper
+    denoiser: nn.Module
+    t_train: int
+    t_test: int
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: List[torch.Tensor]
+    train_set: Any
+    sampler: DistributedSampler
+    iters: int  # loader batches per epoch and process
+    test_loader: Optional[DataLoader]
+    lr: float  # the peak lr
+    eff_batch: int
+    eps: float  # the attack radius on [0, 1] pixels (before --eps_double)
+    start_epoch: int = 0
+    start_micro: int = 0
+    step: int = 0  # optimizer steps done
+    last_ckpt: Optional[Path] = None
+
+    @property
+    def dev(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+
+def _build_classifier(arch: str, num_classes: int, ft_method: str, drop_path: float, lora_rank: int,
+                      lora_alpha: float, checkpoint: Optional[str], flag: str, device: torch.device,
+                      pretrained: bool = True) -> nn.Module:
+    """``get_architecture`` with weights from ``checkpoint`` (else the pretrained ones when ``pretrained``),
+    its errors naming ``flag``."""
+    from classifier import get_architecture
+    if checkpoint is not None and not Path(checkpoint).expanduser().exists():
+        raise UserError(f"{flag} {checkpoint}: file not found")
+    try:
+        return get_architecture(arch, num_classes=num_classes, pretrained=pretrained and checkpoint is None,
+                                checkpoint=checkpoint, ft_method=ft_method, lora_rank=lora_rank,
+                                lora_alpha=lora_alpha, drop_path=drop_path, device=device)
+    except UserError as err:
+        raise UserError(str(err).replace("--classifier_ckpt", flag)) from None
+
+
+def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: torch.device) -> nn.Module:
+    """The classifier to fine-tune: a resumed run's weights, ``--load_from``'s, or the off-the-shelf ones."""
+    from classifier import has_lora_keys, load_timm_state_dict, to_timm_state_dict
+    from datasets import get_num_classes
+
+    build = (cfg.arch, get_num_classes(cfg.dataset), cfg.ft_method, cfg.drop_path, cfg.lora_rank, cfg.lora_alpha)
+    if ckpt is not None:
+        classifier = _build_classifier(*build, cfg.classifier_ckpt if cfg.arch == "hf_vit" else None,
+                                       "--classifier_ckpt", device, pretrained=False)
+        if cfg.ft_method == "lora" and not has_lora_keys(ckpt["state_dict"]):
+            raise UserError(f"--resume {cfg.resume}: no LoRA weights in the checkpoint, but --ft_method lora")
+        load_timm_state_dict(classifier, to_timm_state_dict(ckpt["state_dict"]), source=f"--resume {cfg.resume}")
+        return classifier
+    if cfg.load_from is not None:
+        return _build_classifier(*build, cfg.load_from, "--load_from", device)
+    return _build_classifier(*build, cfg.classifier_ckpt, "--classifier_ckpt", device)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], path: str) -> None:
+    """Load an optimizer state, keeping this machine's ``fused``/``foreach`` choice."""
+    mine = optimizer.param_groups
+    if len(state.get("param_groups", [])) != len(mine):
+        raise UserError(f"--resume {path}: optimizer has {len(state.get('param_groups', []))} parameter groups, this "
+                        f"model {len(mine)} (different --arch/--ft_method/--layer_decay setup?)")
+    for saved, cur in zip(state["param_groups"], mine):
+        for key in ("fused", "foreach", "capturable"):
+            if key in cur:
+                saved[key] = cur[key]
+    optimizer.load_state_dict(state)
+
+
+def _build_data(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
+    """The training set, its sampler and iterations per epoch, and this rank's per-epoch test loader."""
+    from datasets import get_dataset
+
+    train_set = get_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
+    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=run_seed(cfg.seed, "sampler"))
+    iters = len(sampler) // cfg.batch
+    if iters < 1:
+        raise UserError(f"--batch {cfg.batch}: larger than this process's share of the training set "
+                        f"({len(sampler)} images)")
+    test_loader = None
+    if not cfg.no_test:
+        test_set = get_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
+        test_idx = test_subset(test_set, cfg.test_per_class)[info.rank::info.world_size]
+        test_loader = DataLoader(Subset(test_set, test_idx), batch_size=cfg.batch, shuffle=False,
+                                 num_workers=cfg.workers, pin_memory=info.device.type == "cuda")
+    return {"train_set": train_set, "sampler": sampler, "iters": iters, "test_loader": test_loader}
+
+
+def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo) -> Run:
+    """Seeds, models, optimizer and data of one process (``cfg`` resolved, ``args`` the flags as given)."""
+    from classifier import param_groups_lrd
+    from denoiser import load_denoiser
+
+    out, dev, world = Path(cfg.outdir), info.device, info.world_size
+    if not cfg.resume and ((out / "log.txt").exists() or (out / "log_steps.txt").exists()
+                           or any(out.glob("checkpoint-*.pth.tar"))):
+        raise UserError(f"--outdir {out} already holds a run (logs/checkpoints); continue it with --resume "
+                        f"{out}/checkpoint-<N>.pth.tar or pick another --outdir")
+    seed_everything(run_seed(cfg.seed, "process", rank=info.rank))
+    eff_batch = cfg.batch * cfg.accum_iter * world // cfg.num_noises
+    lr = cfg.blr * eff_batch / 256 if cfg.lr is None else cfg.lr
+
+    classifier = build_classifier(cfg, ckpt, dev)
+    denoiser = load_denoiser(cfg.dataset, cfg.denoiser_ckpt, device=dev)
+    prepare_inference_(denoiser, cfg.precision)  # frozen, only run under autocast(precision): weights in that dtype
+    groups = param_groups_lrd(classifier, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)  # CUDA and CPU; on CPU ~3x faster than foreach
+    model: nn.Module = classifier
+    if world > 1:
+        model = DistributedDataParallel(classifier, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run = Run(cfg=cfg, args=args, info=info, out=out, classifier=classifier, model=model, denoiser=denoiser,
+              t_train=denoiser.timestep_for_sigma(cfg.train_noise_sd),
+              t_test=denoiser.timestep_for_sigma(cfg.test_noise_sd), optimizer=optimizer,
+              scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
+              params=[p for g in groups for p in g["params"]], **_build_data(cfg, info), lr=lr,
+              eff_batch=eff_batch, eps=eps_pixels(cfg.eps))
+    if ckpt is not None:
+        restore_position(run, ckpt)
+    return run
+
+
+def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
+    """Optimizer, scaler, epoch/step/micro-step and RNG states of a resumed run; its logs cut back to its step."""
+    cfg = run.cfg
+    _load_optimizer(run.optimizer, ckpt["optimizer"], cfg.resume)
+    if ckpt.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.start_epoch, run.step, run.start_micro = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["micro"])
+    run.last_ckpt = Path(cfg.resume)
+    saved = ckpt["args"]
+    same_layout = len(ckpt["rng"]) == run.world and saved.get("batch") == cfg.batch and saved.get("seed") == cfg.seed
+    if run.start_micro and not same_layout:
+        raise UserError(f"--resume {cfg.resume}: a mid-epoch checkpoint continues only with the same number of "
+                        f"processes ({len(ckpt['rng'])}), --batch ({saved.get('batch')}) and --seed "
+                        f"({saved.get('seed')})")
+    if len(ckpt["rng"]) == run.world:
+        set_rng_state(ckpt["rng"][run.info.rank], run.dev)
+    else:
+        seed_everything(run_seed(cfg.seed, "resume", rank=run.info.rank, step=run.step))
+    if run.info.is_main:
+        for name in ("log.txt", "log_steps.txt"):
+            _truncate_log(run.out / name, run.step)
+
+
+def announce(run: Run) -> None:
+    """Rank 0 creates the output folder and prints what the run is."""
+    from classifier import count_parameters
+
+    cfg = run.cfg
+    if not run.info.is_main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    print(f"FT-CADIS {cfg.dataset}/{cfg.arch} ({cfg.ft_method}): "
+          f"{count_parameters(run.classifier, trainable_only=True):,} trainable of "
+          f"{count_parameters(run.classifier):,} parameters; {run.world} process(es) on {run.dev.type}, "
+          f"{cfg.precision}")
+    print(f"  sigma {cfg.train_noise_sd} (t*={run.t_train}), test sigma {cfg.test_noise_sd} (t*={run.t_test}); "
+          f"M={cfg.num_noises}, lbd={cfg.lbd}, eps={cfg.eps:g}/256 on [-1,1] = {run.eps:.4g} pixels, "
+          f"{cfg.num_steps} attack steps")
+    print(f"  lr {run.lr:.3g} (effective batch {run.eff_batch}), {run.iters} iterations/epoch, from epoch "
+          f"{run.start_epoch + 1} step {run.step}" + (f", stopping at step {cfg.max_steps}" if cfg.max_steps else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step, one epoch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """Training metrics summed over micro-steps (each averaged over processes), and the number summed."""
+
+    loss: float = 0.0  # the FT-CADIS loss, mean_i (L_SCE,i + L_MAdv,i)
+    sce: float = 0.0  # mean_i L_SCE,i
+    madv: float = 0.0  # mean_i L_MAdv,i
+    acc: float = 0.0  # share of non-hallucinated denoised images
+    masked_in: float = 0.0  # share of images whose M copies are all non-hallucinated
+    count: int = 0  # micro-steps summed
+
+    def add(self, other: "Metrics") -> None:
+        """Add ``other``'s sums and count to these."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def mean(self) -> "Metrics":
+        """The mean per micro-step (count 1)."""
+        n = max(self.count, 1)
+        return Metrics(self.loss / n, self.sce / n, self.madv / n, self.acc / n, self.masked_in / n, 1)
+
+
+def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float, sync: bool, epoch: int) -> Metrics:
+    """One micro-step: noise and denoise, the FT-CADIS objective, backward of loss / accum_iter (no DDP gradient
+    all-reduce unless ``sync``). Returns its metrics averaged over processes.
+
+    Args:
+        run: the run.
+        clean: ``[M*B', ...]`` clean images, noise-major; targets: their ``[B']`` labels.
+        eps: the attack radius on [0, 1] pixels for this epoch.
+        sync: the last micro-step before an optimizer step.
+        epoch: 0-based, for the error message.
+    """
+    cfg, M = run.cfg, run.cfg.num_noises
+    with (run.model.no_sync() if run.world > 1 and not sync else contextlib.nullcontext()):
+        with autocast(run.dev, cfg.precision):
+            denoised = noise_and_denoise(run.denoiser, clean, run.t_train, cfg.train_noise_sd)
+            loss, loss_sce, loss_madv, correct = cadis_objective(
+                run.classifier, clean, denoised, targets, M, cfg.lbd, eps, cfg.num_steps,
+                warm_start=cfg.warm_start, masked_only=not cfg.full_attack, forward_model=run.model)
+        values = torch.stack([loss.detach().double(), loss_sce.detach().double().mean(),
+                              loss_madv.detach().double().mean(), correct.double().mean(),
+                              correct.all(0).double().mean()])
+        if run.world > 1:
+            dist.all_reduce(values)
+            values /= run.world
+        metrics = Metrics(*values.tolist(), count=1)
+        if not math.isfinite(metrics.loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({metrics.loss}) at epoch {epoch + 1}, step {run.step + 1}; stopping. Nothing was "
+                f"saved for this state; the last good checkpoint is {run.last_ckpt if run.last_ckpt else '(none yet)'}"
+                ". Try a lower --blr/--lr, --clip_grad, or --precision fp32/bf16.")
+        run.scaler.scale(loss / cfg.accum_iter).backward()
+    return metrics
+
+
+def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
+    """Set the scheduled lr and weight decay at ``progress`` (epochs) and zero the gradients; returns (lr, wd)."""
+    cfg = run.cfg
+    lr = lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    wd = cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs)
+    set_lr_wd(run.optimizer, lr, wd)
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, wd
+
+
+def optimizer_step(run: Run) -> None:
+    """Per-parameter gradient clipping (after unscaling) and one AdamW step (skipped by the scaler on inf/NaN)."""
+    if run.cfg.clip_grad > 0:
+        run.scaler.unscale_(run.optimizer)
+        clip_grad_per_param(run.params, run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+
+
+def _micro_batches(run: Run, loader: Iterator, first_batch: int, skip_micro: int) -> Iterator[tuple]:
+    """``(k, progress in the epoch, clean, targets)`` per micro-step k = i*M + j >= ``skip_micro``: chunk j of
+    batch i, its B' images repeated M times (noise-major)."""
+    M = run.cfg.num_noises
+    n = run.cfg.batch // M
+    for i, (x, y) in enumerate(loader, start=first_batch):
+        x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
+        for j in range(M):
+            k = i * M + j
+            if k >= skip_micro:
+                yield k, (i + j / M) / run.iters, x[j * n:(j + 1) * n].repeat(M, 1, 1, 1), y[j * n:(j + 1) * n]
+
+
+@dataclass
+class EpochResult:
+    """What one call of :func:`run_epoch` did."""
+
+    metrics: Metrics  # sums over this call's micro-steps
+    lr: float  # the last scheduled lr and weight decay
+    wd: float
+    micro: int  # micro-steps of the epoch done
+    stopped: bool  # --max_steps reached
+
+
+def run_epoch(run: Run, epoch: int) -> EpochResult:
+    """Train one epoch (from a resumed run's micro-step), with step logs and ``--ckpt_every_steps`` checkpoints."""
+    cfg, M = run.cfg, run.cfg.num_noises
+    skip_micro = run.start_micro if epoch == run.start_epoch else 0
+    first_batch = skip_micro // M
+    run.sampler.set_epoch(epoch)
+    indices = list(run.sampler)[first_batch * cfg.batch: run.iters * cfg.batch]
+    loader = DataLoader(Subset(run.train_set, indices), batch_size=cfg.batch, shuffle=False, drop_last=True,
+                        num_workers=cfg.workers, pin_memory=run.dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(run_seed(cfg.seed, "loader", epoch=epoch)))
+    eps = run.eps * (2.0 if cfg.eps_double and epoch >= cfg.warmup_eps else 1.0)
+    run.model.train()
+    result = EpochResult(Metrics(), 0.0, 0.0, skip_micro, False)
+    window = Metrics()
+    bar = tqdm(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and run.info.is_main), dynamic_ncols=True, leave=False)
+    for k, progress, clean, targets in _micro_batches(run, bar, first_batch, skip_micro):
+        if k % cfg.accum_iter == 0:
+            result.lr, result.wd = start_accumulation(run, epoch + progress)
+            window = Metrics()
+        sync = (k + 1) % cfg.accum_iter == 0
+        metrics = micro_step(run, clean, targets, eps, sync, epoch)
+        window.add(metrics)
+        result.metrics.add(metrics)
+        result.micro = k + 1
+        if not sync:
+            continue
+        optimizer_step(run)
+        if run.info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+            log_step(run, epoch, result.lr, window.mean(), bar)
+        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+            result.stopped = True
+            break
+        if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and result.micro < run.iters * M:
+            run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro)
+    bar.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int) -> Path:
+    """Write ``outdir/name`` (rank 0; every rank's RNG state is gathered first). Format: docs/ARCHITECTURE.md."""
+    rngs = gather_rng_states(run.dev)
+    path = run.out / name
+    if run.info.is_main:
+        cfg = run.cfg
+        atomic_torch_save({
+            "epoch": epoch_done, "step": run.step, "micro": micro, "arch": cfg.arch, "dataset": cfg.dataset,
+            "ft_method": cfg.ft_method, "state_dict": run.classifier.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs,
+            "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},
+            "world_size": run.world,
+        }, path)
+    return path
+
+
+def log_step(run: Run, epoch: int, lr: float, m: Metrics, bar: Any) -> None:
+    """One ``log_steps.txt`` row (and the progress bar's figures) for the optimizer step just taken."""
+    _append(run.out / "log_steps.txt", STEP_LOG_HEADER,
+            f"{run.step}\t{epoch + 1}\t{lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}\t{m.acc:.6f}"
+            f"\t{m.masked_in:.6f}")
+    bar.set_postfix(loss=f"{m.loss:.4f}", acc=f"{m.acc:.3f}", masked=f"{m.masked_in:.2f}", lr=f"{lr:.2e}")
+
+
+def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float) -> Dict[str, Any]:
+    """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy."""
+    cfg = run.cfg
+    complete = result.micro >= run.iters * cfg.num_noises
+    avg = result.metrics.mean()
+    test_acc = float("nan")
+    if run.test_loader is not None:
+        c, t = evaluate(run.classifier, run.denoiser, run.test_loader, cfg.test_noise_sd, run.t_test, run.dev,
+                        cfg.precision, run_seed(cfg.seed, "test"))
+        test_acc = c / max(t, 1)
+    stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
+             "train_madv": avg.madv, "train_acc": avg.acc, "masked_in": avg.masked_in, "test_acc": test_acc,
+             "time": time.time() - seconds_since}
+    if run.info.is_main:
+        _append(run.out / "log.txt", LOG_HEADER,
+                f"{epoch + 1}\t{run.step}\t{result.lr:.6g}\t{result.wd:.6g}\t{avg.loss:.6g}\t{avg.sce:.6g}"
+                f"\t{avg.madv:.6g}\t{avg.acc:.4f}\t{avg.masked_in:.4f}\t{test_acc:.4f}\t{stats['time']:.1f}")
+        print(f"epoch {epoch + 1}{'' if complete else ' (partial)'}: step {run.step}, loss {avg.loss:.4f} "
+              f"(sce {avg.sce:.4f}, madv {avg.madv:.4f}), train acc {avg.acc:.3f}, masked-in {avg.masked_in:.2f}, "
+              f"test acc {test_acc:.3f}, {stats['time']:.0f}s")
+    if complete and (epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs):
+        run.last_ckpt = save_checkpoint(run, f"checkpoint-{epoch + 1}.pth.tar", epoch + 1, 0)
+    if result.stopped:
+        run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch + 1 if complete else epoch,
+                                        0 if complete else result.micro)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run FT-CADIS fine-tuning. Returns the last epoch's stats, ``checkpoint`` (the last one written) and
+    ``classifier``.
+
+    Args:
+        config: the flags (:class:`TrainConfig`); checked and completed by :func:`resolve_config`.
+    """
+    args = dataclasses.asdict(config)
+    cfg = resolve_config(config)
+    ckpt = check_resume_checkpoint(cfg)
+    info = init_distributed(cfg.device)
+    try:
+        run = build_run(cfg, args, ckpt, info)
+        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+            if info.is_main:
+                print(f"--resume {cfg.resume}: already at step {run.step} >= --max_steps {cfg.max_steps}; "
+                      "nothing to do")
+            return {"epoch": run.start_epoch, "step": run.step, "checkpoint": cfg.resume,
+                    "classifier": run.classifier}
+        announce(run)
+        stats: Dict[str, Any] = {}
+        for epoch in range(run.start_epoch, cfg.epochs):
+            t0 = time.time()
+            result = run_epoch(run, epoch)
+            stats = finish_epoch(run, epoch, result, t0)
+            if result.stopped:
+                break
+        if info.is_main and run.last_ckpt is not None:
+            print(f"last checkpoint: {run.last_ckpt}")
+        return {**stats, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "classifier": run.classifier}
+    finally:
+        cleanup_distributed()
