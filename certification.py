@@ -32,7 +32,9 @@ from tqdm import tqdm
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
 from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, merge_parts, open_for_append, part_path,
                   read_done, sidecar_path)
-from utils import PRECISIONS, DistInfo, UserError, atomic_write_text, barrier, cleanup_distributed, init_distributed
+from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
+                   check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
+                   output_folder, resolve_device, resolve_precision)
 
 LOG_FORMAT = 1
 # the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
@@ -156,8 +158,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "per sample instead of one); default: one-shot, the paper's setting")
     p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="autocast of f o D (fp32 is exact); bf16/fp16 take the fast path (see --fast)")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="autocast of f o D: auto (default) = bf16 where the device computes it natively (CUDA "
+                        "Ampere+, CPUs with AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 is exact; bf16/fp16 "
+                        "take the fast path (see --fast). The sidecar records the precision used")
     p.add_argument("--fast", action="store_true",
                    help="the opt-in inference speed-ups of fast.py (class-token shortcut, and with bf16/fp16 "
                         "weights stored in that dtype, channels_last UNet); implied by --precision bf16/fp16 "
@@ -182,10 +186,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     opts.N = DEFAULT_N.get(opts.dataset, 100_000) if opts.N is None else opts.N
     _resolve_subset(opts)
     opts.arch = DEFAULT_ARCH[opts.dataset] if opts.arch is None else opts.arch
-    if not (math.isfinite(opts.sigma) and opts.sigma > 0):
-        raise UserError(f"--sigma {opts.sigma}: must be > 0")
-    if not 0 < opts.alpha < 1:
-        raise UserError(f"--alpha {opts.alpha}: must lie in (0, 1)")
+    check_number("--sigma", opts.sigma, 0, low_open=True)
+    check_number("--alpha", opts.alpha, 0, 1, low_open=True, high_open=True)
     for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
         if getattr(opts, flag) is not None and getattr(opts, flag) <= 0:
             raise UserError(f"--{flag} {getattr(opts, flag)}: must be a positive integer")
@@ -215,8 +217,8 @@ def resolve_options(opts: RunOptions) -> RunOptions:
                              for c in opts.classifiers)
     opts.input_norm = opts.input_norms[0]
     for outfile in opts.outfile:
-        if Path(outfile).is_dir():
-            raise UserError(f"--outfile {outfile}: is a directory; name a file")
+        check_output(outfile, "--outfile")
+    opts.precision = resolve_precision(opts.precision, resolve_device(opts.device))  # auto: bf16 where native
     return opts
 
 
@@ -273,6 +275,17 @@ def _resolve_sequential(opts: RunOptions) -> None:
         opts.radii = sorted(set(float(r) for r in opts.radii))
 
 
+def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]:
+    """The checkpoint files log ``k`` depends on, by role (``classifier``, ``denoiser``): (the flag naming it, its
+    path)."""
+    files = {}
+    if opts.classifiers[k]:
+        files["classifier"] = ("--finetuned_path" if opts.finetuned[k] else "--classifier_ckpt", opts.classifiers[k])
+    if opts.denoiser_ckpt:
+        files["denoiser"] = ("--denoiser_ckpt", opts.denoiser_ckpt)
+    return files
+
+
 def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
     """What determines the rows of log ``k`` (:data:`RESUME_KEYS`) plus information about the run."""
     classifier = opts.classifiers[k]
@@ -287,6 +300,9 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
         "mode": "sequential" if opts.sequential else "fixed", "radii": opts.radii, "skip_wrong": bool(opts.skip_wrong),
         # informational
         "max": opts.max, "finetuned": opts.finetuned[k],
+        # checked on --resume (check_resume): the content of each checkpoint file used
+        "fingerprints": {role: file_fingerprint(path) if Path(path).exists() else None
+                         for role, (_, path) in checkpoint_files(opts, k).items()},
     }
 
 
@@ -426,8 +442,15 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
     from datasets import get_num_classes
 
     num_classes = get_num_classes(opts.dataset)
-    model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
-                                  num_classes, device, opts.input_norms, bool(opts.multistep))
+    try:
+        model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
+                                      num_classes, device, opts.input_norms, bool(opts.multistep))
+    except UserError as err:  # a classifier's errors name the flag that gave it
+        message = str(err)
+        for path, finetuned in zip(opts.classifiers, opts.finetuned):
+            if finetuned:
+                message = message.replace(f"--classifier_ckpt {Path(path).expanduser()}", f"--finetuned_path {path}")
+        raise UserError(message) from None
     if opts.use_fast:
         from core import compile_for_inference_, prepare_inference_
         prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
@@ -441,8 +464,11 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS) -> None:
-    """Refuse to continue a log whose recorded configuration differs from this run's."""
+def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS,
+                 files: Optional[dict[str, tuple[str, str]]] = None) -> None:
+    """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
+    (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded."""
+    files = files or {}
     side = sidecar_path(outfile)
     if not side.is_file():
         raise UserError(f"--resume: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
@@ -457,10 +483,14 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
     if diff:
         raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
                         "rerun with the recorded flags, or use another --outfile or --overwrite")
+    recorded_fingerprints = recorded.get("fingerprints") or {}  # (absent in logs of older versions)
+    for role, (flag, path) in files.items():
+        check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
 
 
 def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool,
-                  row_type: Type[LogRow] = Row) -> tuple[list[Path], dict[int, LogRow]]:
+                  row_type: Type[LogRow] = Row, files: Optional[dict[str, tuple[str, str]]] = None
+                  ) -> tuple[list[Path], dict[int, LogRow]]:
     """Read-only checks before anything is written: (existing output files, rows already done).
 
     An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
@@ -470,7 +500,7 @@ def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite
         raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
                         "--overwrite to replace it")
     if resume and existing:
-        check_resume(outfile, config)
+        check_resume(outfile, config, files=files)
     return existing, (read_done(outfile, row_type) if resume else {})
 
 
@@ -544,35 +574,54 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
         argv: Sequence[str]) -> Optional[list[list[LogRow]]]:
     """A whole run (see the module docstring) with resolved ``opts``; returns the rows of each merged log on rank 0
     (None on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``, one result
-    per log) for the smoothed classifier; ``argv`` is recorded in the sidecars."""
+    per log) for the smoothed classifier; ``argv`` is recorded in the sidecars.
+
+    The job holds ``<outfile>.lock`` of every log (:func:`utils.job_run_lock`) from before the checks of what is on
+    disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once instead of
+    mixing rows; a run refused before its first row leaves no folder it created.
+    """
     outfiles = [Path(o) for o in opts.outfile]
     configs = [run_config(opts, k) for k in range(len(outfiles))]
-    checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type) for o, c in zip(outfiles, configs)]
     dist_info = init_distributed(opts.device)
     try:
-        from datasets import get_dataset
-        dataset = get_dataset(opts.dataset, opts.split, data_dir=opts.data_dir)
-        indices = select_indices(dataset, opts)
-        method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
-        barrier()
-        if dist_info.is_main:
-            info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
-                    "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
-                    "classifiers": len(outfiles), "torch": torch.__version__,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            for outfile, config, (existing, _) in zip(outfiles, configs, checked):
-                prepare_outputs(outfile, existing, opts.overwrite, config, info)
-        barrier()
-        start = time.perf_counter()
-        logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
-                         not opts.no_progress)
-        if logs is None:
-            return None
-        for outfile, config, rows, (_, done) in zip(outfiles, configs, logs, checked):
-            if rows:
-                print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
-            else:
-                print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
-        return logs
+        with contextlib.ExitStack() as stack:
+            for outfile in outfiles:
+                stack.enter_context(output_folder(outfile.parent))
+                stack.enter_context(job_run_lock(lock_path(outfile), f"--outfile {outfile}"))
+            checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type, checkpoint_files(opts, k))
+                       for k, (o, c) in enumerate(zip(outfiles, configs))]
+            return _run_locked(opts, outfiles, configs, checked, make_method, argv, dist_info)
     finally:
         cleanup_distributed()
+
+
+def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, Any]],
+                checked: list[tuple[list[Path], dict[int, LogRow]]],
+                make_method: Callable[[Smooth, RunOptions], Method], argv: Sequence[str], dist_info: DistInfo
+                ) -> Optional[list[list[LogRow]]]:
+    """:func:`run` once the logs are locked and checked (``checked``: each log's existing files and rows done):
+    models, sidecars, rows, merge, summaries."""
+    from datasets import get_dataset
+    dataset = get_dataset(opts.dataset, opts.split, data_dir=opts.data_dir)
+    indices = select_indices(dataset, opts)
+    method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
+    barrier()
+    if dist_info.is_main:
+        info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
+                "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
+                "classifiers": len(outfiles), "torch": torch.__version__,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for outfile, config, (existing, _) in zip(outfiles, configs, checked):
+            prepare_outputs(outfile, existing, opts.overwrite, config, info)
+    barrier()
+    start = time.perf_counter()
+    logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
+                     not opts.no_progress)
+    if logs is None:
+        return None
+    for outfile, config, rows, (_, done) in zip(outfiles, configs, logs, checked):
+        if rows:
+            print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
+        else:
+            print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
+    return logs

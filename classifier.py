@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from utils import UserError, attention, state_dict_mismatch
+from utils import UserError, attention, load_error_message, state_dict_mismatch
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -614,8 +614,7 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
-        raise UserError(f"--classifier_ckpt {path}: unreadable checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise UserError(f"--classifier_ckpt {path}: unreadable checkpoint ({load_error_message(err)})") from None
     if input_norm_record(obj) is not None:
         info["input_norm"] = input_norm_record(obj)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -138,7 +138,7 @@ def certify_args(args: argparse.Namespace, outfile: Path, skip: int, weights: li
     argv = ["--dataset", "digits", "--sigma", str(args.sigma), "--outfile", str(outfile), "--N0", str(args.N0),
             "--N", str(args.N), "--alpha", str(args.alpha), "--skip", str(skip), "--max_images", str(args.max_images),
             "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--denoiser_ckpt", args.denoiser_ckpt,
-            "--device", args.device, "--overwrite", *weights]
+            "--device", args.device, "--precision", "fp32", "--overwrite", *weights]  # (reproducible on any CPU)
     return argv + (["--no_progress"] if args.no_progress else [])
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from core import cadis_objective, eps_pixels, noise_and_denoise, prepare_inference_
 from utils import (PRECISIONS, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast,
-                   cleanup_distributed, init_distributed)
+                   cleanup_distributed, init_distributed, load_error_message)
 
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
 DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
@@ -380,7 +380,7 @@ def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's file problem
-        raise UserError(f"{flag} {p}: unreadable checkpoint ({type(err).__name__})") from None
+        raise UserError(f"{flag} {p}: unreadable checkpoint ({load_error_message(err)})") from None
     needed = ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise UserError(f"{flag} {p}: not a train.py checkpoint (needs {', '.join(needed)}); "

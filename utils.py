@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import socket
 import sys
 import tempfile
@@ -378,7 +379,7 @@ FINGERPRINT_CHUNKS = 256  # larger files: this many chunks, evenly spaced, first
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """``"<size>:<sha256 hex>"`` of a file's content, cheap even for multi-GB checkpoints.
+    """``"<size>:<sha256 hex>"`` of a file's content (of a folder's files), cheap even for multi-GB checkpoints.
 
     Up to 64 MiB the whole file is hashed; above, 256 chunks of 64 KiB evenly spaced from the first byte to the last
     (16 MiB read, well under a second for a 2 GB file). Two checkpoints of one architecture differ in every
@@ -388,6 +389,10 @@ def file_fingerprint(path: str | os.PathLike) -> str:
         path: the file.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face folder: the fingerprints of its files
+        files = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+        digest = hashlib.sha256("".join(f"{q.relative_to(path)}={file_fingerprint(q)};" for q in files).encode())
+        return f"{sum(q.stat().st_size for q in files)}:{digest.hexdigest()}"
     size = path.stat().st_size
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -414,6 +419,17 @@ def check_fingerprint(path: str | os.PathLike, recorded: Optional[str], flag: st
     if recorded is not None and file_fingerprint(path) != recorded:
         raise UserError(f"{flag} {path}: not the file {where} was written with (same name, other content); "
                         "resume with that very file, or start a new output")
+
+
+def load_error_message(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line. A file it refused because it holds pickled
+    Python objects other than tensors is said to be refused, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file carries)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in text.lower():
+        return ("refused: it holds pickled Python objects besides tensors, and loading those could run code from the "
+                "file; use a checkpoint saved as a state dict of tensors, from a source you trust")
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text.strip() else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,6 +475,29 @@ def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> Pa
         raise UserError(f"{flag} {path}: not writable (permission denied); choose another {flag}")
     _check_creatable_under(p if folder else p.parent, flag, path)
     return p
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Create ``folder`` (and missing parents) for a run; if the run then fails, remove the folders this created
+    that are still empty, so that a refused run leaves nothing behind.
+
+    Args:
+        folder: the folder a run writes into.
+    """
+    folder = Path(folder)
+    missing, p = [], Path(os.path.abspath(folder))
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for d in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def check_number(flag: str, value: Optional[float], low: Optional[float] = None, high: Optional[float] = None,

@@ -36,7 +36,8 @@ def test_predict_run_equals_smooth_predict(tmp_path):
     torch.save(clf.model.state_dict(), tmp_path / "clf.pt")
     out = tmp_path / "predict.tsv"
     opts = _options(["--dataset", "digits", "--sigma", "0.25", "--N", "60", "--alpha", "0.1", "--max_images", "6",
-                     "--seed", "5", "--batch_size", "16", "--device", "cpu", "--no_progress", "--outfile", str(out),
+                     "--seed", "5", "--batch_size", "16", "--device", "cpu", "--precision", "fp32", "--no_progress",
+                     "--outfile", str(out),
                      "--classifier_ckpt", str(tmp_path / "clf.pt"), "--denoiser_ckpt", "none"])
     [rows] = C.run(opts, PredictRow, lambda smoothed, o: C.predict_method(smoothed, o.N, o.alpha, o.batch_size),
                    ["test"])

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +22,13 @@ import torch
 
 import certify
 import core
+import utils
 from logs import HEADER, read_log
 from utils import UserError, run_cli, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "100", "--max_images", "12",
-        "--device", "cpu", "--no_progress", "--seed", "3"]
+        "--device", "cpu", "--no_progress", "--seed", "3", "--precision", "fp32"]
 
 
 
@@ -159,7 +165,8 @@ def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, caps
     """The real digits denoiser architecture (random weights): a 2-process run equals the 1-process one; cut as a
     killed run leaves it (rank parts, each ending in a half-written row), it is resumed by one process."""
     args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "30", "--max_images", "10",
-            "--device", "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"]]
+            "--device", "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"],
+            "--precision", "fp32"]
     ref = tmp_path / "ref" / "log.tsv"
     certify.main(args + ["--outfile", str(ref), "--batch_size", "40"])
     assert json.loads(ref.with_name("log.tsv.json").read_text())["config"]["denoiser_ckpt"] == "den.pt"
@@ -185,7 +192,8 @@ def test_compile_gives_the_eager_log(tmp_path):
     """--compile (torch.compile of the UNet and the classifier) on the shipped, trained digits models: the same
     predictions and radii as the eager run on the same noise, and the sidecar records it."""
     args = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "60", "--max_images", "3",
-            "--device", "cpu", "--no_progress", "--batch_size", "10"]  # one batch shape: one compilation each
+            "--device", "cpu", "--no_progress", "--batch_size", "10",  # one batch shape: one compilation each
+            "--precision", "fp32"]
     eager = certify.main(args + ["--outfile", str(tmp_path / "eager.tsv")])
     compiled = certify.main(args + ["--outfile", str(tmp_path / "compiled.tsv"), "--compile"])
     assert [r.predict for r in compiled] == [r.predict for r in eager] and len(eager) == 3
@@ -314,7 +322,8 @@ def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
     """--multistep: the whole reverse chain (t* = 28 at sigma 0.01 for the digits schedule); each sample's chain noise
     is seeded per sample, so the log is the same for any --batch_size; it differs from the one-shot log."""
     args = ["--dataset", "digits", "--sigma", "0.01", "--N0", "6", "--N", "14", "--max_images", "2", "--device",
-            "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"]]
+            "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"],
+            "--precision", "fp32"]
     logs = {b: certify.main(args + ["--multistep", "--batch_size", str(b), "--outfile", str(tmp_path / f"m{b}.tsv")])
             for b in (5, 20)}
     assert [(r.predict, r.radius) for r in logs[5]] == [(r.predict, r.radius) for r in logs[20]]
@@ -328,7 +337,7 @@ def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 DIGITS = ["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",
-          "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt")]
+          "--precision", "fp32", "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt")]
 OFF_THE_SHELF = ["--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt")]
 
 
@@ -389,3 +398,179 @@ def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_pa
     assert _rows(tmp_path / "a.tsv") != _rows(tmp_path / "b.tsv")
     side = json.loads((tmp_path / "b.tsv.json").read_text())["config"]
     assert side["classifier"] == "clf.pt" and side["finetuned"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability: locks, content-checked resume, faults (real second processes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cli(args, **kwargs) -> subprocess.Popen:
+    """certify.py as its own process (its own session, so that a test can kill it and all its children)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, str(REPO / "certify.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **kwargs)
+
+
+def _complete_rows(paths) -> int:
+    """Rows written so far to the files among ``paths`` that exist (header excluded)."""
+    return sum(max(p.read_text().count("\n") - 1, 0) for p in paths if p.exists())
+
+
+def _wait_rows(paths, count: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Wait until ``paths`` hold ``count`` complete rows (or the process ends); return the number of rows."""
+    deadline = time.monotonic() + timeout
+    while _complete_rows(paths) < count and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _complete_rows(paths)
+
+
+@pytest.mark.parametrize("first", ["fresh", "resume", pytest.param("torchrun", marks=pytest.mark.slow)])
+def test_a_second_run_on_a_running_log_is_refused(models, reference, tmp_path, cli_error, files_of, first):
+    """Two runs on one outfile (two fresh runs, a requeued --resume while another --resume runs, a --resume while a
+    torchrun job writes its parts): the second fails at once naming the first, changes nothing, and the first
+    completes with exactly the uninterrupted log."""
+    out = tmp_path / "log.tsv"
+    if first != "fresh":
+        certify.main(_args(models, out, "--max_images", "3"))
+    extra = () if first == "fresh" else ("--resume",)
+    proc = (_torchrun(_args(models, out, *extra), start_new_session=True) if first == "torchrun"
+            else _cli(_args(models, out, *extra)))
+    try:
+        paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
+        assert _wait_rows(paths, 4, proc) >= 4 and proc.poll() is None, proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGSTOP)  # hold it mid-run
+        before = files_of(tmp_path)
+        for second in (_args(models, out, "--resume"), _args(models, out), _args(models, out, "--overwrite")):
+            line = cli_error(certify.main, second)
+            assert f"--outfile {out} is in use by pid" in line and "certify.py" in line, line
+        assert files_of(tmp_path) == before
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert _body(out) == _body(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.tsv", "log.tsv.json"]  # lock file gone too
+
+
+def test_resume_refuses_other_checkpoint_content_under_the_same_name(models, tmp_path, cli_error, files_of):
+    out = tmp_path / "log.tsv"
+    den = tmp_path / "models" / "den.pt"
+    den.parent.mkdir()
+    shutil.copy(models["den"], den)
+    args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "20", "--max_images", "2", "--device",
+            "cpu", "--no_progress", "--denoiser_ckpt", str(den), "--outfile", str(out)]
+    clf = tmp_path / "other" / "clf.pt"  # another model saved under the same file name
+    clf.parent.mkdir()
+    state = torch.load(models["clf"])
+    torch.save({k: v + 0.01 for k, v in state.items()}, clf)
+    certify.main(args + ["--classifier_ckpt", models["clf"]])
+    side = json.loads(out.with_name("log.tsv.json").read_text())["config"]
+    assert side["classifier"] == "clf.pt"
+    assert side["fingerprints"]["classifier"].startswith(f"{os.path.getsize(models['clf'])}:")
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, args + ["--classifier_ckpt", clf, "--resume", "--max_images", "3"])
+    assert f"--classifier_ckpt {clf}: not the file the log {out} was written with" in line
+    assert files_of(tmp_path) == before
+    from denoiser import build_denoiser
+    torch.manual_seed(1)
+    torch.save(build_denoiser("digits").unet.state_dict(), den)  # the denoiser file replaced by another one
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, args + ["--classifier_ckpt", models["clf"], "--resume", "--max_images", "3"])
+    assert f"--denoiser_ckpt {den}: not the file the log {out} was written with" in line
+    assert files_of(tmp_path) == before
+
+
+MISSING_DEVICES = [kind for kind, present in (("mps", torch.backends.mps.is_available()),
+                                              ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available()),
+                                              ("cuda", torch.cuda.is_available())) if not present]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    *[(["--device", kind], rf"--device {kind}: {kind.upper()} is not available") for kind in MISSING_DEVICES],
+    (["--outfile", "{file}/log.tsv"], r"--outfile .*file\.txt/log\.tsv: .*file\.txt is a file, not a folder"),
+    (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
+    (["--precision", "fp64"], r"invalid choice"),
+])
+def test_bad_devices_and_outputs_fail_before_work(models, tmp_path, cli_error, files_of, extra, message, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    before = files_of(tmp_path)
+    argv = _args(models, tmp_path / "sub" / "log.tsv") + [e.format(file=tmp_path / "file.txt") for e in extra]
+    if message == "invalid choice":  # argparse's own error (exit 2, usage line)
+        with pytest.raises(SystemExit) as exc:
+            certify.main(argv)
+        assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    else:
+        assert re.search(message, cli_error(certify.main, argv))
+    assert files_of(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_files_follow_the_umask_and_auto_precision_is_recorded(models, tmp_path):
+    old = os.umask(0o027)
+    try:
+        certify.main(_args(models, tmp_path / "log.tsv", "--max_images", "2"))
+    finally:
+        os.umask(old)
+    for name in ("log.tsv", "log.tsv.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    args = _args(models, tmp_path / "auto.tsv", "--max_images", "1")
+    args[args.index("--precision") + 1] = "auto"
+    certify.main(args)
+    recorded = json.loads((tmp_path / "auto.tsv.json").read_text())["config"]["precision"]
+    assert recorded == utils.resolve_precision("auto", torch.device("cpu")) and recorded in ("bf16", "fp32")
+
+
+def test_checkpoint_errors_name_the_flag_given_and_never_run_a_pickle(models, tmp_path, cli_error):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": Payload()}}, evil)
+    for flag in ("--finetuned_path", "--classifier_ckpt"):
+        line = cli_error(certify.main, _args(models, tmp_path / "log.tsv") + [flag, evil])
+        assert line.startswith(f"error: {flag} {evil}: unreadable checkpoint (refused: it holds pickled Python"), line
+        assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+    line = cli_error(certify.main, _args(models, tmp_path / "log.tsv") + ["--finetuned_path", models["den"]])
+    assert line.startswith(f"error: --finetuned_path {models['den']}"), line
+    assert not marker.exists() and not (tmp_path / "log.tsv").exists()
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    """SIGKILL: the whole session (as a scheduler kills a job); SIGTERM: the launcher only (torchrun forwards it)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    proc.communicate(timeout=120)
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models, tmp_path):
+    """A requeued job's life: single-process and 2-process torchrun runs, each started with --resume (as job scripts
+    do) and killed (kill -9 of the whole job, or SIGTERM) after a random number of new rows (0: at a random moment
+    of the start-up); the final resumed log equals the uninterrupted one. FT_CADIS_FAULT_SEED replays a sequence."""
+    seed = int(os.environ.get("FT_CADIS_FAULT_SEED", random.randrange(2**31)))
+    rng = random.Random(seed)
+    extra = ["--max_images", "24", "--N", "300"]
+    certify.main(_args(models, tmp_path / "ref" / "log.tsv", *extra))
+    out = tmp_path / "run" / "log.tsv"
+    args = _args(models, out, *extra, "--resume")
+    paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
+    trace = [f"FT_CADIS_FAULT_SEED={seed}"]
+    for launcher, sig in [(_cli, signal.SIGKILL), (_torchrun, signal.SIGKILL), (_cli, signal.SIGTERM),
+                          (_torchrun, signal.SIGTERM)]:
+        target = _complete_rows(paths) + rng.randint(0, 4)
+        proc = launcher(args) if launcher is _cli else launcher(args, start_new_session=True)
+        if target == _complete_rows(paths):
+            time.sleep(rng.uniform(0.0, 4.0))
+        else:
+            _wait_rows(paths, target, proc)
+        _kill(proc, sig)
+        trace.append(f"{launcher.__name__} {signal.Signals(sig).name} at {target}: {_complete_rows(paths)} rows")
+    assert _complete_rows(paths) < 24, trace  # the last resume has work left
+    certify.main(args)
+    assert _body(out) == _body(tmp_path / "ref" / "log.tsv"), trace
+    assert sorted(p.name for p in out.parent.iterdir()) == ["log.tsv", "log.tsv.json"], trace
