@@ -474,16 +474,16 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
         raise UserError(f"--resume: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
                         "against this run; use another --outfile (or --overwrite to replace it)")
     try:
-        recorded = json.loads(side.read_text(encoding="utf-8"))["config"]
-    except (ValueError, KeyError, TypeError):
+        recorded_config = json.loads(side.read_text(encoding="utf-8"))["config"]
+        recorded_fingerprints = recorded_config.get("fingerprints") or {}  # (absent in logs of older versions)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"--resume: {side} is not a configuration file of this kind; use another --outfile"
                         ) from None
-    recorded = {k: recorded.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
+    recorded = {k: recorded_config.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
     diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
     if diff:
         raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
                         "rerun with the recorded flags, or use another --outfile or --overwrite")
-    recorded_fingerprints = recorded.get("fingerprints") or {}  # (absent in logs of older versions)
     for role, (flag, path) in files.items():
         check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
 
