@@ -147,6 +147,7 @@ def default_radii(dfs: Sequence[pd.DataFrame]) -> np.ndarray:
 
 ENVELOPE_LABEL = "envelope (best)"
 STAT_COLUMNS = ("ACR", "clean", "abstain", "n")
+SAMPLES_COLUMN = "samples/img"  # the mean of a log's column n (estimation samples used), where it has one
 
 
 def radius_names(radii: np.ndarray) -> list[str]:
@@ -160,7 +161,8 @@ def radius_names(radii: np.ndarray) -> list[str]:
 def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.ndarray,
                   high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
     """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
-    ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n. PREDICT logs get NaN where a radius is
+    ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n; and, when a log has the column ``n``
+    (certify.py --sequential / --skip_wrong), samples/img, its mean. PREDICT logs get NaN where a radius is
     needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius."""
     names = radius_names(radii)
     rows = []
@@ -171,8 +173,11 @@ def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.
             acc = (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
                    else certified_accuracy(df, radii))
             row.update(zip(names, acc), ACR=acr(df))
+        if "n" in df.columns:  # certify.py --sequential / --skip_wrong: the estimation samples of each image
+            row[SAMPLES_COLUMN] = float(df["n"].mean())
         rows.append(row)
-    table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *STAT_COLUMNS])
+    samples = [SAMPLES_COLUMN] if any(SAMPLES_COLUMN in row for row in rows) else []
+    table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *STAT_COLUMNS, *samples])
     if with_envelope:
         curves = [table.loc[lab, names].to_numpy(dtype=np.float64)
                   for lab, df in zip(labels, dfs) if df.attrs.get("kind") != "predict"]
@@ -202,6 +207,8 @@ def best_mask(table: pd.DataFrame) -> pd.DataFrame:
 def _cell(col: str, value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if col == SAMPLES_COLUMN:
+        return f"{value:.0f}"
     return str(int(value)) if col == "n" else f"{value:.3f}"
 
 
@@ -209,8 +216,9 @@ def _caption(table: pd.DataFrame, stats: bool = True) -> str:
     hp = table.attrs.get("high_prob")
     kind = (f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})" if hp
             else "approximate certified accuracy")
+    samples = f"; {SAMPLES_COLUMN} = mean estimation samples per image" if SAMPLES_COLUMN in table.columns else ""
     return f"{kind} at l2 radius r; ACR = average certified radius" + (
-        "; clean = smoothed-classifier accuracy; abstain = abstention rate" if stats else "")
+        "; clean = smoothed-classifier accuracy; abstain = abstention rate" + samples if stats else "")
 
 
 def format_text(table: pd.DataFrame) -> str:

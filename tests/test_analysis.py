@@ -241,3 +241,18 @@ def test_train_curves_written_logs_and_errors(tmp_path):
     for argv, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
             analyze.main(argv)
+
+
+def test_samples_per_image_of_logs_with_column_n(tmp_path):
+    """A log with the column n (certify.py --sequential / --skip_wrong) gets samples/img, its mean; others '-'."""
+    from logs import HEADER
+
+    (tmp_path / "seq.tsv").write_text(HEADER + "\tn\n0\t1\t1\t0.5\t1\t0.1\t400\n1\t2\t3\t0.0\t0\t0.1\t0\n"
+                                      "2\t2\t2\t0.25\t1\t0.1\t1100\n")
+    (tmp_path / "fixed.tsv").write_text(HEADER + "\n0\t1\t1\t0.5\t1\t0.1\n")
+    dfs = [analyze.read_log(tmp_path / name) for name in ("seq.tsv", "fixed.tsv")]
+    table = analysis.summary_table(dfs, ["seq", "fixed"], np.array([0.0, 0.5]))
+    assert table.loc["seq", analysis.SAMPLES_COLUMN] == 500.0 and np.isnan(table.loc["fixed", analysis.SAMPLES_COLUMN])
+    text = analysis.format_text(table)
+    assert "samples/img" in text and "500" in text.split("\n")[3]
+    assert analysis.SAMPLES_COLUMN not in analysis.summary_table(dfs[1:], ["fixed"], np.array([0.0])).columns
