@@ -47,8 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
-from core import (PHASE_ESTIMATION, DenoisedClassifier, Smooth, cadis_objective, compile_for_inference_,
-                  eps_pixels, noise_and_denoise, prepare_inference_)
+from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
+                  compile_for_inference_, default_sequential_radii, eps_pixels, image_generator, noise_and_denoise,
+                  prepare_inference_)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from training import clip_grad_per_param
 from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
@@ -482,7 +483,8 @@ def bench_config(name: str, device: torch.device, sigma: float, precisions: Sequ
                  iters: Optional[int], rounds: int, N: Optional[int], agreement_samples: int, certify: bool,
                  ft: bool, ft_images: Optional[int], ft_iters: int, weights: str, seed: int,
                  log: Callable[[str], None] = print, denoiser_ckpt: Optional[str] = None,
-                 classifier_ckpt: Optional[str] = None) -> Dict[str, Any]:
+                 classifier_ckpt: Optional[str] = None, modes: Optional[tuple[int, int]] = None,
+                 heads: int = 0) -> Dict[str, Any]:
     """Time the reference and the fast paths of configuration ``name``; returns its JSON record."""
     cfg = CONFIGS[name]
     dflt = cfg["cuda" if device.type == "cuda" else "cpu"]
@@ -503,8 +505,13 @@ def bench_config(name: str, device: torch.device, sigma: float, precisions: Sequ
     if ft:
         finetune = bench_finetune(name, denoiser, classifier, sigma, device, precisions,
                                   ft_images or dflt["ft_images"], ft_iters, seed, log)
+    issue15 = {}
+    if modes:
+        issue15["modes"] = bench_modes(name, models, sigma, device, modes[0], modes[1], dflt["batch_size"], seed)
+    if heads:
+        issue15["heads"] = bench_heads(name, models, sigma, device, heads, dflt["batch_size"], iters)
     return {
-        "config": name, "weights": models["weights"], "denoiser": cfg["denoiser"], "classifier": cfg["arch"],
+        **issue15, "config": name, "weights": models["weights"], "denoiser": cfg["denoiser"], "classifier": cfg["arch"],
         "denoiser_params": models["denoiser_params"], "classifier_params": models["classifier_params"],
         "image_size": cfg["image_size"], "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
         "rounds": rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
@@ -578,6 +585,85 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
                 f"{row['agreement_vs_fp32']['agreement']:.4f} over {row['agreement_vs_fp32']['samples']} samples")
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fewer samples and one denoising pass for several classifiers: certify.py's modes (issue 15)
+# ---------------------------------------------------------------------------------------------------------------
+
+# certify.py's modes: (--sequential, --skip_wrong)
+MODES = {"fixed": (False, False), "sequential": (True, False), "skip_wrong": (False, True), "both": (True, True)}
+
+
+def bench_modes(name: str, models: Dict[str, Any], sigma: float, device: torch.device, N: int, images: int,
+                batch_size: int, seed: int, alpha: float = 0.001) -> Dict[str, Any]:
+    """certify.py's four modes (fixed N, --sequential, --skip_wrong, both) on ``images`` test images, fp32, through
+    ``Smooth.certify_heads``: estimation samples per image, seconds per image (selection included) and certified
+    accuracy at the default sequential radii (meaningful with trained weights only, i.e. digits)."""
+    num_classes = CONFIGS[name]["num_classes"]
+    smooth = Smooth(DenoisedClassifier(models["denoiser"], models["classifier"], sigma).eval(), num_classes, sigma)
+    radii = default_sequential_radii(name, sigma, N, alpha)
+    x, y = test_images(name, images, device)
+    result: Dict[str, Any] = {"N": N, "N0": N0, "images": images, "alpha": alpha, "radii": radii}
+    for mode, (sequential, skip_wrong) in MODES.items():
+        used, seconds, hits = [], 0.0, np.zeros(len(radii))
+        for i in range(images):
+            label = int(y[i])
+            _sync(device)
+            t0 = time.perf_counter()
+            [(prediction, radius, n)] = smooth.certify_heads(
+                x[i], N0, N, alpha, batch_size, radii=radii if sequential else None,
+                generator=image_generator(seed, i), label=label if skip_wrong else None)
+            _sync(device)
+            seconds += time.perf_counter() - t0
+            used.append(n)
+            hits += [prediction == label and radius >= r for r in radii]
+        result[mode] = {"samples_per_image": float(np.mean(used)), "sec_per_image": seconds / images,
+                        "certified_accuracy": (hits / images).tolist()}
+    return result
+
+
+def bench_heads(name: str, models: Dict[str, Any], sigma: float, device: torch.device, K: int, batch_size: int,
+                iters: int) -> Dict[str, Any]:
+    """Seconds per noise sample of f o D with one classifier and with K classifiers after one denoiser
+    (``core.ClassifierStack``, what ``certify.py --finetuned_path A B ...`` runs), fp32: K single runs cost K times
+    the first, one K-classifier run the second."""
+    num_classes = CONFIGS[name]["num_classes"]
+    x = test_images(name, 1, device)[0][0]
+    denoiser, classifier = models["denoiser"], models["classifier"]
+    per_sample = {}
+    for label, model in (("single", DenoisedClassifier(denoiser, classifier, sigma)),
+                         ("stack", DenoisedClassifier(denoiser, ClassifierStack([classifier] * K), sigma))):
+        smooth = Smooth(model.eval(), num_classes, sigma)
+        smooth._sample_noise(x, batch_size, batch_size, 0, PHASE_ESTIMATION)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        smooth._sample_noise(x, batch_size * iters, batch_size, 1, PHASE_ESTIMATION)
+        _sync(device)
+        per_sample[label] = (time.perf_counter() - t0) / (batch_size * iters)
+    return {"K": K, "batch_size": batch_size, "iters": iters, "sec_per_sample_single": per_sample["single"],
+            "sec_per_sample_K": per_sample["stack"], "speedup_vs_K_runs": K * per_sample["single"] / per_sample["stack"]}
+
+
+def format_issue15(name: str, record: Dict[str, Any]) -> List[str]:
+    """The lines of :func:`bench_modes` / :func:`bench_heads` results of one configuration."""
+    lines = []
+    modes = record.get("modes")
+    if modes:
+        lines += ["", f"{name}: certify.py modes, fp32, {modes['images']} images, N0 {modes['N0']}, N {modes['N']}, "
+                      f"radii {modes['radii']}",
+                  f"{'mode':<12}{'samples/img':>12}{'s/img':>9}  certified accuracy at the radii"]
+        for mode in MODES:
+            m = modes[mode]
+            lines.append(f"{mode:<12}{m['samples_per_image']:>12.0f}{m['sec_per_image']:>9.2f}  "
+                         + " ".join(f"{a:.2f}" for a in m["certified_accuracy"]))
+    heads = record.get("heads")
+    if heads:
+        lines.append(f"{name}: {heads['K']} classifiers, one denoising pass: {heads['sec_per_sample_K'] * 1e3:.1f} ms/"
+                     f"sample vs {heads['sec_per_sample_single'] * 1e3:.1f} for one ({heads['K']} single runs: "
+                     f"{heads['K'] * heads['sec_per_sample_single'] * 1e3:.1f}), {heads['speedup_vs_K_runs']:.2f}x "
+                     f"(batch {heads['batch_size']} x {heads['iters']}, fp32)")
+    return lines
 
 
 def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float,
@@ -720,6 +806,8 @@ def format_table(result: Dict[str, Any]) -> str:
                              f"{str(r['images']) + ' x ' + str(r['num_noises']):>9}{r['sec_per_step']:>9.3f}"
                              f"{r['speedup_vs_reference']:>7.2f}{r['masked_in_share']:>10.2f}"
                              f"{r['peak_memory_mb']:>10.0f}")
+    for c in result["configs"]:
+        lines += format_issue15(c["config"], c)
     return "\n".join(lines)
 
 
@@ -759,6 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion checkpoint of the (single) configuration, instead of random weights")
     p.add_argument("--classifier_ckpt", default=None,
                    help="classifier weights (timm/HF/train.py file, as certify.py) of the (single) configuration")
+    p.add_argument("--modes", type=int, nargs=2, default=None, metavar=("N", "IMAGES"),
+                   help="also run certify.py's modes (fixed N, --sequential, --skip_wrong, both) with N samples on "
+                        "IMAGES test images, fp32 (meaningful with trained weights: digits)")
+    p.add_argument("--heads", type=int, default=0, metavar="K",
+                   help="also time K classifiers after one denoising pass against one (certify.py with several "
+                        "classifiers), fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
@@ -782,6 +876,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} {value}: must be >= 1")
+    if args.heads < 0 or (args.modes and min(args.modes) < 1):
+        raise UserError("--heads K: K >= 0; --modes N IMAGES: both >= 1")
     if not args.sigma > 0:
         raise UserError(f"--sigma {args.sigma}: must be > 0")
     configs = args.configs or (["digits", "cifar10"] + (["imagenet"] if device.type == "cuda" else []))
@@ -803,7 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 name, device, args.sigma, precisions, args.compile, args.compile_mode, args.channels_last, batch_size,
                 args.iters, args.rounds, args.N, args.agreement_samples, not args.no_certify, not args.no_finetune,
                 args.ft_images, args.ft_iters, args.weights, args.seed, denoiser_ckpt=args.denoiser_ckpt,
-                classifier_ckpt=args.classifier_ckpt))
+                classifier_ckpt=args.classifier_ckpt, modes=args.modes, heads=args.heads))
     result["env"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(format_table(result))
     if args.json:

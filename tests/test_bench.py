@@ -289,3 +289,22 @@ def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
     same = script.vit_b(32)
     script.load_resampled(same, ckpt)  # same grid: identical
     assert torch.equal(same.model.pos_embed, clf.model.pos_embed)
+
+
+@pytest.mark.slow
+def test_modes_and_several_classifiers_on_the_digits_models():
+    """bench.py --modes / --heads: the four certify.py modes (skip_wrong changes no certified accuracy, sequential
+    uses fewer samples) and K classifiers after one denoiser."""
+    device = torch.device("cpu")
+    models = bench.build_models("digits", device, "auto")
+    with torch_threads(1):
+        modes = bench.bench_modes("digits", models, 0.5, device, N=200, images=3, batch_size=100, seed=1)
+        heads = bench.bench_heads("digits", models, 0.5, device, K=2, batch_size=16, iters=1)
+    assert modes["fixed"]["samples_per_image"] == 200
+    assert modes["sequential"]["samples_per_image"] < 200
+    assert modes["skip_wrong"]["certified_accuracy"] == modes["fixed"]["certified_accuracy"]
+    assert modes["both"]["certified_accuracy"] == modes["sequential"]["certified_accuracy"]
+    assert modes["both"]["samples_per_image"] <= modes["sequential"]["samples_per_image"]
+    assert heads["K"] == 2 and heads["sec_per_sample_K"] > 0 and heads["sec_per_sample_single"] > 0
+    lines = bench.format_issue15("digits", {"modes": modes, "heads": heads})
+    assert any(line.startswith("sequential") for line in lines) and "2 classifiers" in lines[-1]
