@@ -136,6 +136,8 @@ class TrainConfig:
     full_attack: bool = _flag(False, "attack every image, not only the masked-in ones (same loss, slower; for "
                                      "comparison)")
     progress: bool = _flag(True, "no progress bar")
+    tensorboard: bool = _flag(True, "write no TensorBoard event files (by default rank 0 writes the training curves "
+                                    "into --outdir; see docs/notes/house-train.md for the tags)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,14 +296,20 @@ def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) 
             group["weight_decay"] = weight_decay
 
 
-def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> None:
-    """Scale each parameter's gradient to L2 norm <= ``max_norm`` separately (DINO's ``clip_gradients``)."""
+def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> Optional[torch.Tensor]:
+    """Scale each parameter's gradient to L2 norm <= ``max_norm`` separately (DINO's ``clip_gradients``).
+
+    Returns the total gradient norm before clipping, sqrt(sum_p ||g_p||^2) (None without gradients). ``max_norm``
+    <= 0: no clipping, only the norm.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads or max_norm <= 0:
-        return
+    if not grads:
+        return None
     norms = torch._foreach_norm(grads)
-    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, coefs)
+    if max_norm > 0:
+        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,6 +480,8 @@ class Run:
     start_micro: int = 0
     step: int = 0  # optimizer steps done
     last_ckpt: Optional[Path] = None
+    writer: Any = None  # rank 0's TensorBoard SummaryWriter (open_tensorboard), or None
+    clock: float = 0.0  # time.perf_counter() at the end of the last optimizer step (images/s)
 
     @property
     def dev(self) -> torch.device:
@@ -695,14 +705,19 @@ def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
     return lr, wd
 
 
-def optimizer_step(run: Run) -> None:
-    """Per-parameter gradient clipping (after unscaling) and one AdamW step (skipped by the scaler on inf/NaN)."""
-    if run.cfg.clip_grad > 0:
-        run.scaler.unscale_(run.optimizer)
-        clip_grad_per_param(run.params, run.cfg.clip_grad)
+def optimizer_step(run: Run) -> Optional[float]:
+    """Per-parameter gradient clipping (after unscaling) and one AdamW step (skipped by the scaler on inf/NaN).
+
+    Returns the gradient norm before clipping when TensorBoard records it (else None: no extra host sync).
+    """
+    norm = None
+    if run.cfg.clip_grad > 0 or run.writer is not None:
+        run.scaler.unscale_(run.optimizer)  # GradScaler.step would unscale the same way
+        norm = clip_grad_per_param(run.params, run.cfg.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.step += 1
+    return None if norm is None or run.writer is None else float(norm)
 
 
 def _micro_batches(run: Run, loader: Iterator, first_batch: int, skip_micro: int) -> Iterator[tuple]:
@@ -745,6 +760,7 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
     window = Metrics()
     bar = tqdm(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and run.info.is_main), dynamic_ncols=True, leave=False)
+    run.clock = time.perf_counter()
     for k, progress, clean, targets in _micro_batches(run, bar, first_batch, skip_micro):
         if k % cfg.accum_iter == 0:
             result.lr, result.wd = start_accumulation(run, epoch + progress)
@@ -756,14 +772,17 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
         result.micro = k + 1
         if not sync:
             continue
-        optimizer_step(run)
+        grad_norm = optimizer_step(run)
         if run.info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
             log_step(run, epoch, result.lr, window.mean(), bar)
+        if run.writer is not None:
+            write_step_scalars(run, window.mean(), result.lr, result.wd, grad_norm)
         if cfg.max_steps is not None and run.step >= cfg.max_steps:
             result.stopped = True
             break
         if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and result.micro < run.iters * M:
             run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro)
+        run.clock = time.perf_counter()
     bar.close()
     return result
 
@@ -798,6 +817,33 @@ def log_step(run: Run, epoch: int, lr: float, m: Metrics, bar: Any) -> None:
     bar.set_postfix(loss=f"{m.loss:.4f}", acc=f"{m.acc:.3f}", masked=f"{m.masked_in:.2f}", lr=f"{lr:.2e}")
 
 
+# TensorBoard scalars (rank 0, global step = optimizer steps done): per optimizer step the means over its
+# micro-steps (and processes), per epoch the denoised test accuracy.
+TB_STEP_TAGS = ("train/loss", "train/sce", "train/madv", "train/acc", "train/masked_in", "train/lr",
+                "train/weight_decay", "train/grad_norm", "train/images_per_s")
+TB_EPOCH_TAGS = ("test/acc",)
+
+
+def open_tensorboard(run: Run) -> None:
+    """Rank 0 (unless ``--no_tensorboard``): a ``SummaryWriter`` on the outdir. A resumed run purges the events
+    its previous run wrote after the resumed step (TensorBoard hides them), so no step is shown twice."""
+    if not (run.cfg.tensorboard and run.info.is_main):
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    run.writer = SummaryWriter(log_dir=str(run.out), purge_step=run.step + 1 if run.cfg.resume else None)
+
+
+def write_step_scalars(run: Run, m: Metrics, lr: float, wd: float, grad_norm: Optional[float]) -> None:
+    """The scalars of :data:`TB_STEP_TAGS` for the optimizer step just taken (images/s: clean images of the
+    effective batch per second of wall time since the previous step, checkpoint writing excluded)."""
+    seconds = max(time.perf_counter() - run.clock, 1e-9)
+    values = (m.loss, m.sce, m.madv, m.acc, m.masked_in, lr, wd, grad_norm, run.eff_batch / seconds)
+    for tag, value in zip(TB_STEP_TAGS, values):
+        if value is not None:
+            run.writer.add_scalar(tag, value, run.step)
+
+
 def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float) -> Dict[str, Any]:
     """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy."""
     cfg = run.cfg
@@ -808,6 +854,8 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float
         c, t = evaluate(run.classifier, run.denoiser, run.test_loader, cfg.test_noise_sd, run.t_test, run.dev,
                         cfg.precision, run_seed(cfg.seed, "test"))
         test_acc = c / max(t, 1)
+        if run.writer is not None:
+            run.writer.add_scalar("test/acc", test_acc, run.step)
     stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
              "train_madv": avg.madv, "train_acc": avg.acc, "masked_in": avg.masked_in, "test_acc": test_acc,
              "time": time.time() - seconds_since}
@@ -842,6 +890,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     cfg = resolve_config(config)
     ckpt = check_resume_checkpoint(cfg)
     info = init_distributed(cfg.device)
+    run: Optional[Run] = None
     try:
         run = build_run(cfg, args, ckpt, info)
         if cfg.max_steps is not None and run.step >= cfg.max_steps:
@@ -851,6 +900,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             return {"epoch": run.start_epoch, "step": run.step, "checkpoint": cfg.resume,
                     "classifier": run.classifier}
         announce(run)
+        open_tensorboard(run)
         stats: Dict[str, Any] = {}
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.time()
@@ -862,4 +912,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             print(f"last checkpoint: {run.last_ckpt}")
         return {**stats, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "classifier": run.classifier}
     finally:
+        if run is not None and run.writer is not None:
+            run.writer.close()
         cleanup_distributed()

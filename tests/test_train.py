@@ -169,6 +169,51 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, t
     assert hashlib.sha256((out / "checkpoint-step1.pth.tar").read_bytes()).hexdigest() == digest
 
 
+# ------------------------------------------------------------------------------------------------------ tensorboard
+def _scalars(outdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} as TensorBoard's own reader loads the event files of ``outdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(outdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_match_the_text_logs_and_survive_a_resume(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    train.main(_args(tiny_models, out, "--max_steps", "3", "--ckpt_every_steps", "1"))
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    scalars = _scalars(out)
+    assert set(training.TB_STEP_TAGS) | {"test/acc"} <= set(scalars)
+    steps = _steps(out / "log_steps.txt")
+    for tag, col in (("train/lr", 2), ("train/loss", 3), ("train/sce", 4), ("train/madv", 5), ("train/acc", 6),
+                     ("train/masked_in", 7)):
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
+        for step, value in scalars[tag]:
+            assert value == pytest.approx(float(steps[step][col]), rel=1e-5, abs=1e-7), tag
+    assert any(value > 0 for _, value in scalars["train/madv"])
+    epoch_row = (out / "log.txt").read_text().splitlines()[1].split("\t")
+    assert scalars["test/acc"] == [(3, pytest.approx(float(epoch_row[9]), abs=1e-4))]
+    assert scalars["train/weight_decay"][-1] == (3, pytest.approx(float(epoch_row[3]), rel=1e-5))
+    for tag in ("train/grad_norm", "train/images_per_s"):
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3] and all(v > 0 for _, v in scalars[tag]), tag
+
+    # resumed from step 1 into the same folder: steps 2 and 3 are written again, each step is shown once, and
+    # (the resume being exact) with the same values
+    train.main(_args(tiny_models, out, "--max_steps", "3", "--resume", str(out / "checkpoint-step1.pth.tar")))
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+    again = _scalars(out)
+    for tag in ("train/loss", "train/sce", "train/madv", "test/acc"):
+        assert again[tag] == scalars[tag], tag
+
+
+def test_no_tensorboard_writes_no_event_file(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    train.main(_args(tiny_models, out, "--max_steps", "1", "--no_test", "--no_tensorboard"))
+    assert (out / "checkpoint-step1.pth.tar").is_file() and not list(out.glob("*tfevents*"))
+
+
 # --------------------------------------------------------------------------------------------------------- wrappers
 @pytest.mark.parametrize("script, expected", [
     ("train_cifar10.sh", "--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3 "
