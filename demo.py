@@ -6,8 +6,10 @@ It runs the paper's own entry points, in-process, on the shipped small models (`
    smoothing g(x) = argmax_c P[f(D(x + δ)) = c], δ ~ N(0, σ²I), with the shipped diffusion denoiser D;
 2. ``train.py``: fine-tune the classifier with FT-CADIS (confidence-aware selective CE + masked adversarial loss on
    denoised images at σ), a short schedule;
-3. ``certify.py`` again, on the fine-tuned classifier (same images, same noise seeds);
-4. ``analyze.py``: the comparison table (certified accuracy at l2 radii, ACR) and a plot.
+3. ``certify.py`` again, on the fine-tuned classifier (same images, same noise seeds), then once more with
+   ``--sequential`` (estimation stops once the table's radii are decided);
+4. ``analyze.py``: the comparison table (certified accuracy at l2 radii, ACR) and a plot; the fine-tuned
+   classifier's sequential table and samples per image beside its fixed-N one.
 
 Everything goes under ``--outdir`` (default ``demo_output/``); a second run replaces its own earlier outputs.
 
@@ -38,7 +40,8 @@ MARKER = ".ft_cadis_demo"
 LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)  # marks an output folder as the demo's own, so a rerun may replace what is in it
 OFF_THE_SHELF, FT_CADIS = "off-the-shelf", "FT-CADIS"
 OUTPUTS = ("off_the_shelf.tsv", "off_the_shelf.tsv.json", "ft_cadis.tsv", "ft_cadis.tsv.json", "table.txt",
-           "table.md", "table.csv", "certified_accuracy.png", "summary.json", "ft_cadis")
+           "table.md", "table.csv", "certified_accuracy.png", "summary.json", "ft_cadis", "ft_cadis_sequential.tsv",
+           "ft_cadis_sequential.tsv.json", "table_sequential.txt")
 RADIUS_STEP = 0.25  # the table's radii: 0, 0.25, ... up to the largest radius N samples can certify
 # --quick: the shortened end-to-end run of tests/test_demo.py
 QUICK = dict(N0=10, N=40, max_images=10, epochs=1, max_steps=6, batch_size=200)
@@ -142,6 +145,24 @@ def certify_args(args: argparse.Namespace, outfile: Path, skip: int, weights: li
     return argv + (["--no_progress"] if args.no_progress else [])
 
 
+def compare_sequential(fixed_log: Path, sequential_log: Path, radii: list[str], N: int, out: Path) -> dict[str, Any]:
+    """Print (and write to ``out``) the fine-tuned classifier's table under fixed-N and sequential CERTIFY, with the
+    estimation samples per image of each; returns them."""
+    import analyze
+    from logs import read_log
+
+    labels = ["--labels", f"{FT_CADIS} fixed N", f"{FT_CADIS} sequential"]
+    print(f"\n{FT_CADIS} under fixed-N and sequential CERTIFY (certify.py --sequential; same guarantee):")
+    logs = [str(fixed_log), str(sequential_log)]
+    analyze.main([*logs, *labels, *radii, "--out", str(out)])
+    table = analyze.main([*logs, *labels, *radii])
+    samples = float(read_log(sequential_log)["n"].mean())
+    print(f"estimation samples per image: fixed N {N}, sequential {samples:.0f} ({N / samples:.1f}x fewer)",
+          flush=True)
+    return {"samples_per_image": samples, "N": N,
+            "table": {col: float(table.iloc[1][col]) for col in table.columns if col != "samples/img"}}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = resolve_args(get_parser().parse_args(argv))
     with torch_threads(args.threads):
@@ -209,6 +230,10 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
     t0 = time.perf_counter()
     certify.main(certify_args(args, ft_log, skip, ["--finetuned_path", str(checkpoint)]))
     timings["certify_ft_cadis"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seq_log = outdir / "ft_cadis_sequential.tsv"
+    certify.main(certify_args(args, seq_log, skip, ["--finetuned_path", str(checkpoint), "--sequential"]))
+    timings["certify_ft_cadis_sequential"] = time.perf_counter() - t0
 
     _stage(4, "compare (analyze.py)", start)
     logs, labels = [str(off_log), str(ft_log)], ["--labels", OFF_THE_SHELF, FT_CADIS]
@@ -223,6 +248,7 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
     analysis.plot_curves(plot, [analysis.read_log(off_log), analysis.read_log(ft_log)], [OFF_THE_SHELF, FT_CADIS],
                          0.0, r_max, title=title)
     print(f"wrote {plot}", file=sys.stderr)
+    sequential = compare_sequential(ft_log, seq_log, radii, args.N, outdir / "table_sequential.txt")
     timings["total"] = time.perf_counter() - start
 
     summary = {
@@ -233,6 +259,7 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
         "checkpoint": str(checkpoint), "fine_tune_test_acc": result.get("test_acc"),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "table": {label: {col: float(table.loc[label, col]) for col in table.columns} for label in table.index},
+        "sequential": sequential,
     }
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ndemo finished in {timings['total']:.0f} s: table in {outdir / 'table.md'}, plot {plot}, "

@@ -84,6 +84,9 @@ def test_quick_demo_end_to_end(tmp_path):
             assert table.loc[label, r] == pytest.approx((correct & (log["radius"] >= float(r))).mean())
         assert table.loc[label, "ACR"] == pytest.approx((correct * log["radius"]).mean())
     assert json.loads((outdir / "summary.json").read_text())["table"] == summary["table"]
+    sequential = summary["sequential"]  # the fine-tuned classifier again, with --sequential
+    assert sequential["N"] == 40 and 0 < sequential["samples_per_image"] <= 40
+    assert "samples/img" in (outdir / "table_sequential.txt").read_text()
     # both certifications used the same images
     assert (pd.read_csv(outdir / "off_the_shelf.tsv", sep="\t")["idx"].tolist()
             == pd.read_csv(outdir / "ft_cadis.tsv", sep="\t")["idx"].tolist())
