@@ -137,7 +137,7 @@ class TrainConfig:
                                      "comparison)")
     progress: bool = _flag(True, "no progress bar")
     tensorboard: bool = _flag(True, "write no TensorBoard event files (by default rank 0 writes the training curves "
-                                    "into --outdir; see docs/notes/house-train.md for the tags)")
+                                    "into --outdir; tags: docs/USAGE.md)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
