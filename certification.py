@@ -20,21 +20,23 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Optional, Sequence, TextIO, Type
+from typing import Any, Callable, Container, Mapping, Optional, Sequence, TextIO, Type
 
 import torch
 from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
-from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, merge_parts, open_for_append, part_path,
-                  read_done, sidecar_path)
+from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log, merge_parts,
+                  open_for_append, part_path, read_done, shard_path, sidecar_path)
 from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
                    check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
-                   output_folder, resolve_device, resolve_precision)
+                   output_folder, resolve_device, resolve_precision, run_lock)
 
 LOG_FORMAT = 1
 # the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
@@ -95,11 +97,13 @@ class RunOptions:
     sequential: Optional[bool]  # certify.py only (None where a CLI has no such flag)
     radii: Optional[list[float]]
     skip_wrong: Optional[bool]
+    shard: Optional[str]
     # filled by resolve_options
     no_denoiser: bool = False
     classifiers: tuple[Optional[str], ...] = ()  # the checkpoint of each log's classifier; None = pretrained
     finetuned: tuple[bool, ...] = ()
     input_norms: tuple[str, ...] = ()  # the input convention of each classifier
+    shard_of: Optional["Shard"] = None
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "RunOptions":
@@ -112,6 +116,59 @@ class RunOptions:
         """Whether the run takes the opt-in fast path (:mod:`fast`): asked with --fast, implied by a reduced
         precision or --compile."""
         return bool(self.fast or self.compile or self.precision != "fp32")
+
+    @property
+    def log_paths(self) -> list[Path]:
+        """The logs this run writes: the --outfile(s), or with --shard K/S their shard logs ``<outfile>.shard<K>of<S>``.
+        """
+        outfiles = [Path(o) for o in ([self.outfile] if isinstance(self.outfile, str) else self.outfile)]
+        return outfiles if self.shard_of is None else [shard_path(o, self.shard_of.k, self.shard_of.s)
+                                                       for o in outfiles]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The k-th (0-based) of s disjoint parts of the selected images: every s-th image from the k-th."""
+
+    k: int
+    s: int
+
+    def select(self, indices: Sequence[int]) -> list[int]:
+        return list(indices)[self.k::self.s]
+
+    def __str__(self) -> str:
+        return f"{self.k}/{self.s}"
+
+
+SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+
+
+def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
+    """``--shard K/S`` (0 <= K < S), or ``auto``: K and S from a Slurm array job's environment.
+
+    With ``auto``, K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP and
+    S = SLURM_ARRAY_TASK_COUNT, so ``--array=0-3`` and ``--array=1-4`` both give shards 0/4 .. 3/4.
+    """
+    if text == "auto":
+        missing = [name for name in SLURM_ARRAY if name not in environ]
+        if missing:
+            raise UserError(f"--shard auto: {' and '.join(missing)} not set (not a Slurm array task?); "
+                            "give --shard K/S instead")
+        try:
+            task, count = int(environ[SLURM_ARRAY[0]]), int(environ[SLURM_ARRAY[1]])
+            low, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+        except ValueError:
+            raise UserError(f"--shard auto: the SLURM_ARRAY_TASK_* variables are not integers") from None
+        k, s = ((task - low) // step if step > 0 and (task - low) % step == 0 else -1), count
+        where = f" (from SLURM_ARRAY_TASK_ID={task}, MIN={low}, STEP={step}, COUNT={count}; use --array=0-{count - 1})"
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise UserError(f"--shard {text}: expected K/S with 0 <= K < S (e.g. 0/4), or auto")
+        (k, s), where = map(int, match.groups()), ""
+    if not 0 <= k < s:
+        raise UserError(f"--shard {text}: K must lie in 0..S-1, got {k}/{s}{where}")
+    return Shard(k, s)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -174,6 +231,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted log of the same configuration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing log")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default=None, metavar="K/S|auto",
+                   help="only the K-th (0-based) of S disjoint parts of the selected images (every S-th from the "
+                        "K-th), into <outfile>.shard<K>of<S>, resumable on its own; auto: K and S of a Slurm array "
+                        "task (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); combine with --merge")
+    p.add_argument("--merge", metavar="OUTFILE",
+                   help="alone: merge the shard logs <OUTFILE>.shard<K>of<S> into OUTFILE (idx-sorted), refusing "
+                        "shards of different configurations, overlapping or missing images")
     return p
 
 
@@ -219,6 +283,7 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     for outfile in opts.outfile:
         check_output(outfile, "--outfile")
     opts.precision = resolve_precision(opts.precision, resolve_device(opts.device))  # auto: bf16 where native
+    opts.shard_of = parse_shard(opts.shard) if opts.shard is not None else None
     return opts
 
 
@@ -303,6 +368,7 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
         # checked on --resume (check_resume): the content of each checkpoint file used
         "fingerprints": {role: file_fingerprint(path) if Path(path).exists() else None
                          for role, (_, path) in checkpoint_files(opts, k).items()},
+        "shard": None if opts.shard_of is None else str(opts.shard_of),
     }
 
 
@@ -464,21 +530,29 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
+    """The ``{"config": ..., "info": ...}`` recorded beside a log; a :class:`UserError` starting with ``flag`` and
+    ending with ``advice`` when it is absent or not one."""
+    side = sidecar_path(outfile)
+    if not side.is_file():
+        raise UserError(f"{flag}: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
+                        f"against this run; {advice}")
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8"))
+    except ValueError:
+        recorded = None
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)):
+        raise UserError(f"{flag}: {side} is not a configuration file of this kind; {advice}")
+    return recorded
+
+
 def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS,
                  files: Optional[dict[str, tuple[str, str]]] = None) -> None:
     """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
     (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded."""
     files = files or {}
-    side = sidecar_path(outfile)
-    if not side.is_file():
-        raise UserError(f"--resume: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
-                        "against this run; use another --outfile (or --overwrite to replace it)")
-    try:
-        recorded_config = json.loads(side.read_text(encoding="utf-8"))["config"]
-        recorded_fingerprints = recorded_config.get("fingerprints") or {}  # (absent in logs of older versions)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"--resume: {side} is not a configuration file of this kind; use another --outfile"
-                        ) from None
+    recorded_config = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")["config"]
+    recorded_fingerprints = recorded_config.get("fingerprints") or {}  # (absent in logs of older versions)
     recorded = {k: recorded_config.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
     diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
     if diff:
@@ -580,7 +654,7 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once instead of
     mixing rows; a run refused before its first row leaves no folder it created.
     """
-    outfiles = [Path(o) for o in opts.outfile]
+    outfiles = opts.log_paths
     configs = [run_config(opts, k) for k in range(len(outfiles))]
     dist_info = init_distributed(opts.device)
     try:
@@ -604,13 +678,17 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
     from datasets import get_dataset
     dataset = get_dataset(opts.dataset, opts.split, data_dir=opts.data_dir)
     indices = select_indices(dataset, opts)
+    selection = encode_indices(indices)  # a shard records the whole run's images, for --merge
+    if opts.shard_of is not None:
+        indices = opts.shard_of.select(indices)
     method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
     barrier()
     if dist_info.is_main:
         info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
                 "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
                 "classifiers": len(outfiles), "torch": torch.__version__,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **({"selection": selection} if opts.shard_of is not None else {})}
         for outfile, config, (existing, _) in zip(outfiles, configs, checked):
             prepare_outputs(outfile, existing, opts.overwrite, config, info)
     barrier()
@@ -625,3 +703,145 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
         else:
             print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
     return logs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards (--shard K/S, e.g. the tasks of a Slurm array) and --merge
+# ---------------------------------------------------------------------------------------------------------------
+
+MERGE_KEYS = (*RESUME_KEYS, "max", "fingerprints")  # what every shard of one run must share (and its images)
+
+
+def merge_request(argv: Sequence[str]) -> Optional[Path]:
+    """OUTFILE when the command line is ``--merge OUTFILE`` (None without --merge; a :class:`UserError` when other
+    flags come with it: the configuration comes from the shard logs)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--merge")
+    known, rest = parser.parse_known_args(list(argv))
+    if known.merge is None:
+        return None
+    if rest:
+        raise UserError(f"--merge {known.merge}: give it alone (got also {' '.join(rest)}); the configuration "
+                        "comes from the shard logs")
+    return Path(known.merge)
+
+
+def encode_indices(indices: Sequence[int]) -> str:
+    """Indices as compact text: runs of 3 or more equally spaced ones as ``start:stop:step`` (stop exclusive), the
+    others as numbers, comma-separated (``0:12:3,20,25`` = 0, 3, 6, 9, 20, 25). :func:`decode_indices` inverts it."""
+    items, i = [], 0
+    while i < len(indices):
+        j = i + 1
+        step = indices[j] - indices[i] if j < len(indices) else 0
+        while step > 0 and j + 1 < len(indices) and indices[j + 1] - indices[j] == step:
+            j += 1
+        if step > 0 and j - i >= 2:
+            items.append(f"{indices[i]}:{indices[j] + step}:{step}")
+            i = j + 1
+        else:
+            items.append(str(indices[i]))
+            i += 1
+    return ",".join(items)
+
+
+def decode_indices(text: str) -> list[int]:
+    """The indices :func:`encode_indices` wrote."""
+    out: list[int] = []
+    for item in filter(None, text.split(",")):
+        parts = [int(v) for v in item.split(":")]
+        out.extend(range(*parts) if len(parts) == 3 else parts)
+    return out
+
+
+def _idx_list(idx: Sequence[int], shown: int = 20) -> str:
+    """``1, 4, 7`` or, for many, the first ones, ``...`` and the last one, with the count."""
+    idx = sorted(idx)
+    if len(idx) <= shown:
+        return ", ".join(map(str, idx))
+    return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
+
+
+def _shard_configs(shards: dict[int, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
+    """The shards' shared configuration and info (the most common one), and for each shard that differs, how."""
+    recorded = {k: read_sidecar(p, "--merge", "rerun that shard (--shard K/S --resume)") for k, p in shards.items()}
+    names = (*MERGE_KEYS, "selection")
+    values = {k: [r["config"].get(key, RESUME_DEFAULTS.get(key)) for key in MERGE_KEYS]
+              + [r.get("info", {}).get("selection")] for k, r in recorded.items()}
+    keys = {k: tuple(json.dumps(v, sort_keys=True) for v in vals) for k, vals in values.items()}
+    common = Counter(keys.values()).most_common(1)[0][0]
+    first = next(k for k in sorted(keys) if keys[k] == common)
+    special = {"selection": "other images selected", "fingerprints": "other checkpoint file contents"}
+    foreign = {}
+    for k, key in sorted(keys.items()):
+        if key != common:
+            diff = [special.get(name) or f"{name}={values[k][i]!r} (the others {values[first][i]!r})"
+                    for i, name in enumerate(names) if key[i] != common[i]]
+            foreign[k] = f"{shards[k].name} has a different configuration: {', '.join(diff)}"
+    return recorded[first]["config"], recorded[first].get("info", {}), foreign
+
+
+def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,)) -> list[LogRow]:
+    """Merge the shard logs ``<outfile>.shard<k>of<s>`` (k = 0..s-1) into one idx-sorted ``outfile`` with its sidecar;
+    their rows are of the one of ``row_types`` whose header the first shard log has.
+
+    Refused, with the list of missing idx, when a shard log is missing or incomplete, when one was written with
+    another configuration (:data:`MERGE_KEYS`), or when one holds images outside its share. The merged rows equal a
+    one-process run's (image idx's noise depends only on the seed and idx). The shard logs are kept.
+    """
+    found = existing_shards(outfile)
+    if not found:
+        raise UserError(f"--merge {outfile}: no shard logs {outfile.name}.shard<K>of<S> beside it (written by "
+                        "--shard K/S)")
+    splits = sorted({s for _, s, _ in found})
+    if len(splits) > 1:
+        raise UserError(f"--merge {outfile}: shard logs of {len(splits)} different splits "
+                        f"({', '.join(p.name for _, _, p in found)}); keep those of one --shard K/S split")
+    s = splits[0]
+    shards = {k: p for k, _, p in found}
+    with open(found[0][2], encoding="utf-8", errors="replace") as f:
+        header = f.readline().rstrip("\r\n")
+    row_type = next((t for t in row_types if t.header() == header), row_types[0])  # others: read_rows refuses
+    config, info, foreign = _shard_configs(shards)
+    if "selection" not in info:
+        raise UserError(f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
+                        "--shard K/S); rerun the shards")
+    selected = decode_indices(info["selection"])
+    rows: dict[int, LogRow] = {}
+    problems = []
+    for k in range(s):
+        share = set(Shard(k, s).select(selected))
+        if k not in shards:
+            problems.append(f"no log for shard {k}/{s} ({outfile.name}.shard{k}of{s}; run --shard {k}/{s})")
+            continue
+        if k in foreign:  # its rows count as missing
+            problems.append(foreign[k])
+            continue
+        done = read_done(shards[k], row_type)
+        outside = sorted(set(done) - share)
+        if outside:
+            problems.append(f"{shards[k].name} holds idx outside its share: {_idx_list(outside)}")
+            continue
+        if len(done) < len(share):
+            problems.append(f"{shards[k].name} is incomplete ({len(done)} of {len(share)} images; continue it with "
+                            f"--shard {k}/{s} --resume)")
+        rows.update(done)
+    missing = sorted(set(selected) - set(rows))
+    if problems:
+        raise UserError(f"--merge {outfile}: refused: {'; '.join(problems)}; missing idx: {_idx_list(missing)}")
+    return _write_merged(outfile, [rows[i] for i in sorted(rows)], row_type, config, info, list(shards.values()))
+
+
+def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], config: dict[str, Any],
+                  info: dict[str, Any], shards: list[Path]) -> list[LogRow]:
+    """Write the merged log (refusing to replace a different one) and its sidecar; print the summary."""
+    text = format_log(rows, row_type)
+    with run_lock(lock_path(outfile), f"--merge {outfile}"):
+        if outfile.exists() and outfile.read_text(encoding="utf-8", errors="replace") != text:
+            raise UserError(f"--merge {outfile}: it already exists with other rows; move it away to merge again")
+        atomic_write_text(outfile, text)
+        merged_info = {"merged_from": [p.name for p in shards], "selection": info["selection"],
+                       "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_text(sidecar_path(outfile), json.dumps({"config": {**config, "shard": None},
+                                                             "info": merged_info}, indent=1) + "\n")
+    print(summary(outfile, config, 0, 0.0))
+    return rows

@@ -12,6 +12,8 @@ number of processes nor on interruptions: under ``torchrun`` rank r certifies ev
 ``<outfile>.rank<r>``, and rank 0 merges the parts into one idx-sorted log at the end. ``<outfile>.json`` records
 the configuration; ``--resume`` continues an interrupted run (single-process or sharded) after checking it.
 ``--fast`` (implied by ``--precision bf16|fp16`` and ``--compile``) takes the opt-in speed-ups of ``fast.py``.
+``--shard K/S`` (or ``auto`` in a Slurm array task) certifies only every S-th selected image from the K-th into
+``<outfile>.shard<K>of<S>``; ``certify.py --merge OUTFILE`` then checks and merges the shard logs.
 The work is done by ``certification.py``; this file is its command line.
 
 ``--sequential`` (``--N`` becomes n_max) stops each image's estimation once the requested ``--radii`` are decided
@@ -24,6 +26,8 @@ used. Several classifiers (``--off-the-shelf --finetuned_path A B``) share every
     python certify.py --dataset cifar10 --sigma 0.5 --sequential --off-the-shelf --finetuned_path a.pt b.pt \
         --outfile logs/off.tsv logs/a.tsv logs/b.tsv
     torchrun --nproc_per_node 8 certify.py --dataset imagenet --sigma 0.5 --off-the-shelf --outfile logs/in.tsv
+    sbatch --array=0-7 --wrap "python certify.py ... --outfile logs/in.tsv --shard auto --resume"
+    python certify.py --merge logs/in.tsv
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from certification import RunOptions, add_run_arguments, certify_method, resolve_options, run
+from certification import (RunOptions, add_run_arguments, certify_method, merge_request, merge_shards,
+                           resolve_options, run)
 from logs import Row, SampledRow
 from utils import run_cli
 
@@ -53,8 +58,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row] | list[list[Row]]]:
-    """Run the certification; returns the merged log's rows on rank 0 (several classifiers: the rows of each log;
-    None on the other ranks)."""
+    """Run the certification (or ``--merge OUTFILE`` the shard logs); returns the merged log's rows on rank 0
+    (several classifiers: the rows of each log; None on the other ranks)."""
+    merge = merge_request(sys.argv[1:] if argv is None else argv)
+    if merge is not None:
+        return merge_shards(merge, (Row, SampledRow))  # type: ignore[return-value]
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
     row_type = SampledRow if opts.sequential or opts.skip_wrong else Row
     logs = run(opts, row_type, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size,

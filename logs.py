@@ -19,7 +19,9 @@ A log is tab-separated text, one header line, one row per image:
 
 Beside a log ``<outfile>`` live its configuration ``<outfile>.json`` (:func:`sidecar_path`) and, while a
 ``torchrun`` run is under way, one part per rank ``<outfile>.rank<r>`` (:func:`part_path`), merged into one
-idx-sorted log by :func:`merge_parts`. This module imports neither torch nor the models: analysis starts fast.
+idx-sorted log by :func:`merge_parts`. A run cut into independent shards (Slurm arrays) writes one log per shard,
+``<outfile>.shard<k>of<s>`` (:func:`shard_path`), each with its own sidecar and parts, merged by
+``certification.merge_shards``. This module imports neither torch nor the models: analysis starts fast.
 """
 from __future__ import annotations
 
@@ -415,13 +417,28 @@ def part_path(outfile: Path, rank: int) -> Path:
     return outfile.with_name(f"{outfile.name}.rank{rank}")
 
 
-def existing_parts(outfile: Path) -> list[Path]:
-    """``<outfile>.rank<k>`` files left by a sharded run, by rank."""
-    pattern = re.compile(re.escape(outfile.name) + r"\.rank(\d+)$")
+def _siblings(outfile: Path, suffix: str) -> list[tuple[tuple[int, ...], Path]]:
+    """Files ``<outfile><suffix>`` beside ``outfile`` (``suffix`` a regex whose groups are integers), sorted by them."""
+    pattern = re.compile(re.escape(outfile.name) + suffix + "$")
     if not outfile.parent.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in outfile.parent.iterdir() if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(tuple(map(int, m.groups())), p) for p in outfile.parent.iterdir() if (m := pattern.match(p.name))]
+    return sorted(found)
+
+
+def existing_parts(outfile: Path) -> list[Path]:
+    """``<outfile>.rank<k>`` files left by a sharded run, by rank."""
+    return [p for _, p in _siblings(outfile, r"\.rank(\d+)")]
+
+
+def shard_path(outfile: Path, k: int, s: int) -> Path:
+    """``<outfile>.shard<k>of<s>``: the log of the k-th of s shards of a run (e.g. one task of a Slurm array)."""
+    return outfile.with_name(f"{outfile.name}.shard{k}of{s}")
+
+
+def existing_shards(outfile: Path) -> list[tuple[int, int, Path]]:
+    """``(k, s, path)`` of the ``<outfile>.shard<k>of<s>`` logs beside ``outfile``, sorted."""
+    return [(k, s, p) for (k, s), p in _siblings(outfile, r"\.shard(\d+)of(\d+)")]
 
 
 def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: ignore[assignment]

@@ -51,3 +51,36 @@ def test_predict_run_equals_smooth_predict(tmp_path):
     assert [r.predict for r in rows] == expected
     assert [r.correct for r in rows] == [int(p == data[i][1]) for i, p in enumerate(expected)]
     assert len(set(expected)) >= 2  # not a constant classifier: the comparison can fail
+
+
+def test_parse_shard_explicit_and_from_slurm():
+    assert C.parse_shard("2/5") == C.Shard(2, 5) and str(C.Shard(2, 5)) == "2/5"
+    assert C.Shard(1, 3).select(list(range(0, 20, 2))) == [2, 8, 14]
+    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert C.parse_shard("auto", slurm) == C.Shard(3, 4)
+    assert C.parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_MIN": "1"}) == C.Shard(2, 4)  # --array=1-4
+    assert C.parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_STEP": "2"}) == C.Shard(3, 4)
+    for text, environ, message in [("3/3", {}, "K must lie in 0..S-1"), ("1-3", {}, "expected K/S"),
+                                   ("auto", {}, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set"),
+                                   ("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "7"}, "use --array=0-3")]:
+        with pytest.raises(C.UserError, match=message):
+            C.parse_shard(text, environ)
+
+
+def test_shard_option_names_the_log(tmp_path):
+    base = ["--dataset", "digits", "--sigma", "0.25", "--device", "cpu", "--outfile", str(tmp_path / "a.tsv")]
+    assert _options(base).log_paths == [tmp_path / "a.tsv"]
+    opts = _options([*base, "--shard", "1/4"])
+    assert opts.log_paths == [tmp_path / "a.tsv.shard1of4"] and C.run_config(opts)["shard"] == "1/4"
+
+
+def test_selection_encoding_round_trips():
+    import random
+
+    rng = random.Random(0)
+    cases = [[], [5], [0, 3], list(range(0, 10000, 1)), list(range(0, 50000, 50)), [0, 3, 6, 9, 20, 25],
+             sorted(rng.sample(range(50000), 1000)), [1, 2, 3, 10, 12, 14, 15]]
+    for indices in cases:
+        assert C.decode_indices(C.encode_indices(indices)) == indices
+    assert C.encode_indices([0, 3, 6, 9, 20, 25]) == "0:12:3,20,25"
+    assert C.encode_indices(list(range(0, 50000, 50))) == "0:50000:50"

@@ -574,3 +574,61 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models,
     certify.main(args)
     assert _body(out) == _body(tmp_path / "ref" / "log.tsv"), trace
     assert sorted(p.name for p in out.parent.iterdir()) == ["log.tsv", "log.tsv.json"], trace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards (--shard K/S, Slurm arrays) and --merge
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_shards(models, out, count=3, extra=()):
+    for k in range(count):
+        certify.main(_args(models, out, "--shard", f"{k}/{count}", *extra))
+
+
+def test_shards_run_separately_merge_into_the_one_process_log(models, reference, tmp_path, capsys):
+    """Shards 0/3, 1/3, 2/3 (shard 1 interrupted mid-row and resumed) merge into the one-process log."""
+    out = tmp_path / "log.tsv"
+    _run_shards(models, out)
+    shard1 = tmp_path / "log.tsv.shard1of3"
+    assert [row[0] for row in _body(shard1)] == ["1", "4", "7", "10"]  # every 3rd selected image from the 2nd
+    text = shard1.read_text()
+    shard1.write_text(text[:text.index("\n4\t") + 5])  # killed while writing its second row
+    certify.main(_args(models, out, "--shard", "1/3", "--resume"))
+    assert _body(shard1)[0][0] == "1" and len(_body(shard1)) == 4
+    rows = certify.main(["--merge", str(out)])
+    assert _body(out) == _body(reference) and [r.idx for r in rows] == list(range(12))
+    side = json.loads((tmp_path / "log.tsv.json").read_text())
+    assert side["config"]["seed"] == 3 and side["config"]["shard"] is None
+    assert side["info"]["merged_from"] == [f"log.tsv.shard{k}of3" for k in range(3)]
+    assert "12 images" in capsys.readouterr().out
+    assert certify.main(["--merge", str(out)]) == rows  # merging again changes nothing
+
+
+def test_merge_refuses_missing_foreign_and_mixed_shards(models, tmp_path):
+    out = tmp_path / "log.tsv"
+    _run_shards(models, out)
+    shard2, side2 = tmp_path / "log.tsv.shard2of3", tmp_path / "log.tsv.shard2of3.json"
+    saved = shard2.read_text(), side2.read_text()
+    shard2.unlink()
+    side2.unlink()
+    with pytest.raises(UserError, match=r"no log for shard 2/3 .*missing idx: 2, 5, 8, 11$"):
+        certify.main(["--merge", str(out)])
+    certify.main(_args(models, out, "--shard", "2/3", "--seed", "4"))  # a foreign part: another seed
+    with pytest.raises(UserError, match=r"log.tsv.shard2of3 has a different configuration: seed=4 \(the others 3\).*"
+                                        r"missing idx: 2, 5, 8, 11$"):
+        certify.main(["--merge", str(out)])
+    shard2.write_text(saved[0][:saved[0].index("\n8\t")] + "\n")  # an incomplete shard (and its right sidecar)
+    side2.write_text(saved[1])
+    with pytest.raises(UserError, match=r"shard2of3 is incomplete \(2 of 4 images.*--shard 2/3 --resume\).*"
+                                        r"missing idx: 8, 11$"):
+        certify.main(["--merge", str(out)])
+    shard2.write_text(saved[0])
+    certify.main(_args(models, out, "--shard", "0/2"))  # a shard of another split beside them
+    with pytest.raises(UserError, match="2 different splits"):
+        certify.main(["--merge", str(out)])
+    assert not out.exists()
+    with pytest.raises(UserError, match="give it alone"):
+        certify.main(["--merge", str(out), "--seed", "3"])
+    with pytest.raises(UserError, match="no shard logs"):
+        certify.main(["--merge", str(tmp_path / "other.tsv")])
