@@ -551,7 +551,8 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
     """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
     (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded."""
     files = files or {}
-    recorded_config = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")["config"]
+    recorded_config = read_sidecar(outfile, "--resume",
+                                   "use another --outfile (or --overwrite to replace it)")["config"]
     recorded_fingerprints = recorded_config.get("fingerprints") or {}  # (absent in logs of older versions)
     recorded = {k: recorded_config.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
     diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 # sigma 1.5 and few samples at a loose alpha: predictions and abstentions depend on the exact noise of each image
 BASE = ["--dataset", "digits", "--sigma", "1.5", "--N", "12", "--alpha", "0.3", "--max_images", "8", "--skip", "9",
-        "--seed", "7", "--batch_size", "10", "--device", "cpu", "--no_progress",
+        "--seed", "7", "--batch_size", "10", "--device", "cpu", "--precision", "fp32", "--no_progress",
         "--classifier_ckpt", str(MODELS / "digits_vit_tiny.pt"), "--denoiser_ckpt", str(MODELS / "digits_denoiser.pt")]
 
 
