@@ -544,8 +544,8 @@ class Smooth:
 
 
 def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float, rng: np.random.Generator,
-                     radii: Optional[Sequence[float]] = None, num_classes: int = 10
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     radii: Optional[Sequence[float]] = None, num_classes: int = 10,
+                     label_is_top: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CERTIFY (``radii`` None) or sequential CERTIFY of images whose pA is known, without a model: vectorized.
 
     Image i's base classifier returns class 0 with probability pA[i] and each of the other num_classes - 1 classes
@@ -559,6 +559,8 @@ def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float
         rng: numpy generator of the counts.
         radii: requested radii of sequential CERTIFY; None = fixed n.
         num_classes: classes of the simulated base classifier (>= 2).
+        label_is_top: [m] whether class 0 is image i's label, for the label-aware early exit (``certify.py
+            --skip_wrong``): an image whose selection guess is not its label gets (guess, 0.0, 0). None: no exit.
 
     Returns:
         (prediction [m]: 0 = the class of pA, 1 = another class, ABSTAIN; radius [m]; estimation samples used [m]).
@@ -574,7 +576,12 @@ def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float
         lower, used = _simulate_sequential(p, sequential_plan(n, alpha, radii, sigma), rng)
     certified = lower >= 0.5
     radius = np.where(certified, sigma * norm.ppf(np.where(certified, lower, 0.5)), 0.0)
-    return np.where(certified, np.where(top, 0, 1), Smooth.ABSTAIN), radius, used
+    prediction = np.where(certified, np.where(top, 0, 1), Smooth.ABSTAIN)
+    if label_is_top is not None:  # the skipped rows (estimation drawn above all the same, for a common stream)
+        skipped = ~(top & np.asarray(label_is_top, dtype=bool))
+        prediction = np.where(skipped, np.where(top, 0, 1), prediction)
+        radius, used = np.where(skipped, 0.0, radius), np.where(skipped, 0, used)
+    return prediction, radius, used
 
 
 def _simulate_sequential(p: np.ndarray, plan: SequentialPlan, rng: np.random.Generator

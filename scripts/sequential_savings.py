@@ -6,7 +6,9 @@ counts as correct. The known-pA simulator (``core.simulate_certify``: counts dra
 bounds and stopping rules as ``core.Smooth``) then certifies every image in both modes at N = n_max (CIFAR-10
 100,000, ImageNet 10,000), alpha = 0.001, radii = 0 and the paper's table radii that n_max can certify. Printed per
 log: the certified accuracy (%) of each mode at each radius (mean over ``--trials``), the largest difference, the
-mean estimation samples per image and the saving N / mean.
+mean estimation samples per image and the saving N / mean; then the samples per image of ``--skip_wrong`` in each
+mode (an image is estimated only when its guess is its label; Cohen's abstentions count as right guesses, so the
+figure is an upper bound).
 
     python scripts/sequential_savings.py                       # the six logs, 5 trials each (about a minute)
     python scripts/sequential_savings.py --dataset cifar10 --max_rows 100 --trials 1
@@ -40,13 +42,15 @@ def log_path(logs: Path, dataset: str, sigma: float) -> Path:
 
 
 def pA_from_log(path: Path, sigma: float, abstain_pA: float, max_rows: Optional[int] = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(pA, correct) per row: pA = Phi(radius / sigma) where Cohen certified, ``abstain_pA`` where he abstained."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pA, correct, abstained) per row: pA = Phi(radius / sigma) where Cohen certified, ``abstain_pA`` where he
+    abstained."""
     df = read_log(path)
     if max_rows is not None:
         df = df.iloc[:max_rows]
-    pA = np.where(df["predict"].to_numpy() >= 0, norm.cdf(df["radius"].to_numpy() / sigma), abstain_pA)
-    return pA, df["correct"].to_numpy(dtype=bool)
+    abstained = df["predict"].to_numpy() < 0
+    pA = np.where(abstained, abstain_pA, norm.cdf(df["radius"].to_numpy() / sigma))
+    return pA, df["correct"].to_numpy(dtype=bool), abstained
 
 
 def certified_table(prediction: np.ndarray, radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]
@@ -57,20 +61,27 @@ def certified_table(prediction: np.ndarray, radius: np.ndarray, correct: np.ndar
 
 
 def compare(pA: np.ndarray, correct: np.ndarray, sigma: float, n: int, alpha: float, radii: Sequence[float],
-            trials: int, seed: int, n0: int = 100) -> dict[str, Any]:
-    """Both modes, ``trials`` times each: mean tables (fractions) and mean estimation samples per image."""
+            trials: int, seed: int, n0: int = 100, label_is_top: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Both modes, ``trials`` times each: mean tables (fractions) and mean estimation samples per image, also with
+    the label-aware early exit (``label_is_top``: class 0 is the label; default ``correct``)."""
     rng = np.random.default_rng(seed)
+    label_is_top = correct if label_is_top is None else label_is_top
     tables: dict[str, list[np.ndarray]] = {"fixed": [], "sequential": []}
-    used = []
+    used: dict[str, list[float]] = {"sequential": [], "skip_wrong": [], "both": []}
     for _ in range(trials):
-        prediction, radius, _ = simulate_certify(pA, n0, n, alpha, sigma, rng)
-        tables["fixed"].append(certified_table(prediction, radius, correct, radii))
-        prediction, radius, n_used = simulate_certify(pA, n0, n, alpha, sigma, rng, radii=radii)
-        tables["sequential"].append(certified_table(prediction, radius, correct, radii))
-        used.append(n_used.mean())
+        for mode, mode_radii in (("fixed", None), ("sequential", radii)):
+            prediction, radius, n_used = simulate_certify(pA, n0, n, alpha, sigma, rng, radii=mode_radii)
+            tables[mode].append(certified_table(prediction, radius, correct, radii))
+            if mode == "sequential":
+                used[mode].append(n_used.mean())
+            skip = "both" if mode == "sequential" else "skip_wrong"
+            used[skip].append(simulate_certify(pA, n0, n, alpha, sigma, rng, radii=mode_radii,
+                                               label_is_top=label_is_top)[2].mean())
     fixed, sequential = np.mean(tables["fixed"], 0), np.mean(tables["sequential"], 0)
-    return {"radii": list(radii), "fixed": fixed, "sequential": sequential, "n": n, "samples": float(np.mean(used)),
-            "saving": n / float(np.mean(used)), "max_diff": float(np.max(np.abs(fixed - sequential)))}
+    samples = {mode: float(np.mean(values)) for mode, values in used.items()}
+    return {"radii": list(radii), "fixed": fixed, "sequential": sequential, "n": n, "samples": samples["sequential"],
+            "saving": n / samples["sequential"], "max_diff": float(np.max(np.abs(fixed - sequential))),
+            "samples_by_mode": {"fixed": float(n), **samples}}
 
 
 def format_result(name: str, result: dict[str, Any]) -> str:
@@ -80,6 +91,8 @@ def format_result(name: str, result: dict[str, Any]) -> str:
         lines.append(f"  {mode:<10s} " + "  ".join(f"{100 * a:6.2f}" for a in result[mode]))
     lines.append(f"  largest difference {100 * result['max_diff']:.2f} points; samples/image "
                  f"{result['samples']:.0f} (fixed {result['n']}): {result['saving']:.1f}x fewer")
+    lines.append("  samples/image by mode: " + ", ".join(f"{mode} {value:.0f}"
+                                                        for mode, value in result["samples_by_mode"].items()))
     return "\n".join(lines)
 
 
@@ -106,10 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
         n = CONFIGS[dataset][1]
         for sigma in SIGMAS:
             path = log_path(Path(args.logs), dataset, sigma)
-            pA, correct = pA_from_log(path, sigma, args.abstain_pA, args.max_rows)
+            pA, correct, abstained = pA_from_log(path, sigma, args.abstain_pA, args.max_rows)
             radii = default_sequential_radii(dataset, sigma, n, args.alpha)
             name = f"{dataset} sigma={sigma:g} ({len(pA)} rows)"
-            results[name] = compare(pA, correct, sigma, n, args.alpha, radii, args.trials, args.seed)
+            results[name] = compare(pA, correct, sigma, n, args.alpha, radii, args.trials, args.seed,
+                                    label_is_top=correct | abstained)
             print(format_result(name, results[name]), flush=True)
     return results
 

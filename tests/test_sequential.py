@@ -108,6 +108,17 @@ def test_savings_on_cohen_cifar10_logs():
         assert result["saving"] >= 10, name
         assert result["max_diff"] <= 0.01, name
         assert len(result["radii"]) >= 4 and result["radii"][0] == 0.0
+        by_mode = result["samples_by_mode"]  # --skip_wrong saves on wrong guesses, in both modes
+        assert by_mode["skip_wrong"] < by_mode["fixed"] and by_mode["both"] < by_mode["sequential"]
+
+
+def test_simulated_skip_wrong_keeps_the_correct_rows():
+    pA = np.array([0.99, 0.99, 0.3, 0.9])
+    label_is_top = np.array([True, False, True, True])
+    full = simulate_certify(pA, 100, 1000, 0.001, SIGMA, np.random.default_rng(4))
+    skip = simulate_certify(pA, 100, 1000, 0.001, SIGMA, np.random.default_rng(4), label_is_top=label_is_top)
+    assert skip[2].tolist() == [1000, 0, 1000, 1000] and skip[1][1] == 0.0 and skip[0][1] == 0
+    assert skip[1][[0, 2, 3]].tolist() == full[1][[0, 2, 3]].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
