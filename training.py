@@ -68,7 +68,7 @@ def bool_flag(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+def config_field(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A :class:`TrainConfig` field: its default and the ``argparse`` help (and e.g. ``choices``, ``flags``).
 
     The flag is ``--<name>``; a bool that defaults to True is ``--no_<name>``; ``bool_value=True`` makes a bool a
@@ -82,72 +82,79 @@ class TrainConfig:
     """Every setting of a fine-tuning run; one field per ``train.py`` flag (adding a flag = adding a field)."""
 
     dataset: str = field(metadata={"help": "cifar10, imagenet or digits"})
-    arch: Optional[str] = _flag(None, "classifier architecture (default: cifar10_vit_base / imagenet_vit_base / "
-                                      "digits_vit_tiny by dataset; or any timm model name)")
-    ft_method: str = _flag("full", "full fine-tuning or LoRA on q/v", choices=("full", "full-ft", "lora"))
-    epochs: int = _flag(30, "epochs")
-    warmup_epochs: float = _flag(3.0, "epochs of linear lr warmup")
-    batch: int = _flag(32, "images per loader batch and process (split into --num_noises chunks)")
-    accum_iter: int = _flag(1, "micro-steps (chunks) accumulated per optimizer step")
-    lr: Optional[float] = _flag(None, "absolute lr (default: blr x effective batch / 256)")
-    blr: float = _flag(1e-3, "base lr; effective batch = batch x accum_iter x world_size / M")
-    min_lr: float = _flag(1e-6, "final lr of the cosine schedule")
-    train_noise_sd: float = _flag(0.25, "sigma of the training noise (pixel scale [0, 1])")
-    test_noise_sd: Optional[float] = _flag(None, "sigma of the per-epoch test accuracy (default: train's)")
-    eps: float = _flag(64.0, "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] "
-                             "pixels (64 -> 0.25 on [-1, 1] = 0.125 pixels)")
-    num_steps: int = _flag(4, "attack steps", flags=("--num-steps", "--num_steps"))
-    lbd: float = _flag(1.0, "lambda, the weight of the masked adversarial loss")
-    eps_double: bool = _flag(False, "double eps from epoch --warmup_eps on")
-    warmup_eps: int = _flag(10000, "0-based epoch from which --eps_double applies")
-    layer_decay: float = _flag(0.65, "layer-wise lr decay")
-    weight_decay: float = _flag(0.04, "initial weight decay (cosine schedule)")
-    weight_decay_end: Optional[float] = _flag(0.4, "final weight decay")
-    use_fp16: bool = _flag(False, "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as "
-                                  "--precision fp16", bool_value=True)
-    clip_grad: float = _flag(0.3, "per-parameter gradient norm cap (0: off)")
-    drop_path: float = _flag(0.2, "drop path rate")
-    num_noises: int = _flag(4, "M, noises (denoised copies) per image")
-    warm_start: bool = _flag(True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: "
-                                   "off)", bool_value=True)
-    resume: Optional[str] = _flag(None, "continue a run from its checkpoint (weights, optimizer, schedule position, "
-                                        "RNG)", metavar="CKPT")
-    load_from: Optional[str] = _flag(None, "start a new run from these classifier weights (a train.py checkpoint or "
-                                           "a state dict)", metavar="CKPT")
-    seed: int = _flag(0, "seed (see training.run_seed; process r uses seed + r)")
-    workers: int = _flag(4, "data loading workers per process")
-    outdir: Optional[str] = _flag(None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
-    device: Optional[str] = _flag(None, "cuda, cuda:1, cpu (default: cuda when available)")
-    precision: str = _flag("fp32", "autocast: fp32 (exact), bf16 (no scaler), fp16", choices=PRECISIONS)
-    denoiser_ckpt: Optional[str] = _flag(None, "diffusion checkpoint (default: models/<official file name>)")
-    classifier_ckpt: Optional[str] = _flag(None, "off-the-shelf classifier weights (default: the architecture's "
-                                                 "pretrained weights; digits: models/digits_vit_tiny.pt)")
-    data_dir: Optional[str] = _flag(None, "dataset root (else the dataset's environment variable)")
-    download: bool = _flag(False, "download CIFAR-10 if missing")
-    lora_rank: int = _flag(4, "LoRA rank")
-    lora_alpha: float = _flag(4.0, "LoRA alpha")
-    max_steps: Optional[int] = _flag(None, "stop after this many optimizer steps in total (smoke runs); writes "
-                                           "checkpoint-step<N>.pth.tar")
-    ckpt_every_steps: int = _flag(0, "also checkpoint every N optimizer steps (0: off)")
-    log_every: int = _flag(10, "write log_steps.txt every N optimizer steps")
-    test_per_class: Optional[int] = _flag(None, "test images per class for the per-epoch accuracy (default: cifar10 "
-                                                "100, imagenet 5, digits all)")
-    no_test: bool = _flag(False, "skip the per-epoch test accuracy")
-    full_attack: bool = _flag(False, "attack every image, not only the masked-in ones (same loss, slower; for "
-                                     "comparison)")
-    progress: bool = _flag(True, "no progress bar")
-    tensorboard: bool = _flag(True, "write no TensorBoard event files (by default rank 0 writes the training curves "
-                                    "into --outdir; tags: docs/USAGE.md)")
+    arch: Optional[str] = config_field(
+        None, "classifier architecture (default: cifar10_vit_base / imagenet_vit_base / digits_vit_tiny by dataset; "
+              "or any timm model name)")
+    ft_method: str = config_field("full", "full fine-tuning or LoRA on q/v", choices=("full", "full-ft", "lora"))
+    epochs: int = config_field(30, "epochs")
+    warmup_epochs: float = config_field(3.0, "epochs of linear lr warmup")
+    batch: int = config_field(32, "images per loader batch and process (split into --num_noises chunks)")
+    accum_iter: int = config_field(1, "micro-steps (chunks) accumulated per optimizer step")
+    lr: Optional[float] = config_field(None, "absolute lr (default: blr x effective batch / 256)")
+    blr: float = config_field(1e-3, "base lr; effective batch = batch x accum_iter x world_size / M")
+    min_lr: float = config_field(1e-6, "final lr of the cosine schedule")
+    train_noise_sd: float = config_field(0.25, "sigma of the training noise (pixel scale [0, 1])")
+    test_noise_sd: Optional[float] = config_field(None, "sigma of the per-epoch test accuracy (default: train's)")
+    eps: float = config_field(
+        64.0, "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] pixels "
+              "(64 -> 0.25 on [-1, 1] = 0.125 pixels)")
+    num_steps: int = config_field(4, "attack steps", flags=("--num-steps", "--num_steps"))
+    lbd: float = config_field(1.0, "lambda, the weight of the masked adversarial loss")
+    eps_double: bool = config_field(False, "double eps from epoch --warmup_eps on")
+    warmup_eps: int = config_field(10000, "0-based epoch from which --eps_double applies")
+    layer_decay: float = config_field(0.65, "layer-wise lr decay")
+    weight_decay: float = config_field(0.04, "initial weight decay (cosine schedule)")
+    weight_decay_end: Optional[float] = config_field(0.4, "final weight decay")
+    use_fp16: bool = config_field(
+        False, "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
+        bool_value=True)
+    clip_grad: float = config_field(0.3, "per-parameter gradient norm cap (0: off)")
+    drop_path: float = config_field(0.2, "drop path rate")
+    num_noises: int = config_field(4, "M, noises (denoised copies) per image")
+    warm_start: bool = config_field(
+        True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)", bool_value=True)
+    resume: Optional[str] = config_field(
+        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG)", metavar="CKPT")
+    load_from: Optional[str] = config_field(
+        None, "start a new run from these classifier weights (a train.py checkpoint or a state dict)", metavar="CKPT")
+    seed: int = config_field(0, "seed (see training.run_seed; process r uses seed + r)")
+    workers: int = config_field(4, "data loading workers per process")
+    outdir: Optional[str] = config_field(
+        None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
+    device: Optional[str] = config_field(None, "cuda, cuda:1, cpu (default: cuda when available)")
+    precision: str = config_field("fp32", "autocast: fp32 (exact), bf16 (no scaler), fp16", choices=PRECISIONS)
+    denoiser_ckpt: Optional[str] = config_field(None, "diffusion checkpoint (default: models/<official file name>)")
+    classifier_ckpt: Optional[str] = config_field(
+        None, "off-the-shelf classifier weights (default: the architecture's pretrained weights; digits: "
+              "models/digits_vit_tiny.pt)")
+    data_dir: Optional[str] = config_field(None, "dataset root (else the dataset's environment variable)")
+    download: bool = config_field(False, "download CIFAR-10 if missing")
+    lora_rank: int = config_field(4, "LoRA rank")
+    lora_alpha: float = config_field(4.0, "LoRA alpha")
+    max_steps: Optional[int] = config_field(
+        None, "stop after this many optimizer steps in total (smoke runs); writes checkpoint-step<N>.pth.tar")
+    ckpt_every_steps: int = config_field(0, "also checkpoint every N optimizer steps (0: off)")
+    log_every: int = config_field(10, "write log_steps.txt every N optimizer steps")
+    test_per_class: Optional[int] = config_field(
+        None, "test images per class for the per-epoch accuracy (default: cifar10 100, imagenet 5, digits all)")
+    no_test: bool = config_field(False, "skip the per-epoch test accuracy")
+    full_attack: bool = config_field(
+        False, "attack every image, not only the masked-in ones (same loss, slower; for comparison)")
+    progress: bool = config_field(True, "no progress bar")
+    tensorboard: bool = config_field(
+        True, "write no TensorBoard event files (by default rank 0 writes the training curves into --outdir; tags: "
+              "docs/USAGE.md)")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`TrainConfig` field to ``parser`` (dest = the field name, default = the field's).
+def add_config_arguments(parser: argparse.ArgumentParser, config_type: type = TrainConfig) -> None:
+    """Add one flag per field of ``config_type`` to ``parser`` (dest = the field name, default = the field's).
 
     Args:
         parser: the parser of train.py (or of a script that runs the training itself).
+        config_type: :class:`TrainConfig` (or a dataclass with fields made by :func:`config_field`).
     """
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
         meta = dict(f.metadata)
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         bool_value = meta.pop("bool_value", False)
