@@ -109,14 +109,26 @@ class TrainConfig:
         False, "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
         bool_value=True)
     clip_grad: float = config_field(0.3, "per-parameter gradient norm cap (0: off)")
-    drop_path: float = config_field(0.2, "drop path rate")
+    drop_path: float = config_field(0.2, "timm stochastic depth rate (per block, linearly increasing to this)")
+    attn_drop_rate: float = config_field(
+        0.0, "the paper's CIFAR-10 regularizer: block i's attention-probability dropout linspace(0, R, depth)[i] "
+             "(what the paper's --drop_path did to its Hugging Face ViT; train_cifar10.sh passes --attn_drop_rate 0.2 "
+             "--drop_path 0)")
+    input_norm: Optional[str] = config_field(
+        None, "classifier input: paper = 2x - 1 (mean = std = 0.5), model = the model's own mean/std (default: the "
+              "checkpoint's, else paper for imagenet_vit_base, model otherwise); recorded in the checkpoints",
+        choices=("paper", "model"))
     num_noises: int = config_field(4, "M, noises (denoised copies) per image")
     warm_start: bool = config_field(
         True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)", bool_value=True)
     resume: Optional[str] = config_field(
-        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG)", metavar="CKPT")
+        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG); the paper's form "
+              "--resume --load_from CKPT works too", metavar="CKPT", nargs="?", const="")
     load_from: Optional[str] = config_field(
         None, "start a new run from these classifier weights (a train.py checkpoint or a state dict)", metavar="CKPT")
+    local_rank: Optional[int] = config_field(
+        None, "set by python -m torch.distributed.launch (the paper's launcher); ignored: the rank comes from the "
+              "environment (RANK, LOCAL_RANK)", flags=("--local-rank", "--local_rank"))
     seed: int = config_field(0, "seed (see training.run_seed; process r uses seed + r)")
     workers: int = config_field(4, "data loading workers per process")
     outdir: Optional[str] = config_field(
@@ -212,6 +224,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """
     from datasets import DEFAULT_ARCH
 
+    cfg = _paper_resume_form(cfg)
     precision = cfg.precision
     if cfg.use_fp16:
         if precision not in ("fp32", "fp16"):
@@ -235,6 +248,15 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         weight_decay_end=cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end,
         test_per_class=(DEFAULT_TEST_PER_CLASS.get(cfg.dataset, 0) if cfg.test_per_class is None
                         else cfg.test_per_class))
+
+
+def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
+    """The paper's ``--resume --load_from CKPT`` (a bare --resume) is ``--resume CKPT``."""
+    if cfg.resume != "":
+        return cfg
+    if not cfg.load_from:
+        raise UserError("--resume needs a checkpoint: --resume CKPT (or the paper's form --resume --load_from CKPT)")
+    return dataclasses.replace(cfg, resume=cfg.load_from, load_from=None)
 
 
 def check_resume_checkpoint(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
@@ -499,38 +521,42 @@ class Run:
         return self.info.world_size
 
 
-def _build_classifier(arch: str, num_classes: int, ft_method: str, drop_path: float, lora_rank: int,
-                      lora_alpha: float, checkpoint: Optional[str], flag: str, device: torch.device,
-                      pretrained: bool = True) -> nn.Module:
-    """``get_architecture`` with weights from ``checkpoint`` (else the pretrained ones when ``pretrained``),
-    its errors naming ``flag``."""
+def _build_classifier(cfg: TrainConfig, checkpoint: Optional[str], flag: str, device: torch.device,
+                      pretrained: bool = True, input_norm: Optional[str] = None) -> nn.Module:
+    """``get_architecture`` for ``cfg`` with weights from ``checkpoint`` (else the pretrained ones when
+    ``pretrained``), input convention ``input_norm`` (else ``--input_norm``), its errors naming ``flag``."""
     from classifier import get_architecture
+    from datasets import get_num_classes
     if checkpoint is not None and not Path(checkpoint).expanduser().exists():
         raise UserError(f"{flag} {checkpoint}: file not found")
     try:
-        return get_architecture(arch, num_classes=num_classes, pretrained=pretrained and checkpoint is None,
-                                checkpoint=checkpoint, ft_method=ft_method, lora_rank=lora_rank,
-                                lora_alpha=lora_alpha, drop_path=drop_path, device=device)
+        return get_architecture(cfg.arch, num_classes=get_num_classes(cfg.dataset),
+                                pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
+                                ft_method=cfg.ft_method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                drop_path=cfg.drop_path, device=device, input_norm=input_norm or cfg.input_norm,
+                                attn_drop_rate=cfg.attn_drop_rate)
     except UserError as err:
         raise UserError(str(err).replace("--classifier_ckpt", flag)) from None
 
 
 def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: torch.device) -> nn.Module:
-    """The classifier to fine-tune: a resumed run's weights, ``--load_from``'s, or the off-the-shelf ones."""
-    from classifier import has_lora_keys, load_timm_state_dict, to_timm_state_dict
-    from datasets import get_num_classes
+    """The classifier to fine-tune: a resumed run's weights (and input convention), ``--load_from``'s, or the
+    off-the-shelf ones."""
+    from classifier import has_lora_keys, input_norm_record, load_timm_state_dict, resolve_input_norm
+    from classifier import to_timm_state_dict
 
-    build = (cfg.arch, get_num_classes(cfg.dataset), cfg.ft_method, cfg.drop_path, cfg.lora_rank, cfg.lora_alpha)
     if ckpt is not None:
-        classifier = _build_classifier(*build, cfg.classifier_ckpt if cfg.arch == "hf_vit" else None,
-                                       "--classifier_ckpt", device, pretrained=False)
+        norm = resolve_input_norm(cfg.arch, cfg.input_norm, input_norm_record(ckpt), cfg.resume)
+        classifier = _build_classifier(cfg, cfg.classifier_ckpt if cfg.arch == "hf_vit" else None,
+                                       "--classifier_ckpt", device, pretrained=False, input_norm=norm)
         if cfg.ft_method == "lora" and not has_lora_keys(ckpt["state_dict"]):
             raise UserError(f"--resume {cfg.resume}: no LoRA weights in the checkpoint, but --ft_method lora")
-        load_timm_state_dict(classifier, to_timm_state_dict(ckpt["state_dict"]), source=f"--resume {cfg.resume}")
+        load_timm_state_dict(classifier, to_timm_state_dict(ckpt["state_dict"], cfg.lora_alpha),
+                             source=f"--resume {cfg.resume}")
         return classifier
     if cfg.load_from is not None:
-        return _build_classifier(*build, cfg.load_from, "--load_from", device)
-    return _build_classifier(*build, cfg.classifier_ckpt, "--classifier_ckpt", device)
+        return _build_classifier(cfg, cfg.load_from, "--load_from", device)
+    return _build_classifier(cfg, cfg.classifier_ckpt, "--classifier_ckpt", device)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], path: str) -> None:
@@ -807,7 +833,8 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int) -> Path:
         cfg = run.cfg
         atomic_torch_save({
             "epoch": epoch_done, "step": run.step, "micro": micro, "arch": cfg.arch, "dataset": cfg.dataset,
-            "ft_method": cfg.ft_method, "state_dict": run.classifier.model.state_dict(),
+            "ft_method": cfg.ft_method, "input_norm": run.classifier.input_norm,
+            "state_dict": run.classifier.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs,
             "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},

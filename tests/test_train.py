@@ -76,11 +76,12 @@ def test_per_parameter_gradient_clipping():
 
 
 # ----------------------------------------------------------------------------------------------- 2 processes, resume
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], launcher: tuple[str, ...] = ("torch.distributed.run", "--standalone")
+              ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
+    cmd = [sys.executable, "-m", *launcher, "--nproc_per_node", "2", "train.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -129,6 +130,50 @@ def test_two_process_gloo_run_and_exact_resume(tiny_models, tmp_path):
 def test_bad_input_is_a_clear_error(tiny_models, tmp_path, extra, message):
     with pytest.raises(UserError, match=message.replace("/", ".").replace("-", ".")):
         train.main(_args(tiny_models, tmp_path / "run", *extra))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_paper_launcher_torch_distributed_launch(tiny_models, tmp_path):
+    """The paper's launch: python -m torch.distributed.launch (still in torch 2.x, deprecated) passes --local-rank=N
+    to each process; train.py accepts it and takes the rank from the environment. The checkpoint records the input
+    convention; block i's attention dropout follows --attn_drop_rate."""
+    out = tmp_path / "run"
+    launch = ("torch.distributed.launch", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()))
+    proc = _torchrun(_args(tiny_models, out, "--max_steps", "1", "--no_test", "--no_tensorboard",
+                           "--attn_drop_rate", "0.3", "--drop_path", "0", "--input_norm", "paper"), launcher=launch)
+    assert "2 process(es)" in proc.stdout
+    ckpt = torch.load(out / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["input_norm"] == "paper" and ckpt["args"]["local_rank"] in (0, 1)
+    assert ckpt["args"]["attn_drop_rate"] == 0.3
+
+
+def test_local_rank_flag_paper_resume_form_and_input_norm(tiny_models, tmp_path):
+    """--local-rank / --local_rank parse (torch.distributed.launch's injection); --resume --load_from CKPT is
+    --resume CKPT; the checkpoint records --input_norm and a resume with another one is refused."""
+    for flag in ("--local-rank=0", "--local_rank=1"):
+        cfg = training.config_from_args(train.build_parser().parse_args(["--dataset", "digits", flag]))
+        assert cfg.local_rank in (0, 1)
+    first = tmp_path / "first"
+    train.main(_args(tiny_models, first, "--max_steps", "1", "--no_test", "--input_norm", "paper",
+                     "--attn_drop_rate", "0.2"))
+    ckpt = first / "checkpoint-step1.pth.tar"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["input_norm"] == "paper"
+    result = train.main(_args(tiny_models, first, "--max_steps", "2", "--no_test", "--resume", "--load_from",
+                              str(ckpt), "--attn_drop_rate", "0.2"))
+    assert result["step"] == 2 and (first / "checkpoint-step2.pth.tar").is_file()
+    assert result["classifier"].input_norm == "paper"
+    assert [b.attn.attn_drop.p for b in result["classifier"].model.blocks][-1] == pytest.approx(0.2)
+    with pytest.raises(UserError, match="--input_norm model contradicts"):
+        train.main(_args(tiny_models, first, "--max_steps", "3", "--resume", str(ckpt), "--input_norm", "model"))
+    with pytest.raises(UserError, match="--resume needs a checkpoint"):
+        train.main(_args(tiny_models, tmp_path / "x", "--resume"))
 
 
 def test_incompatible_load_from_and_non_checkpoint_resume(tiny_models, tmp_path):
@@ -218,7 +263,8 @@ def test_no_tensorboard_writes_no_event_file(tiny_models, tmp_path):
 @pytest.mark.parametrize("script, expected", [
     ("train_cifar10.sh", "--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3 "
                          "--blr 1e-4 --batch 32 --accum_iter 4 --weight_decay 0.04 --weight_decay_end 0.4 "
-                         "--layer_decay 0.65 --drop_path 0.2 --clip_grad 0.3 --train_noise_sd 0.5 --test_noise_sd 0.5 "
+                         "--layer_decay 0.65 --attn_drop_rate 0.2 --drop_path 0 --clip_grad 0.3 --train_noise_sd 0.5 "
+                         "--test_noise_sd 0.5 "
                          "--num_noises 4 --lbd 4.0 --eps 64 --num-steps 4"),
     ("train_imagenet.sh", "--dataset imagenet --arch imagenet_vit_base --ft_method lora --epochs 10 --warmup_epochs 1 "
                           "--blr 4e-4 --batch 16 --accum_iter 4 --weight_decay 0.01 --weight_decay_end 0.1 "
