@@ -318,6 +318,20 @@ def test_input_norm_from_the_checkpoint_and_a_contradicting_flag(models, tmp_pat
                            "--input_norm", "model"))
 
 
+def test_finetuned_path_takes_a_checkpoint_of_the_papers_code(models, reference, tmp_path):
+    """A checkpoint as the paper's train.py writes it (epoch, arch, optimizer, state_dict under classifier.) certifies
+    as the same weights do (digits: mean = std = 0.5, so its recorded 'paper' input is the same input)."""
+    clf = torch.load(models["clf"], weights_only=True)
+    paper = {"epoch": 30, "arch": "digits_vit_tiny", "optimizer": {"state": {}, "param_groups": []},
+             "state_dict": {"classifier." + k: v for k, v in clf.items()}}
+    torch.save(paper, tmp_path / "checkpoint-30.pth.tar")
+    out = tmp_path / "log.tsv"
+    certify.main(BASE + ["--finetuned_path", str(tmp_path / "checkpoint-30.pth.tar"), "--denoiser_ckpt", "none",
+                         "--batch_size", "64", "--outfile", str(out)])
+    assert _body(out) == _body(reference)
+    assert json.loads(out.with_name("log.tsv.json").read_text())["config"]["input_norm"] == "paper"
+
+
 def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
     """--multistep: the whole reverse chain (t* = 28 at sigma 0.01 for the digits schedule); each sample's chain noise
     is seeded per sample, so the log is the same for any --batch_size; it differs from the one-shot log."""

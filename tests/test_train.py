@@ -174,6 +174,14 @@ def test_local_rank_flag_paper_resume_form_and_input_norm(tiny_models, tmp_path)
         train.main(_args(tiny_models, first, "--max_steps", "3", "--resume", str(ckpt), "--input_norm", "model"))
     with pytest.raises(UserError, match="--resume needs a checkpoint"):
         train.main(_args(tiny_models, tmp_path / "x", "--resume"))
+    # --load_from a checkpoint of the paper's code (state dict under classifier.): a new run from its weights
+    clf = torch.load(tiny_models["clf"], weights_only=True)
+    torch.save({"epoch": 1, "arch": "digits_vit_tiny", "state_dict": {"classifier." + k: v for k, v in clf.items()}},
+               tmp_path / "paper.pth.tar")
+    result = train.main(_args(tiny_models, tmp_path / "from_paper", "--max_steps", "1", "--no_test", "--load_from",
+                              str(tmp_path / "paper.pth.tar"), "--blr", "0"))
+    assert result["classifier"].input_norm == "paper"
+    assert all(torch.equal(result["classifier"].model.state_dict()[k], v) for k, v in clf.items())  # lr 0: unchanged
 
 
 def test_incompatible_load_from_and_non_checkpoint_resume(tiny_models, tmp_path):
