@@ -618,18 +618,19 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
     return [merge_parts(o, method.row_type) for o in outfiles] if dist_info.is_main else None
 
 
-def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float) -> str:
+def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float, done: Optional[str] = None) -> str:
     """Certified accuracy at :data:`RADII`, ACR, abstentions and time of a merged CERTIFY log (accuracy,
-    abstentions and time of a PREDICT log)."""
+    abstentions and time of a PREDICT log); ``done`` replaces "(num_new certified in this run, wall s)"."""
     import analysis
     from logs import ABSTAIN, read_log
 
     df = read_log(outfile)
     certify = df.attrs["kind"] == "certify"
     total = float(df["time"].sum())
-    lines = [f"{outfile}: {len(df)} images, sigma={config['sigma']}, N0={config['N0']}, N={config['N']}, "
-             f"alpha={config['alpha']} ({num_new} {'certified' if certify else 'predicted'} in this run, "
-             f"{wall:.1f} s)"]
+    done = done or f"{num_new} {'certified' if certify else 'predicted'} in this run, {wall:.1f} s"
+    lines = [f"{outfile}: {len(df)} images, sigma={config['sigma']}, "
+             + (f"N0={config['N0']}, " if config.get("N0") is not None else "")
+             + f"N={config['N']}, alpha={config['alpha']} ({done})"]
     if certify:
         acc = analysis.certified_accuracy(df, RADII)
         lines.append("  certified accuracy  " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(RADII, acc)))
@@ -844,5 +845,5 @@ def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], con
                        "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(sidecar_path(outfile), json.dumps({"config": {**config, "shard": None},
                                                              "info": merged_info}, indent=1) + "\n")
-    print(summary(outfile, config, 0, 0.0))
+    print(summary(outfile, config, 0, 0.0, done=f"merged from {len(shards)} shard logs"))
     return rows
