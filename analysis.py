@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from logs import ABSTAIN, LogWarning, expand_logs, is_log, read_log  # noqa: F401 (analysis.read_log as before)
+from logs import (ABSTAIN, LogWarning, expand_logs, is_log, read_log,  # noqa: F401 (analysis.read_log as before)
+                  sidecar_path)
 from utils import UserError
 
 FORMATS = ("table", "markdown", "latex", "csv")
@@ -581,7 +582,7 @@ def log_sigma(path: str | Path) -> Optional[float]:
     """
     import json
 
-    side = Path(f"{path}.json")
+    side = sidecar_path(Path(path))
     if side.is_file():
         try:
             return float(json.loads(side.read_text(encoding="utf-8"))["config"]["sigma"])
