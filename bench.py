@@ -8,7 +8,7 @@ For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on
   which only ``pred_xstart`` is used); the classifier; eager attention; the argmax copied to the host every batch
   and counted in a Python loop;
 * the **fast path**: :class:`core.Smooth` over :class:`core.DenoisedClassifier` after
-  :func:`core.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
+  :func:`fast.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
   bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention
   (``utils.attention``: its explicit form for bf16 on CPU), optional ``torch.compile``, class counts kept on the
   device (one transfer per call);
@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
 from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
-                  compile_for_inference_, default_sequential_radii, eps_pixels, image_generator, noise_and_denoise,
-                  prepare_inference_)
+                  default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
+from fast import compile_for_inference_, prepare_inference_
 from training import clip_grad_per_param
 from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
                    resolve_device, resolve_precision, run_cli, torch_threads)
@@ -272,7 +272,7 @@ def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: O
 
 def fast_model(denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float, precision: str,
                channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
-    """The fast path's f o D, on copies: :func:`core.prepare_inference_` (Linear/Conv weights stored in the
+    """The fast path's f o D, on copies: :func:`fast.prepare_inference_` (Linear/Conv weights stored in the
     autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place."""
     model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
     prepare_inference_(model, precision, channels_last)
@@ -422,7 +422,7 @@ class FinetuneStep:
     image, ``torch.optim.AdamW`` defaults (a for-loop on CPU), per-parameter clipping with a host sync per
     parameter; precision fp16 with loss scaling on CUDA (its default ``--use_fp16 True``), fp32 on CPU.
     Otherwise ours (``train.py``'s step): :func:`core.noise_and_denoise` (noise at sigma, one-shot denoise without
-    grad) by a denoiser prepared with :func:`core.prepare_inference_`, fused AdamW, foreach clipping; the attack and
+    grad) by a denoiser prepared with :func:`fast.prepare_inference_`, fused AdamW, foreach clipping; the attack and
     the adversarial forward only on masked-in images when ``masked_only``. ``eps`` is in ``--eps`` units
     (:func:`core.eps_pixels`).
     """
@@ -563,7 +563,7 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
 
     ref_rate = ref.samples / ref.seconds
     ref_gflops = gflops_per_sample(ReferenceDenoisedClassifier(denoiser, classifier, sigma).eval(), x_clean)
-    fast_gflops = gflops_per_sample(DenoisedClassifier(denoiser, classifier, sigma).eval(), x_clean)
+    fast_gflops = gflops_per_sample(fast_model(denoiser, classifier, sigma, "fp32", False, False, None), x_clean)
     rows = []
     for p in all_paths:
         rate = p.samples / p.seconds

@@ -518,7 +518,7 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
                 message = message.replace(f"--classifier_ckpt {Path(path).expanduser()}", f"--finetuned_path {path}")
         raise UserError(message) from None
     if opts.use_fast:
-        from core import compile_for_inference_, prepare_inference_
+        from fast import compile_for_inference_, prepare_inference_
         prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
         if opts.compile:
             compile_for_inference_(model)

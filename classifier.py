@@ -34,16 +34,16 @@ import os
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention, LayerNorm
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import VisionTransformer
 
-from utils import UserError, attention, load_error_message, state_dict_mismatch
+from utils import UserError, load_error_message, state_dict_mismatch
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -82,6 +82,7 @@ class ImageClassifier(nn.Module):
     """logits = model((resize(x) - mean) / std) for images x in [0, 1] of any size.
 
     The resize is bicubic with antialias (skipped when x already has ``input_size``); mean/std are the model's own.
+    ``inference_forward`` (set by :mod:`fast` only) replaces ``model(x)`` in eval mode by an equal computation.
     """
 
     def __init__(
@@ -102,6 +103,8 @@ class ImageClassifier(nn.Module):
         as_buffer = partial(torch.tensor, dtype=torch.float32, device=device)
         self.register_buffer("mean", as_buffer(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", as_buffer(std).view(1, -1, 1, 1), persistent=False)
+        # another computation of model(x) for eval mode, e.g. fast.vit_class_token_forward (None: the model's own)
+        self.inference_forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Resize to ``input_size`` (bicubic, antialias, align_corners=False) and normalize with mean/std."""
@@ -112,71 +115,13 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
-        if not self.training and supports_class_token_forward(self.model):
-            return vit_class_token_forward(self.model, x)  # the same logits, ~7 % fewer FLOPs for ViT-B
+        if self.inference_forward is not None and not self.training:  # opted in by fast.py
+            return self.inference_forward(self.model, x)
         return self.model(x)
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, input_norm={self.input_norm}, mean={self.mean.flatten().tolist()}, "
                 f"std={self.std.flatten().tolist()}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inference: only the class token through the last block
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def supports_class_token_forward(model: nn.Module) -> bool:
-    """Whether :func:`vit_class_token_forward` computes exactly ``model(x)``: a timm ``VisionTransformer`` whose
-    logits read the class token alone (``global_pool='token'``, no attention pool) and whose last block is a plain
-    pre-norm ``Block`` with standard ``Attention`` (no gate)."""
-    if type(model) is not VisionTransformer or model.global_pool != "token" or model.attn_pool is not None:
-        return False
-    if model.num_prefix_tokens < 1 or len(model.blocks) == 0:
-        return False
-    last = model.blocks[-1]
-    return type(last) is Block and type(last.attn) is Attention and getattr(last.attn, "gate", None) is None
-
-
-def vit_class_token_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` with the last block computed for the class token only.
-
-    The logits read token 0 after the last block, and in that block only the attention *query* mixes tokens, so
-
-        h = norm1(z),  a_0 = softmax(q(h_0) k(h)ᵀ / sqrt(d)) v(h),  z_0' = z_0 + proj(a_0),
-        z_0'' = z_0' + mlp(norm2(z_0'))
-
-    is all that is needed: keys and values for every token, but the query, output projection and MLP for one. For
-    ViT-B/16 at 224 px (197 tokens) this skips 5.9 of the last block's 7.1 M multiply-adds per token, ~7 % of the
-    network. Same function (exact in real arithmetic; float rounding may differ in the last bits). Call only when
-    :func:`supports_class_token_forward` holds, in eval mode (dropout and drop-path are not applied).
-    """
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for blk in model.blocks[:-1]:
-        x = blk(x)
-    blk = model.blocks[-1]
-    attn: Attention = blk.attn
-    h = blk.norm1(x)
-    B, N, C = h.shape
-    dim = attn.attn_dim
-    if type(attn.qkv) is nn.Linear:  # q of the class token only; k, v of all tokens
-        w, b = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(h[:, :1], w[:dim], None if b is None else b[:dim])
-        kv = F.linear(h, w[dim:], None if b is None else b[dim:])
-    else:  # e.g. LoRAQKV: the module's own qkv for every token
-        q, kv = attn.qkv(h).split([dim, 2 * dim], dim=-1)
-        q = q[:, :1]
-    q = q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    a = attention(q, k, v, attn.scale)  # (B, heads, 1, head_dim)
-    a = attn.proj(attn.norm(a.transpose(1, 2).reshape(B, 1, dim)))
-    z = x[:, :1] + blk.ls1(a)
-    z = z + blk.ls2(blk.mlp(blk.norm2(z)))
-    return model.forward_head(model.norm(z))
 
 
 # ---------------------------------------------------------------------------------------------------------------

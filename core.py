@@ -24,7 +24,7 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
 from logs import ABSTAIN
-from utils import autocast, explicit_attention_is_faster, precision_dtype
+from utils import autocast
 
 # ---------------------------------------------------------------------------------------------------------------
 # Section 1: smoothing and certification
@@ -64,53 +64,6 @@ class DenoisedClassifier(nn.Module):
         else:  # Smooth has added the noise: no more is drawn (sigma 0)
             x_hat = noise_and_denoise(self.denoiser, x_noisy, self.t_star)
         return self.classifier(x_hat)
-
-
-def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = True) -> nn.Module:
-    """Make ``model`` (e.g. a :class:`DenoisedClassifier`) faster under ``autocast(device, precision)``, in place.
-
-    bf16/fp16: the weight of every Linear / Conv is stored in the autocast dtype. Autocast computes these layers in
-    that dtype anyway, but casts each fp32 weight again on every call (a few % of the time on an idle CPU, up to half
-    of it on a busy one); norms, biases, embeddings and the residual streams stay fp32, so the results are those of
-    plain autocast.
-    A denoiser's UNet goes channels_last (``channels_last``; may change float rounding). Where
-    ``utils.explicit_attention_is_faster`` (bf16 on CPU), timm attention layers take their explicit
-    (non-fused) form, as ``utils.attention`` does. fp32: nothing changes.
-    Afterwards the model is for inference under ``autocast(precision)`` only (not for training).
-    """
-    if precision == "fp32":
-        return model
-    dtype = precision_dtype(precision)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            m.weight.data = m.weight.data.to(dtype)
-        if isinstance(getattr(m, "fused_attn", None), bool):  # a timm attention layer
-            weight = next(m.parameters(), None)
-            if weight is not None and explicit_attention_is_faster(weight.device, dtype):
-                m.fused_attn = False
-        if channels_last and hasattr(m, "unet") and hasattr(m, "channels_last"):  # a denoiser.DiffusionDenoiser
-            m.unet.to(memory_format=torch.channels_last)
-            m.channels_last = True
-    return model
-
-
-def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None) -> DenoisedClassifier:
-    """``torch.compile`` the denoiser's UNet and the classifier of ``model`` in place, for inference.
-
-    Static shapes (``dynamic=False``): each distinct batch size compiles once (tens of seconds for the full-size
-    networks), which pays off over certification's N = 10^4 to 10^5 samples per image. On CPU, inductor's weight
-    freezing is switched on (a process-wide setting): weights become constants that oneDNN prepacks, which is only
-    valid while the weights do not change, i.e. for inference. ``mode``: e.g. ``max-autotune`` or
-    ``reduce-overhead`` (CUDA graphs).
-    """
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cpu":
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = True
-    if model.denoiser is not None:
-        model.denoiser.unet.compile(mode=mode, dynamic=False)
-    model.classifier.compile(mode=mode, dynamic=False)
-    return model
 
 
 class ClassifierStack(nn.Module):

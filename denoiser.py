@@ -233,17 +233,15 @@ class DiffusionDenoiser(nn.Module):
         t = int(t)
         self._check_input(x_noisy, t)
         abar = float(self._alphas_cumprod[t])
-        sqrt_abar = math.sqrt(abar)
-        c1, c2 = math.sqrt(1.0 / abar), math.sqrt(1.0 / abar - 1)
-        x_t = x_noisy.mul(2 * sqrt_abar).sub_(sqrt_abar)  # sqrt(ᾱ)·(2x − 1)
+        x_t = math.sqrt(abar) * (2 * x_noisy - 1)  # the noisy image on the [-1, 1] scale, as the diffusion's x_t
         x_in = x_t.to(self.unet.dtype)
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         tau_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
         tau = torch.tensor(self.model_timestep(t), dtype=tau_dtype, device=x_t.device)  # one embedding, broadcast
-        eps = self.unet(x_in, tau)[:, :3]
-        # (clip(c1·x_t − c2·ε̂, −1, 1) + 1)/2 == clip(c1/2·x_t − c2/2·ε̂ + 1/2, 0, 1)
-        return x_t.mul(0.5 * c1).sub_(eps, alpha=0.5 * c2).add_(0.5).clamp_(0.0, 1.0)
+        eps_hat = self.unet(x_in, tau)[:, :3].to(x_t.dtype)
+        x0 = (math.sqrt(1.0 / abar) * x_t - math.sqrt(1.0 / abar - 1) * eps_hat).clamp(-1.0, 1.0)
+        return ((x0 + 1) / 2).to(x_noisy.dtype)
 
     def posterior_coefficients(self, s: int) -> tuple[float, float, float, float]:
         """(c1, c2, log β̃_s, log β_s) of the reverse step at s (float64, upstream ``GaussianDiffusion``'s arrays):

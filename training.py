@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from core import cadis_objective, eps_pixels, noise_and_denoise, prepare_inference_
+from core import cadis_objective, eps_pixels, noise_and_denoise
+from fast import prepare_inference_
 from utils import (PRECISIONS, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast,
                    cleanup_distributed, init_distributed, load_error_message)
 

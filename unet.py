@@ -11,7 +11,7 @@ One :class:`UNetModel` covers both families (written from the published architec
 ``state_dict()`` keys, shapes and order are exactly those of the upstream models, so the official checkpoints
 load with ``strict=True``. Numerics follow upstream: GroupNorm and the sinusoidal timestep embedding are computed
 in float32 (float64 when the input is float64) and cast back, so the model also runs under bf16/fp16 autocast.
-Attention is ``utils.attention`` (``F.scaled_dot_product_attention``; the explicit form for bf16 on CPU):
+Attention is ``utils.attention`` (``F.scaled_dot_product_attention``; the explicit form where fast.py asks for it):
 softmax(q·kᵀ/sqrt(d))·v is the same function upstream writes as softmax((q·d^-1/4)·(k·d^-1/4)ᵀ)·v. Tensors may be channels_last.
 """
 from __future__ import annotations
@@ -208,6 +208,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.fused_attn = True  # as timm's Attention: False = the explicit form (set by fast.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -221,7 +222,7 @@ class AttentionBlock(nn.Module):
         else:
             qkv = qkv.view(b, n, heads, 3, head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, T, head_dim]
-        a = attention(q, k, v, 1.0 / math.sqrt(head_dim))
+        a = attention(q, k, v, 1.0 / math.sqrt(head_dim), explicit=not self.fused_attn)
         a = a.transpose(1, 2).reshape(b, n, c)
         h = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [B, T, C]
         return x + h.transpose(1, 2).reshape(b, c, *spatial)

@@ -172,27 +172,17 @@ def autocast(device: "torch.device", precision: str = "fp32") -> contextlib.Abst
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def explicit_attention_is_faster(device: "torch.device", dtype: "torch.dtype") -> bool:
-    """Whether :func:`attention` takes the explicit form for ``dtype`` on ``device``: bf16 on CPU, where two oneDNN
-    bf16 GEMMs and a softmax beat PyTorch's CPU flash-attention kernel at the sequence lengths certification runs
-    (2-core Zen 4, [B, heads, T, 64], ms: ViT-B/16 [16, 12, 197] 23.8 -> 20.7; CIFAR-10 UNet [16, 4, 256]
-    8.2 -> 5.2; CLIP ViT-B/16 at 384 px [2, 12, 577] 15.9 -> 10.9; the whole CIFAR-10 fast path +3 %). Only the
-    ImageNet UNet's 28x28 level (T = 784) is slower (17.3 -> 22.5), well under 1 % of that UNet's time."""
-    import torch
-
-    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
-
-
-def attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", scale: float) -> "torch.Tensor":
+def attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", scale: float, explicit: bool = False
+              ) -> "torch.Tensor":
     """softmax(q kᵀ · scale) v over the last two dimensions: ``[..., T_q, d]``, ``[..., T, d]`` -> ``[..., T_q, d]``.
 
-    ``F.scaled_dot_product_attention``, except where :func:`explicit_attention_is_faster` (bf16 on CPU): there the
-    explicit ``softmax((q·scale) kᵀ) v``, the same function with the scores rounded to bf16 before the softmax (the
-    flash kernel keeps them in fp32).
+    ``F.scaled_dot_product_attention``; with ``explicit`` (chosen by the fast path, :mod:`fast`) the explicit
+    ``softmax((q·scale) kᵀ) v``: the same function, with the scores rounded to q's dtype before the softmax (the
+    fused kernels keep them in fp32).
     """
     import torch.nn.functional as F
 
-    if explicit_attention_is_faster(q.device, q.dtype):
+    if explicit:
         return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 

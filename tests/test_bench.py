@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bench
-from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth, prepare_inference_
+from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth
 from denoiser import build_denoiser
 from utils import UserError, torch_threads
 
@@ -116,71 +116,20 @@ def test_fast_path_agrees_on_shipped_digits_models():
     assert stats["margin_median"] > 10 * stats["logit_max_abs_diff"]  # trained: margins dwarf the bf16 error
 
 
-def test_prepare_inference_is_plain_autocast():
-    """Weights stored in bf16 (contiguous UNet): bit-for-bit the logits of plain autocast with timm's explicit
-    attention (the form ``utils.attention`` takes for bf16 on CPU); fp32: a no-op."""
-    denoiser, classifier = _digits_models()
-    model = DenoisedClassifier(denoiser, classifier, 0.25).eval()
-    fast = prepare_inference_(copy.deepcopy(model), "bf16", channels_last=False)
-    assert fast.denoiser.unet.out[2].weight.dtype == torch.bfloat16
-    timm_attention = [m for m in fast.modules() if hasattr(m, "fused_attn")]
-    assert timm_attention and not any(m.fused_attn for m in timm_attention)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    assert fast.classifier.model.pos_embed.dtype == fast.classifier.model.norm.weight.dtype == torch.float32
-    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(4)) + 0.25
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(fast(x), model(x))
-    assert prepare_inference_(model, "fp32") is model
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
-def test_compile_for_inference_compiles_both_networks(monkeypatch):
-    """Both the UNet and the classifier wrapper (whose forward holds the class-token shortcut) go through
-    torch.compile, with static shapes and inductor weight freezing on CPU; without a denoiser, the classifier alone.
-    torch.compile is replaced by a pass-through spy, so this checks what is compiled and that the forward runs
-    through it, without paying for inductor."""
-    import torch._inductor.config as inductor_config
-    from core import compile_for_inference_
-    compiled = {}
-
-    def spy(fn, **kwargs):
-        def run(*args, **kw):
-            compiled[type(fn.__self__).__name__]["calls"] += 1
-            return fn(*args, **kw)
-        compiled[type(fn.__self__).__name__] = {"kwargs": kwargs, "calls": 0}
-        return run
-
-    monkeypatch.setattr(torch, "compile", spy)
-    monkeypatch.setattr(inductor_config, "freezing", False)  # restored after the test
-    denoiser, classifier = _digits_models()
-    plain = DenoisedClassifier(denoiser, classifier, 0.25).eval()
-    model = compile_for_inference_(DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), 0.25))
-    assert set(compiled) == {"UNetModel", "ImageClassifier"} and inductor_config.freezing
-    assert all(c["kwargs"] == {"mode": None, "dynamic": False} and c["calls"] == 0 for c in compiled.values())
-    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), plain(x))
-    assert [c["calls"] for c in compiled.values()] == [1, 1]
-    compiled.clear()
-    compile_for_inference_(DenoisedClassifier(None, copy.deepcopy(classifier), 0.25), mode="max-autotune")
-    assert compiled == {"ImageClassifier": {"kwargs": {"mode": "max-autotune", "dynamic": False}, "calls": 0}}
-
-
 def test_flop_count_and_matmul_rate():
     """The ceiling figures: the shortcut saves FLOPs exactly where expected; matmul rates are positive."""
     denoiser, classifier = _digits_models()
     x = torch.rand(1, 3, 16, 16)
     full = bench.gflops_per_sample(bench.ReferenceDenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
-    fast = bench.gflops_per_sample(DenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
+    plain = bench.gflops_per_sample(DenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
+    fast = bench.gflops_per_sample(bench.fast_model(denoiser, classifier, 0.25, "fp32", False, False, None), x)
     unet = bench.gflops_per_sample(lambda y: denoiser.denoise(y, 100), x)
     vit = full - unet
     # digits ViT: 17 tokens, dim 64, MLP 256; the last block keeps k, v for 17 tokens and the rest for 1 token
     per_token_block = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256)
     assert full - fast == pytest.approx(16 * (per_token_block - 2 * 2 * 64 * 64) / 1e9
                                         + 2 * 2 * 4 * 16 * 17 * 16 / 1e9, rel=1e-6)
-    assert 0 < vit and 0 < unet
+    assert 0 < vit and 0 < unet and plain == pytest.approx(full, rel=1e-9)  # the plain path: every token
     rates = bench.matmul_gflops(torch.device("cpu"), ["bf16"], shape=(64, 64, 64), repeats=1)
     assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
 

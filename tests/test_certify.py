@@ -189,8 +189,9 @@ def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, caps
 
 @pytest.mark.slow
 def test_compile_gives_the_eager_log(tmp_path):
-    """--compile (torch.compile of the UNet and the classifier) on the shipped, trained digits models: the same
-    predictions and radii as the eager run on the same noise, and the sidecar records it."""
+    """--compile (torch.compile of the UNet and the classifier, fast.compile_for_inference_) on the shipped, trained
+    digits models: the same predictions and radii as the plain eager run on the same noise, and the sidecar records
+    it."""
     args = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "60", "--max_images", "3",
             "--device", "cpu", "--no_progress", "--batch_size", "10",  # one batch shape: one compilation each
             "--precision", "fp32"]
@@ -199,6 +200,8 @@ def test_compile_gives_the_eager_log(tmp_path):
     assert [r.predict for r in compiled] == [r.predict for r in eager] and len(eager) == 3
     assert [r.radius for r in compiled] == pytest.approx([r.radius for r in eager], abs=1e-9)
     assert json.loads((tmp_path / "compiled.tsv.json").read_text())["info"]["compile"] is True
+    import torch._inductor.config as inductor_config
+    assert inductor_config.freezing is False  # weight freezing was an option of these compilations only
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -141,25 +141,6 @@ def test_attention_orders_match_upstream_formula(new_order):
     assert (other(x) - expected).abs().max() > 1e-3  # the two orders really differ
 
 
-def test_attention_sdpa_and_explicit_bf16_form():
-    """utils.attention: SDPA in float32/float64 (= the textbook formula), the explicit form for bf16 on CPU (bit for
-    bit ``softmax((q·s)kᵀ)v`` in bf16), within bf16 rounding of the float64 result."""
-    from utils import attention, explicit_attention_is_faster
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, 29, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    exact = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
-    torch.testing.assert_close(attention(q, k, v, 0.25), exact, atol=1e-12, rtol=0)
-    torch.testing.assert_close(attention(q[:, :, :1], k, v, 0.25), exact[:, :, :1], atol=1e-12, rtol=0)
-    assert explicit_attention_is_faster(torch.device("cpu"), torch.bfloat16)
-    assert not explicit_attention_is_faster(torch.device("cpu"), torch.float32)
-    assert not explicit_attention_is_faster(torch.device("cuda"), torch.bfloat16)
-    qb, kb, vb = (z.bfloat16() for z in (q, k, v))
-    out = attention(qb, kb, vb, 0.25)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, ((qb * 0.25) @ kb.transpose(-2, -1)).softmax(-1) @ vb)
-    assert (out.double() - exact).abs().max() < 0.03  # a few bf16 ulps of values of size ~1
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Numerical references (forward and one-shot denoise)
 # ----------------------------------------------------------------------------------------------------------------
