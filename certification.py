@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, existing_
                   open_for_append, part_path, read_done, shard_path, sidecar_path)
 from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
                    check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
-                   output_folder, resolve_device, resolve_precision, run_lock)
+                   output_folder, remove_stale_temporary_files, resolve_device, resolve_precision, run_lock)
 
 LOG_FORMAT = 1
 # the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
@@ -664,6 +665,8 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
             for outfile in outfiles:
                 stack.enter_context(output_folder(outfile.parent))
                 stack.enter_context(job_run_lock(lock_path(outfile), f"--outfile {outfile}"))
+                if dist_info.is_main:  # what a killed run's atomic writes left
+                    remove_stale_temporary_files(outfile.parent, glob.escape(outfile.name) + "*")
             checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type, checkpoint_files(opts, k))
                        for k, (o, c) in enumerate(zip(outfiles, configs))]
             return _run_locked(opts, outfiles, configs, checked, make_method, argv, dist_info)

@@ -215,7 +215,8 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
                   args.denoiser_ckpt, "--train_noise_sd", str(args.sigma), "--epochs", str(args.epochs),
                   "--warmup_epochs", str(min(1.0, args.epochs / 3)), "--batch", str(args.batch), "--num_noises",
                   str(args.num_noises), "--lbd", str(args.lbd), "--blr", str(args.blr), "--drop_path", "0.1",
-                  "--workers", "0", "--seed", str(args.seed), "--device", args.device, "--outdir", str(ft_dir)]
+                  "--workers", "0", "--seed", str(args.seed), "--device", args.device, "--precision", "fp32",
+                  "--outdir", str(ft_dir)]
     if args.max_steps:
         train_argv += ["--max_steps", str(args.max_steps)]
     if args.no_progress:

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from training import NonFiniteLossError, add_config_arguments, config_from_args, train
-from utils import run_cli
+from utils import flags_given, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv`` and train; a non-finite loss ends the process with exit status 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return train(config_from_args(args))
+        return train(config_from_args(args), given=flags_given(parser, argv))
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

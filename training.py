@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
-from utils import (PRECISIONS, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast,
-                   cleanup_distributed, init_distributed, load_error_message)
+from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast, barrier,
+                   check_fingerprint, check_number, check_output, cleanup_distributed, file_fingerprint,
+                   init_distributed, job_run_lock, load_error_message, lock_path, output_folder,
+                   remove_stale_temporary_files, resolve_device, resolve_precision)
 
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
 DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
@@ -123,8 +125,13 @@ class TrainConfig:
     warm_start: bool = config_field(
         True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)", bool_value=True)
     resume: Optional[str] = config_field(
-        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG); the paper's form "
-              "--resume --load_from CKPT works too", metavar="CKPT", nargs="?", const="")
+        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG, configuration: flags "
+              "left out take the run's values); 'auto': the newest checkpoint in --outdir, or a fresh start when "
+              "there is none; the paper's form --resume --load_from CKPT works too", metavar="CKPT", nargs="?",
+        const="")
+    override: Optional[str] = config_field(
+        None, "with --resume: comma-separated flags whose new values may change the run's meaning, e.g. --override "
+              "lr,train_noise_sd (else refused)")
     load_from: Optional[str] = config_field(
         None, "start a new run from these classifier weights (a train.py checkpoint or a state dict)", metavar="CKPT")
     local_rank: Optional[int] = config_field(
@@ -135,7 +142,10 @@ class TrainConfig:
     outdir: Optional[str] = config_field(
         None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
     device: Optional[str] = config_field(None, "cuda, cuda:1, cpu (default: cuda when available)")
-    precision: str = config_field("fp32", "autocast: fp32 (exact), bf16 (no scaler), fp16", choices=PRECISIONS)
+    precision: str = config_field(
+        "auto", "autocast: auto = bf16 where the device computes it natively (CUDA Ampere+, CPUs with "
+                "AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 (exact), bf16 (no scaler), fp16",
+        choices=PRECISION_CHOICES)
     denoiser_ckpt: Optional[str] = config_field(None, "diffusion checkpoint (default: models/<official file name>)")
     classifier_ckpt: Optional[str] = config_field(
         None, "off-the-shelf classifier weights (default: the architecture's pretrained weights; digits: "
@@ -209,9 +219,13 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"--max_steps {cfg.max_steps}: must be >= 1")
     for name, value in (("--eps", cfg.eps), ("--lbd", cfg.lbd), ("--clip_grad", cfg.clip_grad), ("--blr", cfg.blr),
-                        ("--warmup_epochs", cfg.warmup_epochs), ("--min_lr", cfg.min_lr)):
-        if value < 0:
-            raise UserError(f"{name} {value}: must be >= 0")
+                        ("--warmup_epochs", cfg.warmup_epochs), ("--min_lr", cfg.min_lr), ("--drop_path", cfg.drop_path),
+                        ("--weight_decay", cfg.weight_decay), ("--weight_decay_end", cfg.weight_decay_end),
+                        ("--lora_alpha", cfg.lora_alpha)):
+        check_number(name, value, 0)
+    for name, value in (("--lr", cfg.lr), ("--train_noise_sd", cfg.train_noise_sd),
+                        ("--test_noise_sd", cfg.test_noise_sd), ("--layer_decay", cfg.layer_decay)):
+        check_number(name, value, 0, low_open=True)
     if cfg.resume and cfg.load_from:
         raise UserError("--resume continues a run (weights, optimizer, position); --load_from starts a new run from "
                         "weights: pass only one of them")
@@ -228,11 +242,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     cfg = _paper_resume_form(cfg)
     precision = cfg.precision
     if cfg.use_fp16:
-        if precision not in ("fp32", "fp16"):
+        if precision not in ("auto", "fp32", "fp16"):
             raise UserError(f"--use_fp16 true contradicts --precision {precision}; pass one of them")
         precision = "fp16"
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision, resolve_device(cfg.device))  # auto: bf16 where native
     _check_ranges(cfg)
     arch = cfg.arch or DEFAULT_ARCH.get(cfg.dataset)
     if arch is None:
@@ -243,6 +256,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         outdir = (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else os.path.join(
             "runs", "ft-cadis", cfg.dataset, ft_method, f"noise_{cfg.train_noise_sd}",
             f"lbd_{cfg.lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}"))
+    check_output(outdir, "--outdir", folder=True)
     return dataclasses.replace(
         cfg, precision=precision, ft_method=ft_method, arch=arch, outdir=outdir,
         test_noise_sd=cfg.train_noise_sd if cfg.test_noise_sd is None else cfg.test_noise_sd,
@@ -260,18 +274,88 @@ def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, resume=cfg.load_from, load_from=None)
 
 
-def check_resume_checkpoint(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
-    """The checkpoint of ``--resume`` (None without), checked to belong to a run with this configuration."""
-    if not cfg.resume:
-        return None
-    ckpt = read_training_checkpoint(cfg.resume, "--resume")
+# flags a --resume may change freely (left out: their defaults): where and how the run executes, not what it
+# computes. The checkpoint files (RESUME_PATHS; left out: the run's) may move, their content is checked
+# (fingerprints). --epochs may grow: the cosine lr and weight-decay schedules then stretch over the new total from the
+# current position on. Every other flag given must equal the run's value, or be named by --override.
+RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "workers", "progress", "log_every",
+                                "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test", "test_per_class",
+                                "load_from", "tensorboard", "local_rank"})
+RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
+
+
+def _override_names(override: Optional[str]) -> set[str]:
+    """The field names listed by ``--override a,b`` (``--a`` and ``a-b`` spellings accepted), checked to exist."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    chosen = {n.strip().lstrip("-").replace("-", "_") for n in (override or "").split(",") if n.strip()}
+    unknown = sorted(chosen - names)
+    if unknown:
+        raise UserError(f"--override {override}: no flag {', '.join('--' + n for n in unknown)}")
+    return chosen
+
+
+def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str, Any]) -> TrainConfig:
+    """The configuration of a resumed run: the run's own (recorded in its checkpoint), with the flags given now.
+
+    Flags left out take the run's values; a flag given with a value that changes what the run computes (sigma, lbd,
+    M, eps, lr, schedule, seed, precision, ...: everything but :data:`RESUME_OPERATIONAL`) is refused unless
+    ``--override`` names it; ``--epochs`` may grow.
+
+    Args:
+        config: the flags of this invocation.
+        given: names of the flags given explicitly (None: those that differ from their defaults).
+        ckpt: the checkpoint of ``--resume``.
+    """
+    if given is None:
+        defaults = TrainConfig(dataset=config.dataset)
+        given = {f.name for f in dataclasses.fields(TrainConfig)
+                 if getattr(config, f.name) != getattr(defaults, f.name)} | {"dataset"}
+    recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration (older checkpoints: the flags)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = dataclasses.replace(config, **{k: v for k, v in recorded.items()
+                                            if k in names and k not in given and k not in RESUME_OPERATIONAL})
+    resolved, overrides = resolve_config(merged), _override_names(config.override)
+    changed = []
+    for name in sorted((given & recorded.keys()) - RESUME_OPERATIONAL - RESUME_PATHS - overrides):
+        new, old = getattr(resolved, name), recorded[name]
+        if new != old and not (name == "epochs" and new > old):
+            changed.append(f"--{name} {new} (the run: {old})")
+    if changed:
+        raise UserError(f"--resume {config.resume}: {', '.join(changed)} would change the run; leave these flags out "
+                        f"to continue it as it was, or name them in --override to change them on purpose")
+    return merged
+
+
+def newest_checkpoint(outdir: Path) -> Optional[str]:
+    """The most recently written ``checkpoint-*.pth.tar`` in ``outdir`` (None when there is none)."""
+    found = sorted(outdir.glob("checkpoint-*.pth.tar"), key=lambda p: p.stat().st_mtime_ns)
+    return str(found[-1]) if found else None
+
+
+def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
+    """The files a run reads besides its own checkpoint, by role: (flag, path) of the denoiser and of the classifier
+    weights it started from (those that exist)."""
+    from denoiser import default_checkpoint_path
+
+    files = {"denoiser": ("--denoiser_ckpt", cfg.denoiser_ckpt or str(default_checkpoint_path(cfg.dataset))),
+             "classifier_ckpt": ("--classifier_ckpt", cfg.classifier_ckpt), "load_from": ("--load_from", cfg.load_from)}
+    return {role: (flag, path) for role, (flag, path) in files.items() if path and Path(path).exists()}
+
+
+def check_resume_checkpoint(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]]) -> None:
+    """Refuse a ``--resume`` checkpoint of another dataset/arch/method or M, or whose denoiser (classifier) file now
+    holds other content than the one the run used (:func:`utils.file_fingerprint`)."""
+    if ckpt is None:
+        return
     for key, value in (("dataset", cfg.dataset), ("arch", cfg.arch), ("ft_method", cfg.ft_method)):
         if ckpt.get(key) not in (None, value):
             raise UserError(f"--resume {cfg.resume}: the run used --{key} {ckpt[key]}, not {value}")
     if ckpt["args"].get("num_noises") not in (None, cfg.num_noises):
         raise UserError(f"--resume {cfg.resume}: the run used --num_noises {ckpt['args']['num_noises']}, "
                         f"not {cfg.num_noises}")
-    return ckpt
+    recorded = ckpt.get("fingerprints") or {}
+    for role, (flag, path) in checkpoint_files(cfg).items():
+        check_fingerprint(path, recorded.get(role), flag, f"the run of --resume {cfg.resume}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,15 +482,21 @@ def _append(path: Path, header: str, row: str) -> None:
         f.write(row + "\n")
 
 
-def _truncate_log(path: Path, max_step: int) -> None:
-    """Drop the rows of ``path`` whose ``step`` column exceeds ``max_step`` (what a resumed run will redo)."""
+def _truncate_log(path: Path, max_step: int, before_epoch: Optional[int] = None) -> None:
+    """Drop the rows of ``path`` whose ``step`` column exceeds ``max_step`` or, given ``before_epoch``, whose
+    ``epoch`` column is not below it (what a resumed run will redo)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()[:None if text.endswith("\n") else -1]  # (a killed write leaves a partial last line)
     if not lines:
         return
-    col = lines[0].split("\t").index("step")
-    keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t")[col]) <= max_step]
+    names = lines[0].split("\t")
+    step, epoch = names.index("step"), names.index("epoch")
+
+    def kept(fields: list[str]) -> bool:
+        return int(fields[step]) <= max_step and (before_epoch is None or int(fields[epoch]) < before_epoch)
+    keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and kept(ln.split("\t"))]
     atomic_write_text(path, "\n".join(keep) + "\n")
 
 
@@ -512,6 +602,8 @@ class Run:
     last_ckpt: Optional[Path] = None
     writer: Any = None  # rank 0's TensorBoard SummaryWriter (open_tensorboard), or None
     clock: float = 0.0  # time.perf_counter() at the end of the last optimizer step (images/s)
+    start_metrics: Optional["Metrics"] = None  # a mid-epoch checkpoint's sums of its epoch so far
+    fingerprints: Dict[str, str] = field(default_factory=dict)  # of checkpoint_files(cfg), saved in checkpoints
 
     @property
     def dev(self) -> torch.device:
@@ -593,16 +685,26 @@ def _build_data(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     return {"train_set": train_set, "sampler": sampler, "iters": iters, "test_loader": test_loader}
 
 
+def _refuse_existing_run(out: Path) -> None:
+    """A new run does not write into the folder of another: name its newest checkpoint to resume, if any."""
+    newest = newest_checkpoint(out)
+    if newest:
+        raise UserError(f"--outdir {out} already holds a run; continue it with --resume {newest} (its newest "
+                        "checkpoint; or --resume auto) or pick another --outdir")
+    if (out / "log.txt").exists() or (out / "log_steps.txt").exists():
+        raise UserError(f"--outdir {out} holds the logs of a run that stopped before its first checkpoint, so there "
+                        "is nothing to resume; start it over with --resume auto (which drops those logs) or pick "
+                        "another --outdir")
+
+
 def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo) -> Run:
     """Seeds, models, optimizer and data of one process (``cfg`` resolved, ``args`` the flags as given)."""
     from classifier import param_groups_lrd
     from denoiser import load_denoiser
 
     out, dev, world = Path(cfg.outdir), info.device, info.world_size
-    if not cfg.resume and ((out / "log.txt").exists() or (out / "log_steps.txt").exists()
-                           or any(out.glob("checkpoint-*.pth.tar"))):
-        raise UserError(f"--outdir {out} already holds a run (logs/checkpoints); continue it with --resume "
-                        f"{out}/checkpoint-<N>.pth.tar or pick another --outdir")
+    if not cfg.resume:
+        _refuse_existing_run(out)
     seed_everything(run_seed(cfg.seed, "process", rank=info.rank))
     eff_batch = cfg.batch * cfg.accum_iter * world // cfg.num_noises
     lr = cfg.blr * eff_batch / 256 if cfg.lr is None else cfg.lr
@@ -620,7 +722,8 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
               t_test=denoiser.timestep_for_sigma(cfg.test_noise_sd), optimizer=optimizer,
               scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
               params=[p for g in groups for p in g["params"]], **_build_data(cfg, info), lr=lr,
-              eff_batch=eff_batch, eps=eps_pixels(cfg.eps))
+              eff_batch=eff_batch, eps=eps_pixels(cfg.eps),
+              fingerprints={role: file_fingerprint(path) for role, (_, path) in checkpoint_files(cfg).items()})
     if ckpt is not None:
         restore_position(run, ckpt)
     return run
@@ -644,9 +747,12 @@ def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
         set_rng_state(ckpt["rng"][run.info.rank], run.dev)
     else:
         seed_everything(run_seed(cfg.seed, "resume", rank=run.info.rank, step=run.step))
+    if run.start_micro and ckpt.get("epoch_metrics"):  # the epoch's row will average all its micro-steps
+        run.start_metrics = Metrics(**ckpt["epoch_metrics"])
     if run.info.is_main:
-        for name in ("log.txt", "log_steps.txt"):
-            _truncate_log(run.out / name, run.step)
+        _truncate_log(run.out / "log_steps.txt", run.step)
+        # a mid-epoch resume redoes its epoch's row (a --max_steps stop wrote a partial one)
+        _truncate_log(run.out / "log.txt", run.step, before_epoch=run.start_epoch + 1 if run.start_micro else None)
 
 
 def announce(run: Run) -> None:
@@ -790,7 +896,8 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
                         generator=torch.Generator().manual_seed(run_seed(cfg.seed, "loader", epoch=epoch)))
     eps = run.eps * (2.0 if cfg.eps_double and epoch >= cfg.warmup_eps else 1.0)
     run.model.train()
-    result = EpochResult(Metrics(), 0.0, 0.0, skip_micro, False)
+    result = EpochResult(dataclasses.replace(run.start_metrics) if skip_micro and run.start_metrics else Metrics(),
+                         0.0, 0.0, skip_micro, False)
     window = Metrics()
     bar = tqdm(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and run.info.is_main), dynamic_ncols=True, leave=False)
@@ -815,7 +922,8 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
             result.stopped = True
             break
         if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and result.micro < run.iters * M:
-            run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro)
+            run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro,
+                                            result.metrics)
         run.clock = time.perf_counter()
     bar.close()
     return result
@@ -826,8 +934,10 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int) -> Path:
-    """Write ``outdir/name`` (rank 0; every rank's RNG state is gathered first). Format: docs/ARCHITECTURE.md."""
+def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: Optional[Metrics] = None) -> Path:
+    """Write ``outdir/name`` (rank 0; every rank's RNG state is gathered first). Format: docs/ARCHITECTURE.md; besides
+    the flags as given (``args``) it records the resolved configuration (``config``, authoritative on --resume), the
+    :data:`checkpoint_files`' fingerprints and, mid-epoch, the epoch's metric sums so far (``epoch_metrics``)."""
     rngs = gather_rng_states(run.dev)
     path = run.out / name
     if run.info.is_main:
@@ -839,7 +949,10 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int) -> Path:
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs,
             "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},
-            "world_size": run.world,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                       if v is None or isinstance(v, (str, int, float, bool))},
+            "fingerprints": run.fingerprints, "world_size": run.world,
+            "epoch_metrics": dataclasses.asdict(metrics) if metrics is not None and micro else None,
         }, path)
     return path
 
@@ -905,7 +1018,7 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float
         run.last_ckpt = save_checkpoint(run, f"checkpoint-{epoch + 1}.pth.tar", epoch + 1, 0)
     if result.stopped:
         run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch + 1 if complete else epoch,
-                                        0 if complete else result.micro)
+                                        0 if complete else result.micro, result.metrics)
     return stats
 
 
@@ -914,28 +1027,67 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
+def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, Any]:
     """Run FT-CADIS fine-tuning. Returns the last epoch's stats, ``checkpoint`` (the last one written) and
     ``classifier``.
 
+    Every flag and the output folder are checked first; then the job locks ``<outdir>/.lock`` (a second run on the
+    folder stops at once) and, with ``--resume``, takes the run's configuration from its checkpoint
+    (:func:`resume_config`).
+
     Args:
         config: the flags (:class:`TrainConfig`); checked and completed by :func:`resolve_config`.
+        given: names of the flags given explicitly (train.py's command line); None: those not at their default.
     """
-    args = dataclasses.asdict(config)
-    cfg = resolve_config(config)
-    ckpt = check_resume_checkpoint(cfg)
-    info = init_distributed(cfg.device)
-    run: Optional[Run] = None
+    config = _paper_resume_form(config)
+    if config.resume == "auto" and not config.outdir:
+        raise UserError("--resume auto: needs --outdir (the folder whose newest checkpoint it continues)")
+    if config.override and not config.resume:
+        raise UserError(f"--override {config.override}: only with --resume (a new run takes any flag)")
+    out = Path(resolve_config(config).outdir)  # every flag and the output folder checked before anything runs
+    info = init_distributed(config.device)
     try:
-        run = build_run(cfg, args, ckpt, info)
-        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+        with output_folder(out), job_run_lock(lock_path(out, is_dir=True), f"--outdir {out}"):
             if info.is_main:
-                print(f"--resume {cfg.resume}: already at step {run.step} >= --max_steps {cfg.max_steps}; "
-                      "nothing to do")
-            return {"epoch": run.start_epoch, "step": run.step, "checkpoint": cfg.resume,
-                    "classifier": run.classifier}
-        announce(run)
-        open_tensorboard(run)
+                remove_stale_temporary_files(out)
+            config, cfg, ckpt = _resumed(config, given, out, info)
+            return _train(cfg, dataclasses.asdict(config), ckpt, info)
+    finally:
+        cleanup_distributed()
+
+
+def _resumed(config: TrainConfig, given: Optional[set[str]], out: Path, info: DistInfo
+             ) -> tuple[TrainConfig, TrainConfig, Optional[Dict[str, Any]]]:
+    """(flags, resolved configuration, checkpoint) of the run: with ``--resume`` the run's configuration; ``--resume
+    auto`` continues the newest checkpoint in ``out``, or starts afresh (dropping the logs of a run that stopped
+    before its first checkpoint) when there is none."""
+    resume = config.resume
+    if resume == "auto":
+        resume = newest_checkpoint(out)
+        if resume is None and info.is_main:
+            for name in ("log.txt", "log_steps.txt"):
+                (out / name).unlink(missing_ok=True)
+        barrier()
+    config = dataclasses.replace(config, resume=resume)
+    ckpt = read_training_checkpoint(resume, "--resume") if resume else None
+    if ckpt is not None:
+        config = resume_config(config, given, ckpt)
+    cfg = resolve_config(config)
+    check_resume_checkpoint(cfg, ckpt)
+    return config, cfg, ckpt
+
+
+def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo
+           ) -> Dict[str, Any]:
+    """:func:`train` once the output folder is locked and the configuration final: build the run, the epochs."""
+    run = build_run(cfg, args, ckpt, info)
+    if cfg.max_steps is not None and run.step >= cfg.max_steps:
+        if info.is_main:
+            print(f"--resume {cfg.resume}: already at step {run.step} >= --max_steps {cfg.max_steps}; nothing to do")
+        return {"epoch": run.start_epoch, "step": run.step, "checkpoint": cfg.resume, "classifier": run.classifier}
+    announce(run)
+    open_tensorboard(run)
+    try:
         stats: Dict[str, Any] = {}
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.time()
@@ -943,10 +1095,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             stats = finish_epoch(run, epoch, result, t0)
             if result.stopped:
                 break
-        if info.is_main and run.last_ckpt is not None:
-            print(f"last checkpoint: {run.last_ckpt}")
-        return {**stats, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "classifier": run.classifier}
     finally:
-        if run is not None and run.writer is not None:
+        if run.writer is not None:
             run.writer.close()
-        cleanup_distributed()
+    if info.is_main and run.last_ckpt is not None:
+        print(f"last checkpoint: {run.last_ckpt}")
+    return {**stats, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "classifier": run.classifier}

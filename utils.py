@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:  # torch is imported lazily so that light scripts (analyze.py) start fast
+    import argparse
+
     import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -223,6 +225,21 @@ def _atomic_file(path: str | os.PathLike, mode: str, **open_kwargs: Any) -> Iter
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporary_files(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove the temporary files that atomic writes of ``folder/name`` left when their process was killed (call
+    only while holding the folder's (or the file's) run lock: a live writer's temporary file looks the same).
+
+    Args:
+        folder: the folder.
+        name: the file name (a glob) whose temporary files to remove.
+    """
+    stale = [p for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -488,6 +505,21 @@ def output_folder(folder: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+
+
+def flags_given(parser: "argparse.ArgumentParser", argv: Optional[Sequence[str]]) -> set[str]:
+    """The destinations of the options ``argv`` gives explicitly (a flag given at its default value counts).
+
+    Args:
+        parser: the CLI's parser.
+        argv: its arguments (None: ``sys.argv[1:]``).
+    """
+    import argparse
+
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=namespace)
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 def check_number(flag: str, value: Optional[float], low: Optional[float] = None, high: Optional[float] = None,

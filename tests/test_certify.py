@@ -5,6 +5,7 @@ noise is spread over several classes and every count depends on the exact noise)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -423,16 +424,35 @@ def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_pa
 
 
 def _cli(args, **kwargs) -> subprocess.Popen:
-    """certify.py as its own process (its own session, so that a test can kill it and all its children)."""
+    """certify.py as its own process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, str(REPO / "certify.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **kwargs)
 
 
 def _complete_rows(paths) -> int:
     """Rows written so far to the files among ``paths`` that exist (header excluded)."""
     return sum(max(p.read_text().count("\n") - 1, 0) for p in paths if p.exists())
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to process ``pid`` and all its descendants (torchrun's workers run in sessions of their own, so
+    a process group does not reach them; a scheduler kills them all, e.g. by cgroup)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
 
 
 def _wait_rows(paths, count: int, proc: subprocess.Popen, timeout: float = 240) -> int:
@@ -452,19 +472,19 @@ def test_a_second_run_on_a_running_log_is_refused(models, reference, tmp_path, c
     if first != "fresh":
         certify.main(_args(models, out, "--max_images", "3"))
     extra = () if first == "fresh" else ("--resume",)
-    proc = (_torchrun(_args(models, out, *extra), start_new_session=True) if first == "torchrun"
+    proc = (_torchrun(_args(models, out, *extra)) if first == "torchrun"
             else _cli(_args(models, out, *extra)))
     try:
         paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
         assert _wait_rows(paths, 4, proc) >= 4 and proc.poll() is None, proc.communicate()[0]
-        os.killpg(proc.pid, signal.SIGSTOP)  # hold it mid-run
+        _signal_tree(proc.pid, signal.SIGSTOP)  # hold it mid-run
         before = files_of(tmp_path)
         for second in (_args(models, out, "--resume"), _args(models, out), _args(models, out, "--overwrite")):
             line = cli_error(certify.main, second)
             assert f"--outfile {out} is in use by pid" in line and "certify.py" in line, line
         assert files_of(tmp_path) == before
     finally:
-        os.killpg(proc.pid, signal.SIGCONT)
+        _signal_tree(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert _body(out) == _body(reference)
@@ -558,9 +578,10 @@ def test_checkpoint_errors_name_the_flag_given_and_never_run_a_pickle(models, tm
 
 
 def _kill(proc: subprocess.Popen, sig: int) -> None:
-    """SIGKILL: the whole session (as a scheduler kills a job); SIGTERM: the launcher only (torchrun forwards it)."""
+    """SIGKILL: every process of the job (as a scheduler kills it); SIGTERM: the launcher only (torchrun forwards it
+    to its workers)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+        _signal_tree(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
     proc.communicate(timeout=120)
 
 
@@ -580,7 +601,7 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models,
     for launcher, sig in [(_cli, signal.SIGKILL), (_torchrun, signal.SIGKILL), (_cli, signal.SIGTERM),
                           (_torchrun, signal.SIGTERM)]:
         target = _complete_rows(paths) + rng.randint(0, 4)
-        proc = launcher(args) if launcher is _cli else launcher(args, start_new_session=True)
+        proc = launcher(args)
         if target == _complete_rows(paths):
             time.sleep(rng.uniform(0.0, 4.0))
         else:

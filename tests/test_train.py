@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def _args(models: dict, outdir: Path, *extra: str) -> list[str]:
     return ["--dataset", "digits", "--denoiser_ckpt", models["den"], "--classifier_ckpt", models["clf"],
             "--device", "cpu", "--batch", "8", "--num_noises", "2", "--accum_iter", "3", "--workers", "0",
             "--log_every", "1", "--test_per_class", "2", "--train_noise_sd", "0.25", "--epochs", "2",
-            "--warmup_epochs", "0.01", "--blr", "0.05", "--no_progress", "--outdir", str(outdir), *extra]
+            "--warmup_epochs", "0.01", "--blr", "0.05", "--precision", "fp32", "--no_progress", "--outdir", str(outdir),
+            *extra]
 
 
 def _steps(path: Path) -> dict[int, list[str]]:
@@ -297,3 +299,94 @@ def test_paper_wrappers_build_the_torchrun_command(script, expected):
             in run.stdout) and "--lbd 1.5" in run.stdout and "--resume" not in run.stdout
     bad = subprocess.run(["bash", script, "--noise"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--noise needs a value" in bad.stderr
+
+
+# -------------------------------------------------------------------------- reliability: validation, lock, resume
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], r"--lr -1.0: must be a finite number > 0"),
+    (["--blr", "nan"], r"--blr nan: must be a finite number >= 0"),
+    (["--eps", "nan"], r"--eps nan: must be a finite number >= 0"),
+    (["--train_noise_sd", "nan"], r"--train_noise_sd nan: must be a finite number > 0"),
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    (["--outdir", "{file}/run"], r"--outdir .*file\.txt/run: .*file\.txt is a file, not a folder"),
+    (["--override", "lr"], r"--override lr: only with --resume"),
+    (["--resume", "auto", "--outdir", ""], r"--resume auto: needs --outdir"),
+])
+def test_bad_values_fail_before_work(tiny_models, tmp_path, cli_error, files_of, extra, message):
+    (tmp_path / "file.txt").write_text("x")
+    before = files_of(tmp_path)
+    argv = _args(tiny_models, tmp_path / "run", *[e.format(file=tmp_path / "file.txt") for e in extra])
+    while "" in argv:  # "--outdir ''": no --outdir at all
+        i = argv.index("--outdir")
+        argv = argv[:i] + argv[i + 2:]
+    assert re.search(message, cli_error(train.main, argv))
+    assert files_of(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_a_run_in_the_outdir_locks_it(tiny_models, tmp_path, cli_error, files_of, lock_held_elsewhere):
+    from utils import lock_path
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log_steps.txt").write_text("the running job's\n")
+    with lock_held_elsewhere(lock_path(out, is_dir=True)) as proc:
+        before = files_of(out)
+        for extra in ([], ["--resume", "auto"]):
+            line = cli_error(train.main, _args(tiny_models, out, "--max_steps", "1", *extra))
+            assert f"--outdir {out} is in use by pid {proc.pid}" in line
+        assert files_of(out) == before
+
+
+def _resume_args(ckpt, *extra) -> list[str]:
+    """A requeue script's resume: only the checkpoint and where to run, the rest from the run."""
+    return ["--dataset", "digits", "--resume", str(ckpt), "--device", "cpu", "--workers", "0", "--no_progress",
+            "--no_test", *map(str, extra)]
+
+
+def test_resume_takes_the_runs_configuration_and_refuses_changes(tiny_models, tmp_path, cli_error, files_of):
+    out = tmp_path / "run"
+    train.main(_args(tiny_models, out, "--max_steps", "2", "--ckpt_every_steps", "1", "--no_test",
+                     "--train_noise_sd", "0.5", "--lbd", "2"))
+    ckpt = out / "checkpoint-step2.pth.tar"
+    recorded = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert recorded["config"]["train_noise_sd"] == 0.5 and recorded["config"]["precision"] == "fp32"
+    assert set(recorded["fingerprints"]) == {"denoiser", "classifier_ckpt"}
+    before = files_of(tmp_path)
+    for extra, changed in ((["--train_noise_sd", "0.25"], "--train_noise_sd 0.25 (the run: 0.5)"),
+                           (["--lbd", "1", "--seed", "3"], "--lbd 1.0 (the run: 2.0), --seed 3 (the run: 0)"),
+                           (["--epochs", "1"], "--epochs 1 (the run: 2)"),
+                           (["--precision", "bf16"], "--precision bf16 (the run: fp32)")):
+        line = cli_error(train.main, _resume_args(ckpt, *extra))
+        assert f"--resume {ckpt}: {changed} would change the run" in line and "--override" in line, line
+    other_denoiser = tmp_path / "den.pt"  # another denoiser saved under the run's file name
+    torch.manual_seed(5)
+    from denoiser import build_denoiser
+    torch.save(build_denoiser("digits").unet.state_dict(), other_denoiser)
+    line = cli_error(train.main, _resume_args(ckpt, "--denoiser_ckpt", other_denoiser))
+    assert f"--denoiser_ckpt {other_denoiser}: not the file the run of --resume {ckpt} was written with" in line
+    assert files_of(tmp_path) == {**before, str(other_denoiser): other_denoiser.read_bytes()}
+    # flags left out take the run's values (sigma 0.5, lambda 2, the denoiser file); --epochs may grow
+    result = train.main(_resume_args(ckpt, "--max_steps", "3", "--epochs", "3"))
+    config = torch.load(out / "checkpoint-step3.pth.tar", map_location="cpu", weights_only=True)["config"]
+    assert result["step"] == 3 and (config["train_noise_sd"], config["lbd"], config["epochs"]) == (0.5, 2.0, 3)
+    assert config["denoiser_ckpt"] == tiny_models["den"] and config["blr"] == 0.05
+    # --override changes one on purpose
+    train.main(_resume_args(out / "checkpoint-step3.pth.tar", "--max_steps", "4", "--train_noise_sd", "0.25",
+                            "--lbd", "2", "--override", "train_noise_sd"))
+    config = torch.load(out / "checkpoint-step4.pth.tar", map_location="cpu", weights_only=True)["config"]
+    assert config["train_noise_sd"] == 0.25
+
+
+def test_killed_before_the_first_checkpoint(tiny_models, tmp_path, cli_error, files_of):
+    """Logs but no checkpoint (the run was killed before its first one): a new run is told that there is nothing to
+    resume, never to --resume a file that does not exist; --resume auto starts over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log_steps.txt").write_text(training.STEP_LOG_HEADER + "\n1\t1\t0.001\t1.0\t1.0\t0\t0.5\t0.1\n2\t1")
+    before = files_of(out)
+    line = cli_error(train.main, _args(tiny_models, out, "--max_steps", "1"))
+    assert "stopped before its first checkpoint, so there is nothing to resume" in line and ".pth.tar" not in line
+    assert files_of(out) == before
+    result = train.main(_args(tiny_models, out, "--max_steps", "1", "--resume", "auto", "--no_test"))
+    assert result["step"] == 1 and list(_steps(out / "log_steps.txt")) == [1]
+    line = cli_error(train.main, _args(tiny_models, out, "--max_steps", "2"))
+    assert f"--resume {out / 'checkpoint-step1.pth.tar'} (its newest checkpoint; or --resume auto)" in line
