@@ -172,7 +172,7 @@ def test_local_rank_flag_paper_resume_form_and_input_norm(tiny_models, tmp_path)
     assert result["step"] == 2 and (first / "checkpoint-step2.pth.tar").is_file()
     assert result["classifier"].input_norm == "paper"
     assert [b.attn.attn_drop.p for b in result["classifier"].model.blocks][-1] == pytest.approx(0.2)
-    with pytest.raises(UserError, match="--input_norm model contradicts"):
+    with pytest.raises(UserError, match=r"--input_norm model \(the run: paper\) would change the run"):
         train.main(_args(tiny_models, first, "--max_steps", "3", "--resume", str(ckpt), "--input_norm", "model"))
     with pytest.raises(UserError, match="--resume needs a checkpoint"):
         train.main(_args(tiny_models, tmp_path / "x", "--resume"))
