@@ -4,9 +4,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -390,3 +393,51 @@ def test_killed_before_the_first_checkpoint(tiny_models, tmp_path, cli_error, fi
     assert result["step"] == 1 and list(_steps(out / "log_steps.txt")) == [1]
     line = cli_error(train.main, _args(tiny_models, out, "--max_steps", "2"))
     assert f"--resume {out / 'checkpoint-step1.pth.tar'} (its newest checkpoint; or --resume auto)" in line
+
+
+def _train_process(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _newest_step(out: Path) -> int:
+    return max([int(p.name[len("checkpoint-step"):-len(".pth.tar")]) for p in out.glob("checkpoint-step*.pth.tar")],
+               default=0)
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_run(tiny_models, tmp_path):
+    """A requeued job's life: train.py --resume auto, killed (kill -9, SIGTERM) after a random number of new
+    checkpoints (0: at a random moment of the start-up), resumed each time; the weights, the optimizer state and the
+    logs at the end equal those of an uninterrupted run (the epoch row of log.txt averages every step of the epoch,
+    not only those after the last resume). FT_CADIS_FAULT_SEED replays a sequence."""
+    seed = int(os.environ.get("FT_CADIS_FAULT_SEED", random.randrange(2**31)))
+    rng, trace = random.Random(seed), [f"FT_CADIS_FAULT_SEED={seed}"]
+    extra = ["--max_steps", "6", "--ckpt_every_steps", "1", "--no_test", "--num-steps", "1", "--no_tensorboard"]
+    train.main(_args(tiny_models, tmp_path / "ref", *extra))
+    out = tmp_path / "run"
+    args = _args(tiny_models, out, *extra, "--resume", "auto")  # what a requeued job script runs every time
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        target = _newest_step(out) + rng.randint(0, 2)
+        proc = _train_process(args)
+        deadline = time.monotonic() + 300
+        if target == _newest_step(out):
+            time.sleep(rng.uniform(0.0, 4.0))
+        while _newest_step(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        trace.append(f"{signal.Signals(sig).name} at step {target}: checkpoints up to {_newest_step(out)}")
+    assert _newest_step(out) < 6, trace  # the last resume has work left
+    train.main(args)
+    ref, run = (torch.load(d / "checkpoint-step6.pth.tar", map_location="cpu", weights_only=True)
+                for d in (tmp_path / "ref", out))
+    assert all(torch.equal(ref["state_dict"][k], v) for k, v in run["state_dict"].items()), trace
+    assert ref["optimizer"]["state"].keys() == run["optimizer"]["state"].keys()
+    for k, state in ref["optimizer"]["state"].items():
+        assert all(torch.equal(v, run["optimizer"]["state"][k][name]) for name, v in state.items()), trace
+    assert (out / "log_steps.txt").read_text() == (tmp_path / "ref" / "log_steps.txt").read_text(), trace
+    rows = [[line.split("\t")[:-1] for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "ref", out)]
+    assert rows[0] == rows[1] and len(rows[0]) == 2, trace  # header and the (partial) epoch row, time aside
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
