@@ -441,3 +441,19 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_run(tiny_mo
     rows = [[line.split("\t")[:-1] for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "ref", out)]
     assert rows[0] == rows[1] and len(rows[0]) == 2, trace  # header and the (partial) epoch row, time aside
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+
+
+def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, cli_error):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "checkpoint-1.pth.tar"
+    torch.save({"state_dict": Payload()}, evil)
+    for flag in ("--resume", "--load_from"):
+        line = cli_error(train.main, _args(tiny_models, tmp_path / "run", flag, evil))
+        assert f"{flag} {evil}: " in line and "refused: it holds pickled Python objects" in line, line
+        assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+    assert not marker.exists()

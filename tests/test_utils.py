@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -189,3 +190,25 @@ def test_precision_auto(monkeypatch):
     assert len(caught) == 1
     assert "no native bf16" in str(caught[0].message)
     assert " GFLOP/s against " in str(caught[0].message) and "in fp32 here" in str(caught[0].message)
+
+
+def test_run_lock_in_a_folder_that_does_not_exist_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"^--outdir x: cannot create its lock file .*missing/\.lock"):
+        with run_lock(tmp_path / "missing" / ".lock", "--outdir x"):
+            pass
+
+
+def test_bf16_without_native_support_is_not_auto_and_warns_with_its_measured_cost():
+    """A real process whose oneDNN may use AVX2 at most (as on an AVX2-only CPU): auto is fp32, and an explicit bf16
+    warns once with the probe's rates, bf16 measurably slower than fp32."""
+    code = ("import sys, warnings, torch; sys.path.insert(0, %r); import utils\n"
+            "warnings.simplefilter('always')\n"
+            "print(utils.resolve_precision('auto', torch.device('cpu')))\n"
+            "print(utils.resolve_precision('bf16', torch.device('cpu')))\n" % str(REPO))
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fp32", "bf16"]
+    m = re.search(r"a bf16 matmul ran at ([\d.]+) GFLOP/s against ([\d.]+) in fp32 here", proc.stderr)
+    assert m and proc.stderr.count("no native bf16") == 1, proc.stderr
+    assert float(m.group(1)) < float(m.group(2))
