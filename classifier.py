@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
-from utils import UserError, load_error_message, state_dict_mismatch
+import checkpoints
+from checkpoints import DDP_PREFIX, strip_prefix
+from utils import UserError, state_dict_mismatch
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -178,7 +180,7 @@ def convert_hf_vit_to_timm(state_dict: StateDict) -> StateDict:
     the CLS token after the final LayerNorm, as timm's ``global_pool='token'`` does. The model must use eps 1e-12
     (see :func:`vit_kwargs_from_hf_config`).
     """
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    sd = strip_prefix(state_dict, DDP_PREFIX)
     if not any(k.startswith("vit.") for k in sd):  # a bare ViTModel: embeddings.*, encoder.layer.*, layernorm.*
         sd = {(k if k.startswith("classifier.") else "vit." + k): v for k, v in sd.items()}
     out: StateDict = {}
@@ -293,16 +295,9 @@ _UPSTREAM_LORA_KEYS = {
 _TIMM_VIT_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
 
 
-def _strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
-    """Remove ``prefix`` from the keys when every key carries it (e.g. ``module.`` of DDP)."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def is_upstream_state_dict(state_dict: StateDict) -> bool:
     """True for a state dict saved by the paper's code: every key under ``classifier.`` (after ``module.``)."""
-    sd = _strip_prefix(state_dict, "module.")
+    sd = strip_prefix(state_dict, DDP_PREFIX)
     return bool(sd) and all(k.startswith(UPSTREAM_PREFIX) for k in sd)
 
 
@@ -333,7 +328,7 @@ def convert_upstream_lora(state_dict: StateDict, lora_alpha: float = 4.0) -> Sta
     that the logits are those of the paper's model (alpha = 6, r = 4 gives 1, not 1.5).
     """
     out: StateDict = {}
-    for key, tensor in _strip_prefix(state_dict, _UPSTREAM_LORA_PREFIX).items():
+    for key, tensor in strip_prefix(state_dict, _UPSTREAM_LORA_PREFIX).items():
         head, sep, tail = key.partition(".attn.qkv.")
         name = _UPSTREAM_LORA_KEYS.get("attn.qkv." + tail) if sep else None
         if sep and name is None:
@@ -352,7 +347,7 @@ def convert_upstream_state_dict(state_dict: StateDict, lora_alpha: float = 4.0) 
     :func:`convert_hf_vit_to_timm`, LoRA with :func:`convert_upstream_lora` (``lora_alpha``: the paper's alpha, 4),
     timm keys as they are.
     """
-    sd = _strip_prefix(_strip_prefix(state_dict, "module."), UPSTREAM_PREFIX)
+    sd = strip_prefix(strip_prefix(state_dict, DDP_PREFIX), UPSTREAM_PREFIX)
     layout = upstream_layout(sd)
     if layout == "hf_vit":
         return convert_hf_vit_to_timm(sd)
@@ -548,30 +543,16 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
         if not found:
             raise UserError(f"--classifier_ckpt {path}: folder has no {' or '.join(HF_WEIGHT_FILES)}")
         path = found[0]
-    if not path.is_file():
-        raise UserError(f"--classifier_ckpt {path}: file not found")
+    obj = checkpoints.load(path, "--classifier_ckpt")
     info: Dict[str, Any] = {"path": str(path)}
     info["hf_config"], info["hf_preprocessor"] = read_hf_config(path.parent)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
-        raise UserError(f"--classifier_ckpt {path}: unreadable checkpoint ({load_error_message(err)})") from None
     if input_norm_record(obj) is not None:
         info["input_norm"] = input_norm_record(obj)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        if obj.get("arch") is not None:
-            info["arch"] = str(obj["arch"])
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f"--classifier_ckpt {path}: not a state dict (expected a dict of tensors, "
-                        "or a train.py checkpoint with 'state_dict')")
-    return dict(obj), info
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and obj.get("arch") is not None:
+        info["arch"] = str(obj["arch"])
+    state_dict = checkpoints.state_dict_of(obj, path, "--classifier_ckpt",
+                                           "a dict of tensors, or a train.py checkpoint with 'state_dict'")
+    return state_dict, info
 
 
 def input_norm_record(obj: Any) -> Optional[str]:
@@ -598,8 +579,8 @@ def checkpoint_input_norm(path: Optional[PathLike]) -> Optional[str]:
     if path is None or not path.is_file() or path.suffix == ".safetensors":
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a zip checkpoint, or not a checkpoint: read_checkpoint says which
+        obj = checkpoints.load(path, "checkpoint", mmap=True)
+    except UserError:  # not a checkpoint: read_checkpoint says so, naming the flag
         return None
     return input_norm_record(obj)
 
@@ -609,8 +590,7 @@ def to_timm_state_dict(state_dict: StateDict, lora_alpha: float = 4.0) -> StateD
     paper's checkpoints (:func:`convert_upstream_state_dict`, ``lora_alpha`` for its LoRA scale) to ours."""
     if is_upstream_state_dict(state_dict):
         return convert_upstream_state_dict(state_dict, lora_alpha)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    sd = _strip_prefix(sd, "model.")
+    sd = strip_prefix(strip_prefix(state_dict, DDP_PREFIX), "model.")
     if is_hf_vit_state_dict(sd):
         sd = convert_hf_vit_to_timm(sd)
     return sd

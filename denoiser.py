@@ -15,7 +15,6 @@ diffusion checkpoints) and loads the official file strictly; ``"digits"`` is the
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoints
 from unet import UNetModel
 from utils import UserError, precision_dtype, resolve_device, state_dict_mismatch
 
@@ -367,42 +367,7 @@ def _missing_file_hint(name: str) -> str:
     return f"it ships as models/{cfg['checkpoint']}; re-create it with the demo's denoiser training"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) a state dict, unwrapping {"state_dict": sd} / {"model": sd} and
-    stripping "module." (DDP) and "unet." (a saved DiffusionDenoiser) prefixes."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise UserError(f"denoiser checkpoint {path} holds pickled Python objects, not a plain state dict "
-                            "(torch.load(weights_only=True) refused it); save model.state_dict() instead") from None
-        raise UserError(f"cannot read denoiser checkpoint {path}: {str(err).splitlines()[0]}") from None
-    except Exception as err:  # corrupt / truncated / not a torch file
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot read denoiser checkpoint {path} (not a PyTorch checkpoint?): {msg}") from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        kind = type(obj).__name__ if not isinstance(obj, Mapping) else "dict without tensors"
-        raise UserError(f"denoiser checkpoint {path} is not a state dict of tensors (found a {kind}); "
-                        "expected the official .pt file or model.state_dict()")
-    sd = dict(obj)
-    for prefix in ("module.", "unet."):
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, name: str) -> None:
+def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], source: str, name: str) -> None:
     """Strict key and shape match, explained in one line."""
     expected = unet.state_dict()
     missing, unexpected, bad = state_dict_mismatch(expected, sd)
@@ -412,11 +377,11 @@ def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], path: Pat
             parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise UserError(f"denoiser checkpoint {path} does not match the {name!r} UNet: {'; '.join(parts)}; "
+        raise UserError(f"{source}: does not match the {name!r} UNet: {'; '.join(parts)}; "
                         f"expected {len(expected)} entries, the file has {len(sd)} (wrong checkpoint for {name!r}?)")
     if bad:
         examples = ", ".join(f"{k} {list(given)} vs {list(want)}" for k, given, want in bad[:3])
-        raise UserError(f"denoiser checkpoint {path} does not match the {name!r} UNet: {len(bad)} tensors have the "
+        raise UserError(f"{source}: does not match the {name!r} UNet: {len(bad)} tensors have the "
                         f"wrong shape (file vs model: {examples}); wrong checkpoint for {name!r}?")
 
 
@@ -426,24 +391,26 @@ def load_denoiser(
         device: Optional[str | torch.device] = None,
         dtype: torch.dtype | str = torch.float32,
         channels_last: bool = False,
+        flag: str = "--denoiser_ckpt",
 ) -> DiffusionDenoiser:
-    """Build the named configuration and load its checkpoint strictly (``torch.load(weights_only=True)``).
+    """Build the named configuration and load its checkpoint strictly (:mod:`checkpoints`, ``weights_only``).
 
     ``checkpoint_path`` defaults to ``models/<file>``; ``device`` None -> CUDA when available; ``dtype`` is the
-    UNet weight dtype (fp32 default; bf16/fp16 weights or autocast for speed). Returns the denoiser in eval mode
-    with frozen weights.
+    UNet weight dtype (fp32 default; bf16/fp16 weights or autocast for speed); ``flag`` is what errors name.
+    Returns the denoiser in eval mode with frozen weights.
     """
     cfg = _config(name)
     path = Path(checkpoint_path) if checkpoint_path else default_checkpoint_path(name)
     if not path.is_file():
-        raise UserError(f"denoiser checkpoint {path} not found; {_missing_file_hint(name)}")
+        raise UserError(f"{flag} {path}: denoiser checkpoint not found; {_missing_file_hint(name)}")
     if isinstance(dtype, str):
         dtype = precision_dtype(dtype)
     dev = resolve_device(None if device is None else str(device))
-    sd = _read_state_dict(path)
+    sd, _ = checkpoints.read_state_dict(path, flag, prefixes=(checkpoints.DDP_PREFIX, "unet."), mmap=True,
+                                        expected="the official .pt file or model.state_dict()")
     with torch.device("meta"):  # no random init, no double memory: the checkpoint's tensors are assigned
         denoiser = create_denoiser(**cfg["kwargs"])
-    _check_state_dict(denoiser.unet, sd, path, name)
+    _check_state_dict(denoiser.unet, sd, f"{flag} {path}", name)
     denoiser.unet.load_state_dict(sd, strict=True, assign=True)
     denoiser.to(device=dev)  # also re-creates the float64 schedule buffer (off the meta device)
     denoiser.unet.to(dtype=dtype)

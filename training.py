@@ -39,11 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+import checkpoints
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
 from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast, barrier,
                    check_fingerprint, check_number, check_output, cleanup_distributed, file_fingerprint,
-                   init_distributed, job_run_lock, load_error_message, lock_path, output_folder,
+                   init_distributed, job_run_lock, lock_path, output_folder,
                    remove_stale_temporary_files, resolve_device, resolve_precision)
 
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
@@ -503,12 +504,7 @@ def _truncate_log(path: Path, max_step: int, before_epoch: Optional[int] = None)
 def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
     """A ``train.py`` checkpoint (``weights_only=True``), checked to be one."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: file not found")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's file problem
-        raise UserError(f"{flag} {p}: unreadable checkpoint ({load_error_message(err)})") from None
+    ckpt = checkpoints.load(p, flag)
     needed = ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise UserError(f"{flag} {p}: not a train.py checkpoint (needs {', '.join(needed)}); "

@@ -313,7 +313,7 @@ def test_load_errors(tmp_path, digits_state_dict):
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    assert "cannot read" in _load_error("digits", garbage)
+    assert "--denoiser_ckpt" in _load_error("digits", garbage) and "unreadable checkpoint" in _load_error("digits", garbage)
 
     as_list = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], as_list)

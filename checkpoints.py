@@ -1,0 +1,98 @@
+"""The one checkpoint reader: every weights file (classifier, denoiser, train.py checkpoint) is read here.
+
+* :func:`load`: ``torch.load(weights_only=True)`` (never a pickle of Python objects: such a file is refused, without
+  torch's advice to retry with ``weights_only=False``), or safetensors by suffix; every failure is one line naming
+  the flag and the file.
+* :func:`state_dict_of`: the state dict inside what was loaded (a bare one, or under ``state_dict`` / ``model``).
+* :func:`strip_prefix`: a prefix every key carries removed (``module.`` of DDP, the paper's ``classifier.``, a saved
+  denoiser's ``unet.``); written once here.
+
+What a state dict's keys mean (timm, Hugging Face, the paper's layouts) is decided by its users (``classifier.py``,
+``denoiser.py``, ``training.py``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from utils import UserError, load_error_message
+
+StateDict = dict[str, torch.Tensor]
+DDP_PREFIX = "module."  # what DistributedDataParallel puts before every key of the model it wraps
+WRAPPER_KEYS = ("state_dict", "model")  # where a checkpoint dict may hold the state dict
+
+
+def load(path: str | Path, flag: str, mmap: bool = False) -> Any:
+    """The object saved in ``path`` (``torch.load(weights_only=True)`` on the CPU; a ``.safetensors`` file by
+    safetensors).
+
+    Args:
+        path: the file.
+        flag: what errors name (the command-line flag that gave the file, e.g. ``--classifier_ckpt``).
+        mmap: memory-map the tensors (no copy in memory; files in the legacy non-zip format are read whole).
+    Raises:
+        UserError: ``<flag> <path>: file not found`` or ``<flag> <path>: unreadable checkpoint (<why>)``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
+        raise UserError(f"{flag} {path}: unreadable checkpoint ({load_error_message(err)})") from None
+
+
+def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict of tensors") -> StateDict:
+    """The state dict in a loaded object: ``obj`` itself, or ``obj["state_dict"]`` / ``obj["model"]``.
+
+    Args:
+        obj: what :func:`load` returned.
+        path, flag: what errors name.
+        expected: what the error says was expected instead.
+    Raises:
+        UserError: ``<flag> <path>: not a state dict (found ...; expected <expected>)``.
+    """
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        found = f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else "a dict without tensors"
+        raise UserError(f"{flag} {Path(path).expanduser()}: not a state dict (found {found}; expected {expected})")
+    return dict(obj)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    """``state_dict`` with ``prefix`` removed from every key, when every key carries it (else unchanged)."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def read_state_dict(path: str | Path, flag: str, prefixes: Sequence[str] = (DDP_PREFIX,), mmap: bool = False,
+                    expected: str = "a dict of tensors") -> tuple[StateDict, Any]:
+    """(the state dict in ``path`` with ``prefixes`` stripped in turn, the whole loaded object).
+
+    Args:
+        path, flag, mmap: as :func:`load`.
+        prefixes: prefixes to strip (:func:`strip_prefix`), in this order.
+        expected: as :func:`state_dict_of`.
+    """
+    obj = load(path, flag, mmap=mmap)
+    state_dict = state_dict_of(obj, path, flag, expected)
+    for prefix in prefixes:
+        state_dict = strip_prefix(state_dict, prefix)
+    return state_dict, obj
