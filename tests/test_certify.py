@@ -416,6 +416,14 @@ def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_pa
     assert _rows(tmp_path / "a.tsv") != _rows(tmp_path / "b.tsv")
     side = json.loads((tmp_path / "b.tsv.json").read_text())["config"]
     assert side["classifier"] == "clf.pt" and side["finetuned"] is True
+    # resuming: log a complete, log b cut after two rows; only b's missing rows are written
+    a_before = (tmp_path / "a.tsv").read_text()
+    lines = (tmp_path / "b.tsv").read_text().split("\n")
+    (tmp_path / "b.tsv").write_text("\n".join(lines[:3]) + "\n")
+    certify.main(common + OFF_THE_SHELF + ["--off-the-shelf", "--finetuned_path", models["clf"], "--resume",
+                                           "--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
+    assert (tmp_path / "a.tsv").read_text() == a_before
+    assert _rows(tmp_path / "b.tsv") == _rows(tmp_path / "b1.tsv")
 
 
 # ---------------------------------------------------------------------------------------------------------------
