@@ -38,6 +38,7 @@ import os
 import platform
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -478,59 +479,85 @@ class FinetuneStep:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def bench_config(name: str, device: torch.device, sigma: float, precisions: Sequence[str], compile: bool,
-                 compile_mode: Optional[str], channels_last: bool, batch_size: Optional[int | str],
-                 iters: Optional[int], rounds: int, N: Optional[int], agreement_samples: int, certify: bool,
-                 ft: bool, ft_images: Optional[int], ft_iters: int, weights: str, seed: int,
-                 log: Callable[[str], None] = print, denoiser_ckpt: Optional[str] = None,
-                 classifier_ckpt: Optional[str] = None, modes: Optional[tuple[int, int]] = None,
-                 heads: int = 0) -> Dict[str, Any]:
+@dataclass(kw_only=True)
+class BenchOptions:
+    """What a bench run measures for each configuration: bench.py's flags, resolved (defaults live in the parser).
+
+    ``batch_size``/``iters``/``N``/``ft_images`` None: the configuration's default for the device; ``modes``:
+    (N, images) for certify.py's modes, None to skip; ``heads``: K classifiers after one denoising pass, 0 to skip.
+    """
+
+    sigma: float
+    precisions: Sequence[str]
+    compile: bool
+    compile_mode: Optional[str]
+    channels_last: bool
+    batch_size: Optional[int | str]
+    iters: Optional[int]
+    rounds: int
+    N: Optional[int]
+    agreement_samples: int
+    certify: bool
+    finetune: bool
+    ft_images: Optional[int]
+    ft_iters: int
+    weights: str
+    seed: int
+    denoiser_ckpt: Optional[str]
+    classifier_ckpt: Optional[str]
+    modes: Optional[tuple[int, int]]
+    heads: int
+
+
+def bench_config(name: str, device: torch.device, opts: BenchOptions, log: Callable[[str], None] = print
+                 ) -> Dict[str, Any]:
     """Time the reference and the fast paths of configuration ``name``; returns its JSON record."""
     cfg = CONFIGS[name]
     dflt = cfg["cuda" if device.type == "cuda" else "cpu"]
-    N = N or cfg["N"]
-    iters = iters or dflt["iters"]
-    models = build_models(name, device, weights, denoiser_ckpt, classifier_ckpt)
-    denoiser, classifier = models["denoiser"], models["classifier"]
+    N = opts.N or cfg["N"]
+    iters = opts.iters or dflt["iters"]
+    models = build_models(name, device, opts.weights, opts.denoiser_ckpt, opts.classifier_ckpt)
+    denoiser, classifier, sigma = models["denoiser"], models["classifier"], opts.sigma
     t_star = denoiser.timestep_for_sigma(sigma)
     log(f"[{name}] denoiser {models['denoiser_params'] / 1e6:.1f}M + classifier "
         f"{models['classifier_params'] / 1e6:.1f}M params ({models['weights']} weights), sigma {sigma}, t* {t_star}")
     rows = []
-    if certify:
+    if opts.certify:
+        batch_size = opts.batch_size
         if batch_size is None or (batch_size == "auto" and device.type != "cuda"):
             batch_size = dflt["batch_size"]  # 'auto' searches CUDA memory only
-        rows = bench_certify(name, denoiser, classifier, sigma, device, precisions, compile, compile_mode,
-                             channels_last, batch_size, iters, rounds, N, agreement_samples, seed, log)
+        rows = bench_certify(name, denoiser, classifier, device, opts, batch_size, iters, N, log)
     finetune = []
-    if ft:
-        finetune = bench_finetune(name, denoiser, classifier, sigma, device, precisions,
-                                  ft_images or dflt["ft_images"], ft_iters, seed, log)
+    if opts.finetune:
+        finetune = bench_finetune(name, denoiser, classifier, sigma, device, opts.precisions,
+                                  opts.ft_images or dflt["ft_images"], opts.ft_iters, opts.seed, log)
     issue15 = {}
-    if modes:
-        issue15["modes"] = bench_modes(name, models, sigma, device, modes[0], modes[1], dflt["batch_size"], seed)
-    if heads:
-        issue15["heads"] = bench_heads(name, models, sigma, device, heads, dflt["batch_size"], iters)
+    if opts.modes:
+        issue15["modes"] = bench_modes(name, models, sigma, device, opts.modes[0], opts.modes[1], dflt["batch_size"],
+                                       opts.seed)
+    if opts.heads:
+        issue15["heads"] = bench_heads(name, models, sigma, device, opts.heads, dflt["batch_size"], iters)
     return {
         **issue15, "config": name, "weights": models["weights"], "denoiser": cfg["denoiser"], "classifier": cfg["arch"],
         "denoiser_params": models["denoiser_params"], "classifier_params": models["classifier_params"],
         "image_size": cfg["image_size"], "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
-        "rounds": rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
+        "rounds": opts.rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
     }
 
 
-def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float,
-                  device: torch.device, precisions: Sequence[str], compile: bool, compile_mode: Optional[str],
-                  channels_last: bool, batch_size: int | str, iters: int, rounds: int, N: int,
-                  agreement_samples: int, seed: int, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, device: torch.device,
+                  opts: BenchOptions, batch_size: int | str, iters: int, N: int, log: Callable[[str], None]
+                  ) -> List[Dict[str, Any]]:
     """Samples/s of the reference path and of each fast variant (precision x compiled), ratios, agreement."""
     num_classes = CONFIGS[name]["num_classes"]
+    sigma, rounds, seed, channels_last = opts.sigma, opts.rounds, opts.seed, opts.channels_last
     x_clean, _ = test_images(name, max(4, rounds), device, seed)
     start = 32 if batch_size == "auto" else int(batch_size)
     paths: List[CertifyPath] = []
     fast_modules: Dict[tuple, DenoisedClassifier] = {}
-    for compiled in ([False, True] if compile else [False]):
-        for precision in precisions:
-            model = fast_model(denoiser, classifier, sigma, precision, channels_last, compiled, compile_mode)
+    for compiled in ([False, True] if opts.compile else [False]):
+        for precision in opts.precisions:
+            model = fast_model(denoiser, classifier, sigma, precision, channels_last, compiled, opts.compile_mode)
             fast_modules[(precision, compiled)] = model
             paths.append(fast_path(model, num_classes, precision, compiled, channels_last, start))
     ref = reference_path(denoiser, classifier, sigma, num_classes, start)
@@ -576,8 +603,8 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
             "gflops_per_sample": ref_gflops if p is ref else fast_gflops,
         }
         row["achieved_gflops_per_s"] = rate * row["gflops_per_sample"]
-        if p is not ref and agreement_samples > 0:
-            per_image = max(1, agreement_samples // len(x_clean))
+        if p is not ref and opts.agreement_samples > 0:
+            per_image = max(1, opts.agreement_samples // len(x_clean))
             row["agreement_vs_fp32"] = agreement(
                 denoiser, classifier, fast_modules[(p.precision, p.compiled)], p.precision, sigma, x_clean,
                 per_image, p.batch_size, seed)
@@ -891,15 +918,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.json:  # fail before the long run, not after it
         check_output(args.json, "--json")
 
+    options = BenchOptions(
+        sigma=args.sigma, precisions=precisions, compile=args.compile, compile_mode=args.compile_mode,
+        channels_last=args.channels_last, batch_size=batch_size, iters=args.iters, rounds=args.rounds, N=args.N,
+        agreement_samples=args.agreement_samples, certify=not args.no_certify, finetune=not args.no_finetune,
+        ft_images=args.ft_images, ft_iters=args.ft_iters, weights=args.weights, seed=args.seed,
+        denoiser_ckpt=args.denoiser_ckpt, classifier_ckpt=args.classifier_ckpt,
+        modes=tuple(args.modes) if args.modes else None, heads=args.heads)
     with torch_threads(args.threads):
         result: Dict[str, Any] = {"env": environment(device), "args": vars(args), "configs": []}
         result["env"]["matmul_gflops_per_s"] = matmul_gflops(device, precisions)
         for name in configs:
-            result["configs"].append(bench_config(
-                name, device, args.sigma, precisions, args.compile, args.compile_mode, args.channels_last, batch_size,
-                args.iters, args.rounds, args.N, args.agreement_samples, not args.no_certify, not args.no_finetune,
-                args.ft_images, args.ft_iters, args.weights, args.seed, denoiser_ckpt=args.denoiser_ckpt,
-                classifier_ckpt=args.classifier_ckpt, modes=args.modes, heads=args.heads))
+            result["configs"].append(bench_config(name, device, options, log=print))
     result["env"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(format_table(result))
     if args.json:

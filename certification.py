@@ -850,3 +850,39 @@ def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], con
                                                              "info": merged_info}, indent=1) + "\n")
     print(summary(outfile, config, 0, 0.0, done=f"merged from {len(shards)} shard logs"))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CERTIFY (certify.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def certify_parser() -> argparse.ArgumentParser:
+    """certify.py's flags: :func:`add_run_arguments` and CERTIFY's own (N0, --sequential, --radii, --skip_wrong)."""
+    p = argparse.ArgumentParser(description="Certify a denoised-smoothed classifier (Cohen et al. CERTIFY); writes "
+                                            "a tab-separated log 'idx label predict radius correct time'.")
+    add_run_arguments(p)
+    p.add_argument("--N0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--sequential", action="store_true",
+                   help="sequential CERTIFY: stop estimating once the --radii are decided (--N is the most samples)")
+    p.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="with --sequential: the radii to decide (default: 0 and the paper's table radii of the "
+                        "dataset that --N samples can certify)")
+    p.add_argument("--skip_wrong", action="store_true",
+                   help="for measuring accuracy only (not deployment): where the selection guess is not the label, "
+                        "write (guess, radius 0, correct 0) without estimation; same certified accuracy and ACR")
+    return p
+
+
+def run_certify(opts: RunOptions, argv: Sequence[str]) -> Optional[list[list[LogRow]]]:
+    """CERTIFY (fixed N, ``--sequential``, ``--skip_wrong``) with resolved ``opts`` (:func:`run`).
+
+    Args:
+        opts: from :func:`certify_parser` and :func:`resolve_options`.
+        argv: the command line, recorded in the sidecar.
+    Returns:
+        on rank 0 the rows of each log (one per classifier), else None.
+    """
+    row_type = SampledRow if opts.sequential or opts.skip_wrong else Row
+    return run(opts, row_type, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size,
+                                                                   o.radii, bool(o.skip_wrong)), list(argv))

@@ -35,26 +35,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from certification import (RunOptions, add_run_arguments, certify_method, merge_request, merge_shards,
-                           resolve_options, run)
+from certification import RunOptions, certify_parser, merge_request, merge_shards, resolve_options, run_certify
 from logs import Row, SampledRow
 from utils import run_cli
 
-
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Certify a denoised-smoothed classifier (Cohen et al. CERTIFY); writes "
-                                            "a tab-separated log 'idx label predict radius correct time'.")
-    add_run_arguments(p)
-    p.add_argument("--N0", type=int, default=100, help="selection samples (default 100)")
-    p.add_argument("--sequential", action="store_true",
-                   help="sequential CERTIFY: stop estimating once the --radii are decided (--N is the most samples)")
-    p.add_argument("--radii", type=float, nargs="+", default=None,
-                   help="with --sequential: the radii to decide (default: 0 and the paper's table radii of the "
-                        "dataset that --N samples can certify)")
-    p.add_argument("--skip_wrong", action="store_true",
-                   help="for measuring accuracy only (not deployment): where the selection guess is not the label, "
-                        "write (guess, radius 0, correct 0) without estimation; same certified accuracy and ACR")
-    return p
+get_parser = certify_parser  # certify.py's flags (defined in the library, which demo.py also runs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row] | list[list[Row]]]:
@@ -64,10 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row] | list[list
     if merge is not None:
         return merge_shards(merge, (Row, SampledRow))  # type: ignore[return-value]
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
-    row_type = SampledRow if opts.sequential or opts.skip_wrong else Row
-    logs = run(opts, row_type, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size,
-                                                                   o.radii, bool(o.skip_wrong)),
-               list(sys.argv if argv is None else argv))
+    logs = run_certify(opts, list(sys.argv if argv is None else argv))
     return logs if logs is None or len(logs) > 1 else logs[0]  # type: ignore[return-value]
 
 

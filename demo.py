@@ -1,6 +1,7 @@
 """The embedded end-to-end demo: FT-CADIS on scikit-learn's digits, on a CPU, in a few minutes.
 
-It runs the paper's own entry points, in-process, on the shipped small models (``models/``):
+It runs the work of the project's scripts, in-process through their libraries (``certification.py``,
+``training.py``, ``analysis.py``), on the shipped small models (``models/``):
 
 1. ``certify.py``: certify the off-the-shelf classifier (``digits_vit_tiny`` trained on clean digits) under denoised
    smoothing g(x) = argmax_c P[f(D(x + δ)) = c], δ ~ N(0, σ²I), with the shipped diffusion denoiser D;
@@ -145,17 +146,57 @@ def certify_args(args: argparse.Namespace, outfile: Path, skip: int, weights: li
     return argv + (["--no_progress"] if args.no_progress else [])
 
 
-def compare_sequential(fixed_log: Path, sequential_log: Path, radii: list[str], N: int, out: Path) -> dict[str, Any]:
+def certify(argv: list[str]) -> None:
+    """certify.py's work for its command line ``argv``, in this process (:func:`certification.run_certify`)."""
+    from certification import RunOptions, certify_parser, resolve_options, run_certify
+
+    run_certify(resolve_options(RunOptions.from_namespace(certify_parser().parse_args(argv))), argv)
+
+
+def fine_tune(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:
+    """train.py's work (:func:`training.train`): FT-CADIS on digits at the demo's sigma, a short schedule, fp32
+    (reproducible on any CPU); returns its result (``checkpoint``, ``test_acc``, ...)."""
+    from training import NonFiniteLossError, TrainConfig, train
+
+    config = TrainConfig(
+        dataset="digits", classifier_ckpt=args.classifier_ckpt, denoiser_ckpt=args.denoiser_ckpt,
+        train_noise_sd=args.sigma, epochs=args.epochs, warmup_epochs=min(1.0, args.epochs / 3), batch=args.batch,
+        num_noises=args.num_noises, lbd=args.lbd, blr=args.blr, drop_path=0.1, workers=0, seed=args.seed,
+        device=args.device, precision="fp32", outdir=str(outdir), max_steps=args.max_steps or None,
+        progress=not args.no_progress)
+    try:
+        return train(config)
+    except NonFiniteLossError as err:  # as train.py: one line, exit status 1
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def write_tables(paths: Sequence[Path], labels: Sequence[str], radii: Sequence[float],
+                 outputs: Sequence[tuple[str, Optional[Path]]]) -> Any:
+    """analyze.py's table of the logs ``paths`` at ``radii`` in each (format, file) of ``outputs`` (file None:
+    standard output); returns the table (:func:`analysis.summary_table`)."""
+    from analysis import FORMATTERS, read_log, summary_table
+
+    table = summary_table([read_log(p) for p in paths], labels, radii)
+    for fmt, out in outputs:
+        text = FORMATTERS[fmt](table)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text, encoding="utf-8")
+            print(f"wrote {out}", file=sys.stderr)
+    return table
+
+
+def compare_sequential(fixed_log: Path, sequential_log: Path, radii: Sequence[float], N: int, out: Path
+                       ) -> dict[str, Any]:
     """Print (and write to ``out``) the fine-tuned classifier's table under fixed-N and sequential CERTIFY, with the
     estimation samples per image of each; returns them."""
-    import analyze
     from logs import read_log
 
-    labels = ["--labels", f"{FT_CADIS} fixed N", f"{FT_CADIS} sequential"]
+    labels = [f"{FT_CADIS} fixed N", f"{FT_CADIS} sequential"]
     print(f"\n{FT_CADIS} under fixed-N and sequential CERTIFY (certify.py --sequential; same guarantee):")
-    logs = [str(fixed_log), str(sequential_log)]
-    analyze.main([*logs, *labels, *radii, "--out", str(out)])
-    table = analyze.main([*logs, *labels, *radii])
+    table = write_tables([fixed_log, sequential_log], labels, radii, [("table", out), ("table", None)])
     samples = float(read_log(sequential_log)["n"].mean())
     print(f"estimation samples per image: fixed N {N}, sequential {samples:.0f} ({N / samples:.1f}x fewer)",
           flush=True)
@@ -188,9 +229,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, Any]:
     """Stages 1-4 into the prepared ``outdir`` (held locked by :func:`run_demo`); returns the summary."""
     import analysis
-    import analyze
-    import certify
-    import train
 
     off_log, ft_log, ft_dir = outdir / "off_the_shelf.tsv", outdir / "ft_cadis.tsv", outdir / "ft_cadis"
     start = time.perf_counter()
@@ -206,22 +244,12 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
 
     _stage(1, "certify the off-the-shelf classifier under denoised smoothing (certify.py)", start)
     t0 = time.perf_counter()
-    certify.main(certify_args(args, off_log, skip, ["--classifier_ckpt", args.classifier_ckpt]))
+    certify(certify_args(args, off_log, skip, ["--classifier_ckpt", args.classifier_ckpt]))
     timings["certify_off_the_shelf"] = time.perf_counter() - t0
 
     _stage(2, f"fine-tune it with FT-CADIS at sigma={args.sigma} (train.py)", start)
     t0 = time.perf_counter()
-    train_argv = ["--dataset", "digits", "--classifier_ckpt", args.classifier_ckpt, "--denoiser_ckpt",
-                  args.denoiser_ckpt, "--train_noise_sd", str(args.sigma), "--epochs", str(args.epochs),
-                  "--warmup_epochs", str(min(1.0, args.epochs / 3)), "--batch", str(args.batch), "--num_noises",
-                  str(args.num_noises), "--lbd", str(args.lbd), "--blr", str(args.blr), "--drop_path", "0.1",
-                  "--workers", "0", "--seed", str(args.seed), "--device", args.device, "--precision", "fp32",
-                  "--outdir", str(ft_dir)]
-    if args.max_steps:
-        train_argv += ["--max_steps", str(args.max_steps)]
-    if args.no_progress:
-        train_argv += ["--no_progress"]
-    result = train.main(train_argv)
+    result = fine_tune(args, ft_dir)
     checkpoint = result.get("checkpoint")
     if not checkpoint:
         raise UserError("train.py wrote no checkpoint (nothing to certify); raise --epochs or --steps")
@@ -229,22 +257,20 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
 
     _stage(3, "certify the FT-CADIS classifier (certify.py, same images and noise)", start)
     t0 = time.perf_counter()
-    certify.main(certify_args(args, ft_log, skip, ["--finetuned_path", str(checkpoint)]))
+    certify(certify_args(args, ft_log, skip, ["--finetuned_path", str(checkpoint)]))
     timings["certify_ft_cadis"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     seq_log = outdir / "ft_cadis_sequential.tsv"
-    certify.main(certify_args(args, seq_log, skip, ["--finetuned_path", str(checkpoint), "--sequential"]))
+    certify(certify_args(args, seq_log, skip, ["--finetuned_path", str(checkpoint), "--sequential"]))
     timings["certify_ft_cadis_sequential"] = time.perf_counter() - t0
 
     _stage(4, "compare (analyze.py)", start)
-    logs, labels = [str(off_log), str(ft_log)], ["--labels", OFF_THE_SHELF, FT_CADIS]
-    radii = ["--radii", "0", str(r_stop), str(RADIUS_STEP)]
+    logs, labels = [off_log, ft_log], [OFF_THE_SHELF, FT_CADIS]
+    radii = analysis.radius_grid(0.0, r_stop, RADIUS_STEP)
     plot = outdir / "certified_accuracy.png"
     title = f"digits, sigma={args.sigma}, N={args.N}, {args.max_images} images"
-    analyze.main([*logs, *labels, *radii, "--format", "markdown", "--out", str(outdir / "table.md")])
-    analyze.main([*logs, *labels, *radii, "--format", "csv", "--out", str(outdir / "table.csv")])
-    analyze.main([*logs, *labels, *radii, "--out", str(outdir / "table.txt")])
-    table = analyze.main([*logs, *labels, *radii])
+    table = write_tables(logs, labels, radii, [("markdown", outdir / "table.md"), ("csv", outdir / "table.csv"),
+                                               ("table", outdir / "table.txt"), ("table", None)])
     # the curves run on to the largest certifiable radius (the table stops at the last multiple of 0.25)
     analysis.plot_curves(plot, [analysis.read_log(off_log), analysis.read_log(ft_log)], [OFF_THE_SHELF, FT_CADIS],
                          0.0, r_max, title=title)
