@@ -6,6 +6,7 @@
 * :func:`state_dict_of`: the state dict inside what was loaded (a bare one, or under ``state_dict`` / ``model``).
 * :func:`strip_prefix`: a prefix every key carries removed (``module.`` of DDP, the paper's ``classifier.``, a saved
   denoiser's ``unet.``); written once here.
+* :func:`check_state_dict`: a strict match of keys and shapes against a model's, explained in one line.
 
 What a state dict's keys mean (timm, Hugging Face, the paper's layouts) is decided by its users (``classifier.py``,
 ``denoiser.py``, ``training.py``).
@@ -96,3 +97,32 @@ def read_state_dict(path: str | Path, flag: str, prefixes: Sequence[str] = (DDP_
     for prefix in prefixes:
         state_dict = strip_prefix(state_dict, prefix)
     return state_dict, obj
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str,
+                     target: str, hint: str) -> None:
+    """Refuse a state dict whose keys or shapes differ from a model's, in one line.
+
+    Args:
+        expected: the model's state dict.
+        given: the checkpoint's.
+        source: what errors start with (the flag and the file).
+        target: what it was meant for (e.g. ``this architecture``, ``the 'cifar10' UNet``).
+        hint: the likely cause, said at the end (e.g. ``wrong --arch?``).
+    Raises:
+        UserError: ``<source>: does not fit <target>: N missing keys (e.g. ...); M unexpected keys (e.g. ...);
+            expected E entries, the file has G (<hint>)``, or ``... K tensors have the wrong shape (file vs model:
+            key [given] vs [expected], ...) (<hint>)``.
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} keys (e.g. {', '.join(keys[:3])})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise UserError(f"{source}: does not fit {target}: {'; '.join(parts)}; expected {len(expected)} entries, "
+                        f"the file has {len(given)} ({hint})")
+    wrong = [f"{k} {list(given[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+             if tuple(given[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"{source}: does not fit {target}: {len(wrong)} tensors have the wrong shape (file vs model: "
+                        f"{', '.join(wrong[:3])}) ({hint})")

@@ -45,7 +45,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import checkpoints
 from checkpoints import DDP_PREFIX, strip_prefix
-from utils import UserError, state_dict_mismatch
+from utils import UserError
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")
@@ -605,18 +605,8 @@ def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = 
     model_has_lora = any(isinstance(m, LoRAQKV) for m in net.modules())
     if has_lora_keys(state_dict) and not model_has_lora:
         state_dict = merge_lora_state_dict(state_dict)
-    missing, unexpected, wrong = state_dict_mismatch(net.state_dict(), state_dict)
-    if missing or unexpected:
-        what = []
-        if missing:
-            what.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            what.append(f"unexpected keys {_few(unexpected)}")
-        raise UserError(f"{source}: does not fit this architecture: {'; '.join(what)} (wrong --arch?)")
-    if wrong:
-        wrong_text = [f"{k} {given} vs {want}" for k, given, want in wrong]
-        raise UserError(f"{source}: wrong tensor shapes (checkpoint vs model): {_few(wrong_text, 3)} "
-                        "(wrong --arch or number of classes?)")
+    wrong_shape = "wrong --arch or number of classes?" if set(state_dict) == set(net.state_dict()) else "wrong --arch?"
+    checkpoints.check_state_dict(net.state_dict(), state_dict, source, "this architecture", wrong_shape)
     is_meta = any(p.is_meta for p in net.parameters())
     net.load_state_dict(state_dict, strict=True, assign=is_meta)
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import checkpoints
 from unet import UNetModel
-from utils import UserError, precision_dtype, resolve_device, state_dict_mismatch
+from utils import UserError, precision_dtype, resolve_device
 
 __all__ = [
     "DENOISER_CONFIGS", "DiffusionDenoiser", "build_unet", "create_denoiser", "build_denoiser", "load_denoiser",
@@ -367,24 +367,6 @@ def _missing_file_hint(name: str) -> str:
     return f"it ships as models/{cfg['checkpoint']}; re-create it with the demo's denoiser training"
 
 
-def _check_state_dict(unet: nn.Module, sd: Mapping[str, torch.Tensor], source: str, name: str) -> None:
-    """Strict key and shape match, explained in one line."""
-    expected = unet.state_dict()
-    missing, unexpected, bad = state_dict_mismatch(expected, sd)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise UserError(f"{source}: does not match the {name!r} UNet: {'; '.join(parts)}; "
-                        f"expected {len(expected)} entries, the file has {len(sd)} (wrong checkpoint for {name!r}?)")
-    if bad:
-        examples = ", ".join(f"{k} {list(given)} vs {list(want)}" for k, given, want in bad[:3])
-        raise UserError(f"{source}: does not match the {name!r} UNet: {len(bad)} tensors have the "
-                        f"wrong shape (file vs model: {examples}); wrong checkpoint for {name!r}?")
-
-
 def load_denoiser(
         name: str,
         checkpoint_path: Optional[str | Path] = None,
@@ -410,7 +392,8 @@ def load_denoiser(
                                         expected="the official .pt file or model.state_dict()")
     with torch.device("meta"):  # no random init, no double memory: the checkpoint's tensors are assigned
         denoiser = create_denoiser(**cfg["kwargs"])
-    _check_state_dict(denoiser.unet, sd, f"{flag} {path}", name)
+    checkpoints.check_state_dict(denoiser.unet.state_dict(), sd, f"{flag} {path}", f"the {name!r} UNet",
+                                 f"wrong checkpoint for {name!r}?")
     denoiser.unet.load_state_dict(sd, strict=True, assign=True)
     denoiser.to(device=dev)  # also re-creates the float64 schedule buffer (off the meta device)
     denoiser.unet.to(dtype=dtype)

@@ -631,14 +631,3 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def state_dict_mismatch(expected: "dict[str, Any]", given: "dict[str, Any]"
-                        ) -> "tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]":
-    """Compare a checkpoint's state dict with a model's: (missing keys, unexpected keys, [(key, given shape,
-    expected shape)] for keys present in both with different shapes). Callers turn it into their own one-line error."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
-             if k in given and tuple(given[k].shape) != tuple(v.shape)]
-    return missing, unexpected, wrong
