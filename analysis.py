@@ -1,4 +1,4 @@
-"""Certified-accuracy tables, ACR and plots from Cohen-style certification logs (SPEC section 5): the library.
+"""Certified-accuracy tables, ACR and plots from Cohen-style certification logs (METHOD §5): the library.
 
 A log is tab-separated with the header ``idx label predict radius correct time`` (CERTIFY, Cohen et al. 2019)
 or ``idx label predict correct time`` (PREDICT). Logs from other repositories vary; :func:`read_log` accepts

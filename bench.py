@@ -56,7 +56,7 @@ from training import clip_grad_per_param
 from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
                    resolve_device, resolve_precision, run_cli, torch_threads)
 
-# Per configuration: the models, the paper's N (certification) and fine-tuning settings (SPEC section 4), and the
+# Per configuration: the models, the paper's N (certification) and fine-tuning settings (METHOD §4), and the
 # default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "cifar10": dict(denoiser="cifar10", arch="cifar10_vit_base", image_size=32, num_classes=10, N=100_000,
@@ -417,7 +417,7 @@ def _reference_clip_gradients(model: nn.Module, clip: float) -> None:
 
 
 class FinetuneStep:
-    """One FT-CADIS micro-step with accum_iter = 1 on B' clean images x M noises (noise-major), SPEC section 4.
+    """One FT-CADIS micro-step with accum_iter = 1 on B' clean images x M noises (noise-major), METHOD §4.
 
     ``reference``: FT-CADIS's loop: noise from q_sample + full p_sample, attack and adversarial forward on every
     image, ``torch.optim.AdamW`` defaults (a for-loop on CPU), per-parameter clipping with a host sync per

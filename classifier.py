@@ -1,7 +1,7 @@
 """Off-the-shelf classifiers f for denoised smoothing: timm models, Hugging Face ViT conversion, LoRA, layer decay.
 
 Every classifier is an :class:`ImageClassifier`: it takes ``[0, 1]`` images of any size, resizes them to the model's
-input size (bicubic, antialias) and maps them to the model's input scale (SPEC section 3), so the denoiser's output goes
+input size (bicubic, antialias) and maps them to the model's input scale (METHOD §3), so the denoiser's output goes
 in as it is. The input convention (``input_norm``) is ``paper`` (x -> 2x - 1, i.e. mean = std = 0.5, what the paper's
 code feeds every classifier) or ``model`` (the model's own mean/std); ``imagenet_vit_base`` defaults to ``paper``, every
 other architecture to ``model`` (for the CIFAR-10 and digits ViTs the two are the same).
@@ -53,7 +53,7 @@ FT_METHODS = ("full", "lora")
 # The classifier's input convention: "paper" = 2x - 1 (mean = std = 0.5), "model" = the model's own mean/std.
 INPUT_NORMS = ("paper", "model")
 PAPER_MEAN_STD = (0.5, 0.5, 0.5)
-# The paper's code feeds the ImageNet CLIP ViT 2x - 1, not its CLIP statistics (SPEC section 3).
+# The paper's code feeds the ImageNet CLIP ViT 2x - 1, not its CLIP statistics (METHOD §3).
 DEFAULT_INPUT_NORM = {"imagenet_vit_base": "paper"}
 IMAGENET_TIMM_NAME = "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"
 CIFAR10_HF_REPO = "aaraki/vit-base-patch16-224-in21k-finetuned-cifar10"
@@ -497,7 +497,7 @@ def param_groups_lrd(
         layer_decay: float = 0.75,
         no_weight_decay_list: Iterable[str] = (),
 ) -> List[Dict[str, Any]]:
-    """AdamW parameter groups with layer-wise lr decay (SPEC section 3), trainable parameters only.
+    """AdamW parameter groups with layer-wise lr decay (METHOD §3), trainable parameters only.
 
     lr_scale = layer_decay^(L+1-layer); weight decay 0 for 1-D parameters, biases, cls token, position embedding and
     names in ``no_weight_decay_list``. Each group: ``params``, ``lr_scale``, ``weight_decay``, ``layer_id``.

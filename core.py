@@ -3,7 +3,7 @@
 The two halves of this module:
 
 * certification: :class:`DenoisedClassifier` (f o D on noisy inputs) and :class:`Smooth` (CERTIFY / PREDICT);
-* fine-tuning: the FT-CADIS step of SPEC section 4 as one function per equation, in its order:
+* fine-tuning: the FT-CADIS step of METHOD §4 as one function per equation, in its order:
   :func:`noise_and_denoise`, :func:`non_hallucinated`, :func:`selective_ce`, :func:`consistency_target`,
   :func:`denoised_attack`, :func:`masked_adversarial_loss`, composed by :func:`cadis_loss` (the loss) and
   :func:`cadis_objective` (forward, attack, loss). The attack radius is on the [0, 1] pixel scale inside the code;
@@ -43,7 +43,7 @@ class DenoisedClassifier(nn.Module):
     """The base classifier of denoised smoothing: x + delta -> f(D(x + delta)) (Carlini et al. 2023).
 
     D is a one-shot diffusion denoiser called at t_star = ``denoiser.timestep_for_sigma(sigma)`` (the diffusion step
-    whose noise level matches sigma, SPEC section 1), f the classifier. ``denoiser=None`` gives the classifier alone,
+    whose noise level matches sigma, METHOD §1), f the classifier. ``denoiser=None`` gives the classifier alone,
     i.e. plain Gaussian smoothing (Cohen et al. 2019). Input: noisy images ``[B, 3, H, W]`` in pixel space (``[0, 1]``
     plus noise, not clipped); output: logits ``[B, num_classes]``. The noise itself is added by :class:`Smooth`.
     ``multistep``: D runs the whole reverse chain t_star, ..., 0 instead (``denoise_multistep``, t_star + 1 UNet
@@ -560,7 +560,7 @@ def _simulate_sequential(p: np.ndarray, plan: SequentialPlan, rng: np.random.Gen
 # ---------------------------------------------------------------------------------------------------------------
 
 # The one unit of the attack radius eps inside the code is the [0, 1] pixel scale. The ``--eps`` flag is in the
-# paper's units (eps/256 on the [-1, 1] scale, SPEC section 4 step 5); :func:`eps_pixels` is the only conversion.
+# paper's units (eps/256 on the [-1, 1] scale, METHOD §4 step 5); :func:`eps_pixels` is the only conversion.
 EPS_FLAG_DIVISOR = 512.0  # eps/256 on [-1, 1] = eps/512 on [0, 1]
 
 
@@ -831,7 +831,7 @@ def cadis_objective(
     masked_only: bool = True,
     forward_model: Optional[nn.Module] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One FT-CADIS loss evaluation on denoised images (SPEC section 4, steps 2-7, in order).
+    """One FT-CADIS loss evaluation on denoised images (METHOD §4, steps 2-7, in order).
 
     Returns ``(loss, loss_sce, loss_madv, correct)``, ``correct`` the ``[M, B']`` non-hallucinated mask.
 

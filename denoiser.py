@@ -1,4 +1,4 @@
-"""One-shot diffusion denoiser D(x + δ) of denoised smoothing (Carlini et al. 2023), SPEC sections 1-2.
+"""One-shot diffusion denoiser D(x + δ) of denoised smoothing (Carlini et al. 2023), METHOD §1-2.
 
 A :class:`DiffusionDenoiser` is a :class:`unet.UNetModel` plus its noise schedule ᾱ_t. For pixel-space noise
 level σ it uses t* = min{t ≥ 1 : sqrt((1 − ᾱ_t)/ᾱ_t) ≥ 2σ} and maps a noisy image x + δ in [0, 1] to

@@ -1,4 +1,4 @@
-"""FT-CADIS: fine-tune an off-the-shelf classifier on denoised images (SPEC section 4), under ``torchrun``.
+"""FT-CADIS: fine-tune an off-the-shelf classifier on denoised images (METHOD §4), under ``torchrun``.
 
 A thin CLI over :mod:`training` (the loop, checkpoints, logs); the flags are the fields of
 :class:`training.TrainConfig`, which define their defaults and help.

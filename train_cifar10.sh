@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FT-CADIS on CIFAR-10 with the paper's settings (full fine-tuning of ViT-B/16 @224, SPEC section 4).
+# FT-CADIS on CIFAR-10 with the paper's settings (full fine-tuning of ViT-B/16 @224, METHOD §4).
 #
 #   ./train_cifar10.sh --ngpus 4 --noise 1.0 [--lbd L] [--eps 64] [--eps_double --warmup_eps 10] [train.py flags ...]
 #   ./train_cifar10.sh --ngpus 4 --noise 1.0 --resume runs/.../checkpoint-5.pth.tar
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# the paper's settings (SPEC section 4); each can be overridden by the flag of the same name
+# the paper's settings (METHOD §4); each can be overridden by the flag of the same name
 NGPUS=4 NOISE=1.0 BLR=1e-4 BATCH=32 ACCUM_ITER=4 LBD=4.0 EPS=64 NUM_NOISES=4 NUM_STEPS=4
 WEIGHT_DECAY=0.04 WEIGHT_DECAY_END=0.4 LAYER_DECAY=0.65
 FIXED=(--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3)

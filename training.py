@@ -1,4 +1,4 @@
-"""The FT-CADIS fine-tuning library behind ``train.py`` (SPEC section 4), one process of a ``torchrun`` job.
+"""The FT-CADIS fine-tuning library behind ``train.py`` (METHOD §4), one process of a ``torchrun`` job.
 
 The story of a run, in the order of :func:`train`:
 

@@ -68,7 +68,7 @@ def test_max_over_noises_sends_gradient_to_the_worst_copy_only():
 
 
 def _loop_loss(zd, za, y, M, lbd, warm_start):
-    """A straightforward per-image loop over SPEC section 4, steps 3-7."""
+    """A straightforward per-image loop over METHOD §4, steps 3-7."""
     B = len(y)
     sces, madvs = [], []
     for i in range(B):
