@@ -678,3 +678,14 @@ def test_merge_refuses_missing_foreign_and_mixed_shards(models, tmp_path):
         certify.main(["--merge", str(out), "--seed", "3"])
     with pytest.raises(UserError, match="no shard logs"):
         certify.main(["--merge", str(tmp_path / "other.tsv")])
+
+
+def test_an_unwritable_outfile_folder_is_an_error_before_the_models_load(models, tmp_path, cli_error, monkeypatch):
+    """(As root every folder is writable, so the permission is denied by a stand-in for os.access.)"""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(utils.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    line = cli_error(certify.main, _args(models, ro / "log.tsv"))
+    assert f"--outfile {ro / 'log.tsv'}: cannot create files in {ro} (permission denied)" in line
+    assert list(ro.iterdir()) == []

@@ -457,3 +457,15 @@ def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, 
         assert f"{flag} {evil}: " in line and "refused: it holds pickled Python objects" in line, line
         assert "weights_only=False" not in line and "weights_only` set to `False" not in line
     assert not marker.exists()
+
+
+def test_an_unwritable_outdir_is_an_error_before_training(tiny_models, tmp_path, cli_error, files_of, monkeypatch):
+    """(As root every folder is writable, so the permission is denied by a stand-in for os.access.)"""
+    import utils
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(utils.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    line = cli_error(train.main, _args(tiny_models, ro / "run", "--max_steps", "1"))
+    assert f"--outdir {ro / 'run'}: cannot create files in {ro} (permission denied)" in line
+    assert files_of(tmp_path) == {} and list(ro.iterdir()) == []
