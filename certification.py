@@ -159,7 +159,7 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
             task, count = int(environ[SLURM_ARRAY[0]]), int(environ[SLURM_ARRAY[1]])
             low, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
         except ValueError:
-            raise UserError(f"--shard auto: the SLURM_ARRAY_TASK_* variables are not integers") from None
+            raise UserError("--shard auto: the SLURM_ARRAY_TASK_* variables are not integers") from None
         k, s = ((task - low) // step if step > 0 and (task - low) % step == 0 else -1), count
         where = f" (from SLURM_ARRAY_TASK_ID={task}, MIN={low}, STEP={step}, COUNT={count}; use --array=0-{count - 1})"
     else:
