@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from classifier import ImageClassifier, apply_lora, get_architecture, param_groups_lrd
+from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_architecture, param_groups_lrd
 from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
                   default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
@@ -245,7 +245,7 @@ def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: O
     random weights (timing only; ``weights`` = ``random`` forces them)."""
     cfg = CONFIGS[name]
     shipped = (name == "digits" and weights == "auto" and default_checkpoint_path("digits").is_file()
-               and (Path(__file__).resolve().parent / "models" / "digits_vit_tiny.pt").is_file())
+               and DIGITS_CHECKPOINT.is_file())
     torch.manual_seed(0)
     if denoiser_ckpt is not None:
         denoiser = load_denoiser(cfg["denoiser"], denoiser_ckpt, device=device)

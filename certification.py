@@ -465,7 +465,7 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextI
 def _running_figures(rows: Sequence[LogRow]) -> dict[str, str]:
     """The progress bar's accuracy (and average certified radius, for CERTIFY rows) so far."""
     figures = {"acc": f"{sum(r.correct for r in rows) / len(rows):.3f}"}  # type: ignore[attr-defined]
-    if hasattr(rows[-1], "radius"):
+    if isinstance(rows[-1], Row):  # CERTIFY rows (also SampledRow) have a radius
         figures["acr"] = f"{sum(r.radius * r.correct for r in rows) / len(rows):.3f}"  # type: ignore[attr-defined]
     return figures
 

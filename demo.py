@@ -31,12 +31,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from classifier import DIGITS_CHECKPOINT
+from denoiser import default_checkpoint_path
 from utils import UserError, check_number, check_output, lock_path, resolve_device, run_cli, run_lock, torch_threads
 
-REPO = Path(__file__).resolve().parent
-MODELS = REPO / "models"
-DENOISER_CKPT = MODELS / "digits_denoiser.pt"
-CLASSIFIER_CKPT = MODELS / "digits_vit_tiny.pt"
+DENOISER_CKPT = default_checkpoint_path("digits")  # the shipped models/digits_denoiser.pt
+CLASSIFIER_CKPT = DIGITS_CHECKPOINT  # the shipped models/digits_vit_tiny.pt
 MARKER = ".ft_cadis_demo"
 LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)  # marks an output folder as the demo's own, so a rerun may replace what is in it
 OFF_THE_SHELF, FT_CADIS = "off-the-shelf", "FT-CADIS"
