@@ -51,7 +51,7 @@ from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_archi
 from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
                   default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
-from fast import compile_for_inference_, prepare_inference_
+from fast import agreement, fast_model, prepare_inference_
 from training import clip_grad_per_param
 from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
                    resolve_device, resolve_precision, run_cli, torch_threads)
@@ -271,17 +271,6 @@ def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: O
             "classifier_params": sum(p.numel() for p in classifier.parameters())}
 
 
-def fast_model(denoiser: DiffusionDenoiser, classifier: ImageClassifier, sigma: float, precision: str,
-               channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
-    """The fast path's f o D, on copies: :func:`fast.prepare_inference_` (Linear/Conv weights stored in the
-    autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place."""
-    model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
-    prepare_inference_(model, precision, channels_last)
-    if compile:
-        compile_for_inference_(model, compile_mode)
-    return model
-
-
 def test_images(name: str, count: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` clean images [count, 3, S, S] in [0, 1] and labels: digits test images for ``digits``, else smooth
     random images (bilinear upsampling of 4x4 uniform noise; random weights have no data to match)."""
@@ -366,40 +355,6 @@ def largest_batch(path: CertifyPath, x: torch.Tensor, device: torch.device, star
         raise UserError(f"--batch_size auto: even a batch of {start} does not fit on {device}; pass a smaller "
                         "--batch_size")
     return best
-
-
-def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fast: DenoisedClassifier,
-              precision: str, sigma: float, images: torch.Tensor, per_image: int, batch_size: int,
-              seed: int) -> Dict[str, float]:
-    """Share of samples whose class under ``fast`` (autocast ``precision``) equals the fp32 class on the same noise
-    x + sigma·δ, with the logit error beside it: ``margin_median`` (fp32 top-1 minus top-2 logit) against
-    ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1)."""
-    ref = DenoisedClassifier(denoiser_fp32, classifier, sigma).eval()
-    g = torch.Generator(device=images.device).manual_seed(seed)
-    z32, zf = [], []
-    with torch.inference_mode():
-        for x in images:
-            noise = torch.randn((per_image, *x.shape), generator=g, device=x.device)
-            for chunk in (x + sigma * noise).split(batch_size):
-                z32.append(ref(chunk).float())
-                with autocast(chunk.device, precision):
-                    zf.append(fast(chunk).to(torch.float32, copy=True))  # CUDA graphs reuse output memory
-    z32_t, zf_t = torch.cat(z32), torch.cat(zf)
-    top2 = z32_t.topk(2, dim=1).values
-    margin = top2[:, 0] - top2[:, 1]
-    diff = (zf_t - z32_t).abs()
-    same = zf_t.argmax(1) == z32_t.argmax(1)
-    decided = margin > 2 * diff.max(1).values
-    return {
-        "samples": int(len(same)),
-        "agreement": float(same.float().mean()),
-        "logit_max_abs_diff": float(diff.max()),
-        "logit_mean_abs_diff": float(diff.mean()),
-        "logit_std": float(z32_t.std()),
-        "margin_median": float(margin.median()),
-        "decided_share": float(decided.float().mean()),
-        "decided_agreement": float(same[decided].float().mean()) if bool(decided.any()) else float("nan"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

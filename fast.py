@@ -16,7 +16,8 @@ frozen denoiser of ``train.py`` ask for them explicitly:
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ from classifier import ImageClassifier
 from core import DenoisedClassifier
 from denoiser import DiffusionDenoiser
 from unet import AttentionBlock
-from utils import attention, precision_dtype
+from utils import attention, autocast, precision_dtype
 
 ATTENTION_TYPES = (Attention, AttentionBlock)  # the attention layers whose kernel the fast path chooses
 
@@ -203,3 +204,53 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
     for net in networks:
         net.compile(mode=mode, options=options, dynamic=False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path on copies, and its agreement with the plain fp32 path (bench.py, scripts/agreement_vit_b.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fast_model(denoiser: Optional[DiffusionDenoiser], classifier: nn.Module, sigma: float, precision: str,
+               channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
+    """The fast path's f o D, on copies: :func:`fast.prepare_inference_` (Linear/Conv weights stored in the
+    autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place."""
+    model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
+    prepare_inference_(model, precision, channels_last)
+    if compile:
+        compile_for_inference_(model, compile_mode)
+    return model
+
+
+def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fast: DenoisedClassifier,
+              precision: str, sigma: float, images: torch.Tensor, per_image: int, batch_size: int,
+              seed: int) -> Dict[str, float]:
+    """Share of samples whose class under ``fast`` (autocast ``precision``) equals the fp32 class on the same noise
+    x + sigma·δ, with the logit error beside it: ``margin_median`` (fp32 top-1 minus top-2 logit) against
+    ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1)."""
+    ref = DenoisedClassifier(denoiser_fp32, classifier, sigma).eval()
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    z32, zf = [], []
+    with torch.inference_mode():
+        for x in images:
+            noise = torch.randn((per_image, *x.shape), generator=g, device=x.device)
+            for chunk in (x + sigma * noise).split(batch_size):
+                z32.append(ref(chunk).float())
+                with autocast(chunk.device, precision):
+                    zf.append(fast(chunk).to(torch.float32, copy=True))  # CUDA graphs reuse output memory
+    z32_t, zf_t = torch.cat(z32), torch.cat(zf)
+    top2 = z32_t.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    diff = (zf_t - z32_t).abs()
+    same = zf_t.argmax(1) == z32_t.argmax(1)
+    decided = margin > 2 * diff.max(1).values
+    return {
+        "samples": int(len(same)),
+        "agreement": float(same.float().mean()),
+        "logit_max_abs_diff": float(diff.max()),
+        "logit_mean_abs_diff": float(diff.mean()),
+        "logit_std": float(z32_t.std()),
+        "margin_median": float(margin.median()),
+        "decided_share": float(decided.float().mean()),
+        "decided_agreement": float(same[decided].float().mean()) if bool(decided.any()) else float("nan"),
+    }

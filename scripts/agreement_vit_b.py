@@ -9,8 +9,8 @@ digits (train split, clean images, random shifts; bf16 autocast), then measures 
 denoised smoothing with the shipped digits denoiser at sigma:
 
 * clean and denoised-noisy accuracy of the trained model (fp32), and its median logit margin;
-* the agreement of the fast path (``bench.fast_model``: what ``certify.py --precision bf16`` runs; with
-  ``--compile`` also the compiled one) with fp32 on the same noise (``bench.agreement``).
+* the agreement of the fast path (``fast.fast_model``: what ``certify.py --precision bf16`` runs; with
+  ``--compile`` also the compiled one) with fp32 on the same noise (``fast.agreement``).
 
 The default input size is smaller than CIFAR-10's 224 px (64 px = 16 tokens + class token) so that training takes
 minutes on a CPU; depth, width and the precision of every layer are those of the CIFAR-10 classifier. For the
@@ -38,7 +38,7 @@ for folder in (REPO, REPO / "scripts"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import bench  # noqa: E402
+import fast  # noqa: E402
 from classifier import CIFAR10_HF_CONFIG, ImageClassifier, build_vit_from_hf_config  # noqa: E402
 from core import DenoisedClassifier  # noqa: E402
 from denoiser import load_denoiser  # noqa: E402
@@ -144,10 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         result["agreement"] = {}
         for compiled in ([False, True] if args.compile else [False]):
             label = "bf16 compiled" if compiled else "bf16"
-            fast = bench.fast_model(denoiser, classifier, args.sigma, "bf16", channels_last=True, compile=compiled,
+            quick = fast.fast_model(denoiser, classifier, args.sigma, "bf16", channels_last=True, compile=compiled,
                                     compile_mode=None)
             t0 = time.perf_counter()
-            stats = bench.agreement(denoiser, classifier, fast, "bf16", args.sigma, x_test.to(device),
+            stats = fast.agreement(denoiser, classifier, quick, "bf16", args.sigma, x_test.to(device),
                                     args.per_image, 256, args.seed + 2)
             stats["seconds"] = time.perf_counter() - t0
             result["agreement"][label] = stats
