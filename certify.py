@@ -31,7 +31,6 @@ used. Several classifiers (``--off-the-shelf --finetuned_path A B``) share every
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 

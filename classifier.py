@@ -398,8 +398,9 @@ class LoRAQKV(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_q_A.shape[0]}"
 
 
-def _merge_qkv(weight, q_A, q_B, v_A, v_B, scaling) -> torch.Tensor:
-    dim = weight.shape[0] // 3
+def _merge_qkv(weight: torch.Tensor, q_A: torch.Tensor, q_B: torch.Tensor, v_A: torch.Tensor, v_B: torch.Tensor,
+               scaling: torch.Tensor | float) -> torch.Tensor:
+    """W + [s B_q A_q; 0; s B_v A_v] (computed in float64, returned in W's dtype)."""
     s = scaling.to(torch.float64) if torch.is_tensor(scaling) else float(scaling)
     delta_q = (q_B.to(torch.float64) @ q_A.to(torch.float64)) * s
     delta_v = (v_B.to(torch.float64) @ v_A.to(torch.float64)) * s

@@ -1,7 +1,6 @@
 """bench.py: the re-created reference path is the upstream computation, the fast path agrees with fp32, the CLI runs."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
