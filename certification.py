@@ -424,10 +424,10 @@ def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> M
     return Method(PredictRow, compute, to_row)
 
 
-def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextIO | Sequence[TextIO], seed: int,
+def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequence[TextIO], seed: int,
                 device: torch.device, progress: bool = True, done: Sequence[LogRow] = (),
                 written: Sequence[Container[int]] = ()) -> list[LogRow]:
-    """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to its log (``log``: one per
+    """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to its log (``logs``: one per
     result of the method) as soon as it is known (fsync at least every :data:`FSYNC_SECONDS`).
 
     Image idx's noise is seeded by (seed, idx) (:func:`core.image_generator`), so a row does not depend on which
@@ -435,7 +435,6 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], log: TextI
     that log k already holds, not written again. ``done`` (rows written earlier) only feeds the progress bar's
     running figures. Returns the new rows of the first log.
     """
-    logs = [log] if hasattr(log, "write") else list(log)  # type: ignore[arg-type]
     written = list(written) or [()] * len(logs)
     rows: list[LogRow] = []
     last_sync = time.monotonic()
@@ -468,14 +467,6 @@ def _running_figures(rows: Sequence[LogRow]) -> dict[str, str]:
     if isinstance(rows[-1], Row):  # CERTIFY rows (also SampledRow) have a radius
         figures["acr"] = f"{sum(r.radius * r.correct for r in rows) / len(rows):.3f}"  # type: ignore[attr-defined]
     return figures
-
-
-def certify_dataset(smoothed: Smooth, dataset: Any, indices: Sequence[int], log: TextIO, n0: int, n: int,
-                    alpha: float, batch_size: int, seed: int, device: torch.device, progress: bool = True,
-                    done: Sequence[Row] = ()) -> list[Row]:
-    """CERTIFY every ``dataset[idx]`` for idx in ``indices`` (:func:`run_dataset` with :func:`certify_method`)."""
-    return run_dataset(certify_method(smoothed, n0, n, alpha, batch_size), dataset, indices, log, seed, device,
-                       progress, done)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
