@@ -965,7 +965,6 @@ def log_step(run: Run, epoch: int, lr: float, m: Metrics, bar: Any) -> None:
 # micro-steps (and processes), per epoch the denoised test accuracy.
 TB_STEP_TAGS = ("train/loss", "train/sce", "train/madv", "train/acc", "train/masked_in", "train/lr",
                 "train/weight_decay", "train/grad_norm", "train/images_per_s")
-TB_EPOCH_TAGS = ("test/acc",)
 
 
 def open_tensorboard(run: Run) -> None:
