@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from logs import (ABSTAIN, LogWarning, expand_logs, is_log, read_log,  # noqa: F401 (analysis.read_log as before)
-                  sidecar_path)
+                  read_sidecar)
 from utils import UserError
 
 FORMATS = ("table", "markdown", "latex", "csv")
@@ -580,14 +580,10 @@ def log_sigma(path: str | Path) -> Optional[float]:
     Read from ``config.sigma`` of the log's sidecar ``<log>.json`` (certify.py writes it), else from the nearest path
     component with ``sigma_<s>`` (Cohen's layout ``.../noise_0.50/test/sigma_0.50``).
     """
-    import json
-
-    side = sidecar_path(Path(path))
-    if side.is_file():
-        try:
-            return float(json.loads(side.read_text(encoding="utf-8"))["config"]["sigma"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    try:
+        return float(read_sidecar(Path(path), "log", "")["config"]["sigma"])
+    except (UserError, ValueError, KeyError, TypeError):  # no sidecar of ours, or one without a sigma
+        pass
     for part in reversed(Path(path).parts):
         match = _SIGMA_IN_NAME.search(part)
         if match:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
 from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log, merge_parts,
-                  open_for_append, part_path, read_done, shard_path, sidecar_path)
+                  open_for_append, part_path, read_done, read_sidecar, shard_path, sidecar_path, write_sidecar)
 from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
                    check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
                    output_folder, remove_stale_temporary_files, resolve_device, resolve_precision, run_lock)
@@ -522,22 +522,6 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
-    """The ``{"config": ..., "info": ...}`` recorded beside a log; a :class:`UserError` starting with ``flag`` and
-    ending with ``advice`` when it is absent or not one."""
-    side = sidecar_path(outfile)
-    if not side.is_file():
-        raise UserError(f"{flag}: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
-                        f"against this run; {advice}")
-    try:
-        recorded = json.loads(side.read_text(encoding="utf-8"))
-    except ValueError:
-        recorded = None
-    if not (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)):
-        raise UserError(f"{flag}: {side} is not a configuration file of this kind; {advice}")
-    return recorded
-
-
 def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS,
                  files: Optional[dict[str, tuple[str, str]]] = None) -> None:
     """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
@@ -578,9 +562,8 @@ def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, co
         for path in existing:
             path.unlink()
     outfile.parent.mkdir(parents=True, exist_ok=True)
-    side = sidecar_path(outfile)
-    if not side.is_file():
-        atomic_write_text(side, json.dumps({"config": config, "info": info}, indent=1) + "\n")
+    if not sidecar_path(outfile).is_file():
+        write_sidecar(outfile, config, info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -837,8 +820,7 @@ def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], con
         atomic_write_text(outfile, text)
         merged_info = {"merged_from": [p.name for p in shards], "selection": info["selection"],
                        "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write_text(sidecar_path(outfile), json.dumps({"config": {**config, "shard": None},
-                                                             "info": merged_info}, indent=1) + "\n")
+        write_sidecar(outfile, {**config, "shard": None}, merged_info)
     print(summary(outfile, config, 0, 0.0, done=f"merged from {len(shards)} shard logs"))
     return rows
 
