@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
-from statsmodels.stats.proportion import proportion_confint
 
 from logs import ABSTAIN
 from utils import autocast
@@ -492,8 +491,10 @@ class Smooth:
 
     @staticmethod
     def _lower_confidence_bound(NA: int, N: int, alpha: float) -> float:
-        """A one-sided (1 - alpha) Clopper-Pearson lower confidence bound on a Bernoulli proportion from NA of N."""
-        return float(proportion_confint(NA, N, alpha=2 * alpha, method="beta")[0])
+        """A one-sided (1 - alpha) Clopper-Pearson lower confidence bound on a Bernoulli proportion from NA of N:
+        Beta^-1(alpha; NA, N - NA + 1) (:func:`clopper_pearson_lower`, bit for bit statsmodels' ``proportion_confint(NA,
+        N, alpha=2*alpha, method="beta")[0]``, Cohen's call)."""
+        return float(clopper_pearson_lower(NA, N, alpha))
 
 
 def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float, rng: np.random.Generator,
