@@ -388,9 +388,16 @@ def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int =
 
 
 def lr_at(progress: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
-    """Linear warmup to ``lr`` over ``warmup_epochs``, then half-cycle cosine to ``min_lr`` at ``epochs``.
+    """Linear warmup to ``lr`` over ``warmup_epochs``, then half-cycle cosine to ``min_lr`` at ``epochs`` (MAE's
+    ``lr_sched``): with p = progress, w = warmup_epochs, E = epochs,
 
-    ``progress`` is in epochs (fractional: epoch + iteration / iterations per epoch), as MAE's ``lr_sched``.
+        lr(p) = lr * p / w                                                            (p < w)
+        lr(p) = min_lr + (lr - min_lr) * (1 + cos(pi * min(p - w, E - w) / (E - w))) / 2   (p >= w)
+
+    Args:
+        progress: in epochs, fractional (epoch + iteration / iterations per epoch).
+        lr, min_lr: the peak and the final learning rate.
+        warmup_epochs, epochs: the end of the warmup and of the schedule, in epochs.
     """
     if progress < warmup_epochs:
         return lr * progress / warmup_epochs
@@ -399,7 +406,14 @@ def lr_at(progress: float, lr: float, min_lr: float, warmup_epochs: float, epoch
 
 
 def cosine_at(progress: float, start: float, end: float, epochs: float) -> float:
-    """Cosine from ``start`` (progress 0) to ``end`` (progress ``epochs``): the weight-decay schedule (DINO)."""
+    """Cosine from ``start`` (progress 0) to ``end`` (progress ``epochs``), the weight-decay schedule (DINO):
+    wd(p) = end + (start - end) * (1 + cos(pi * min(p / E, 1))) / 2 with p = progress, E = epochs.
+
+    Args:
+        progress: in epochs, fractional.
+        start, end: the values at progress 0 and at ``epochs`` (and after).
+        epochs: the length of the schedule, in epochs.
+    """
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(progress / max(epochs, 1e-12), 1.0)))
 
 
