@@ -149,6 +149,10 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
 
     With ``auto``, K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP and
     S = SLURM_ARRAY_TASK_COUNT, so ``--array=0-3`` and ``--array=1-4`` both give shards 0/4 .. 3/4.
+
+    Args:
+        text: the flag's value, ``K/S`` or ``auto``.
+        environ: where ``auto`` reads the ``SLURM_ARRAY_TASK_*`` variables.
     """
     if text == "auto":
         missing = [name for name in SLURM_ARRAY if name not in environ]
@@ -301,7 +305,12 @@ def _resolve_subset(opts: RunOptions) -> None:
 
 def select_indices(dataset: Any, opts: RunOptions) -> list[int]:
     """The dataset indices a run certifies: :func:`datasets.paper_imagenet_subset` (``--subset paper``, seeded by
-    --seed) or every --skip-th image, at most --max_images of them (the first ones)."""
+    --seed) or every --skip-th image, at most --max_images of them (the first ones).
+
+    Args:
+        dataset: the dataset (its ``targets`` for ``--subset paper``).
+        opts: resolved options (subset, skip, max, seed, dataset).
+    """
     from datasets import certification_indices, get_num_classes, paper_imagenet_subset
     if opts.subset != "paper":
         return certification_indices(dataset, opts.skip, opts.max)
@@ -343,7 +352,12 @@ def _resolve_sequential(opts: RunOptions) -> None:
 
 def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]:
     """The checkpoint files log ``k`` depends on, by role (``classifier``, ``denoiser``): (the flag naming it, its
-    path)."""
+    path).
+
+    Args:
+        opts: resolved options.
+        k: the log (classifier) index.
+    """
     files = {}
     if opts.classifiers[k]:
         files["classifier"] = ("--finetuned_path" if opts.finetuned[k] else "--classifier_ckpt", opts.classifiers[k])
@@ -353,7 +367,12 @@ def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]
 
 
 def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
-    """What determines the rows of log ``k`` (:data:`RESUME_KEYS`) plus information about the run."""
+    """What determines the rows of log ``k`` (:data:`RESUME_KEYS`) plus information about the run.
+
+    Args:
+        opts: resolved options.
+        k: the log (classifier) index.
+    """
     classifier = opts.classifiers[k]
     return {
         "format": LOG_FORMAT, "dataset": opts.dataset, "split": opts.split, "sigma": opts.sigma, "N0": opts.N0,
@@ -398,6 +417,14 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
     ``radii``: sequential CERTIFY (n = n_max) with these requested radii. ``skip_wrong`` (evaluation only): a
     classifier whose selection guess is not the label gets the row (guess, radius 0, correct 0) without estimation.
     Either adds the column ``n``, the estimation samples used (:class:`logs.SampledRow`).
+
+    Args:
+        smoothed: the smoothed classifier.
+        n0, n: selection and estimation samples (n: n_max with ``radii``).
+        alpha: the failure probability.
+        batch_size: the base-classifier batch.
+        radii: the requested radii of sequential CERTIFY; None: fixed n.
+        skip_wrong: write wrong selection guesses without estimation.
     """
     sampled = radii is not None or skip_wrong
 
@@ -414,7 +441,14 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
 
 
 def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> Method:
-    """Cohen et al.'s PREDICT (:meth:`core.Smooth.predict`): rows ``idx label predict correct time``."""
+    """Cohen et al.'s PREDICT (:meth:`core.Smooth.predict`): rows ``idx label predict correct time``.
+
+    Args:
+        smoothed: the smoothed classifier.
+        n: the samples of the test.
+        alpha: the failure probability.
+        batch_size: the base-classifier batch.
+    """
     def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[int]:
         return [smoothed.predict(x, n, alpha, batch_size, generator=generator)]
 
@@ -434,6 +468,17 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
     process computes it, in which order, or with which batch size. ``written[k]`` (resuming several logs): the idx
     that log k already holds, not written again. ``done`` (rows written earlier) only feeds the progress bar's
     running figures. Returns the new rows of the first log.
+
+    Args:
+        method: what to compute per image (:func:`certify_method`, :func:`predict_method`).
+        dataset: ``dataset[idx]`` gives (x, label).
+        indices: the images to compute, in order.
+        logs: one open text file per result of the method.
+        seed: the run's seed.
+        device: where x goes.
+        progress: show a progress bar.
+        done: rows written earlier (progress bar only).
+        written: per log, the idx it already holds.
     """
     written = list(written) or [()] * len(logs)
     rows: list[LogRow] = []
@@ -482,7 +527,19 @@ def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str
     ``input_norm``, None = the checkpoint's or the architecture's) after the denoiser of config ``dataset``
     (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing), one-shot or ``multistep``. Lists of
     checkpoints (and of their input conventions) give K classifiers after one denoiser
-    (:class:`core.ClassifierStack`, logits [B, K, classes])."""
+    (:class:`core.ClassifierStack`, logits [B, K, classes]).
+
+    Args:
+        dataset: the denoiser's configuration (``cifar10``, ``imagenet``, ``digits``).
+        arch: the classifier architecture.
+        classifier_ckpt: a checkpoint, a list of them, or None (pretrained).
+        denoiser_ckpt: the diffusion checkpoint; None: no denoiser.
+        sigma: the noise level.
+        num_classes: the classifier's classes.
+        device: where the models go.
+        input_norm: the input convention, or one per checkpoint; None: the checkpoint's or the architecture's.
+        multistep: denoise with the whole reverse chain.
+    """
     from classifier import get_architecture
     from denoiser import load_denoiser
 
@@ -496,7 +553,12 @@ def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str
 
 
 def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
-    """The smoothed classifier of a run: f o D, sped up by :mod:`fast` when the options ask for it."""
+    """The smoothed classifier of a run: f o D, sped up by :mod:`fast` when the options ask for it.
+
+    Args:
+        opts: resolved options.
+        device: where the models go.
+    """
     from datasets import get_num_classes
 
     num_classes = get_num_classes(opts.dataset)
@@ -525,7 +587,14 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS,
                  files: Optional[dict[str, tuple[str, str]]] = None) -> None:
     """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
-    (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded."""
+    (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded.
+
+    Args:
+        outfile: the log.
+        config: this run's :func:`run_config`.
+        resume_keys: the entries that must match.
+        files: role -> (flag, path) of the checkpoint files whose content must match.
+    """
     files = files or {}
     recorded_config = read_sidecar(outfile, "--resume",
                                    "use another --outfile (or --overwrite to replace it)")["config"]
@@ -545,6 +614,13 @@ def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite
     """Read-only checks before anything is written: (existing output files, rows already done).
 
     An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
+
+    Args:
+        outfile: the log.
+        config: this run's :func:`run_config`.
+        resume, overwrite: the flags.
+        row_type: the rows of the log.
+        files: as for :func:`check_resume`.
     """
     existing = [p for p in [outfile, sidecar_path(outfile)] + existing_parts(outfile) if p.exists()]
     if existing and not (resume or overwrite):
@@ -557,7 +633,14 @@ def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite
 
 def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any],
                     info: dict[str, Any]) -> None:
-    """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent."""
+    """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent.
+
+    Args:
+        outfile: the log.
+        existing: what :func:`check_outputs` found on disk.
+        overwrite: the flag.
+        config, info: what the sidecar records.
+    """
     if overwrite:
         for path in existing:
             path.unlink()
@@ -576,7 +659,18 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
               ) -> Optional[list[list[LogRow]]]:
     """Every rank computes every W-th image that some log still lacks into its own part of each log (the logs
     themselves with one process); rank 0 then merges each log's parts into one idx-sorted log and returns the rows
-    of each (None on the other ranks)."""
+    of each (None on the other ranks).
+
+    Args:
+        method: what to compute per image.
+        dataset: ``dataset[idx]`` gives (x, label).
+        indices: the selected images.
+        outfiles: one log per result of the method.
+        dones: per log, the rows already there.
+        seed: the run's seed.
+        dist_info: this process's rank, world size and device.
+        progress: show a progress bar (rank 0).
+    """
     todo = [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
     targets = [o if dist_info.world_size == 1 else part_path(o, dist_info.rank) for o in outfiles]
     done = dones[0]
@@ -595,7 +689,15 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
 
 def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float, done: Optional[str] = None) -> str:
     """Certified accuracy at :data:`RADII`, ACR, abstentions and time of a merged CERTIFY log (accuracy,
-    abstentions and time of a PREDICT log); ``done`` replaces "(num_new certified in this run, wall s)"."""
+    abstentions and time of a PREDICT log); ``done`` replaces "(num_new certified in this run, wall s)".
+
+    Args:
+        outfile: the merged log.
+        config: its :func:`run_config`.
+        num_new: rows computed in this run.
+        wall: seconds of this run.
+        done: replaces the parenthesis.
+    """
     import analysis
     from logs import ABSTAIN, read_log
 
@@ -630,6 +732,12 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     The job holds ``<outfile>.lock`` of every log (:func:`utils.job_run_lock`) from before the checks of what is on
     disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once instead of
     mixing rows; a run refused before its first row leaves no folder it created.
+
+    Args:
+        opts: resolved options (:func:`resolve_options`).
+        row_type: the rows of the logs.
+        make_method: (smoothed classifier, opts) -> the per-image method.
+        argv: the command line, recorded in the sidecars.
     """
     outfiles = opts.log_paths
     configs = [run_config(opts, k) for k in range(len(outfiles))]
@@ -766,6 +874,10 @@ def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,)) -> l
     Refused, with the list of missing idx, when a shard log is missing or incomplete, when one was written with
     another configuration (:data:`MERGE_KEYS`), or when one holds images outside its share. The merged rows equal a
     one-process run's (image idx's noise depends only on the seed and idx). The shard logs are kept.
+
+    Args:
+        outfile: the merged log to write; its shard logs lie beside it.
+        row_types: the row types the shard logs may have.
     """
     found = existing_shards(outfile)
     if not found:
