@@ -207,6 +207,11 @@ def parse_log(path: str | Path, text: str, strict: bool = False) -> Optional[Par
 
     The header must have ``label`` and ``predict``. Blank lines are skipped. A malformed last line is left out
     (with a :class:`LogWarning`) unless ``strict``; any other malformed line is a :class:`UserError` naming it.
+
+    Args:
+        path: names the log in errors and warnings.
+        text: the log's content.
+        strict: a malformed last line is an error too.
     """
     path = Path(path)
     lines = [(num, line.rstrip("\r\n")) for num, line in enumerate(text.split("\n"), start=1)]
@@ -392,6 +397,10 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
     A last line without its newline is the trace of an interrupted write: it is not a row, and the returned length
     stops before it (appending resumes there). A header other than ``row_type``'s, or any other line that is not a
     row, is a :class:`UserError` naming the file.
+
+    Args:
+        path: the log or part.
+        row_type: the row type whose header the file must have.
     """
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
@@ -415,13 +424,25 @@ def sidecar_path(outfile: Path) -> Path:
 
 def write_sidecar(outfile: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
     """Write ``{"config": config, "info": info}`` to :func:`sidecar_path` (atomically): what determines the rows
-    (``config``) and what is only information about the run (``info``)."""
+    (``config``) and what is only information about the run (``info``).
+
+    Args:
+        outfile: the log.
+        config: what determines its rows.
+        info: information about the run.
+    """
     atomic_write_text(sidecar_path(outfile), json.dumps({"config": config, "info": info}, indent=1) + "\n")
 
 
 def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
     """The ``{"config": ..., "info": ...}`` recorded beside a log; a :class:`UserError` starting with ``flag`` and
-    ending with ``advice`` when it is absent or not one."""
+    ending with ``advice`` when it is absent or not one.
+
+    Args:
+        outfile: the log.
+        flag: the flag that names it (the error's start).
+        advice: what to do (the error's end).
+    """
     side = sidecar_path(outfile)
     if not side.is_file():
         raise UserError(f"{flag}: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
@@ -436,7 +457,12 @@ def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
 
 
 def part_path(outfile: Path, rank: int) -> Path:
-    """``<outfile>.rank<rank>``: the part rank ``rank`` of a ``torchrun`` run writes."""
+    """``<outfile>.rank<rank>``: the part rank ``rank`` of a ``torchrun`` run writes.
+
+    Args:
+        outfile: the log.
+        rank: the process's rank.
+    """
     return outfile.with_name(f"{outfile.name}.rank{rank}")
 
 
@@ -455,7 +481,12 @@ def existing_parts(outfile: Path) -> list[Path]:
 
 
 def shard_path(outfile: Path, k: int, s: int) -> Path:
-    """``<outfile>.shard<k>of<s>``: the log of the k-th of s shards of a run (e.g. one task of a Slurm array)."""
+    """``<outfile>.shard<k>of<s>``: the log of the k-th of s shards of a run (e.g. one task of a Slurm array).
+
+    Args:
+        outfile: the log of the whole run.
+        k, s: the shard, 0 <= k < s.
+    """
     return outfile.with_name(f"{outfile.name}.shard{k}of{s}")
 
 
@@ -465,7 +496,12 @@ def existing_shards(outfile: Path) -> list[tuple[int, int, Path]]:
 
 
 def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: ignore[assignment]
-    """Rows already written: the log itself plus any rank parts (the first occurrence of an idx wins)."""
+    """Rows already written: the log itself plus any rank parts (the first occurrence of an idx wins).
+
+    Args:
+        outfile: the log.
+        row_type: the rows of the log.
+    """
     done: dict[int, R] = {}
     for path in [outfile] + existing_parts(outfile):
         if path.is_file():
@@ -475,7 +511,12 @@ def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: 
 
 
 def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
-    """Open a log or part for appending rows: drop a half-written last line, write the header if new."""
+    """Open a log or part for appending rows: drop a half-written last line, write the header if new.
+
+    Args:
+        path: the log or part.
+        row_type: the rows of the log.
+    """
     length = read_rows(path, row_type)[1] if path.is_file() else 0
     log = open(path, "r+" if path.is_file() else "w", encoding="utf-8")
     log.truncate(length)
@@ -487,12 +528,22 @@ def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
 
 
 def format_log(rows: Sequence[LogRow], row_type: Type[LogRow] = Row) -> str:
-    """The text of a log holding ``rows`` in the given order."""
+    """The text of a log holding ``rows`` in the given order.
+
+    Args:
+        rows: the rows.
+        row_type: gives the header.
+    """
     return row_type.header() + "\n" + "".join(r.line() for r in rows)
 
 
 def merge_parts(outfile: Path, row_type: Type[R] = Row) -> list[R]:  # type: ignore[assignment]
-    """Merge ``outfile`` and its rank parts into one idx-sorted ``outfile`` (atomically), then remove the parts."""
+    """Merge ``outfile`` and its rank parts into one idx-sorted ``outfile`` (atomically), then remove the parts.
+
+    Args:
+        outfile: the log.
+        row_type: the rows of the log.
+    """
     parts = existing_parts(outfile)
     rows = sorted(read_done(outfile, row_type).values(), key=lambda r: r.idx)  # type: ignore[attr-defined]
     text = format_log(rows, row_type)
