@@ -46,6 +46,10 @@ def precast_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     the time on an idle CPU, up to half of it on a busy one). Norms, biases, embeddings and the residual streams
     stay fp32, so the results under ``autocast(dtype)`` are those of plain autocast, bit for bit. Afterwards the
     model is for inference under that autocast only.
+
+    Args:
+        model: the network, changed in place and returned.
+        dtype: ``torch.bfloat16`` or ``torch.float16``, the autocast dtype.
     """
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -59,14 +63,24 @@ def explicit_attention_is_faster(device: torch.device, dtype: torch.dtype) -> bo
     runs (2-core AMD EPYC Zen 4 with AVX512-BF16, [B, heads, T, 64], ms: ViT-B/16 [16, 12, 197] 23.8 -> 20.7;
     CIFAR-10 UNet [16, 4, 256] 8.2 -> 5.2; CLIP ViT-B/16 at 384 px [2, 12, 577] 15.9 -> 10.9; the whole CIFAR-10
     fast path +3 %). Only the ImageNet UNet's 28x28 level (T = 784) is slower (17.3 -> 22.5), well under 1 % of
-    that UNet's time."""
+    that UNet's time.
+
+    Args:
+        device: where the attention runs.
+        dtype: the autocast dtype.
+    """
     return torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
 
 def use_explicit_attention_(model: nn.Module, dtype: torch.dtype) -> int:
     """Switch the attention layers of ``model`` (timm ``Attention``, UNet ``AttentionBlock``) on the device of their
     weights to the explicit form (``fused_attn = False``) where :func:`explicit_attention_is_faster` for ``dtype``;
-    returns how many were switched. The same function, with the scores rounded to ``dtype`` before the softmax."""
+    returns how many were switched. The same function, with the scores rounded to ``dtype`` before the softmax.
+
+    Args:
+        model: the network, changed in place.
+        dtype: the autocast dtype.
+    """
     switched = 0
     for m in model.modules():
         if isinstance(m, ATTENTION_TYPES):
@@ -116,6 +130,10 @@ def vit_class_token_forward(model: VisionTransformer, x: torch.Tensor) -> torch.
     ViT-B/16 at 224 px (197 tokens) this skips 5.9 of the last block's 7.1 M multiply-adds per token, ~7 % of the
     network. Same function (exact in real arithmetic; float rounding may differ in the last bits). Call only when
     :func:`supports_class_token_forward` holds, in eval mode (dropout and drop-path are not applied).
+
+    Args:
+        model: a timm ``VisionTransformer`` (:func:`supports_class_token_forward`).
+        x: images [B, 3, H, W], normalized as the model expects.
     """
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     for blk in model.blocks[:-1]:
@@ -193,6 +211,10 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
     freezing is on for these two compilations only (an option of each, not a process-wide setting): weights
     become constants that oneDNN prepacks, which is only valid while the weights do not change, i.e. for
     inference. ``mode``: e.g. ``max-autotune`` or ``reduce-overhead`` (CUDA graphs).
+
+    Args:
+        model: f o D, compiled in place and returned.
+        mode: a ``torch.compile`` mode; None: the default.
     """
     param = next(model.parameters(), None)
     options: Optional[dict] = None
@@ -214,7 +236,17 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
 def fast_model(denoiser: Optional[DiffusionDenoiser], classifier: nn.Module, sigma: float, precision: str,
                channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
     """The fast path's f o D, on copies: :func:`fast.prepare_inference_` (Linear/Conv weights stored in the
-    autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place."""
+    autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place.
+
+    Args:
+        denoiser: the fp32 denoiser (copied); None: no denoiser.
+        classifier: the fp32 classifier (copied).
+        sigma: the noise level.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        channels_last: the UNet channels_last (bf16/fp16).
+        compile: ``torch.compile`` both networks.
+        compile_mode: the mode of that compile.
+    """
     model = DenoisedClassifier(copy.deepcopy(denoiser), copy.deepcopy(classifier), sigma).eval()
     prepare_inference_(model, precision, channels_last)
     if compile:
@@ -227,7 +259,18 @@ def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fas
               seed: int) -> Dict[str, float]:
     """Share of samples whose class under ``fast`` (autocast ``precision``) equals the fp32 class on the same noise
     x + sigma·δ, with the logit error beside it: ``margin_median`` (fp32 top-1 minus top-2 logit) against
-    ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1)."""
+    ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1).
+
+    Args:
+        denoiser_fp32, classifier: the plain fp32 f o D.
+        fast: the fast path's f o D (:func:`fast_model`).
+        precision: the fast path's autocast.
+        sigma: the noise level.
+        images: clean images [num, 3, H, W].
+        per_image: noise samples per image.
+        batch_size: samples per forward.
+        seed: seeds the noise (the same for both paths).
+    """
     ref = DenoisedClassifier(denoiser_fp32, classifier, sigma).eval()
     g = torch.Generator(device=images.device).manual_seed(seed)
     z32, zf = [], []
