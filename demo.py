@@ -131,12 +131,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
-    """sigma * Phi^-1(pABar) with nA = n: pABar = alpha^(1/n) (Clopper-Pearson), the largest radius n samples give."""
-    from scipy.stats import norm
-    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
-
-
 def certify_args(args: argparse.Namespace, outfile: Path, skip: int, weights: list[str]) -> list[str]:
     """certify.py's command line for one of the two certifications (identical but for the classifier)."""
     argv = ["--dataset", "digits", "--sigma", str(args.sigma), "--outfile", str(outfile), "--N0", str(args.N0),
@@ -229,6 +223,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, Any]:
     """Stages 1-4 into the prepared ``outdir`` (held locked by :func:`run_demo`); returns the summary."""
     import analysis
+    from core import max_certifiable_radius
 
     off_log, ft_log, ft_dir = outdir / "off_the_shelf.tsv", outdir / "ft_cadis.tsv", outdir / "ft_cadis"
     start = time.perf_counter()
