@@ -336,6 +336,7 @@ def test_finetuned_path_takes_a_checkpoint_of_the_papers_code(models, reference,
     assert json.loads(out.with_name("log.tsv.json").read_text())["config"]["input_norm"] == "paper"
 
 
+@pytest.mark.slow
 def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
     """--multistep: the whole reverse chain (t* = 28 at sigma 0.01 for the digits schedule); each sample's chain noise
     is seeded per sample, so the log is the same for any --batch_size; it differs from the one-shot log."""
@@ -471,7 +472,8 @@ def _wait_rows(paths, count: int, proc: subprocess.Popen, timeout: float = 240) 
     return _complete_rows(paths)
 
 
-@pytest.mark.parametrize("first", ["fresh", "resume", pytest.param("torchrun", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["fresh", "resume", "torchrun"])
 def test_a_second_run_on_a_running_log_is_refused(models, reference, tmp_path, cli_error, files_of, first):
     """Two runs on one outfile (two fresh runs, a requeued --resume while another --resume runs, a --resume while a
     torchrun job writes its parts): the second fails at once naming the first, changes nothing, and the first

@@ -394,6 +394,7 @@ def _posterior_chain(unet: nn.Module, schedule: dict, x_noisy: torch.Tensor, t: 
     return (x + 1) / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_multistep_denoise_is_the_posterior_chain(diffusion_dir, small_models, name):
     """Multi-step denoising equals the chain computed directly from the schedule's posterior formulas (float64, same
