@@ -547,8 +547,9 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     obj = checkpoints.load(path, "--classifier_ckpt")
     info: Dict[str, Any] = {"path": str(path)}
     info["hf_config"], info["hf_preprocessor"] = read_hf_config(path.parent)
-    if input_norm_record(obj) is not None:
-        info["input_norm"] = input_norm_record(obj)
+    recorded_norm = input_norm_record(obj)
+    if recorded_norm is not None:
+        info["input_norm"] = recorded_norm
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and obj.get("arch") is not None:
         info["arch"] = str(obj["arch"])
     state_dict = checkpoints.state_dict_of(obj, path, "--classifier_ckpt",
