@@ -87,7 +87,12 @@ def radius_grid(start: float, stop: float, step: float, flag: str = "--radii", l
 
 
 def certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Approximate certified accuracy (1/n) sum_i 1[correct_i and radius_i >= r] at each r in ``radii``."""
+    """Approximate certified accuracy (1/n) sum_i 1[correct_i and radius_i >= r] at each r in ``radii``.
+
+    Args:
+        df: a CERTIFY log (:func:`read_log`).
+        radii: the radii r.
+    """
     radius = _radii(df, "certified accuracy")
     r = np.round(np.asarray(radii, dtype=np.float64), 10)
     correct = df["correct"].to_numpy(dtype=bool)
@@ -97,7 +102,14 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray) ->
 def high_prob_certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray, alpha: float,
                                  rho: float) -> np.ndarray:
     """Cohen et al.'s bound, holding with probability >= 1 - rho over the draw of the n test points:
-    acc(r) - alpha - sqrt(alpha (1 - alpha) log(1/rho) / n) - log(1/rho) / (3n)."""
+    acc(r) - alpha - sqrt(alpha (1 - alpha) log(1/rho) / n) - log(1/rho) / (3n).
+
+    Args:
+        df: a CERTIFY log (:func:`read_log`).
+        radii: the radii r.
+        alpha: the certification's failure probability.
+        rho: the failure probability of the bound.
+    """
     if not (0 < alpha < 1 and 0 < rho < 1):
         raise UserError(f"--high-prob {alpha} {rho}: ALPHA and RHO must lie in (0, 1)")
     n = len(df)
@@ -164,7 +176,15 @@ def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.
     """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
     ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n; and, when a log has the column ``n``
     (certify.py --sequential / --skip_wrong), samples/img, its mean. PREDICT logs get NaN where a radius is
-    needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius."""
+    needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius.
+
+    Args:
+        dfs: the logs (:func:`read_log`).
+        labels: one name per log.
+        radii: the radii of the certified-accuracy columns.
+        high_prob: (alpha, rho) for Cohen's bound; None: approximate accuracy.
+        with_envelope: add the best-over-logs row.
+    """
     names = radius_names(radii)
     rows = []
     for df in dfs:
@@ -332,7 +352,17 @@ def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[
                             start: float, stop: float, high_prob: Optional[tuple[float, float]] = None,
                             with_envelope: bool = False, title: Optional[str] = None) -> None:
     """Certified accuracy vs l2 radius on [start, stop], one line per CERTIFY log (PNG or PDF by suffix),
-    optionally with the envelope (best over the logs) as a dashed black line. Headless (Agg/PDF canvases)."""
+    optionally with the envelope (best over the logs) as a dashed black line. Headless (Agg/PDF canvases).
+
+    Args:
+        path: the figure file (``.png`` or ``.pdf``).
+        dfs: the logs (:func:`read_log`).
+        labels: one name per log.
+        start, stop: the radius range.
+        high_prob: (alpha, rho) for Cohen's bound; None: approximate accuracy.
+        with_envelope: draw the best-over-logs line.
+        title: the figure's title.
+    """
     from matplotlib.figure import Figure
 
     path = check_plot_path(path)
@@ -491,7 +521,16 @@ def plot_certified_accuracy(outfile: str, title: str, max_radius: float, lines: 
 def smallplot_certified_accuracy(outfile: str, title: str, max_radius: float, methods: list[Line],
                                  radius_step: float = 0.01, xticks: float = 0.5) -> None:
     """Cohen's small plot (large fonts, ticks every ``xticks``): writes ``outfile + ".pdf"``; ``title`` is unused,
-    as in Cohen's."""
+    as in Cohen's.
+
+    Args:
+        outfile: the figure's path without ``.pdf``.
+        title: unused.
+        max_radius: the largest radius shown.
+        methods: the lines to draw.
+        radius_step: the radius grid.
+        xticks: the spacing of the x ticks.
+    """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MultipleLocator
 

@@ -77,7 +77,12 @@ def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
-    """``state_dict`` with ``prefix`` removed from every key, when every key carries it (else unchanged)."""
+    """``state_dict`` with ``prefix`` removed from every key, when every key carries it (else unchanged).
+
+    Args:
+        state_dict: the state dict.
+        prefix: e.g. :data:`DDP_PREFIX`.
+    """
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
     return dict(state_dict)
