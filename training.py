@@ -77,6 +77,11 @@ def config_field(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
     The flag is ``--<name>``; a bool that defaults to True is ``--no_<name>``; ``bool_value=True`` makes a bool a
     ``--<name> true|false`` flag; ``flags`` names the option strings explicitly.
+
+    Args:
+        default: the flag's default.
+        help: the ``argparse`` help.
+        argparse_kwargs: more ``add_argument`` keywords, and ``flags`` / ``bool_value``.
     """
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
@@ -345,7 +350,12 @@ def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
 
 def check_resume_checkpoint(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]]) -> None:
     """Refuse a ``--resume`` checkpoint of another dataset/arch/method or M, or whose denoiser (classifier) file now
-    holds other content than the one the run used (:func:`utils.file_fingerprint`)."""
+    holds other content than the one the run used (:func:`utils.file_fingerprint`).
+
+    Args:
+        cfg: the resolved configuration.
+        ckpt: the ``--resume`` checkpoint (:func:`read_training_checkpoint`); None: a new run.
+    """
     if ckpt is None:
         return
     for key, value in (("dataset", cfg.dataset), ("arch", cfg.arch), ("ft_method", cfg.ft_method)):
@@ -418,7 +428,13 @@ def cosine_at(progress: float, start: float, end: float, epochs: float) -> float
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """lr x each group's ``lr_scale`` (layer decay); ``weight_decay`` for groups that decay (the others keep 0)."""
+    """lr x each group's ``lr_scale`` (layer decay); ``weight_decay`` for groups that decay (the others keep 0).
+
+    Args:
+        optimizer: its parameter groups are set in place.
+        lr: the scheduled learning rate.
+        weight_decay: the scheduled weight decay.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("weight_decay", 0.0) != 0.0:
@@ -430,6 +446,10 @@ def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> 
 
     Returns the total gradient norm before clipping, sqrt(sum_p ||g_p||^2) (None without gradients). ``max_norm``
     <= 0: no clipping, only the norm.
+
+    Args:
+        parameters: the parameters whose gradients are clipped in place.
+        max_norm: the largest L2 norm of each parameter's gradient.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -462,7 +482,12 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    """Restore the RNG states of :func:`rng_state`."""
+    """Restore the RNG states of :func:`rng_state`.
+
+    Args:
+        state: what :func:`rng_state` returned.
+        device: the CUDA generator's device (ignored on CPU).
+    """
     torch.set_rng_state(state["torch"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -516,7 +541,12 @@ def _truncate_log(path: Path, max_step: int, before_epoch: Optional[int] = None)
 
 
 def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
-    """A ``train.py`` checkpoint (``weights_only=True``), checked to be one."""
+    """A ``train.py`` checkpoint (``weights_only=True``), checked to be one.
+
+    Args:
+        path: the checkpoint file.
+        flag: the flag that gave it (for errors).
+    """
     p = Path(path).expanduser()
     ckpt = checkpoints.load(p, flag)
     needed = ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args")
@@ -532,7 +562,12 @@ def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
 
 
 def test_subset(dataset: Any, per_class: int) -> List[int]:
-    """The first ``per_class`` indices of each class (``per_class`` 0: all), in dataset order."""
+    """The first ``per_class`` indices of each class (``per_class`` 0: all), in dataset order.
+
+    Args:
+        dataset: a dataset (its ``targets``, else its items' labels).
+        per_class: images per class; 0: all.
+    """
     labels = getattr(dataset, "targets", None)
     if labels is None:
         labels = [int(dataset[i][1]) for i in range(len(dataset))]
@@ -644,7 +679,13 @@ def _build_classifier(cfg: TrainConfig, checkpoint: Optional[str], flag: str, de
 
 def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: torch.device) -> nn.Module:
     """The classifier to fine-tune: a resumed run's weights (and input convention), ``--load_from``'s, or the
-    off-the-shelf ones."""
+    off-the-shelf ones.
+
+    Args:
+        cfg: the resolved configuration.
+        ckpt: the ``--resume`` checkpoint, or None.
+        device: where the model goes.
+    """
     from classifier import has_lora_keys, input_norm_record, load_timm_state_dict, resolve_input_norm
     from classifier import to_timm_state_dict
 
@@ -708,7 +749,14 @@ def _refuse_existing_run(out: Path) -> None:
 
 
 def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo) -> Run:
-    """Seeds, models, optimizer and data of one process (``cfg`` resolved, ``args`` the flags as given)."""
+    """Seeds, models, optimizer and data of one process (``cfg`` resolved, ``args`` the flags as given).
+
+    Args:
+        cfg: the resolved configuration.
+        args: the flags as given (recorded in checkpoints).
+        ckpt: the ``--resume`` checkpoint, or None.
+        info: this process's rank, world size and device.
+    """
     from classifier import param_groups_lrd
     from denoiser import load_denoiser
 
@@ -740,7 +788,12 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
 
 
 def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
-    """Optimizer, scaler, epoch/step/micro-step and RNG states of a resumed run; its logs cut back to its step."""
+    """Optimizer, scaler, epoch/step/micro-step and RNG states of a resumed run; its logs cut back to its step.
+
+    Args:
+        run: the run being built, changed in place.
+        ckpt: the ``--resume`` checkpoint.
+    """
     cfg = run.cfg
     _load_optimizer(run.optimizer, ckpt["optimizer"], cfg.resume)
     if ckpt.get("scaler") and run.scaler.is_enabled():
@@ -846,7 +899,12 @@ def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float,
 
 
 def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
-    """Set the scheduled lr and weight decay at ``progress`` (epochs) and zero the gradients; returns (lr, wd)."""
+    """Set the scheduled lr and weight decay at ``progress`` (epochs) and zero the gradients; returns (lr, wd).
+
+    Args:
+        run: the run.
+        progress: in epochs, fractional.
+    """
     cfg = run.cfg
     lr = lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     wd = cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs)
@@ -895,7 +953,12 @@ class EpochResult:
 
 
 def run_epoch(run: Run, epoch: int) -> EpochResult:
-    """Train one epoch (from a resumed run's micro-step), with step logs and ``--ckpt_every_steps`` checkpoints."""
+    """Train one epoch (from a resumed run's micro-step), with step logs and ``--ckpt_every_steps`` checkpoints.
+
+    Args:
+        run: the run.
+        epoch: the epoch, 0-based.
+    """
     cfg, M = run.cfg, run.cfg.num_noises
     skip_micro = run.start_micro if epoch == run.start_epoch else 0
     first_batch = skip_micro // M
@@ -947,7 +1010,15 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
 def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: Optional[Metrics] = None) -> Path:
     """Write ``outdir/name`` (rank 0; every rank's RNG state is gathered first). Format: docs/ARCHITECTURE.md; besides
     the flags as given (``args``) it records the resolved configuration (``config``, authoritative on --resume), the
-    :data:`checkpoint_files`' fingerprints and, mid-epoch, the epoch's metric sums so far (``epoch_metrics``)."""
+    :func:`checkpoint_files`' fingerprints and, mid-epoch, the epoch's metric sums so far (``epoch_metrics``).
+
+    Args:
+        run: the run.
+        name: the file name in the output folder.
+        epoch_done: the epochs completed.
+        micro: the micro-steps done in the current epoch.
+        metrics: mid-epoch, the epoch's metric sums so far.
+    """
     rngs = gather_rng_states(run.dev)
     path = run.out / name
     if run.info.is_main:
@@ -968,7 +1039,15 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: O
 
 
 def log_step(run: Run, epoch: int, lr: float, m: Metrics, bar: Any) -> None:
-    """One ``log_steps.txt`` row (and the progress bar's figures) for the optimizer step just taken."""
+    """One ``log_steps.txt`` row (and the progress bar's figures) for the optimizer step just taken.
+
+    Args:
+        run: the run.
+        epoch: the epoch, 0-based.
+        lr: the step's learning rate.
+        m: the step's metrics.
+        bar: the progress bar.
+    """
     _append(run.out / "log_steps.txt", STEP_LOG_HEADER,
             f"{run.step}\t{epoch + 1}\t{lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}\t{m.acc:.6f}"
             f"\t{m.masked_in:.6f}")
@@ -993,7 +1072,14 @@ def open_tensorboard(run: Run) -> None:
 
 def write_step_scalars(run: Run, m: Metrics, lr: float, wd: float, grad_norm: Optional[float]) -> None:
     """The scalars of :data:`TB_STEP_TAGS` for the optimizer step just taken (images/s: clean images of the
-    effective batch per second of wall time since the previous step, checkpoint writing excluded)."""
+    effective batch per second of wall time since the previous step, checkpoint writing excluded).
+
+    Args:
+        run: the run (its ``writer``).
+        m: the step's metrics.
+        lr, wd: the step's learning rate and weight decay.
+        grad_norm: the gradient norm before clipping, if measured.
+    """
     seconds = max(time.perf_counter() - run.clock, 1e-9)
     values = (m.loss, m.sce, m.madv, m.acc, m.masked_in, lr, wd, grad_norm, run.eff_batch / seconds)
     for tag, value in zip(TB_STEP_TAGS, values):
@@ -1001,8 +1087,15 @@ def write_step_scalars(run: Run, m: Metrics, lr: float, wd: float, grad_norm: Op
             run.writer.add_scalar(tag, value, run.step)
 
 
-def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float) -> Dict[str, Any]:
-    """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy."""
+def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) -> Dict[str, Any]:
+    """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy.
+
+    Args:
+        run: the run.
+        epoch: the epoch, 0-based.
+        result: what :func:`run_epoch` returned.
+        epoch_start: ``time.time()`` when the epoch started.
+    """
     cfg = run.cfg
     complete = result.micro >= run.iters * cfg.num_noises
     avg = result.metrics.mean()
@@ -1015,7 +1108,7 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, seconds_since: float
             run.writer.add_scalar("test/acc", test_acc, run.step)
     stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
              "train_madv": avg.madv, "train_acc": avg.acc, "masked_in": avg.masked_in, "test_acc": test_acc,
-             "time": time.time() - seconds_since}
+             "time": time.time() - epoch_start}
     if run.info.is_main:
         _append(run.out / "log.txt", LOG_HEADER,
                 f"{epoch + 1}\t{run.step}\t{result.lr:.6g}\t{result.wd:.6g}\t{avg.loss:.6g}\t{avg.sce:.6g}"
