@@ -426,7 +426,7 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
         radii: the requested radii of sequential CERTIFY; None: fixed n.
         skip_wrong: write wrong selection guesses without estimation.
     """
-    sampled = radii is not None or skip_wrong
+    row_type = certify_row_type(radii, skip_wrong)
 
     def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[tuple[int, float, int]]:
         return smoothed.certify_heads(x, n0, n, alpha, batch_size, radii=radii, generator=generator,
@@ -435,9 +435,19 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
     def to_row(idx: int, label: int, result: tuple[int, float, int], seconds: float) -> Row:
         prediction, radius, used = result
         values = (idx, label, int(prediction), float(radius), int(prediction == label), seconds)
-        return SampledRow(*values, int(used)) if sampled else Row(*values)
+        return SampledRow(*values, int(used)) if row_type is SampledRow else Row(*values)
 
-    return Method(SampledRow if sampled else Row, compute, to_row)
+    return Method(row_type, compute, to_row)
+
+
+def certify_row_type(radii: Optional[Sequence[float]], skip_wrong: bool) -> Type[Row]:
+    """The rows of :func:`certify_method`: :class:`logs.SampledRow` (with the column ``n``) for sequential CERTIFY
+    (``radii``) or ``skip_wrong``, else :class:`logs.Row`.
+
+    Args:
+        radii, skip_wrong: as for :func:`certify_method`.
+    """
+    return SampledRow if radii is not None or skip_wrong else Row
 
 
 def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> Method:
@@ -968,6 +978,7 @@ def run_certify(opts: RunOptions, argv: Sequence[str]) -> Optional[list[list[Log
     Returns:
         on rank 0 the rows of each log (one per classifier), else None.
     """
-    row_type = SampledRow if opts.sequential or opts.skip_wrong else Row
-    return run(opts, row_type, lambda smoothed, o: certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size,
-                                                                   o.radii, bool(o.skip_wrong)), list(argv))
+    def make_method(smoothed: Smooth, o: RunOptions) -> Method:
+        return certify_method(smoothed, o.N0, o.N, o.alpha, o.batch_size, o.radii, bool(o.skip_wrong))
+
+    return run(opts, certify_row_type(opts.radii, bool(opts.skip_wrong)), make_method, list(argv))
