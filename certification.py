@@ -33,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
-from logs import (LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log, merge_parts,
-                  open_for_append, part_path, read_done, read_sidecar, shard_path, sidecar_path, write_sidecar)
+from logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
+                  merge_parts, open_for_append, part_path, read_done, read_log, read_sidecar, shard_path, sidecar_path,
+                  write_sidecar)
 from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
                    check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
                    output_folder, remove_stale_temporary_files, resolve_device, resolve_precision, run_lock)
@@ -709,7 +710,6 @@ def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float, do
         done: replaces the parenthesis.
     """
     import analysis
-    from logs import ABSTAIN, read_log
 
     df = read_log(outfile)
     certify = df.attrs["kind"] == "certify"
