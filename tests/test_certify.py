@@ -445,7 +445,7 @@ def _complete_rows(paths) -> int:
     return sum(max(p.read_text().count("\n") - 1, 0) for p in paths if p.exists())
 
 
-def _signal_tree(pid: int, sig: int) -> None:
+def _signal_tree(pid: int, sig: int) -> list[int]:
     """Send ``sig`` to process ``pid`` and all its descendants (torchrun's workers run in sessions of their own, so
     a process group does not reach them; a scheduler kills them all, e.g. by cgroup)."""
     children: dict[int, list[int]] = {}
@@ -462,6 +462,23 @@ def _signal_tree(pid: int, sig: int) -> None:
     for p in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
+    return tree
+
+
+def _stop_tree(pid: int, timeout: float = 30) -> None:
+    """SIGSTOP process ``pid`` and its descendants and wait until each is stopped: a signal is delivered
+    asynchronously, and a process still running could finish one more row after kill() returns."""
+    tree = _signal_tree(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    for p in tree:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break  # gone
+            if state in ("T", "t", "Z", "X"):
+                break
+            time.sleep(0.005)
 
 
 def _wait_rows(paths, count: int, proc: subprocess.Popen, timeout: float = 240) -> int:
@@ -487,7 +504,7 @@ def test_a_second_run_on_a_running_log_is_refused(models, reference, tmp_path, c
     try:
         paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
         assert _wait_rows(paths, 4, proc) >= 4 and proc.poll() is None, proc.communicate()[0]
-        _signal_tree(proc.pid, signal.SIGSTOP)  # hold it mid-run
+        _stop_tree(proc.pid)  # hold it mid-run
         before = files_of(tmp_path)
         for second in (_args(models, out, "--resume"), _args(models, out), _args(models, out, "--overwrite")):
             line = cli_error(certify.main, second)
@@ -602,7 +619,9 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models,
     of the start-up); the final resumed log equals the uninterrupted one. FT_CADIS_FAULT_SEED replays a sequence."""
     seed = int(os.environ.get("FT_CADIS_FAULT_SEED", random.randrange(2**31)))
     rng = random.Random(seed)
-    extra = ["--max_images", "24", "--N", "300"]
+    # 4 kills, each after at most 4 new rows (plus the rows finished while the signal travels): 32 images always
+    # leave work for the last resume
+    extra = ["--max_images", "32", "--N", "300"]
     certify.main(_args(models, tmp_path / "ref" / "log.tsv", *extra))
     out = tmp_path / "run" / "log.tsv"
     args = _args(models, out, *extra, "--resume")
@@ -610,15 +629,16 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models,
     trace = [f"FT_CADIS_FAULT_SEED={seed}"]
     for launcher, sig in [(_cli, signal.SIGKILL), (_torchrun, signal.SIGKILL), (_cli, signal.SIGTERM),
                           (_torchrun, signal.SIGTERM)]:
-        target = _complete_rows(paths) + rng.randint(0, 4)
+        start = _complete_rows(paths)
+        target = start + rng.randint(0, 4)
         proc = launcher(args)
-        if target == _complete_rows(paths):
-            time.sleep(rng.uniform(0.0, 4.0))
+        if target == start:  # a random moment of the start-up: before the first new row
+            _wait_rows(paths, start + 1, proc, timeout=rng.uniform(0.0, 4.0))
         else:
             _wait_rows(paths, target, proc)
         _kill(proc, sig)
         trace.append(f"{launcher.__name__} {signal.Signals(sig).name} at {target}: {_complete_rows(paths)} rows")
-    assert _complete_rows(paths) < 24, trace  # the last resume has work left
+    assert _complete_rows(paths) < 32, trace  # the last resume has work left
     certify.main(args)
     assert _body(out) == _body(tmp_path / "ref" / "log.tsv"), trace
     assert sorted(p.name for p in out.parent.iterdir()) == ["log.tsv", "log.tsv.json"], trace

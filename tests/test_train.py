@@ -414,24 +414,26 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_run(tiny_mo
     not only those after the last resume). FT_CADIS_FAULT_SEED replays a sequence."""
     seed = int(os.environ.get("FT_CADIS_FAULT_SEED", random.randrange(2**31)))
     rng, trace = random.Random(seed), [f"FT_CADIS_FAULT_SEED={seed}"]
-    extra = ["--max_steps", "6", "--ckpt_every_steps", "1", "--no_test", "--num-steps", "1", "--no_tensorboard"]
+    # 3 kills, each after at most 2 new checkpoints (plus one written while the signal travels): 10 steps always
+    # leave work for the last resume
+    extra = ["--max_steps", "10", "--ckpt_every_steps", "1", "--no_test", "--num-steps", "1", "--no_tensorboard"]
     train.main(_args(tiny_models, tmp_path / "ref", *extra))
     out = tmp_path / "run"
     args = _args(tiny_models, out, *extra, "--resume", "auto")  # what a requeued job script runs every time
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-        target = _newest_step(out) + rng.randint(0, 2)
+        start = _newest_step(out)
+        target = start + rng.randint(0, 2)
         proc = _train_process(args)
-        deadline = time.monotonic() + 300
-        if target == _newest_step(out):
-            time.sleep(rng.uniform(0.0, 4.0))
-        while _newest_step(out) < target and proc.poll() is None and time.monotonic() < deadline:
+        # target == start: a random moment of the start-up, before the first new checkpoint
+        deadline = time.monotonic() + (rng.uniform(0.0, 4.0) if target == start else 300)
+        while _newest_step(out) < max(target, start + 1) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(sig)
         proc.wait(timeout=120)
         trace.append(f"{signal.Signals(sig).name} at step {target}: checkpoints up to {_newest_step(out)}")
-    assert _newest_step(out) < 6, trace  # the last resume has work left
+    assert _newest_step(out) < 10, trace  # the last resume has work left
     train.main(args)
-    ref, run = (torch.load(d / "checkpoint-step6.pth.tar", map_location="cpu", weights_only=True)
+    ref, run = (torch.load(d / "checkpoint-step10.pth.tar", map_location="cpu", weights_only=True)
                 for d in (tmp_path / "ref", out))
     assert all(torch.equal(ref["state_dict"][k], v) for k, v in run["state_dict"].items()), trace
     assert ref["optimizer"]["state"].keys() == run["optimizer"]["state"].keys()
