@@ -87,3 +87,20 @@ def lock_held_elsewhere():
 def cohen_logs(fixtures_dir: Path) -> Path:
     """Cohen et al.'s published certification and prediction logs (``certify/...``, ``predict/...``)."""
     return fixtures_dir / "cohen_logs"
+
+
+class _RunsACommand:
+    """What a malicious checkpoint carries: unpickling it (``torch.load(..., weights_only=False)``) creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def pickle_payload(tmp_path):
+    """(payload, marker): a checkpoint holding ``payload`` creates ``marker`` if it is ever unpickled."""
+    marker = tmp_path / "pwned"
+    return _RunsACommand(marker), marker

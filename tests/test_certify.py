@@ -586,15 +586,10 @@ def test_files_follow_the_umask_and_auto_precision_is_recorded(models, tmp_path)
     assert recorded == utils.resolve_precision("auto", torch.device("cpu")) and recorded in ("bf16", "fp32")
 
 
-def test_checkpoint_errors_name_the_flag_given_and_never_run_a_pickle(models, tmp_path, cli_error):
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
+def test_checkpoint_errors_name_the_flag_given_and_never_run_a_pickle(models, tmp_path, cli_error, pickle_payload):
+    payload, marker = pickle_payload
     evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": {"w": Payload()}}, evil)
+    torch.save({"state_dict": {"w": payload}}, evil)
     for flag in ("--finetuned_path", "--classifier_ckpt"):
         line = cli_error(certify.main, _args(models, tmp_path / "log.tsv") + [flag, evil])
         assert line.startswith(f"error: {flag} {evil}: unreadable checkpoint (refused: it holds pickled Python"), line

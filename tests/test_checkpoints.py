@@ -1,7 +1,6 @@
 """checkpoints.py: the one reader: weights_only loading, one-line errors naming flag and file, prefix stripping."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -54,14 +53,9 @@ def test_errors_name_flag_and_file(tmp_path):
     assert "found a dict without tensors" in _error(checkpoints.read_state_dict, tmp_path / "no_tensors.pt", "--x")
 
 
-def test_a_pickle_is_refused_and_never_run(tmp_path):
-    marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    for name, obj in (("evil.pt", {"w": Payload()}), ("module.pt", nn.Linear(2, 2))):
+def test_a_pickle_is_refused_and_never_run(tmp_path, pickle_payload):
+    payload, marker = pickle_payload
+    for name, obj in (("evil.pt", {"w": payload}), ("module.pt", nn.Linear(2, 2))):
         torch.save(obj, tmp_path / name)
         for mmap in (False, True):
             msg = _error(checkpoints.load, tmp_path / name, "--finetuned_path", mmap=mmap)

@@ -445,15 +445,10 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_run(tiny_mo
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
 
 
-def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, cli_error):
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
+def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, cli_error, pickle_payload):
+    payload, marker = pickle_payload
     evil = tmp_path / "checkpoint-1.pth.tar"
-    torch.save({"state_dict": Payload()}, evil)
+    torch.save({"state_dict": payload}, evil)
     for flag in ("--resume", "--load_from"):
         line = cli_error(train.main, _args(tiny_models, tmp_path / "run", flag, evil))
         assert f"{flag} {evil}: " in line and "refused: it holds pickled Python objects" in line, line
