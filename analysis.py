@@ -26,9 +26,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from logs import (ABSTAIN, LogWarning, expand_logs, is_log, read_log,  # noqa: F401 (analysis.read_log as before)
-                  read_sidecar)
-from utils import UserError
+from runkit.errors import UserError
+from runkit.logs import ABSTAIN, LogWarning, expand_logs, is_log, read_log  # noqa: F401 (analysis.read_log as before)
+from runkit.sidecars import read_sidecar
 
 FORMATS = ("table", "markdown", "latex", "csv")
 PLOT_SUFFIXES = (".png", ".pdf")
@@ -323,13 +323,13 @@ def check_plot_path(path: str | Path) -> Path:
 
 def check_outputs_are_not_inputs(outputs: dict[str, Optional[str | Path]], inputs: Sequence[str | Path]) -> None:
     """Refuse an output that is one of the logs read (``analyze.py LOG --out LOG`` would replace the log) or that
-    two outputs share; then check each output location (:func:`utils.check_output`).
+    two outputs share; then check each output location (:func:`runkit.files.check_output`).
 
     Args:
         outputs: flag -> output path (None: not given).
         inputs: the log files read.
     """
-    from utils import check_output
+    from runkit.files import check_output
 
     def same(a: Path, b: Path) -> bool:
         if a.exists() and b.exists():

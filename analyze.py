@@ -25,7 +25,8 @@ from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighPr
                       latex_table_certified_accuracy_acr, log_sigma, markdown_table_certified_accuracy, paper_table,
                       plot_certified_accuracy, plot_curves, plot_training_curves, radius_grid, read_log,
                       smallplot_certified_accuracy, summary_table)
-from utils import UserError, run_cli
+from runkit.cli import run_cli
+from runkit.errors import UserError
 
 # Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py
 __all__ = ["Accuracy", "ApproximateAccuracy", "HighProbAccuracy", "Line", "plot_certified_accuracy",

@@ -10,7 +10,7 @@ For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on
 * the **fast path**: :class:`core.Smooth` over :class:`core.DenoisedClassifier` after
   :func:`fast.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
   bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention
-  (``utils.attention``: its explicit form for bf16 on CPU), optional ``torch.compile``, class counts kept on the
+  (``unet.attention``: its explicit form for bf16 on CPU), optional ``torch.compile``, class counts kept on the
   device (one transfer per call);
 
 and reports every fast figure as a ratio to the reference, the share of samples whose predicted class matches the
@@ -52,9 +52,12 @@ from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth,
                   default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from fast import agreement, fast_model, prepare_inference_
+from runkit.cli import run_cli
+from runkit.devices import (PRECISION_CHOICES, autocast, precision_dtype, resolve_device, resolve_precision,
+                            torch_threads)
+from runkit.errors import UserError
+from runkit.files import atomic_write_text, check_output
 from training import clip_grad_per_param
-from utils import (PRECISION_CHOICES, UserError, atomic_write_text, autocast, check_output, precision_dtype,
-                   resolve_device, resolve_precision, run_cli, torch_threads)
 
 # Per configuration: the models, the paper's N (certification) and fine-tuning settings (METHOD §4), and the
 # default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).

@@ -33,12 +33,16 @@ import torch
 from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
-from logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
-                  merge_parts, open_for_append, part_path, read_done, read_log, read_sidecar, shard_path, sidecar_path,
-                  write_sidecar)
-from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_write_text, barrier, check_fingerprint, check_number,
-                   check_output, cleanup_distributed, file_fingerprint, init_distributed, job_run_lock, lock_path,
-                   output_folder, remove_stale_temporary_files, resolve_device, resolve_precision, run_lock)
+from runkit.cli import check_number
+from runkit.devices import PRECISION_CHOICES, resolve_device, resolve_precision
+from runkit.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from runkit.errors import UserError
+from runkit.files import (atomic_write_text, check_fingerprint, check_output, file_fingerprint, output_folder,
+                          remove_stale_temporary_files)
+from runkit.locks import job_run_lock, lock_path, run_lock
+from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
+                         merge_parts, open_for_append, part_path, read_done, read_log, shard_path)
+from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
 
 LOG_FORMAT = 1
 # the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
@@ -739,7 +743,7 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     (None on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``, one result
     per log) for the smoothed classifier; ``argv`` is recorded in the sidecars.
 
-    The job holds ``<outfile>.lock`` of every log (:func:`utils.job_run_lock`) from before the checks of what is on
+    The job holds ``<outfile>.lock`` of every log (:func:`runkit.locks.job_run_lock`) from before the checks of what is on
     disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once instead of
     mixing rows; a run refused before its first row leaves no folder it created.
 

@@ -35,8 +35,8 @@ import sys
 from typing import Optional, Sequence
 
 from certification import RunOptions, certify_parser, merge_request, merge_shards, resolve_options, run_certify
-from logs import Row, SampledRow
-from utils import run_cli
+from runkit.cli import run_cli
+from runkit.logs import Row, SampledRow
 
 get_parser = certify_parser  # certify.py's flags (defined in the library, which demo.py also runs)
 

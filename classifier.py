@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
-import checkpoints
-from checkpoints import DDP_PREFIX, strip_prefix
-from utils import UserError
+from runkit import checkpoints
+from runkit.checkpoints import DDP_PREFIX, strip_prefix
+from runkit.errors import UserError
 
 REPO = Path(__file__).resolve().parent
 ARCHS = ("cifar10_vit_base", "imagenet_vit_base", "digits_vit_tiny", "hf_vit")

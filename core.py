@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
-from logs import ABSTAIN
-from utils import autocast
+from runkit.devices import autocast
+from runkit.logs import ABSTAIN
 
 # ---------------------------------------------------------------------------------------------------------------
 # Section 1: smoothing and certification

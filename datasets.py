@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from utils import UserError
+from runkit.errors import UserError
 
 DATASETS = ("cifar10", "imagenet", "digits")
 SPLITS = ("train", "test")

@@ -33,7 +33,11 @@ import torch
 
 from classifier import DIGITS_CHECKPOINT
 from denoiser import default_checkpoint_path
-from utils import UserError, check_number, check_output, lock_path, resolve_device, run_cli, run_lock, torch_threads
+from runkit.cli import check_number, run_cli
+from runkit.devices import resolve_device, torch_threads
+from runkit.errors import UserError
+from runkit.files import check_output
+from runkit.locks import lock_path, run_lock
 
 DENOISER_CKPT = default_checkpoint_path("digits")  # the shipped models/digits_denoiser.pt
 CLASSIFIER_CKPT = DIGITS_CHECKPOINT  # the shipped models/digits_vit_tiny.pt
@@ -186,7 +190,7 @@ def compare_sequential(fixed_log: Path, sequential_log: Path, radii: Sequence[fl
                        ) -> dict[str, Any]:
     """Print (and write to ``out``) the fine-tuned classifier's table under fixed-N and sequential CERTIFY, with the
     estimation samples per image of each; returns them."""
-    from logs import read_log
+    from runkit.logs import read_log
 
     labels = [f"{FT_CADIS} fixed N", f"{FT_CADIS} sequential"]
     print(f"\n{FT_CADIS} under fixed-N and sequential CERTIFY (certify.py --sequential; same guarantee):")

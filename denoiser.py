@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import checkpoints
+from runkit import checkpoints
+from runkit.devices import precision_dtype, resolve_device
+from runkit.errors import UserError
 from unet import UNetModel
-from utils import UserError, precision_dtype, resolve_device
 
 __all__ = [
     "DENOISER_CONFIGS", "DiffusionDenoiser", "build_unet", "create_denoiser", "build_denoiser", "load_denoiser",

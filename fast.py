@@ -28,8 +28,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from classifier import ImageClassifier
 from core import DenoisedClassifier
 from denoiser import DiffusionDenoiser
-from unet import AttentionBlock
-from utils import attention, autocast, precision_dtype
+from runkit.devices import autocast, precision_dtype
+from unet import AttentionBlock, attention
 
 ATTENTION_TYPES = (Attention, AttentionBlock)  # the attention layers whose kernel the fast path chooses
 

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 from certification import (RunOptions, add_run_arguments, merge_request, merge_shards, predict_method,
                            resolve_options, run)
-from logs import PredictRow
-from utils import run_cli
+from runkit.cli import run_cli
+from runkit.logs import PredictRow
 
 
 def get_parser() -> argparse.ArgumentParser:

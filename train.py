@@ -18,8 +18,8 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from runkit.cli import flags_given, run_cli
 from training import NonFiniteLossError, add_config_arguments, config_from_args, train
-from utils import flags_given, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,13 +39,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-import checkpoints
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
-from utils import (PRECISION_CHOICES, DistInfo, UserError, atomic_torch_save, atomic_write_text, autocast, barrier,
-                   check_fingerprint, check_number, check_output, cleanup_distributed, file_fingerprint,
-                   init_distributed, job_run_lock, lock_path, output_folder,
-                   remove_stale_temporary_files, resolve_device, resolve_precision)
+from runkit import checkpoints
+from runkit.cli import check_number
+from runkit.devices import PRECISION_CHOICES, autocast, resolve_device, resolve_precision
+from runkit.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from runkit.errors import UserError
+from runkit.files import (atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint,
+                          output_folder, remove_stale_temporary_files)
+from runkit.locks import job_run_lock, lock_path
 
 # test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
 DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
@@ -350,7 +353,7 @@ def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
 
 def check_resume_checkpoint(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]]) -> None:
     """Refuse a ``--resume`` checkpoint of another dataset/arch/method or M, or whose denoiser (classifier) file now
-    holds other content than the one the run used (:func:`utils.file_fingerprint`).
+    holds other content than the one the run used (:func:`runkit.files.file_fingerprint`).
 
     Args:
         cfg: the resolved configuration.

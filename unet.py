@@ -11,7 +11,7 @@ One :class:`UNetModel` covers both families (written from the published architec
 ``state_dict()`` keys, shapes and order are exactly those of the upstream models, so the official checkpoints
 load with ``strict=True``. Numerics follow upstream: GroupNorm and the sinusoidal timestep embedding are computed
 in float32 (float64 when the input is float64) and cast back, so the model also runs under bf16/fp16 autocast.
-Attention is ``utils.attention`` (``F.scaled_dot_product_attention``; the explicit form where fast.py asks for it):
+Attention is :func:`attention` (``F.scaled_dot_product_attention``; the explicit form where fast.py asks for it):
 softmax(q·kᵀ/sqrt(d))·v is the same function upstream writes as softmax((q·d^-1/4)·(k·d^-1/4)ᵀ)·v. Tensors may be channels_last.
 """
 from __future__ import annotations
@@ -24,9 +24,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from utils import attention
+__all__ = ["UNetModel", "ResBlock", "AttentionBlock", "attention", "timestep_embedding"]
 
-__all__ = ["UNetModel", "ResBlock", "AttentionBlock", "timestep_embedding"]
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, explicit: bool = False
+              ) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v over the last two dimensions: ``[..., T_q, d]``, ``[..., T, d]`` -> ``[..., T_q, d]``.
+
+    ``F.scaled_dot_product_attention``; with ``explicit`` (chosen by the fast path, :mod:`fast`) the explicit
+    ``softmax((q·scale) kᵀ) v``: the same function, with the scores rounded to q's dtype before the softmax (the
+    fused kernels keep them in fp32).
+    """
+    if explicit:
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -38,12 +38,15 @@ for folder in (REPO, REPO / "scripts"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import fast  # noqa: E402
 from classifier import CIFAR10_HF_CONFIG, ImageClassifier, build_vit_from_hf_config  # noqa: E402
 from core import DenoisedClassifier  # noqa: E402
 from denoiser import load_denoiser  # noqa: E402
+import fast  # noqa: E402
+from runkit.cli import run_cli  # noqa: E402
+from runkit.devices import resolve_device, torch_threads  # noqa: E402
+from runkit.errors import UserError  # noqa: E402
+from runkit.files import atomic_torch_save  # noqa: E402
 from train_demo_models import accuracy, load_split, train_classifier  # noqa: E402
-from utils import UserError, atomic_torch_save, resolve_device, run_cli, torch_threads  # noqa: E402
 
 
 def vit_b(img_size: int, num_classes: int = 10) -> ImageClassifier:

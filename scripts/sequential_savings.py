@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from logs import read_log  # noqa: E402
 from core import default_sequential_radii, simulate_certify  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from runkit.cli import run_cli  # noqa: E402
+from runkit.errors import UserError  # noqa: E402
+from runkit.logs import read_log  # noqa: E402
 
 LOGS = REPO / "tests" / "fixtures" / "cohen_logs" / "certify"
 CONFIGS = {"cifar10": ("cifar10/resnet110", 100_000), "imagenet": ("imagenet/resnet50", 10_000)}

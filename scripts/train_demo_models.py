@@ -41,7 +41,10 @@ if str(REPO) not in sys.path:
 from classifier import ImageClassifier, get_architecture  # noqa: E402
 from datasets import get_dataset  # noqa: E402
 from denoiser import DiffusionDenoiser, build_denoiser, load_denoiser  # noqa: E402
-from utils import UserError, atomic_torch_save, autocast, resolve_device, run_cli  # noqa: E402
+from runkit.cli import run_cli  # noqa: E402
+from runkit.devices import autocast, resolve_device  # noqa: E402
+from runkit.errors import UserError  # noqa: E402
+from runkit.files import atomic_torch_save  # noqa: E402
 
 DENOISER_FILE = "digits_denoiser.pt"
 CLASSIFIER_FILE = "digits_vit_tiny.pt"

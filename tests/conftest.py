@@ -29,9 +29,9 @@ def fixtures_dir() -> Path:
 
 
 def _cli_error(main, argv, capsys) -> str:
-    """Run a CLI's ``main`` through ``utils.run_cli``; assert exit status 2 and exactly one ``error: ...`` line on
+    """Run a CLI's ``main`` through ``runkit.cli.run_cli``; assert exit status 2 and exactly one ``error: ...`` line on
     stderr (no traceback); return that line."""
-    from utils import run_cli
+    from runkit.cli import run_cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -63,8 +63,8 @@ def files_of():
 
 @contextlib.contextmanager
 def _lock_held_elsewhere(lock: Path, what: str = "--outfile x") -> Iterator[subprocess.Popen]:
-    """Another process holds ``utils.run_lock(lock)`` inside the block (it is killed at the end)."""
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from utils import run_lock\n"
+    """Another process holds ``runkit.locks.run_lock(lock)`` inside the block (it is killed at the end)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from runkit.locks import run_lock\n"
             f"with run_lock({str(lock)!r}, {what!r}):\n    print('locked', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

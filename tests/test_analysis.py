@@ -14,7 +14,7 @@ import pytest
 
 import analysis
 import analyze
-from utils import UserError
+from runkit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "fixtures" / "cohen_style_analysis.py"
@@ -245,7 +245,7 @@ def test_train_curves_written_logs_and_errors(tmp_path):
 
 def test_samples_per_image_of_logs_with_column_n(tmp_path):
     """A log with the column n (certify.py --sequential / --skip_wrong) gets samples/img, its mean; others '-'."""
-    from logs import HEADER
+    from runkit.logs import HEADER
 
     (tmp_path / "seq.tsv").write_text(HEADER + "\tn\n0\t1\t1\t0.5\t1\t0.1\t400\n1\t2\t3\t0.0\t0\t0.1\t0\n"
                                       "2\t2\t2\t0.25\t1\t0.1\t1100\n")

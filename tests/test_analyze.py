@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analyze
 from analysis import (LogWarning, abstention_rate, acr, certified_accuracy, clean_accuracy, envelope,
                       high_prob_certified_accuracy, read_log)
-from utils import UserError
+import analyze
+from runkit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RADII = np.round(np.arange(0, 1.5 + 1e-9, 0.25), 10)

@@ -14,7 +14,8 @@ import torch
 import bench
 from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth
 from denoiser import build_denoiser
-from utils import UserError, torch_threads
+from runkit.devices import torch_threads
+from runkit.errors import UserError
 
 
 def _digits_models(seed: int = 0):

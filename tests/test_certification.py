@@ -8,8 +8,8 @@ import torch
 
 import certification as C
 from core import DenoisedClassifier, Smooth, image_generator
-from logs import PREDICT_HEADER, PredictRow, read_rows
-from utils import torch_threads
+from runkit.devices import torch_threads
+from runkit.logs import PREDICT_HEADER, PredictRow, read_rows
 
 
 @pytest.fixture(autouse=True, scope="module")

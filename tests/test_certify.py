@@ -23,9 +23,11 @@ import torch
 
 import certify
 import core
-import utils
-from logs import HEADER, read_log
-from utils import UserError, run_cli, torch_threads
+from runkit import devices, files
+from runkit.cli import run_cli
+from runkit.devices import torch_threads
+from runkit.errors import UserError
+from runkit.logs import HEADER, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "100", "--max_images", "12",
@@ -583,7 +585,7 @@ def test_files_follow_the_umask_and_auto_precision_is_recorded(models, tmp_path)
     args[args.index("--precision") + 1] = "auto"
     certify.main(args)
     recorded = json.loads((tmp_path / "auto.tsv.json").read_text())["config"]["precision"]
-    assert recorded == utils.resolve_precision("auto", torch.device("cpu")) and recorded in ("bf16", "fp32")
+    assert recorded == devices.resolve_precision("auto", torch.device("cpu")) and recorded in ("bf16", "fp32")
 
 
 def test_checkpoint_errors_name_the_flag_given_and_never_run_a_pickle(models, tmp_path, cli_error, pickle_payload):
@@ -702,7 +704,7 @@ def test_an_unwritable_outfile_folder_is_an_error_before_the_models_load(models,
     ro = tmp_path / "ro"
     ro.mkdir()
     real = os.access
-    monkeypatch.setattr(utils.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
     line = cli_error(certify.main, _args(models, ro / "log.tsv"))
     assert f"--outfile {ro / 'log.tsv'}: cannot create files in {ro} (permission denied)" in line
     assert list(ro.iterdir()) == []

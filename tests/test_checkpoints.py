@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoints
-from utils import UserError
+from runkit import checkpoints
+from runkit.errors import UserError
 
 SD = {"a.weight": torch.arange(4.0), "b.bias": torch.ones(2)}
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import classifier as C
-from utils import UserError, atomic_torch_save
+from runkit.errors import UserError
+from runkit.files import atomic_torch_save
 
 # ---------------------------------------------------------------------------------------------------------------
 # HF -> timm conversion (fixtures/hf_vit)

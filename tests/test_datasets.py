@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import datasets as D
-from utils import UserError
+from runkit.errors import UserError
 
 
 def test_registry():

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-import demo
 from classifier import get_architecture
 from datasets import get_dataset
+import demo
 from denoiser import load_denoiser
-from utils import UserError
+from runkit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -136,7 +136,7 @@ def test_bad_values_are_one_line_errors_that_write_nothing(tmp_path, cli_error, 
 
 
 def test_a_demo_running_in_the_outdir_locks_it(tmp_path, cli_error, files_of, lock_held_elsewhere):
-    from utils import lock_path
+    from runkit.locks import lock_path
     out = tmp_path / "o"
     demo.prepare_outdir(out)
     (out / "table.md").write_text("the running demo's")

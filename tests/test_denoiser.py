@@ -12,8 +12,10 @@ import torch.nn as nn
 
 from denoiser import (DENOISER_CONFIGS, DiffusionDenoiser, build_denoiser, build_unet, create_denoiser,
                       load_denoiser)
+from runkit.devices import torch_threads
+from runkit.errors import UserError
+from runkit.files import atomic_torch_save
 from unet import AttentionBlock, UNetModel
-from utils import UserError, atomic_torch_save, torch_threads
 
 SMALL = ("improved_small", "guided_small")
 FULL = {"cifar10": "cifar10_uncond_50M_500K", "imagenet": "256x256_diffusion_uncond"}

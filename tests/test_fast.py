@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 import classifier as C
-import fast
 from core import DenoisedClassifier
 from denoiser import build_denoiser
-from utils import attention, torch_threads
+import fast
+from runkit.devices import torch_threads
+from unet import attention
 
 _SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=5)
 
@@ -147,7 +148,7 @@ def test_precast_weights_is_plain_autocast():
 
 
 def test_attention_sdpa_and_explicit_form():
-    """utils.attention: SDPA (= the textbook formula in float64); the explicit form is bit for bit
+    """unet.attention: SDPA (= the textbook formula in float64); the explicit form is bit for bit
     ``softmax((q·s)kᵀ)v`` in bf16, within bf16 rounding of the float64 result. fast chooses it for bf16 on CPU."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 29, 16, generator=g, dtype=torch.float64) for _ in range(3))

@@ -1,4 +1,4 @@
-"""logs.py: the one log reader/writer: row types, strict reading of our logs, appending, parts and merging."""
+"""runkit/logs.py: the one log reader/writer: row types, strict reading of our logs, appending, parts and merging."""
 from __future__ import annotations
 
 import subprocess
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import logs
-from logs import HEADER, PREDICT_HEADER, PredictRow, Row, merge_parts, open_for_append, read_log, read_rows
-from utils import UserError
+from runkit import logs, sidecars
+from runkit.errors import UserError
+from runkit.logs import HEADER, PREDICT_HEADER, PredictRow, Row, merge_parts, open_for_append, read_log, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [Row(0, 3, 3, 0.4123456789012345, 1, 1.25), Row(1, 2, -1, 0.0, 0, 0.5), Row(2, 7, 1, 0.1, 0, 2.0)]
@@ -76,10 +76,10 @@ def test_merge_parts(tmp_path):
     merged = merge_parts(out)
     assert [r.idx for r in merged] == [0, 1, 2]
     assert out.read_text() == logs.format_log(merged) and logs.existing_parts(out) == []
-    assert logs.sidecar_path(out).name == "log.tsv.json"
+    assert sidecars.sidecar_path(out).name == "log.tsv.json"
 
 
 def test_logs_and_analyze_do_not_import_torch():
-    code = "import sys, logs, analyze; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, runkit.logs, analyze; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import predict
-from logs import PREDICT_HEADER
-from utils import torch_threads
+from runkit.devices import torch_threads
+from runkit.logs import PREDICT_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

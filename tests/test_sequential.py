@@ -14,7 +14,7 @@ from scipy.stats import norm
 
 import core
 from core import Smooth, image_generator, sequential_plan, sequential_step, simulate_certify
-from utils import torch_threads
+from runkit.devices import torch_threads
 
 SIGMA = 0.5
 RADII = (0.0, 0.25, 0.5, 0.75)

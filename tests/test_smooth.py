@@ -11,7 +11,7 @@ from scipy.stats import beta, binom, norm
 
 import core
 from core import DenoisedClassifier, Smooth, block_seed, image_generator
-from utils import torch_threads
+from runkit.devices import torch_threads
 
 SIGMA = 0.5
 REPS = 2000  # repetitions for the measured validity tests

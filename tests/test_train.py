@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from runkit.errors import UserError
 import train
 import training
-from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,7 +327,7 @@ def test_bad_values_fail_before_work(tiny_models, tmp_path, cli_error, files_of,
 
 
 def test_a_run_in_the_outdir_locks_it(tiny_models, tmp_path, cli_error, files_of, lock_held_elsewhere):
-    from utils import lock_path
+    from runkit.locks import lock_path
     out = tmp_path / "run"
     out.mkdir()
     (out / "log_steps.txt").write_text("the running job's\n")
@@ -458,11 +458,11 @@ def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, 
 
 def test_an_unwritable_outdir_is_an_error_before_training(tiny_models, tmp_path, cli_error, files_of, monkeypatch):
     """(As root every folder is writable, so the permission is denied by a stand-in for os.access.)"""
-    import utils
+    from runkit import files
     ro = tmp_path / "ro"
     ro.mkdir()
     real = os.access
-    monkeypatch.setattr(utils.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
     line = cli_error(train.main, _args(tiny_models, ro / "run", "--max_steps", "1"))
     assert f"--outdir {ro / 'run'}: cannot create files in {ro} (permission denied)" in line
     assert files_of(tmp_path) == {} and list(ro.iterdir()) == []

@@ -17,7 +17,7 @@ A log is tab-separated text, one header line, one row per image:
   newline is the trace of an interrupted write and is left out (appending resumes before it); any other line that
   is not a row is an error naming the file and the line.
 
-Beside a log ``<outfile>`` live its configuration ``<outfile>.json`` (:func:`sidecar_path`, :func:`write_sidecar`, :func:`read_sidecar`) and, while a
+Beside a log ``<outfile>`` live its configuration ``<outfile>.json`` (:mod:`runkit.sidecars`) and, while a
 ``torchrun`` run is under way, one part per rank ``<outfile>.rank<r>`` (:func:`part_path`), merged into one
 idx-sorted log by :func:`merge_parts`. A run cut into independent shards (Slurm arrays) writes one log per shard,
 ``<outfile>.shard<k>of<s>`` (:func:`shard_path`), each with its own sidecar and parts, merged by
@@ -26,7 +26,6 @@ idx-sorted log by :func:`merge_parts`. A run cut into independent shards (Slurm 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -37,7 +36,8 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO, Type, Ty
 import numpy as np
 import pandas as pd
 
-from utils import UserError, atomic_write_text
+from runkit.errors import UserError
+from runkit.files import atomic_write_text
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -415,45 +415,6 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
         row = row_type.from_values(dict(zip(parsed.names, values)))
         rows.setdefault(row.idx, row)  # type: ignore[attr-defined]
     return rows, end
-
-
-def sidecar_path(outfile: Path) -> Path:
-    """``<outfile>.json``: the configuration a log was written with."""
-    return outfile.with_name(outfile.name + ".json")
-
-
-def write_sidecar(outfile: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write ``{"config": config, "info": info}`` to :func:`sidecar_path` (atomically): what determines the rows
-    (``config``) and what is only information about the run (``info``).
-
-    Args:
-        outfile: the log.
-        config: what determines its rows.
-        info: information about the run.
-    """
-    atomic_write_text(sidecar_path(outfile), json.dumps({"config": config, "info": info}, indent=1) + "\n")
-
-
-def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
-    """The ``{"config": ..., "info": ...}`` recorded beside a log; a :class:`UserError` starting with ``flag`` and
-    ending with ``advice`` when it is absent or not one.
-
-    Args:
-        outfile: the log.
-        flag: the flag that names it (the error's start).
-        advice: what to do (the error's end).
-    """
-    side = sidecar_path(outfile)
-    if not side.is_file():
-        raise UserError(f"{flag}: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
-                        f"against this run; {advice}")
-    try:
-        recorded = json.loads(side.read_text(encoding="utf-8"))
-    except ValueError:
-        recorded = None
-    if not (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)):
-        raise UserError(f"{flag}: {side} is not a configuration file of this kind; {advice}")
-    return recorded
 
 
 def part_path(outfile: Path, rank: int) -> Path:

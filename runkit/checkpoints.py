@@ -13,16 +13,28 @@ What a state dict's keys mean (timm, Hugging Face, the paper's layouts) is decid
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from utils import UserError, load_error_message
+from runkit.errors import UserError
 
 StateDict = dict[str, torch.Tensor]
 DDP_PREFIX = "module."  # what DistributedDataParallel puts before every key of the model it wraps
 WRAPPER_KEYS = ("state_dict", "model")  # where a checkpoint dict may hold the state dict
+
+
+def load_error_message(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line. A file it refused because it holds pickled
+    Python objects other than tensors is said to be refused, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file carries)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in text.lower():
+        return ("refused: it holds pickled Python objects besides tensors, and loading those could run code from the "
+                "file; use a checkpoint saved as a state dict of tensors, from a source you trust")
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text.strip() else type(err).__name__
 
 
 def load(path: str | Path, flag: str, mmap: bool = False) -> Any:

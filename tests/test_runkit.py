@@ -1,4 +1,4 @@
-"""utils.py: run locks (with real second processes), content fingerprints, file modes, output and flag checks,
+"""runkit: run locks (with real second processes), content fingerprints, file modes, output and flag checks,
 devices and --precision auto."""
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
-from utils import (UserError, atomic_torch_save, atomic_write_text, check_fingerprint, check_number,
-                   check_output, cpu_has_native_bf16, file_fingerprint, lock_path,
-                   resolve_device, resolve_precision, run_lock)
+from runkit import devices, files
+from runkit.cli import check_number
+from runkit.devices import cpu_has_native_bf16, resolve_device, resolve_precision
+from runkit.errors import UserError
+from runkit.files import atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint
+from runkit.locks import lock_path, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,8 @@ def test_run_lock_refuses_this_process_twice_and_keeps_the_first(tmp_path):
         # the refused attempt must not have released the first lock (POSIX locks drop on any close)
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(REPO)!r})
-            from utils import run_lock, UserError
+            from runkit.errors import UserError
+            from runkit.locks import run_lock
             try:
                 with run_lock({str(lock)!r}, "--outdir d"):
                     print("acquired")
@@ -69,9 +72,9 @@ def test_fingerprint_full_and_sampled(tmp_path, monkeypatch):
     b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert file_fingerprint(a) != file_fingerprint(b)
     # large files: sampled chunks (the first and last included), size in the fingerprint
-    monkeypatch.setattr(utils, "FINGERPRINT_FULL_BYTES", 1000)
-    monkeypatch.setattr(utils, "FINGERPRINT_CHUNK", 100)
-    monkeypatch.setattr(utils, "FINGERPRINT_CHUNKS", 8)
+    monkeypatch.setattr(files, "FINGERPRINT_FULL_BYTES", 1000)
+    monkeypatch.setattr(files, "FINGERPRINT_CHUNK", 100)
+    monkeypatch.setattr(files, "FINGERPRINT_CHUNKS", 8)
     fp = file_fingerprint(a)
     for offset in (0, 300_000 - 1, (300_000 - 100) * 3 // 7 + 50):
         changed = bytearray(data)
@@ -99,7 +102,7 @@ def test_atomic_writes_follow_the_umask(tmp_path):
         assert (tmp_path / "a.json").read_text() == "[]\n"
     finally:
         os.umask(old)
-    assert utils.process_umask() == old
+    assert files.process_umask() == old
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -175,14 +178,14 @@ def test_precision_auto(monkeypatch):
     assert not cpu_has_native_bf16(CPUINFO.format("avx512f"))
     assert not cpu_has_native_bf16("")
     cpu = torch.device("cpu")
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda cpuinfo=None: True)
     assert resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("fp16", cpu) == "fp16"
     with pytest.raises(UserError, match=r"^--precision 'fp64': choose one of auto, fp32, bf16, fp16"):
         resolve_precision("fp64", cpu)
-    monkeypatch.setattr(utils, "_WARNED", set())
+    monkeypatch.setattr(devices, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_precision("bf16", cpu) == "bf16"
@@ -201,10 +204,10 @@ def test_run_lock_in_a_folder_that_does_not_exist_is_a_user_error(tmp_path):
 def test_bf16_without_native_support_is_not_auto_and_warns_with_its_measured_cost():
     """A real process whose oneDNN may use AVX2 at most (as on an AVX2-only CPU): auto is fp32, and an explicit bf16
     warns once with the probe's rates, bf16 measurably slower than fp32."""
-    code = ("import sys, warnings, torch; sys.path.insert(0, %r); import utils\n"
+    code = ("import sys, warnings, torch; sys.path.insert(0, %r); from runkit import devices\n"
             "warnings.simplefilter('always')\n"
-            "print(utils.resolve_precision('auto', torch.device('cpu')))\n"
-            "print(utils.resolve_precision('bf16', torch.device('cpu')))\n" % str(REPO))
+            "print(devices.resolve_precision('auto', torch.device('cpu')))\n"
+            "print(devices.resolve_precision('bf16', torch.device('cpu')))\n" % str(REPO))
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,15 @@
+"""The run machinery beside the method: what every script shares so that a bad flag, a missing file, an interrupted
+or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CADIS itself.
+
+* :mod:`runkit.errors`: :class:`~runkit.errors.UserError`, the one-line error about the user's input.
+* :mod:`runkit.cli`: ``run_cli`` (``error:`` line, exit 2), ``flags_given``, ``check_number``.
+* :mod:`runkit.devices`: devices, autocast precision (``--precision auto``), CPU threads.
+* :mod:`runkit.files`: atomic writes, temporary files of killed writers, content fingerprints, output checks.
+* :mod:`runkit.locks`: run locks (one run per output, released by the kernel however the holder exits).
+* :mod:`runkit.distributed`: ``torchrun`` set-up (``DistInfo``, ``init_distributed``, ``barrier``).
+* :mod:`runkit.logs`: the one reader/writer of tab-separated logs (rows, rank parts, shard paths).
+* :mod:`runkit.sidecars`: the configuration beside an output (``<outfile>.json``).
+* :mod:`runkit.checkpoints`: the one checkpoint reader.
+
+Importing the package imports nothing else (analysis starts without torch).
+"""

@@ -1,0 +1,65 @@
+"""What the command-line scripts share: running ``main`` (``error:`` line, exit 2), which flags were given, and
+number checks that name their flag."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from runkit.errors import UserError
+
+if TYPE_CHECKING:
+    import argparse
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Run a script's ``main`` and turn a :class:`UserError` into ``error: <message>`` and exit status 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def flags_given(parser: "argparse.ArgumentParser", argv: Optional[Sequence[str]]) -> set[str]:
+    """The destinations of the options ``argv`` gives explicitly (a flag given at its default value counts).
+
+    Args:
+        parser: the CLI's parser.
+        argv: its arguments (None: ``sys.argv[1:]``).
+    """
+    import argparse
+
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=namespace)
+    return {name for name, value in vars(namespace).items() if value is not unset}
+
+
+def check_number(flag: str, value: Optional[float], low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse a flag value that is not a finite number in [low, high] (an end is excluded when ``*_open``).
+
+    Args:
+        flag: the flag, e.g. ``"--sigma"`` (named in the error).
+        value: its value; None (flag not given) passes.
+        low: smallest allowed value (None: no bound).
+        high: largest allowed value (None: no bound).
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+    """
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        bounds = ([] if low is None else [f"{'>' if low_open else '>='} {low:g}"]) + \
+                 ([] if high is None else [f"{'<' if high_open else '<='} {high:g}"])
+        wanted = "a finite number"
+        if bounds:
+            wanted += " " + " and ".join(bounds)
+        raise UserError(f"{flag} {value}: must be {wanted}")

@@ -1,0 +1,200 @@
+"""Files a run writes and reads: atomic writes with the modes of a plain ``open``, temporary files a killed writer
+left, content fingerprints, and the checks of output locations before any work starts."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from runkit.errors import UserError
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status``), else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike, mode: str, **open_kwargs: Any) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it onto ``path``, on failure remove it.
+
+    The file gets the mode a plain ``open`` would give it: an existing ``path``'s mode, else 0666 less the umask
+    (``mkstemp`` alone creates 0600, unreadable to the colleagues the umask admits).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            file_mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            file_mode = 0o666 & ~process_umask()
+        os.fchmod(fd, file_mode)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temporary_files(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove the temporary files that atomic writes of ``folder/name`` left when their process was killed (call
+    only while holding the folder's (or the file's) run lock: a live writer's temporary file looks the same).
+
+    Args:
+        folder: the folder.
+        name: the file name (a glob) whose temporary files to remove.
+    """
+    stale = [p for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    import torch
+
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, fsync, rename: never a half-written file."""
+    with _atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Content fingerprints
+# ---------------------------------------------------------------------------------------------------------------
+
+FINGERPRINT_FULL_BYTES = 64 << 20  # files up to this size are hashed whole
+FINGERPRINT_CHUNK = 64 << 10
+FINGERPRINT_CHUNKS = 256  # larger files: this many chunks, evenly spaced, first and last included
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """``"<size>:<sha256 hex>"`` of a file's content (of a folder's files), cheap even for multi-GB checkpoints.
+
+    Up to 64 MiB the whole file is hashed; above, 256 chunks of 64 KiB evenly spaced from the first byte to the last
+    (16 MiB read, well under a second for a 2 GB file). Two checkpoints of one architecture differ in every
+    floating-point chunk, so a sample tells them apart; the size is part of the fingerprint.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    if path.is_dir():  # a Hugging Face folder: the fingerprints of its files
+        files = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+        digest = hashlib.sha256("".join(f"{q.relative_to(path)}={file_fingerprint(q)};" for q in files).encode())
+        return f"{sum(q.stat().st_size for q in files)}:{digest.hexdigest()}"
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_FULL_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            last = size - FINGERPRINT_CHUNK
+            for i in range(FINGERPRINT_CHUNKS):
+                f.seek(last * i // (FINGERPRINT_CHUNKS - 1))
+                digest.update(f.read(FINGERPRINT_CHUNK))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def check_fingerprint(path: str | os.PathLike, recorded: Optional[str], flag: str, where: str) -> None:
+    """Refuse ``path`` when its content differs from the fingerprint ``recorded`` for it (None: nothing recorded).
+
+    Args:
+        path: the file given now.
+        recorded: its :func:`file_fingerprint` at the time of ``where``.
+        flag: the flag that names the file (for the message).
+        where: what recorded it, e.g. ``"the log runs/a.tsv"``.
+    """
+    if recorded is not None and file_fingerprint(path) != recorded:
+        raise UserError(f"{flag} {path}: not the file {where} was written with (same name, other content); "
+                        "resume with that very file, or start a new output")
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of output locations (before any work starts)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable_under(path: Path, flag: str, shown: str | os.PathLike) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder we may write into."""
+    base = _first_existing(path)
+    if not base.is_dir():
+        raise UserError(f"{flag} {shown}: {base} is a file, not a folder; choose another {flag}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {shown}: cannot create files in {base} (permission denied); choose another {flag}")
+
+
+def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> Path:
+    """Check, before any work starts, that ``path`` can be written: an existing writable file (or folder when
+    ``folder``), or creatable (its nearest existing ancestor is a folder we may write into). Creates nothing.
+
+    Args:
+        path: the output file, or folder when ``folder``.
+        flag: the flag that names it (every error names it).
+        folder: whether ``path`` is an output folder.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder; choose another {flag}")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name a file")
+    if not folder and p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable (permission denied); choose another {flag}")
+    _check_creatable_under(p if folder else p.parent, flag, path)
+    return p
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Create ``folder`` (and missing parents) for a run; if the run then fails, remove the folders this created
+    that are still empty, so that a refused run leaves nothing behind.
+
+    Args:
+        folder: the folder a run writes into.
+    """
+    folder = Path(folder)
+    missing, p = [], Path(os.path.abspath(folder))
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for d in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
