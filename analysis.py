@@ -28,7 +28,7 @@ import pandas as pd
 
 from runkit.errors import UserError
 from runkit.logs import ABSTAIN, LogWarning, expand_logs, is_log, read_log  # noqa: F401 (analysis.read_log as before)
-from runkit.sidecars import read_sidecar
+from runkit.sidecars import read_sidecar, sidecar_path
 
 FORMATS = ("table", "markdown", "latex", "csv")
 PLOT_SUFFIXES = (".png", ".pdf")
@@ -263,8 +263,13 @@ def format_markdown(table: pd.DataFrame) -> str:
     for lab in table.index:
         cells = [f"**{_cell(c, table.loc[lab, c])}**" if mask.loc[lab, c] else _cell(c, table.loc[lab, c])
                  for c in table.columns]
-        out.append(f"| {lab} | " + " | ".join(cells) + " |")
+        out.append(f"| {markdown_escape(str(lab))} | " + " | ".join(cells) + " |")
     return f"{_caption(table)}\n\n" + "\n".join(out) + "\n"
+
+
+def markdown_escape(text: str) -> str:
+    """A label as one Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(text.replace("|", r"\|").splitlines()) if text else text
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -620,14 +625,28 @@ def log_sigma(path: str | Path) -> Optional[float]:
     component with ``sigma_<s>`` (Cohen's layout ``.../noise_0.50/test/sigma_0.50``).
     """
     try:
-        return float(read_sidecar(Path(path), "log", "")["config"]["sigma"])
+        sigma = float(read_sidecar(Path(path), "log", "")["config"]["sigma"])
     except (UserError, ValueError, KeyError, TypeError):  # no sidecar of ours, or one without a sigma
-        pass
+        sigma = None
+    if sigma is not None:
+        return check_sigma(sigma, f"{sidecar_path(Path(path))}: records sigma {sigma:g}")
     for part in reversed(Path(path).parts):
         match = _SIGMA_IN_NAME.search(part)
         if match:
             return float(match.group(1))
     return None
+
+
+def check_sigma(sigma: float, where: str) -> float:
+    """``sigma`` when it is a noise level (a finite number > 0); else a :class:`UserError` starting with ``where``.
+
+    Args:
+        sigma: the value.
+        where: what gave it (the error's start).
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"{where}: a noise level sigma is a finite number > 0")
+    return sigma
 
 
 def envelope_label(sigmas: Sequence[float]) -> str:
@@ -747,7 +766,7 @@ def format_paper_markdown(table: pd.DataFrame) -> str:
     head = "| σ | method | ACR | " + " | ".join(table.attrs["radius_columns"]) + " |"
     lines = [head, "|:---|:---|" + "---:|" * (1 + len(table.attrs["radius_columns"]))]
     for group, method, cells in _paper_cells(table, ("**", "**"), (" (", ")"), "-"):
-        lines.append(f"| {group} | {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_escape(group)} | {markdown_escape(method)} | " + " | ".join(cells) + " |")
     return f"{_paper_caption(table)}\n\n" + "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighProbAccuracy, Line, LogWarning,
-                      check_outputs_are_not_inputs, check_plot_path, default_labels, default_radii, expand_logs,
+                      check_outputs_are_not_inputs, check_plot_path, check_sigma, default_labels, default_radii, expand_logs,
                       format_paper_latex, format_paper_markdown, latex_table_certified_accuracy,
                       latex_table_certified_accuracy_acr, log_sigma, markdown_table_certified_accuracy, paper_table,
                       plot_certified_accuracy, plot_curves, plot_training_curves, radius_grid, read_log,
@@ -75,7 +75,7 @@ def _sigmas(args: argparse.Namespace, paths: list[Path]) -> list[float]:
     if args.sigmas is not None:
         if len(args.sigmas) != len(paths):
             raise UserError(f"--sigmas: got {len(args.sigmas)} values for {len(paths)} logs")
-        return list(args.sigmas)
+        return [check_sigma(s, f"--sigmas {s:g}") for s in args.sigmas]
     sigmas = [log_sigma(p) for p in paths]
     unknown = [str(p) for p, s in zip(paths, sigmas) if s is None]
     if unknown:

@@ -256,3 +256,36 @@ def test_samples_per_image_of_logs_with_column_n(tmp_path):
     text = analysis.format_text(table)
     assert "samples/img" in text and "500" in text.split("\n")[3]
     assert analysis.SAMPLES_COLUMN not in analysis.summary_table(dfs[1:], ["fixed"], np.array([0.0])).columns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sigmas that are no noise level; labels that would break a Markdown table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "NaN", "Infinity", "0"])
+def test_paper_style_refuses_a_sidecar_sigma_that_is_no_noise_level(cohen_logs, tmp_path, cli_error, value):
+    log = tmp_path / "ours.tsv"
+    log.write_text((cohen_logs / CIFAR.format("0.50")).read_text())
+    (tmp_path / "ours.tsv.json").write_text('{"config": {"sigma": %s}}' % value)
+    line = cli_error(analyze.main, [log, "--style", "paper", "--format", "markdown"])
+    assert "ours.tsv.json" in line and "sigma" in line and "finite number > 0" in line
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+def test_paper_style_refuses_sigmas_that_are_no_noise_level(cohen_logs, cli_error, value):
+    line = cli_error(analyze.main, [cohen_logs / CIFAR.format("0.50"), "--style", "paper", "--sigmas", value])
+    assert line.startswith(f"error: --sigmas {value}") and "finite number > 0" in line
+
+
+def test_markdown_escapes_pipes_and_newlines_in_labels(cohen_logs):
+    path = str(cohen_logs / CIFAR.format("0.50"))
+    plain = analyze.main([path, path, "--labels", "a|b", "c\nd", "--format", "markdown", "--radii", "0", "0.5", "0.25"])
+    text = analysis.format_markdown(plain)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith(r"| a\|b | ") and rows[2].startswith("| c d | ") and len(rows) == 3
+    assert all(len(re.split(r"(?<!\\)\|", row)) == len(re.split(r"(?<!\\)\|", rows[0])) for row in rows)
+    paper = analyze.main([path, path, "--labels", "a|b", "c\nd", "--style", "paper", "--sigmas", "0.5", "0.5",
+                          "--format", "markdown", "--radii", "0", "0.5", "0.25"])
+    rows = [line for line in analysis.format_paper_markdown(paper).splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[1] for row in rows[1:]] == [r"a\|b", "c d"]
