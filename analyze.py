@@ -6,7 +6,8 @@
     python analyze.py --train RUN_DIR [--plot FILE.png|FILE.pdf]      # training curves from train.py's text logs
 
 The library is :mod:`analysis`. Scripts written against Cohen et al.'s ``analyze.py`` keep working:
-``from analyze import ApproximateAccuracy, Line, plot_certified_accuracy, ...`` gets the names re-exported here.
+``from analyze import ApproximateAccuracy, Line, plot_certified_accuracy, ...`` gets the names of
+:mod:`cohen_analysis` re-exported here.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import (FORMATS, FORMATTERS, Accuracy, ApproximateAccuracy, HighProbAccuracy, Line, LogWarning,
-                      check_outputs_are_not_inputs, check_plot_path, check_sigma, default_labels, default_radii, expand_logs,
-                      format_paper_latex, format_paper_markdown, latex_table_certified_accuracy,
-                      latex_table_certified_accuracy_acr, log_sigma, markdown_table_certified_accuracy, paper_table,
-                      plot_certified_accuracy, plot_curves, plot_training_curves, radius_grid, read_log,
-                      smallplot_certified_accuracy, summary_table)
+from analysis import (FORMATS, FORMATTERS, LogWarning, check_outputs_are_not_inputs, check_plot_path, check_sigma,
+                      default_labels, default_radii, expand_logs, format_paper_latex, format_paper_markdown, log_sigma,
+                      paper_table, plot_curves, plot_training_curves, radius_grid, read_log, summary_table)
+from cohen_analysis import (Accuracy, ApproximateAccuracy, HighProbAccuracy, Line,  # noqa: F401 (re-exported)
+                            latex_table_certified_accuracy, latex_table_certified_accuracy_acr,
+                            markdown_table_certified_accuracy, plot_certified_accuracy, smallplot_certified_accuracy)
 from runkit.cli import run_cli
 from runkit.errors import UserError
 
