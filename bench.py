@@ -52,6 +52,7 @@ from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth,
                   default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from fast import agreement, fast_model, prepare_inference_
+from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
 from runkit.cli import run_cli
 from runkit.devices import (PRECISION_CHOICES, autocast, precision_dtype, resolve_device, resolve_precision,
                             torch_threads)
@@ -59,20 +60,27 @@ from runkit.errors import UserError
 from runkit.files import atomic_write_text, check_output
 from training import clip_grad_per_param
 
-# Per configuration: the models, the paper's N (certification) and fine-tuning settings (METHOD §4), and the
-# default batch sizes / iteration counts on CPU and CUDA (CPU: small, so that a run takes minutes).
-CONFIGS: Dict[str, Dict[str, Any]] = {
-    "cifar10": dict(denoiser="cifar10", arch="cifar10_vit_base", image_size=32, num_classes=10, N=100_000,
-                    ft_method="full", num_noises=4, attack_steps=4, lbd=4.0, layer_decay=0.65,
-                    cpu=dict(batch_size=16, iters=2, ft_images=1), cuda=dict(batch_size=500, iters=10, ft_images=8)),
-    "imagenet": dict(denoiser="imagenet", arch="imagenet_vit_base", image_size=224, num_classes=1000, N=10_000,
-                     ft_method="lora", num_noises=2, attack_steps=1, lbd=2.0, layer_decay=0.9,
-                     cpu=dict(batch_size=2, iters=1, ft_images=1), cuda=dict(batch_size=64, iters=5, ft_images=8)),
-    "digits": dict(denoiser="digits", arch="digits_vit_tiny", image_size=16, num_classes=10, N=100_000,
-                   ft_method="full", num_noises=4, attack_steps=4, lbd=4.0, layer_decay=0.65,
-                   cpu=dict(batch_size=256, iters=4, ft_images=8), cuda=dict(batch_size=4096, iters=10, ft_images=32)),
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration: ``preset`` gives the models, image size and classes, ``protocol`` the paper's N and
+    fine-tuning settings (METHOD §4; digits is timed with CIFAR-10's), ``cpu`` / ``cuda`` the default batch sizes and
+    iteration counts per device (CPU: small, so that a run takes minutes)."""
+
+    preset: Preset
+    protocol: Preset
+    cpu: Dict[str, int]
+    cuda: Dict[str, int]
+
+
+CONFIGS: Dict[str, BenchConfig] = {
+    "cifar10": BenchConfig(CIFAR10, CIFAR10, cpu=dict(batch_size=16, iters=2, ft_images=1),
+                           cuda=dict(batch_size=500, iters=10, ft_images=8)),
+    "imagenet": BenchConfig(IMAGENET, IMAGENET, cpu=dict(batch_size=2, iters=1, ft_images=1),
+                            cuda=dict(batch_size=64, iters=5, ft_images=8)),
+    "digits": BenchConfig(DIGITS, CIFAR10, cpu=dict(batch_size=256, iters=4, ft_images=8),
+                          cuda=dict(batch_size=4096, iters=10, ft_images=32)),
 }
-N0 = 100  # selection samples of CERTIFY, counted in the seconds per image
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,24 +254,24 @@ def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: O
     """The denoiser and classifier of a configuration: ``denoiser_ckpt`` / ``classifier_ckpt`` when given (as
     ``certify.py`` loads them), else shipped weights for ``digits`` when present (``weights`` = ``auto``), else
     random weights (timing only; ``weights`` = ``random`` forces them)."""
-    cfg = CONFIGS[name]
+    cfg = CONFIGS[name].preset
     shipped = (name == "digits" and weights == "auto" and default_checkpoint_path("digits").is_file()
                and DIGITS_CHECKPOINT.is_file())
     torch.manual_seed(0)
     if denoiser_ckpt is not None:
-        denoiser = load_denoiser(cfg["denoiser"], denoiser_ckpt, device=device)
+        denoiser = load_denoiser(cfg.denoiser, denoiser_ckpt, device=device)
     elif shipped:
         denoiser = load_denoiser("digits", device=device)
     else:
-        denoiser = build_denoiser(cfg["denoiser"])
+        denoiser = build_denoiser(cfg.denoiser)
         _randomize_zero_init(denoiser.unet)
     if classifier_ckpt is not None:
-        classifier = get_architecture(cfg["arch"], num_classes=cfg["num_classes"], checkpoint=classifier_ckpt,
+        classifier = get_architecture(cfg.arch, num_classes=cfg.num_classes, checkpoint=classifier_ckpt,
                                       device=device)
     elif shipped:
-        classifier = get_architecture(cfg["arch"], pretrained=True, device=device)
+        classifier = get_architecture(cfg.arch, pretrained=True, device=device)
     else:
-        classifier = get_architecture(cfg["arch"], num_classes=cfg["num_classes"])
+        classifier = get_architecture(cfg.arch, num_classes=cfg.num_classes)
     kinds = ["checkpoint" if denoiser_ckpt else "shipped" if shipped else "random",
              "checkpoint" if classifier_ckpt else "shipped" if shipped else "random"]
     denoiser = denoiser.to(device).eval().requires_grad_(False)
@@ -277,7 +285,7 @@ def build_models(name: str, device: torch.device, weights: str, denoiser_ckpt: O
 def test_images(name: str, count: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` clean images [count, 3, S, S] in [0, 1] and labels: digits test images for ``digits``, else smooth
     random images (bilinear upsampling of 4x4 uniform noise; random weights have no data to match)."""
-    size = CONFIGS[name]["image_size"]
+    size = CONFIGS[name].preset.image_size
     if name == "digits":
         from datasets import get_dataset
         data = get_dataset("digits", "test")
@@ -288,7 +296,7 @@ def test_images(name: str, count: int, device: torch.device, seed: int = 0) -> t
     g = torch.Generator().manual_seed(seed)
     x = F.interpolate(torch.rand(count, 3, 4, 4, generator=g), size=(size, size), mode="bilinear",
                       align_corners=False)
-    return x.to(device), torch.randint(0, CONFIGS[name]["num_classes"], (count,), generator=g).to(device)
+    return x.to(device), torch.randint(0, CONFIGS[name].preset.num_classes, (count,), generator=g).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,15 +397,15 @@ class FinetuneStep:
     def __init__(self, name: str, classifier: ImageClassifier, denoiser: DiffusionDenoiser, sigma: float,
                  precision: str, reference: bool, masked_only: bool, device: torch.device, eps: float = 64.0,
                  clip_grad: float = 0.3):
-        cfg = CONFIGS[name]
+        cfg = CONFIGS[name].protocol.train
         self.classifier = classifier.train()
         self.sigma = sigma
         self.t_star = denoiser.timestep_for_sigma(sigma)
-        self.M, self.lbd, self.steps = cfg["num_noises"], cfg["lbd"], cfg["attack_steps"]
+        self.M, self.lbd, self.steps = cfg.num_noises, cfg.lbd, cfg.num_steps
         self.eps_pixels = eps_pixels(eps)
         self.precision, self.reference, self.masked_only = precision, reference, masked_only
         self.device, self.clip_grad = device, clip_grad
-        groups = param_groups_lrd(classifier, weight_decay=0.04, layer_decay=cfg["layer_decay"])
+        groups = param_groups_lrd(classifier, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
         self.params = [p for g in groups for p in g["params"]]
         if reference:
             self.optimizer = torch.optim.AdamW(groups, lr=1e-5)
@@ -471,8 +479,8 @@ def bench_config(name: str, device: torch.device, opts: BenchOptions, log: Calla
                  ) -> Dict[str, Any]:
     """Time the reference and the fast paths of configuration ``name``; returns its JSON record."""
     cfg = CONFIGS[name]
-    dflt = cfg["cuda" if device.type == "cuda" else "cpu"]
-    N = opts.N or cfg["N"]
+    dflt = cfg.cuda if device.type == "cuda" else cfg.cpu
+    N = opts.N or cfg.protocol.N
     iters = opts.iters or dflt["iters"]
     models = build_models(name, device, opts.weights, opts.denoiser_ckpt, opts.classifier_ckpt)
     denoiser, classifier, sigma = models["denoiser"], models["classifier"], opts.sigma
@@ -496,9 +504,9 @@ def bench_config(name: str, device: torch.device, opts: BenchOptions, log: Calla
     if opts.heads:
         issue15["heads"] = bench_heads(name, models, sigma, device, opts.heads, dflt["batch_size"], iters)
     return {
-        **issue15, "config": name, "weights": models["weights"], "denoiser": cfg["denoiser"], "classifier": cfg["arch"],
-        "denoiser_params": models["denoiser_params"], "classifier_params": models["classifier_params"],
-        "image_size": cfg["image_size"], "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
+        **issue15, "config": name, "weights": models["weights"], "denoiser": cfg.preset.denoiser,
+        "classifier": cfg.preset.arch, "denoiser_params": models["denoiser_params"],
+        "classifier_params": models["classifier_params"], "image_size": cfg.preset.image_size, "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
         "rounds": opts.rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
     }
 
@@ -507,7 +515,7 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
                   opts: BenchOptions, batch_size: int | str, iters: int, N: int, log: Callable[[str], None]
                   ) -> List[Dict[str, Any]]:
     """Samples/s of the reference path and of each fast variant (precision x compiled), ratios, agreement."""
-    num_classes = CONFIGS[name]["num_classes"]
+    num_classes = CONFIGS[name].preset.num_classes
     sigma, rounds, seed, channels_last = opts.sigma, opts.rounds, opts.seed, opts.channels_last
     x_clean, _ = test_images(name, max(4, rounds), device, seed)
     start = 32 if batch_size == "auto" else int(batch_size)
@@ -585,7 +593,7 @@ def bench_modes(name: str, models: Dict[str, Any], sigma: float, device: torch.d
     """certify.py's four modes (fixed N, --sequential, --skip_wrong, both) on ``images`` test images, fp32, through
     ``Smooth.certify_heads``: estimation samples per image, seconds per image (selection included) and certified
     accuracy at the default sequential radii (meaningful with trained weights only, i.e. digits)."""
-    num_classes = CONFIGS[name]["num_classes"]
+    num_classes = CONFIGS[name].preset.num_classes
     smooth = Smooth(DenoisedClassifier(models["denoiser"], models["classifier"], sigma).eval(), num_classes, sigma)
     radii = default_sequential_radii(name, sigma, N, alpha)
     x, y = test_images(name, images, device)
@@ -613,7 +621,7 @@ def bench_heads(name: str, models: Dict[str, Any], sigma: float, device: torch.d
     """Seconds per noise sample of f o D with one classifier and with K classifiers after one denoiser
     (``core.ClassifierStack``, what ``certify.py --finetuned_path A B ...`` runs), fp32: K single runs cost K times
     the first, one K-classifier run the second."""
-    num_classes = CONFIGS[name]["num_classes"]
+    num_classes = CONFIGS[name].preset.num_classes
     x = test_images(name, 1, device)[0][0]
     denoiser, classifier = models["denoiser"], models["classifier"]
     per_sample = {}
@@ -657,7 +665,7 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
     """Time the reference step, ours with the attack on every image (the cost when all images are masked in)
     and ours as ``train.py`` runs it (attack on masked-in images only; its time depends on the masked-in share,
     reported). Same images, targets = the classifier's own predictions, same seed for each path."""
-    cfg = CONFIGS[name]
+    ft_method = CONFIGS[name].protocol.train.ft_method
     images, _ = test_images(name, ft_images, device, seed + 1)
     with torch.inference_mode():
         targets = classifier(denoiser.denoise(images, denoiser.timestep_for_sigma(sigma))).argmax(1).clone()
@@ -668,7 +676,7 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
                                                      ("fast (all)", False, False, fast_precision),
                                                      ("fast (masked)", False, True, fast_precision)):
         clf = copy.deepcopy(classifier).requires_grad_(True)
-        if cfg["ft_method"] == "lora":
+        if ft_method == "lora":
             apply_lora(clf, rank=4, alpha=4.0)
         step = FinetuneStep(name, clf, denoiser, sigma, precision, reference, masked_only, device)
         torch.manual_seed(seed)
@@ -684,7 +692,7 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
             times.append(time.perf_counter() - t0)
         rows.append({"path": label, "precision": precision, "images": ft_images, "num_noises": step.M,
                      "denoised_per_step": ft_images * step.M, "attack_steps": step.steps,
-                     "ft_method": cfg["ft_method"], "optimizer": "AdamW (default)" if reference else "AdamW (fused)",
+                     "ft_method": ft_method, "optimizer": "AdamW (default)" if reference else "AdamW (fused)",
                      "attack_on": "masked-in images" if masked_only else "all images",
                      "sec_per_step": float(np.mean(times)), "sec_per_step_all": times,
                      "masked_in_share": float(np.mean(step.masked_in)), "peak_memory_mb": peak_memory_mb(device)})
@@ -817,8 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2,
                    help="timing rounds (default 2); the paths alternate within each round")
     p.add_argument("--N", type=int, default=None,
-                   help="certification samples per image for the s/image column (default: 100000 cifar10 and "
-                        "digits, 10000 imagenet); N0 = 100 is added")
+                   help="certification samples per image for the s/image column (default: "
+                        + ", ".join(f"{name} {c.protocol.N}" for name, c in CONFIGS.items()) + f"); N0 = {N0} is added")
     p.add_argument("--agreement_samples", type=int, default=64,
                    help="samples on which the fast path's classes are compared with fp32 (default 64; 0: skip)")
     p.add_argument("--no_certify", action="store_true", help="skip the certification paths")

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
+from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
 from runkit.cli import check_number
 from runkit.devices import PRECISION_CHOICES, resolve_device, resolve_precision
 from runkit.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -45,13 +46,8 @@ from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_
 from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
 
 LOG_FORMAT = 1
-# the paper's protocol (docs/METHOD.md section 4): CIFAR-10 whole test set with N = 100,000; ImageNet one random image
-# per class (datasets.paper_imagenet_subset, seeded by --seed) with N = 10,000
-DEFAULT_N = {"cifar10": 100_000, "imagenet": 10_000, "digits": 10_000}
+# the defaults by dataset (N, --subset, --skip, --arch) are the paper's protocol, presets.Preset (METHOD §4)
 SUBSETS = ("paper", "skip")
-DEFAULT_SUBSET = {"imagenet": "paper"}  # the others: "skip" (every --skip-th image)
-# --subset skip; imagenet 50: diffusion denoised smoothing's 1,000 images (the first of each class)
-DEFAULT_SKIP = {"cifar10": 1, "imagenet": 50, "digits": 1}
 # entries of the sidecar's "config" that a --resume must match (the others are informational)
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
                "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep",
@@ -200,11 +196,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="use at most this many images (the first ones); under torchrun write --max_images "
                         "(torchrun's own parser takes --max for an abbreviation of its --max-restarts)")
     p.add_argument("--N", type=int, default=None,
-                   help="estimation samples (default: cifar10 100000, imagenet 10000, digits 10000)")
+                   help=f"estimation samples (default: {per_dataset('N')})")
     p.add_argument("--batch_size", type=int, default=1000, help="base-classifier batch (does not change the log)")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--arch", default=None, help="classifier architecture (default: cifar10_vit_base, "
-                                                "imagenet_vit_base or digits_vit_tiny) or any timm model name")
+    p.add_argument("--alpha", type=float, default=ALPHA, help=f"failure probability (default {ALPHA})")
+    p.add_argument("--arch", default=None, help=f"classifier architecture (default: {per_dataset('arch')}) or any timm "
+                                                "model name")
     p.add_argument("--finetuned_path", default=None, nargs="+",
                    help="one or more train.py checkpoints (without --off-the-shelf, they replace the off-the-shelf "
                         "classifier); several classifiers share every denoised sample, one --outfile each")
@@ -253,13 +249,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def resolve_options(opts: RunOptions) -> RunOptions:
     """Fill dataset-dependent defaults and reject bad values (nothing is read or written yet); returns ``opts``."""
-    from datasets import DATASETS, DEFAULT_ARCH
-
     if opts.dataset not in DATASETS:
         raise UserError(f"--dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
-    opts.N = DEFAULT_N.get(opts.dataset, 100_000) if opts.N is None else opts.N
+    preset = PRESETS[opts.dataset]
+    opts.N = preset.N if opts.N is None else opts.N
     _resolve_subset(opts)
-    opts.arch = DEFAULT_ARCH[opts.dataset] if opts.arch is None else opts.arch
+    opts.arch = preset.arch if opts.arch is None else opts.arch
     check_number("--sigma", opts.sigma, 0, low_open=True)
     check_number("--alpha", opts.alpha, 0, 1, low_open=True, high_open=True)
     for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
@@ -300,12 +295,12 @@ def resolve_options(opts: RunOptions) -> RunOptions:
 def _resolve_subset(opts: RunOptions) -> None:
     """--subset and --skip: defaults by dataset; an explicit --skip means --subset skip; --subset paper takes none."""
     if opts.subset is None:
-        opts.subset = "skip" if opts.skip is not None else DEFAULT_SUBSET.get(opts.dataset, "skip")
+        opts.subset = "skip" if opts.skip is not None else PRESETS[opts.dataset].subset
     if opts.subset == "paper" and opts.skip is not None:
         raise UserError(f"--skip {opts.skip} contradicts --subset paper (one random image per class); use --subset "
                         "skip --skip N for every N-th image")
     if opts.subset == "skip" and opts.skip is None:
-        opts.skip = DEFAULT_SKIP.get(opts.dataset, 1)
+        opts.skip = PRESETS[opts.dataset].skip
 
 
 def select_indices(dataset: Any, opts: RunOptions) -> list[int]:
@@ -347,7 +342,7 @@ def _resolve_sequential(opts: RunOptions) -> None:
     if opts.radii is not None and not opts.sequential:
         raise UserError("--radii: only with --sequential (fixed-N CERTIFY certifies whatever radius N gives)")
     if opts.sequential and opts.radii is None:
-        n = opts.N if opts.N is not None else DEFAULT_N.get(opts.dataset, 100_000)
+        n = opts.N if opts.N is not None else PRESETS[opts.dataset].N
         opts.radii = default_sequential_radii(opts.dataset, opts.sigma, n, opts.alpha)
     if opts.radii is not None:
         if not opts.radii or any(not (math.isfinite(r) and r >= 0) for r in opts.radii):
@@ -961,7 +956,7 @@ def certify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Certify a denoised-smoothed classifier (Cohen et al. CERTIFY); writes "
                                             "a tab-separated log 'idx label predict radius correct time'.")
     add_run_arguments(p)
-    p.add_argument("--N0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--N0", type=int, default=N0, help=f"selection samples (default {N0})")
     p.add_argument("--sequential", action="store_true",
                    help="sequential CERTIFY: stop estimating once the --radii are decided (--N is the most samples)")
     p.add_argument("--radii", type=float, nargs="+", default=None,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
+from presets import CIFAR10, PRESETS
 from runkit.devices import autocast
 from runkit.logs import ABSTAIN
 
@@ -138,11 +139,6 @@ def checkpoint_schedule(n_max: int, first: int = SEQUENTIAL_FIRST, ratio: float 
     return checkpoints
 
 
-# the radii of the paper's certified-accuracy tables (Cohen et al. 2019; FT-CADIS, TMLR 2024)
-PAPER_TABLE_RADII = {"cifar10": (0.25, 0.5, 0.75, 1.0), "imagenet": (0.5, 1.0, 1.5, 2.0, 3.0),
-                     "digits": (0.25, 0.5, 0.75, 1.0)}
-
-
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
     """sigma * Phi^-1(alpha^(1/n)): the radius of nA = n, the largest that n samples at level alpha can certify."""
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
@@ -150,9 +146,10 @@ def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
 
 def default_sequential_radii(dataset: str, sigma: float, n_max: int, alpha: float) -> list[float]:
     """0 and the paper's table radii of ``dataset`` up to the largest radius sequential CERTIFY can certify with
-    n_max samples (at n_max it spends alpha_K = SEQUENTIAL_FINAL_SHARE * alpha)."""
+    n_max samples (at n_max it spends alpha_K = SEQUENTIAL_FINAL_SHARE * alpha); another dataset: CIFAR-10's radii
+    (:attr:`presets.Preset.table_radii`)."""
     largest = max_certifiable_radius(sigma, n_max, SEQUENTIAL_FINAL_SHARE * alpha)
-    return [0.0] + [r for r in PAPER_TABLE_RADII.get(dataset, PAPER_TABLE_RADII["cifar10"]) if r <= largest]
+    return [0.0] + [r for r in PRESETS.get(dataset, CIFAR10).table_radii if r <= largest]
 
 
 @dataclass(frozen=True)

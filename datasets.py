@@ -24,18 +24,14 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+from presets import DATASETS, DIGITS, PRESETS
 from runkit.errors import UserError
 
-DATASETS = ("cifar10", "imagenet", "digits")
 SPLITS = ("train", "test")
-NUM_CLASSES = {"cifar10": 10, "imagenet": 1000, "digits": 10}
-# the classifier `--arch` each dataset uses by default (the paper's, and the demo's for digits)
-DEFAULT_ARCH = {"cifar10": "cifar10_vit_base", "imagenet": "imagenet_vit_base", "digits": "digits_vit_tiny"}
-IMAGE_SIZE = {"cifar10": 32, "imagenet": 224, "digits": 16}
 # Environment variables naming a dataset's root, first found wins ($IMAGENET_LOC_ENV: Cohen's and the paper's code).
 DATA_ENV = {"cifar10": ("CIFAR10_DIR",), "imagenet": ("IMAGENET_DIR", "IMAGENET_LOC_ENV")}
 CIFAR10_DEFAULT_DIR = "./data/cifar10"
-DIGITS_SIZE = 16
+DIGITS_SIZE = DIGITS.image_size
 DIGITS_TEST_PER_CLASS = 36
 DIGITS_SPLIT_SEED = 0
 
@@ -55,12 +51,12 @@ def _check_split(split: str) -> str:
 
 def get_num_classes(name: str) -> int:
     """Number of classes of dataset ``name``."""
-    return NUM_CLASSES[_check_name(name)]
+    return PRESETS[_check_name(name)].num_classes
 
 
 def dataset_image_size(name: str) -> int:
     """Side length of the images ``get_dataset(name, ...)`` returns (ImageNet: the 224 crop)."""
-    return IMAGE_SIZE[_check_name(name)]
+    return PRESETS[_check_name(name)].image_size
 
 
 def get_dataset(

@@ -33,13 +33,14 @@ import torch
 
 from classifier import DIGITS_CHECKPOINT
 from denoiser import default_checkpoint_path
+from presets import DIGITS
 from runkit.cli import check_number, run_cli
 from runkit.devices import resolve_device, torch_threads
 from runkit.errors import UserError
 from runkit.files import check_output
 from runkit.locks import lock_path, run_lock
 
-DENOISER_CKPT = default_checkpoint_path("digits")  # the shipped models/digits_denoiser.pt
+DENOISER_CKPT = default_checkpoint_path(DIGITS.denoiser)  # the shipped models/digits_denoiser.pt
 CLASSIFIER_CKPT = DIGITS_CHECKPOINT  # the shipped models/digits_vit_tiny.pt
 MARKER = ".ft_cadis_demo"
 LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)  # marks an output folder as the demo's own, so a rerun may replace what is in it
@@ -82,17 +83,18 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=0.5, help="noise level of smoothing and of the fine-tuning")
     p.add_argument("--N", type=int, default=None, help="estimation samples per image (default 250; --quick 40)")
     p.add_argument("--N0", type=int, default=None, help="selection samples per image (default 50; --quick 10)")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    p.add_argument("--alpha", type=float, default=DIGITS.alpha, help="failure probability of each certificate")
     p.add_argument("--max_images", type=int, default=None,
                    help="certify this many test images (every 360/max_images-th of the 360; default 100; --quick 10)")
     p.add_argument("--epochs", type=int, default=None, help="FT-CADIS epochs over the 1,437 train images "
                                                             "(default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="stop FT-CADIS after this many optimizer steps "
                                                            "(default: all epochs; --quick 6)")
-    p.add_argument("--num_noises", type=int, default=4, help="M, noises per image in FT-CADIS")
-    p.add_argument("--lbd", type=float, default=1.0, help="lambda, weight of the masked adversarial loss")
+    p.add_argument("--num_noises", type=int, default=DIGITS.train.num_noises, help="M, noises per image in FT-CADIS")
+    p.add_argument("--lbd", type=float, default=DIGITS.train.lbd, help="lambda, weight of the masked adversarial loss")
     p.add_argument("--blr", type=float, default=1e-2, help="FT-CADIS base lr (lr = blr x effective batch / 256)")
-    p.add_argument("--batch", type=int, default=32, help="FT-CADIS images per loader batch (split into M chunks)")
+    p.add_argument("--batch", type=int, default=DIGITS.train.batch,
+                   help="FT-CADIS images per loader batch (split into M chunks)")
     p.add_argument("--batch_size", type=int, default=None, help="certification batch (default 1000; --quick 200)")
     p.add_argument("--outdir", default="demo_output", help="output folder (the demo's earlier outputs in it are "
                                                            "replaced)")

@@ -29,7 +29,7 @@ from unet import UNetModel
 
 __all__ = [
     "DENOISER_CONFIGS", "DiffusionDenoiser", "build_unet", "create_denoiser", "build_denoiser", "load_denoiser",
-    "get_named_beta_schedule", "default_checkpoint_path",
+    "get_named_beta_schedule", "schedule_timestep", "default_checkpoint_path",
 ]
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -48,6 +48,7 @@ _CHANNEL_MULT = {
 _DIFFUSION_KWARGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "timestep_respacing", "predict_xstart",
                      "sigma_small", "use_kl", "rescale_learned_sigmas")
 
+# The UNet and schedule of each configuration; a dataset's preset names its configuration (presets.Preset.denoiser).
 DENOISER_CONFIGS: dict[str, dict[str, Any]] = {
     # openai/improved-diffusion, L_hybrid, cosine schedule (DDS cifar10/DRM.py).
     "cifar10": {
@@ -99,6 +100,42 @@ def get_named_beta_schedule(noise_schedule: str, diffusion_steps: int) -> np.nda
         return np.array([min(1 - alpha_bar((i + 1) / diffusion_steps) / alpha_bar(i / diffusion_steps), 0.999)
                          for i in range(diffusion_steps)], dtype=np.float64)
     raise UserError(f"unknown noise_schedule {noise_schedule!r}; choose 'linear' or 'cosine'")
+
+
+def noise_ratio(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sqrt((1 − ᾱ_t)/ᾱ_t): the noise standard deviation of x_t/sqrt(ᾱ_t) on the [−1, 1] scale, as DDS."""
+    return np.sqrt(1.0 - alphas_cumprod) / np.sqrt(alphas_cumprod)
+
+
+def first_timestep(ratio: np.ndarray, sigma: float, noise_schedule: str) -> int:
+    """t* = the smallest t ≥ 1 with ratio[t] = sqrt((1 − ᾱ_t)/ᾱ_t) ≥ 2σ (DDS certify.py rule; t is 0-based).
+
+    Args:
+        ratio: :func:`noise_ratio` of the schedule.
+        sigma: the pixel-scale noise level (> 0).
+        noise_schedule: the schedule's name (for the error message).
+    """
+    sigma = float(sigma)
+    if not sigma > 0:
+        raise UserError(f"sigma must be > 0 for denoised smoothing (got {sigma})")
+    hits = np.flatnonzero(ratio[1:] >= 2 * sigma)
+    if hits.size == 0:
+        raise UserError(f"sigma={sigma} is beyond the largest noise level of this {len(ratio)}-step "
+                        f"{noise_schedule} schedule (max sigma {float(ratio[-1]) / 2:.4g}); use a smaller sigma")
+    return int(hits[0]) + 1
+
+
+def schedule_timestep(name: str, sigma: float) -> int:
+    """t* at ``sigma`` of the named configuration's schedule (:func:`first_timestep`), without building its UNet.
+
+    Args:
+        name: a :data:`DENOISER_CONFIGS` name.
+        sigma: the pixel-scale noise level.
+    """
+    kwargs = _config(name)["kwargs"]
+    schedule = kwargs.get("noise_schedule", "linear")
+    alphas_cumprod = np.cumprod(1.0 - get_named_beta_schedule(schedule, kwargs.get("diffusion_steps", 1000)))
+    return first_timestep(noise_ratio(alphas_cumprod), sigma, schedule)
 
 
 def build_unet(
@@ -182,8 +219,7 @@ class DiffusionDenoiser(nn.Module):
         self.channels_last = channels_last
         self._betas = get_named_beta_schedule(noise_schedule, self.num_timesteps)
         self._alphas_cumprod = np.cumprod(1.0 - self._betas)
-        # Noise std of x_t / sqrt(ᾱ_t) on the [-1, 1] scale, as DDS: sqrt(1 - ᾱ) / sqrt(ᾱ).
-        self._noise_ratio = np.sqrt(1.0 - self._alphas_cumprod) / np.sqrt(self._alphas_cumprod)
+        self._noise_ratio = noise_ratio(self._alphas_cumprod)
         self.register_buffer("alphas_cumprod", torch.from_numpy(self._alphas_cumprod.copy()), persistent=False)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -201,14 +237,7 @@ class DiffusionDenoiser(nn.Module):
 
     def timestep_for_sigma(self, sigma: float) -> int:
         """t* = the smallest t ≥ 1 with sqrt((1 − ᾱ_t)/ᾱ_t) ≥ 2σ (DDS certify.py rule; t is 0-based)."""
-        sigma = float(sigma)
-        if not sigma > 0:
-            raise UserError(f"sigma must be > 0 for denoised smoothing (got {sigma})")
-        hits = np.flatnonzero(self._noise_ratio[1:] >= 2 * sigma)
-        if hits.size == 0:
-            raise UserError(f"sigma={sigma} is beyond the largest noise level of this {self.num_timesteps}-step "
-                            f"{self.noise_schedule} schedule (max sigma {self.max_sigma:.4g}); use a smaller sigma")
-        return int(hits[0]) + 1
+        return first_timestep(self._noise_ratio, sigma, self.noise_schedule)
 
     def model_timestep(self, t: int) -> float:
         """τ, the value the UNet receives: t·1000/T with rescaled timesteps, else t."""

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
+from presets import DATASETS, PRESETS, TRAIN_DEFAULTS, per_dataset
 from runkit import checkpoints
 from runkit.cli import check_number
 from runkit.devices import PRECISION_CHOICES, autocast, resolve_device, resolve_precision
@@ -50,8 +51,6 @@ from runkit.files import (atomic_torch_save, atomic_write_text, check_fingerprin
                           output_folder, remove_stale_temporary_files)
 from runkit.locks import job_run_lock, lock_path
 
-# test-accuracy subset per epoch (the reference: 100 per class on CIFAR-10, 5 per class on ImageNet); 0 = all
-DEFAULT_TEST_PER_CLASS = {"cifar10": 100, "imagenet": 5, "digits": 0}
 LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
 STEP_LOG_HEADER = "step\tepoch\tlr\tloss\tsce\tmadv\tacc\tmasked_in"
 
@@ -89,50 +88,70 @@ def config_field(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+def paper_default(name: str, help: str, **argparse_kwargs: Any) -> Any:
+    """A :func:`config_field` whose default is the paper's ``train.py``'s: :data:`presets.TRAIN_DEFAULTS`' ``name``
+    (``train_noise_sd``: its ``noise_sd``).
+
+    Args:
+        name: the :class:`presets.TrainPreset` attribute.
+        help: the ``argparse`` help.
+        argparse_kwargs: as :func:`config_field`.
+    """
+    return config_field(getattr(TRAIN_DEFAULTS, name), help, **argparse_kwargs)
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a fine-tuning run; one field per ``train.py`` flag (adding a flag = adding a field)."""
+    """Every setting of a fine-tuning run; one field per ``train.py`` flag (adding a flag = adding a field).
 
-    dataset: str = field(metadata={"help": "cifar10, imagenet or digits"})
+    The defaults are the paper's ``train.py``'s (:data:`presets.TRAIN_DEFAULTS`), but ``lbd``: left out, the
+    dataset's paper value (:attr:`presets.TrainPreset.lbd`). The paper's settings per dataset
+    (:attr:`presets.Preset.train`) are what ``train_cifar10.sh`` / ``train_imagenet.sh`` pass.
+    """
+
+    dataset: str = field(metadata={"help": ", ".join(DATASETS)})
     arch: Optional[str] = config_field(
-        None, "classifier architecture (default: cifar10_vit_base / imagenet_vit_base / digits_vit_tiny by dataset; "
-              "or any timm model name)")
-    ft_method: str = config_field("full", "full fine-tuning or LoRA on q/v", choices=("full", "full-ft", "lora"))
-    epochs: int = config_field(30, "epochs")
-    warmup_epochs: float = config_field(3.0, "epochs of linear lr warmup")
-    batch: int = config_field(32, "images per loader batch and process (split into --num_noises chunks)")
-    accum_iter: int = config_field(1, "micro-steps (chunks) accumulated per optimizer step")
+        None, f"classifier architecture (default by dataset: {per_dataset('arch')}; or any timm model name)")
+    ft_method: str = paper_default("ft_method", "full fine-tuning or LoRA on q/v",
+                                   choices=("full", "full-ft", "lora"))
+    epochs: int = paper_default("epochs", "epochs")
+    warmup_epochs: float = paper_default("warmup_epochs", "epochs of linear lr warmup")
+    batch: int = paper_default("batch", "images per loader batch and process (split into --num_noises chunks)")
+    accum_iter: int = paper_default("accum_iter", "micro-steps (chunks) accumulated per optimizer step")
     lr: Optional[float] = config_field(None, "absolute lr (default: blr x effective batch / 256)")
-    blr: float = config_field(1e-3, "base lr; effective batch = batch x accum_iter x world_size / M")
+    blr: float = paper_default("blr", "base lr; effective batch = batch x accum_iter x world_size / M")
     min_lr: float = config_field(1e-6, "final lr of the cosine schedule")
-    train_noise_sd: float = config_field(0.25, "sigma of the training noise (pixel scale [0, 1])")
+    train_noise_sd: float = paper_default("noise_sd", "sigma of the training noise (pixel scale [0, 1])")
     test_noise_sd: Optional[float] = config_field(None, "sigma of the per-epoch test accuracy (default: train's)")
-    eps: float = config_field(
-        64.0, "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] pixels "
-              "(64 -> 0.25 on [-1, 1] = 0.125 pixels)")
-    num_steps: int = config_field(4, "attack steps", flags=("--num-steps", "--num_steps"))
-    lbd: float = config_field(1.0, "lambda, the weight of the masked adversarial loss")
+    eps: float = paper_default(
+        "eps", "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] pixels "
+               "(64 -> 0.25 on [-1, 1] = 0.125 pixels)")
+    num_steps: int = paper_default("num_steps", "attack steps", flags=("--num-steps", "--num_steps"))
+    lbd: Optional[float] = config_field(
+        None, f"lambda, the weight of the masked adversarial loss (default: the dataset's paper value, "
+              f"{per_dataset('train.lbd')})")
     eps_double: bool = config_field(False, "double eps from epoch --warmup_eps on")
     warmup_eps: int = config_field(10000, "0-based epoch from which --eps_double applies")
-    layer_decay: float = config_field(0.65, "layer-wise lr decay")
-    weight_decay: float = config_field(0.04, "initial weight decay (cosine schedule)")
-    weight_decay_end: Optional[float] = config_field(0.4, "final weight decay")
-    use_fp16: bool = config_field(
-        False, "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
+    layer_decay: float = paper_default("layer_decay", "layer-wise lr decay")
+    weight_decay: float = paper_default("weight_decay", "initial weight decay (cosine schedule)")
+    weight_decay_end: Optional[float] = paper_default("weight_decay_end", "final weight decay")
+    use_fp16: bool = paper_default(
+        "use_fp16", "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
         bool_value=True)
-    clip_grad: float = config_field(0.3, "per-parameter gradient norm cap (0: off)")
-    drop_path: float = config_field(0.2, "timm stochastic depth rate (per block, linearly increasing to this)")
-    attn_drop_rate: float = config_field(
-        0.0, "the paper's CIFAR-10 regularizer: block i's attention-probability dropout linspace(0, R, depth)[i] "
-             "(what the paper's --drop_path did to its Hugging Face ViT; train_cifar10.sh passes --attn_drop_rate 0.2 "
-             "--drop_path 0)")
+    clip_grad: float = paper_default("clip_grad", "per-parameter gradient norm cap (0: off)")
+    drop_path: float = paper_default("drop_path", "timm stochastic depth rate (per block, linearly increasing to this)")
+    attn_drop_rate: float = paper_default(
+        "attn_drop_rate", "the paper's CIFAR-10 regularizer: block i's attention-probability dropout linspace(0, R, "
+                          "depth)[i] (what the paper's --drop_path did to its Hugging Face ViT; train_cifar10.sh "
+                          "passes --attn_drop_rate 0.2 --drop_path 0)")
     input_norm: Optional[str] = config_field(
         None, "classifier input: paper = 2x - 1 (mean = std = 0.5), model = the model's own mean/std (default: the "
               "checkpoint's, else paper for imagenet_vit_base, model otherwise); recorded in the checkpoints",
         choices=("paper", "model"))
-    num_noises: int = config_field(4, "M, noises (denoised copies) per image")
-    warm_start: bool = config_field(
-        True, "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)", bool_value=True)
+    num_noises: int = paper_default("num_noises", "M, noises (denoised copies) per image")
+    warm_start: bool = paper_default(
+        "warm_start", "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)",
+        bool_value=True)
     resume: Optional[str] = config_field(
         None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG, configuration: flags "
               "left out take the run's values); 'auto': the newest checkpoint in --outdir, or a fresh start when "
@@ -168,7 +187,7 @@ class TrainConfig:
     ckpt_every_steps: int = config_field(0, "also checkpoint every N optimizer steps (0: off)")
     log_every: int = config_field(10, "write log_steps.txt every N optimizer steps")
     test_per_class: Optional[int] = config_field(
-        None, "test images per class for the per-epoch accuracy (default: cifar10 100, imagenet 5, digits all)")
+        None, f"test images per class for the per-epoch accuracy (default: {per_dataset('test_per_class')}; 0: all)")
     no_test: bool = config_field(False, "skip the per-epoch test accuracy")
     full_attack: bool = config_field(
         False, "attack every image, not only the masked-in ones (same loss, slower; for comparison)")
@@ -246,8 +265,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     Args:
         cfg: the flags as given.
     """
-    from datasets import DEFAULT_ARCH
-
     cfg = _paper_resume_form(cfg)
     precision = cfg.precision
     if cfg.use_fp16:
@@ -256,22 +273,22 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         precision = "fp16"
     precision = resolve_precision(precision, resolve_device(cfg.device))  # auto: bf16 where native
     _check_ranges(cfg)
-    arch = cfg.arch or DEFAULT_ARCH.get(cfg.dataset)
-    if arch is None:
-        raise UserError(f"--dataset {cfg.dataset!r}: unknown dataset; choose one of {', '.join(DEFAULT_ARCH)}")
+    preset = PRESETS.get(cfg.dataset)
+    if preset is None:
+        raise UserError(f"--dataset {cfg.dataset!r}: unknown dataset; choose one of {', '.join(DATASETS)}")
+    arch, lbd = cfg.arch or preset.arch, preset.train.lbd if cfg.lbd is None else cfg.lbd
     ft_method = "full" if cfg.ft_method == "full-ft" else cfg.ft_method
     outdir = cfg.outdir
     if outdir is None:
         outdir = (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else os.path.join(
             "runs", "ft-cadis", cfg.dataset, ft_method, f"noise_{cfg.train_noise_sd}",
-            f"lbd_{cfg.lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}"))
+            f"lbd_{lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}"))
     check_output(outdir, "--outdir", folder=True)
     return dataclasses.replace(
-        cfg, precision=precision, ft_method=ft_method, arch=arch, outdir=outdir,
+        cfg, precision=precision, ft_method=ft_method, arch=arch, lbd=lbd, outdir=outdir,
         test_noise_sd=cfg.train_noise_sd if cfg.test_noise_sd is None else cfg.test_noise_sd,
         weight_decay_end=cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end,
-        test_per_class=(DEFAULT_TEST_PER_CLASS.get(cfg.dataset, 0) if cfg.test_per_class is None
-                        else cfg.test_per_class))
+        test_per_class=preset.test_per_class if cfg.test_per_class is None else cfg.test_per_class)
 
 
 def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
@@ -592,7 +609,7 @@ def evaluate(classifier: nn.Module, denoiser: nn.Module, loader: DataLoader, sig
     """(correct, total) of argmax f(D(x + delta)) on this rank's share (summed over ranks when distributed).
 
     Args:
-        classifier, denoiser: f and D.
+        classifier, denoiser: f and TRAIN_DEFAULTS.
         loader: this rank's test images.
         sigma, t_star: the noise level and its diffusion step.
         device, precision: where and in which autocast precision.
