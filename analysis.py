@@ -57,6 +57,66 @@ def default_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a log's sidecar (or path) says: sigma, mode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LowerBoundWarning(UserWarning):
+    """An ACR asked of a sequential CERTIFY log: its radius column is the radius at the stop, so the ACR is a lower
+    bound on the fixed-N one."""
+
+
+def log_config(path: Optional[str | Path]) -> dict:
+    """The configuration recorded beside a log (``config`` of its sidecar ``<log>.json``); ``{}`` when it has none."""
+    if path is None:
+        return {}
+    try:
+        return read_sidecar(Path(path), "log", "")["config"]
+    except UserError:
+        return {}
+
+
+def is_sequential(path: Optional[str | Path]) -> bool:
+    """Whether a log is sequential CERTIFY's (its sidecar records mode ``sequential``): its radius column is the
+    radius at the stop, a valid certificate but below the fixed-N radius, so its ACR is only a lower bound."""
+    return log_config(path).get("mode") == "sequential"
+
+
+_SIGMA_IN_NAME = re.compile(r"(?:^|[^a-z])sigma[_=-]?(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def log_sigma(path: str | Path) -> Optional[float]:
+    """The noise level sigma a log was certified at, or None when nothing says it.
+
+    Read from ``config.sigma`` of the log's sidecar ``<log>.json`` (certify.py writes it), else from the nearest path
+    component with ``sigma_<s>`` (Cohen's layout ``.../noise_0.50/test/sigma_0.50``).
+    """
+    try:
+        sigma = float(log_config(path)["sigma"])
+    except (ValueError, KeyError, TypeError):  # no sidecar of ours, or one without a sigma
+        sigma = None
+    if sigma is not None:
+        return check_sigma(sigma, f"{sidecar_path(Path(path))}: records sigma {sigma:g}")
+    for part in reversed(Path(path).parts):
+        match = _SIGMA_IN_NAME.search(part)
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def check_sigma(sigma: float, where: str) -> float:
+    """``sigma`` when it is a noise level (a finite number > 0); else a :class:`UserError` starting with ``where``.
+
+    Args:
+        sigma: the value.
+        where: what gave it (the error's start).
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"{where}: a noise level sigma is a finite number > 0")
+    return sigma
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -160,6 +220,7 @@ def default_radii(dfs: Sequence[pd.DataFrame]) -> np.ndarray:
 
 ENVELOPE_LABEL = "envelope (best)"
 STAT_COLUMNS = ("ACR", "clean", "abstain", "n")
+ACR_BOUND = "ACR≥"  # the ACR of a sequential CERTIFY log: a lower bound (:func:`is_sequential`)
 SAMPLES_COLUMN = "samples/img"  # the mean of a log's column n (estimation samples used), where it has one
 
 
@@ -175,7 +236,8 @@ def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.
                   high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
     """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
     ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n; and, when a log has the column ``n``
-    (certify.py --sequential / --skip_wrong), samples/img, its mean. PREDICT logs get NaN where a radius is
+    (certify.py --sequential / --skip_wrong), samples/img, its mean. A sequential CERTIFY log's ACR is a lower bound
+    (:func:`is_sequential`): it goes in the column ``ACR≥`` (:data:`ACR_BOUND`), never in ``ACR``. PREDICT logs get NaN where a radius is
     needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius.
 
     Args:
@@ -193,12 +255,14 @@ def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.
         if df.attrs.get("kind") != "predict":
             acc = (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
                    else certified_accuracy(df, radii))
-            row.update(zip(names, acc), ACR=acr(df))
+            row.update(zip(names, acc))
+            row[ACR_BOUND if is_sequential(df.attrs.get("path")) else "ACR"] = acr(df)
         if "n" in df.columns:  # certify.py --sequential / --skip_wrong: the estimation samples of each image
             row[SAMPLES_COLUMN] = float(df["n"].mean())
         rows.append(row)
     samples = [SAMPLES_COLUMN] if any(SAMPLES_COLUMN in row for row in rows) else []
-    table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *STAT_COLUMNS, *samples])
+    stats = ["ACR", *([ACR_BOUND] if any(ACR_BOUND in row for row in rows) else []), *STAT_COLUMNS[1:]]
+    table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *stats, *samples])
     if with_envelope:
         curves = [table.loc[lab, names].to_numpy(dtype=np.float64)
                   for lab, df in zip(labels, dfs) if df.attrs.get("kind") != "predict"]
@@ -239,7 +303,12 @@ def _caption(table: pd.DataFrame, stats: bool = True) -> str:
             else "approximate certified accuracy")
     samples = f"; {SAMPLES_COLUMN} = mean estimation samples per image" if SAMPLES_COLUMN in table.columns else ""
     return f"{kind} at l2 radius r; ACR = average certified radius" + (
+        f"; {BOUND_NOTE}" if ACR_BOUND in table.columns else "") + (
         "; clean = smoothed-classifier accuracy; abstain = abstention rate" + samples if stats else "")
+
+
+BOUND_NOTE = ("ACR≥ = a lower bound on ACR (sequential CERTIFY: its radius column is the radius at the stop, below "
+              "the fixed-N radius)")
 
 
 def format_text(table: pd.DataFrame) -> str:
@@ -275,7 +344,7 @@ def markdown_escape(text: str) -> str:
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "σ": r"$\sigma$", "ℓ": r"$\ell$", "α": r"$\alpha$", "ρ": r"$\rho$", "λ": r"$\lambda$",
-                  "ε": r"$\epsilon$", "∈": r"$\in$"}
+                  "ε": r"$\epsilon$", "∈": r"$\in$", "≥": r"$\geq$"}
 
 
 def latex_escape(text: str) -> str:
@@ -285,13 +354,14 @@ def latex_escape(text: str) -> str:
 def format_latex(table: pd.DataFrame) -> str:
     """A booktabs ``tabular``: certified accuracy at each radius and ACR, the best of each column in bold."""
     mask = best_mask(table)
-    cols = [*table.attrs["radius_columns"], "ACR"]
+    cols = [*table.attrs["radius_columns"], *(c for c in ("ACR", ACR_BOUND) if c in table.columns)]
     k = len(table.attrs["radius_columns"])
     out = [f"% {_caption(table, stats=False)} (analyze.py)", r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule"]
     if k:
-        out += [" & \\multicolumn{" + str(k) + "}{c}{Certified accuracy at $\\ell_2$ radius $r$} & \\\\",
-                "\\cmidrule(lr){2-" + str(k + 1) + "}"]
-    out.append("Model & " + " & ".join(["$r = " + c + "$" for c in cols[:k]] + ["ACR"]) + r" \\")
+        out += [" & \\multicolumn{" + str(k) + "}{c}{Certified accuracy at $\\ell_2$ radius $r$}"
+                + " &" * (len(cols) - k) + " \\\\", "\\cmidrule(lr){2-" + str(k + 1) + "}"]
+    out.append("Model & " + " & ".join(["$r = " + c + "$" for c in cols[:k]] + [latex_escape(c) for c in cols[k:]])
+               + r" \\")
     out.append(r"\midrule")
     for lab in table.index:
         if table.attrs.get("envelope") and lab == ENVELOPE_LABEL:
@@ -406,40 +476,6 @@ def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[
 # sigma in {...}": at each radius the highest certified accuracy any of the method's sigmas reaches, with the clean
 # accuracy of the sigma that reaches it in parentheses).
 
-_SIGMA_IN_NAME = re.compile(r"(?:^|[^a-z])sigma[_=-]?(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def log_sigma(path: str | Path) -> Optional[float]:
-    """The noise level sigma a log was certified at, or None when nothing says it.
-
-    Read from ``config.sigma`` of the log's sidecar ``<log>.json`` (certify.py writes it), else from the nearest path
-    component with ``sigma_<s>`` (Cohen's layout ``.../noise_0.50/test/sigma_0.50``).
-    """
-    try:
-        sigma = float(read_sidecar(Path(path), "log", "")["config"]["sigma"])
-    except (UserError, ValueError, KeyError, TypeError):  # no sidecar of ours, or one without a sigma
-        sigma = None
-    if sigma is not None:
-        return check_sigma(sigma, f"{sidecar_path(Path(path))}: records sigma {sigma:g}")
-    for part in reversed(Path(path).parts):
-        match = _SIGMA_IN_NAME.search(part)
-        if match:
-            return float(match.group(1))
-    return None
-
-
-def check_sigma(sigma: float, where: str) -> float:
-    """``sigma`` when it is a noise level (a finite number > 0); else a :class:`UserError` starting with ``where``.
-
-    Args:
-        sigma: the value.
-        where: what gave it (the error's start).
-    """
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise UserError(f"{where}: a noise level sigma is a finite number > 0")
-    return sigma
-
-
 def envelope_label(sigmas: Sequence[float]) -> str:
     """The envelope group's name, e.g. ``best of σ ∈ {0.25, 0.50, 1.00}``."""
     return "best of σ ∈ {" + ", ".join(f"{s:.2f}" for s in sorted(set(sigmas))) + "}"
@@ -469,6 +505,8 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
         high_prob: ``(alpha, rho)`` for Cohen's high-probability accuracy instead of the approximate one.
         with_envelope: add the group :func:`envelope_label` with each method's best over its sigmas (ACR NaN);
             ``attrs["clean_of_best"]`` then holds, per method and radius, the clean accuracy (%) of that sigma.
+
+    ``attrs["acr_lower_bound"]``: the rows of sequential CERTIFY logs, whose ACR is a lower bound (:func:`is_sequential`).
     """
     pairs = list(zip(sigmas, labels))
     if len(set(pairs)) != len(pairs):
@@ -476,7 +514,7 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
         raise UserError(f"--style paper: two logs for method {dup[1]!r} at sigma {dup[0]:g}; give distinct --labels")
     names = radius_names(radii)
     methods = list(dict.fromkeys(labels))
-    rows, index, curves = [], [], {}
+    rows, index, curves, bounds = [], [], {}, []
     for sigma in sorted(set(sigmas)):
         for method in methods:
             if (sigma, method) in pairs:
@@ -486,6 +524,8 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
                 curves.setdefault(method, []).append((acc, 100 * clean_accuracy(df)))
                 rows.append([acr(df), *acc])
                 index.append((f"{sigma:.2f}", method))
+                if is_sequential(df.attrs.get("path")):
+                    bounds.append(index[-1])
     clean_of_best = pd.DataFrame(columns=names, dtype=float)
     if with_envelope:
         for method in methods:
@@ -497,16 +537,19 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
     table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["sigma", "method"]),
                          columns=["ACR", *names])
     table.attrs.update(radius_columns=names, high_prob=high_prob, envelope=with_envelope,
-                       clean_of_best=clean_of_best)
+                       clean_of_best=clean_of_best, acr_lower_bound=bounds)
     return table
 
 
 def paper_bold(table: pd.DataFrame) -> pd.DataFrame:
     """True where a shown value (ACR to 3 decimals, accuracy to 1) is the best among the rows it is compared with:
     the methods of its sigma group; when every sigma group holds one method, all sigma rows; the envelope rows
-    among themselves. Ties are all bold; a comparison of fewer than 2 values, or of equal ones, has none."""
+    among themselves. Ties are all bold; a comparison of fewer than 2 values, or of equal ones, has none. An ACR that
+    is only a lower bound (``attrs["acr_lower_bound"]``) is compared with none."""
     shown = table.copy()
     shown["ACR"] = shown["ACR"].round(3)
+    for row in table.attrs.get("acr_lower_bound", []):
+        shown.loc[row, "ACR"] = np.nan
     shown[table.attrs["radius_columns"]] = shown[table.attrs["radius_columns"]].round(1)
     groups = table.index.get_level_values("sigma")
     env = np.array([_is_envelope(g) for g in groups], dtype=bool)
@@ -529,19 +572,25 @@ def _paper_caption(table: pd.DataFrame) -> str:
     text = f"{kind} (%) at l2 radius r and ACR; best of each column in bold"
     if table.attrs.get("envelope"):
         text += "; best of sigma: the highest accuracy over sigma, (clean accuracy of that sigma)"
+    if table.attrs.get("acr_lower_bound"):
+        text += "; ≥ before an ACR: a lower bound (sequential CERTIFY: the radius column is the radius at the stop)"
     return text
 
 
-def _paper_cells(table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str],
-                 missing: str) -> list[tuple[str, str, list[str]]]:
+def _paper_cells(table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str], missing: str,
+                 geq: str) -> list[tuple[str, str, list[str]]]:
     """(group, shown on its first row only, method, cells) per row; ``bold``/``sup`` wrap bold values and the clean
-    accuracies of the envelope rows; ``missing`` stands for a value that does not apply."""
+    accuracies of the envelope rows; ``missing`` stands for a value that does not apply, ``geq`` precedes an ACR that
+    is a lower bound."""
     mask, clean = paper_bold(table), table.attrs["clean_of_best"]
+    bounds = set(table.attrs.get("acr_lower_bound", []))
     out, previous = [], None
     for (group, method), values in table.iterrows():
         cells = []
         for col, value in values.items():
             text = missing if math.isnan(value) else (f"{value:.3f}" if col == "ACR" else f"{value:.1f}")
+            if col == "ACR" and (group, method) in bounds:
+                text = geq + text
             if mask.loc[(group, method), col]:
                 text = bold[0] + text + bold[1]
             if _is_envelope(group) and col != "ACR":
@@ -556,7 +605,7 @@ def format_paper_markdown(table: pd.DataFrame) -> str:
     """:func:`paper_table` as a GitHub Markdown table."""
     head = "| σ | method | ACR | " + " | ".join(table.attrs["radius_columns"]) + " |"
     lines = [head, "|:---|:---|" + "---:|" * (1 + len(table.attrs["radius_columns"]))]
-    for group, method, cells in _paper_cells(table, ("**", "**"), (" (", ")"), "-"):
+    for group, method, cells in _paper_cells(table, ("**", "**"), (" (", ")"), "-", "≥"):
         lines.append(f"| {markdown_escape(group)} | {markdown_escape(method)} | " + " | ".join(cells) + " |")
     return f"{_paper_caption(table)}\n\n" + "\n".join(lines) + "\n"
 
@@ -569,7 +618,7 @@ def format_paper_latex(table: pd.DataFrame) -> str:
            " & & & \\multicolumn{" + str(k) + "}{c}{Certified accuracy (\\%) at $\\ell_2$ radius $r$} \\\\",
            "\\cmidrule(lr){4-" + str(k + 3) + "}",
            "$\\sigma$ & Method & ACR & " + " & ".join(f"${c}$" for c in table.attrs["radius_columns"]) + r" \\"]
-    for group, method, cells in _paper_cells(table, (r"\textbf{", "}"), ("$^{(", ")}$"), "--"):
+    for group, method, cells in _paper_cells(table, (r"\textbf{", "}"), ("$^{(", ")}$"), "--", r"$\geq$"):
         if group:
             out.append(r"\midrule")
         out.append(f"{latex_escape(group)} & {latex_escape(method)} & " + " & ".join(cells) + r" \\")

@@ -56,6 +56,9 @@ RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed"
 RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False, "mode": "fixed", "radii": None,
                    "skip_wrong": False}
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
+# what a sequential log's radius column holds (its sidecar says it; the log itself stays a plain Cohen log)
+SEQUENTIAL_RADIUS = ("the radius at the stop: a valid certificate, but below the fixed-N radius, so the log's ACR "
+                     "is a lower bound (ACR≥)")
 FSYNC_SECONDS = 60.0
 
 
@@ -384,7 +387,7 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
         "input_norm": opts.input_norms[k], "multistep": bool(opts.multistep),
         "mode": "sequential" if opts.sequential else "fixed", "radii": opts.radii, "skip_wrong": bool(opts.skip_wrong),
         # informational
-        "max": opts.max, "finetuned": opts.finetuned[k],
+        "max": opts.max, "finetuned": opts.finetuned[k], "radius": SEQUENTIAL_RADIUS if opts.sequential else "fixed N",
         # checked on --resume (check_resume): the content of each checkpoint file used
         "fingerprints": {role: file_fingerprint(path) if Path(path).exists() else None
                          for role, (_, path) in checkpoint_files(opts, k).items()},
@@ -720,7 +723,8 @@ def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float, do
     if certify:
         acc = analysis.certified_accuracy(df, RADII)
         lines.append("  certified accuracy  " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(RADII, acc)))
-        head = f"  ACR {analysis.acr(df):.4f}"
+        sequential = config.get("mode") == "sequential"  # radii at the stop: the ACR is a lower bound
+        head = f"  ACR{'≥' if sequential else ''} {analysis.acr(df):.4f}" + (" (a lower bound)" if sequential else "")
     else:
         head = f"  accuracy {analysis.clean_accuracy(df):.3f}"
     lines.append(f"{head}, abstentions {int((df['predict'] == ABSTAIN).sum())} ({analysis.abstention_rate(df):.1%}), "

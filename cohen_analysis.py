@@ -6,13 +6,14 @@ re-exports them: ``from analyze import *``); each is a thin layer over :mod:`ana
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis import acr, certified_accuracy, high_prob_certified_accuracy, radius_grid
+from analysis import LowerBoundWarning, acr, certified_accuracy, high_prob_certified_accuracy, is_sequential, radius_grid
 from runkit.errors import UserError
 from runkit.logs import read_log
 
@@ -47,7 +48,12 @@ class ApproximateAccuracy(Accuracy):
         return certified_accuracy(df, radii)
 
     def acr(self) -> float:
-        """ACR = (1/n) sum_i correct_i * radius_i of the log."""
+        """ACR = (1/n) sum_i correct_i * radius_i of the log; for a sequential CERTIFY log (radii at the stop) a lower
+        bound on the fixed-N ACR, with a :class:`analysis.LowerBoundWarning`."""
+        if is_sequential(self.data_file_path):
+            warnings.warn(f"{self.data_file_path}: a sequential CERTIFY log (its sidecar says so): the radius column is "
+                          f"the radius at the stop, so this ACR is a lower bound on the fixed-N ACR", LowerBoundWarning,
+                          stacklevel=2)
         return acr(read_log(self.data_file_path))
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,73 @@ def test_markdown_escapes_pipes_and_newlines_in_labels(cohen_logs):
                           "--format", "markdown", "--radii", "0", "0.5", "0.25"])
     rows = [line for line in analysis.format_paper_markdown(paper).splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[1] for row in rows[1:]] == [r"a\|b", "c d"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sequential CERTIFY logs: the radius column is the radius at the stop, so their ACR is a lower bound
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sequential_and_fixed(cohen_logs: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The same rows twice, one recorded as sequential CERTIFY (its sidecar), one as fixed-N."""
+    text = (cohen_logs / CIFAR.format("0.50")).read_text()
+    seq, fixed = tmp_path / "seq.tsv", tmp_path / "fixed.tsv"
+    for path, mode in ((seq, "sequential"), (fixed, "fixed")):
+        path.write_text(text)
+        path.with_name(path.name + ".json").write_text(
+            '{"config": {"dataset": "cifar10", "sigma": 0.5, "mode": "%s"}, "info": {}}' % mode)
+    return seq, fixed
+
+
+def test_sequential_log_acr_is_shown_as_a_lower_bound(cohen_logs, tmp_path, capsys):
+    seq, fixed = _sequential_and_fixed(cohen_logs, tmp_path)
+    acr_value = _raw_acr(seq)
+    table = analyze.main([str(seq), str(fixed), "--radii", "0", "0.5", "0.25"])
+    out = capsys.readouterr().out
+    assert np.isnan(table.loc["seq.tsv", "ACR"]) and table.loc["seq.tsv", "ACR≥"] == pytest.approx(acr_value)
+    assert table.loc["fixed.tsv", "ACR"] == pytest.approx(acr_value) and np.isnan(table.loc["fixed.tsv", "ACR≥"])
+    header, seq_row = out.splitlines()[1], next(line for line in out.splitlines() if line.startswith("seq.tsv"))
+    assert header.split()[4:6] == ["ACR", "ACR≥"] and seq_row.split()[4:6] == ["-", f"{acr_value:.3f}"]
+    assert "radius at the stop" in out.splitlines()[0] and "lower bound" in out.splitlines()[0]
+    assert "ACR≥" in analysis.format_markdown(table) and r"ACR$\geq$" in analysis.format_latex(table)
+    csv_text = analysis.format_csv(table).splitlines()
+    assert csv_text[0].split(",")[4:6] == ["ACR", "ACR≥"] and csv_text[1].split(",")[4] == ""
+
+
+def test_sequential_log_in_the_paper_style_and_cohen_api(cohen_logs, tmp_path):
+    seq, fixed = _sequential_and_fixed(cohen_logs, tmp_path)
+    acr_value = f"{_raw_acr(seq):.3f}"
+    argv = [str(seq), str(fixed), "--style", "paper", "--radii", "0", "0.5", "0.25"]
+    md = analysis.format_paper_markdown(analyze.main(argv + ["--format", "markdown"]))
+    rows = {r[1]: r for r in _md_rows(md)}
+    assert rows["seq.tsv"][2] == f"≥{acr_value}" and rows["fixed.tsv"][2] == acr_value  # a bound is never bold
+    assert "lower bound" in md.splitlines()[0]
+    tex = analysis.format_paper_latex(analyze.main(argv + ["--format", "latex"]))
+    assert f"$\\geq${acr_value}" in tex
+    with pytest.warns(analysis.LowerBoundWarning, match="radius at the stop"):
+        value = analyze.ApproximateAccuracy(str(seq)).acr()
+    assert value == pytest.approx(float(acr_value), abs=5e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analyze.ApproximateAccuracy(str(fixed)).acr()
+
+
+def test_certify_sequential_sidecar_says_radius_at_the_stop_and_cohens_reader_reads_the_log(tmp_path):
+    """certify.py --sequential: the sidecar says what the radius column is; the log itself stays a plain Cohen log
+    (no comment line), so pandas.read_csv(sep="\\t") as Cohen's and the paper's analyze.py use it reads it."""
+    import pandas as pd
+
+    import certify
+
+    out = tmp_path / "seq.tsv"
+    certify.main(["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",
+                  "--precision", "fp32", "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt"),
+                  "--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt"), "--sigma", "0.5", "--N", "300",
+                  "--max_images", "3", "--sequential", "--outfile", str(out)])
+    config = analysis.log_config(out)
+    assert config["mode"] == "sequential" and "radius at the stop" in config["radius"]
+    df = pd.read_csv(out, sep="\t")
+    assert list(df.columns) == ["idx", "label", "predict", "radius", "correct", "time", "n"] and len(df) == 3
+    assert analysis.is_sequential(out)
+    with pytest.warns(analysis.LowerBoundWarning):
+        analyze.ApproximateAccuracy(str(out)).acr()
