@@ -848,8 +848,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifiers), fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--json", default=None, help="write the results as JSON to this file (replacing an earlier bench "
+                                                "result; any other file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace a file that is not a bench result")
     return p
+
+
+def is_bench_result(path: Path) -> bool:
+    """Whether ``path`` holds what ``--json`` writes (a JSON object with ``env``, ``args`` and ``configs``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"env", "args", "configs"} <= set(data)
+
+
+def check_json_output(path: str, overwrite: bool) -> None:
+    """Before the run: ``--json`` can be written, and replaces no file but an earlier bench result (unless
+    ``overwrite``).
+
+    Args:
+        path: the --json file.
+        overwrite: the --overwrite flag.
+    """
+    check_output(path, "--json")
+    if Path(path).exists() and not overwrite and not is_bench_result(Path(path)):
+        raise UserError(f"--json {path}: exists and is not a bench result; pass --overwrite to replace it, or "
+                        "choose another file")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -882,7 +907,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     precisions = list(dict.fromkeys(resolve_precision(p, device, "--precisions") for p in args.precisions or (
         ["auto", "fp16"] if device.type == "cuda" else ["auto"])))
     if args.json:  # fail before the long run, not after it
-        check_output(args.json, "--json")
+        check_json_output(args.json, args.overwrite)
 
     options = BenchOptions(
         sigma=args.sigma, precisions=precisions, compile=args.compile, compile_mode=args.compile_mode,

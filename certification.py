@@ -761,7 +761,8 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
                 stack.enter_context(output_folder(outfile.parent))
                 stack.enter_context(job_run_lock(lock_path(outfile), f"--outfile {outfile}"))
                 if dist_info.is_main:  # what a killed run's atomic writes left
-                    remove_stale_temporary_files(outfile.parent, glob.escape(outfile.name) + "*")
+                    remove_stale_temporary_files(outfile.parent, [glob.escape(p.name) for p in
+                                                                  (outfile, sidecar_path(outfile))])
             checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type, checkpoint_files(opts, k))
                        for k, (o, c) in enumerate(zip(outfiles, configs))]
             return _run_locked(opts, outfiles, configs, checked, make_method, argv, dist_info)

@@ -20,10 +20,11 @@ Everything goes under ``--outdir`` (default ``demo_output/``); a second run repl
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,9 +71,21 @@ def prepare_outdir(outdir: Path) -> None:
             print(f"note: replacing the previous demo outputs in {outdir}/ ({', '.join(p.name for p in old)})",
                   flush=True)
         for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            _remove_training_outputs(path) if path.is_dir() else path.unlink()
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / MARKER).write_text("written by demo.py; its outputs here are replaced by the next run\n")
+
+
+def _remove_training_outputs(folder: Path) -> None:
+    """Remove what fine-tuning wrote into ``folder`` (:data:`training.RUN_FILES`), and the folder if that empties it:
+    a file of the user's in it stays."""
+    from training import RUN_FILES
+
+    for path in folder.iterdir():
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in RUN_FILES):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def get_parser() -> argparse.ArgumentParser:

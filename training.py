@@ -53,6 +53,7 @@ from runkit.locks import job_run_lock, lock_path
 
 LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
 STEP_LOG_HEADER = "step\tepoch\tlr\tloss\tsce\tmadv\tacc\tmasked_in"
+RUN_FILES = ("checkpoint-*", "log.txt", "log_steps.txt", "events.out.tfevents.*")  # what a run writes in --outdir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -808,7 +809,8 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
 
 
 def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
-    """Optimizer, scaler, epoch/step/micro-step and RNG states of a resumed run; its logs cut back to its step.
+    """Optimizer, scaler, epoch/step/micro-step and RNG states of a resumed run (its logs are cut by :func:`cut_logs`
+    once it has work to do).
 
     Args:
         run: the run being built, changed in place.
@@ -832,6 +834,14 @@ def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
         seed_everything(run_seed(cfg.seed, "resume", rank=run.info.rank, step=run.step))
     if run.start_micro and ckpt.get("epoch_metrics"):  # the epoch's row will average all its micro-steps
         run.start_metrics = Metrics(**ckpt["epoch_metrics"])
+
+
+def cut_logs(run: Run) -> None:
+    """Rank 0 of a resumed run that has work to do: drop the log rows after its checkpoint (what it will redo).
+
+    Args:
+        run: the resumed run (:func:`restore_position` done).
+    """
     if run.info.is_main:
         _truncate_log(run.out / "log_steps.txt", run.step)
         # a mid-epoch resume redoes its epoch's row (a --max_steps stop wrote a partial one)
@@ -1171,7 +1181,7 @@ def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, An
     try:
         with output_folder(out), job_run_lock(lock_path(out, is_dir=True), f"--outdir {out}"):
             if info.is_main:
-                remove_stale_temporary_files(out)
+                remove_stale_temporary_files(out, RUN_FILES)
             config, cfg, ckpt = _resumed(config, given, out, info)
             return _train(cfg, dataclasses.asdict(config), ckpt, info)
     finally:
@@ -1207,6 +1217,8 @@ def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]
         if info.is_main:
             print(f"--resume {cfg.resume}: already at step {run.step} >= --max_steps {cfg.max_steps}; nothing to do")
         return {"epoch": run.start_epoch, "step": run.step, "checkpoint": cfg.resume, "classifier": run.classifier}
+    if ckpt is not None:  # (not before: a requeue of a finished run keeps its logs whole)
+        cut_logs(run)
     announce(run)
     open_tensorboard(run)
     try:

@@ -3,11 +3,13 @@ left, content fingerprints, and the checks of output locations before any work s
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from runkit.errors import UserError
 
@@ -23,9 +25,14 @@ def process_umask() -> int:
     return mask
 
 
+# mkstemp's names: prefix, 8 characters of this alphabet, suffix (tempfile._RandomNameSequence)
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike, mode: str, **open_kwargs: Any) -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it onto ``path``, on failure remove it.
+    """Open a temporary file ``.<name>.XXXXXXXX.tmp`` beside ``path`` (see :func:`remove_stale_temporary_files`); on
+    success fsync it and rename it onto ``path``, on failure remove it.
 
     The file gets the mode a plain ``open`` would give it: an existing ``path``'s mode, else 0666 less the umask
     (``mkstemp`` alone creates 0600, unreadable to the colleagues the umask admits).
@@ -50,15 +57,24 @@ def _atomic_file(path: str | os.PathLike, mode: str, **open_kwargs: Any) -> Iter
         raise
 
 
-def remove_stale_temporary_files(folder: str | os.PathLike, name: str = "*") -> list[Path]:
-    """Remove the temporary files that atomic writes of ``folder/name`` left when their process was killed (call
-    only while holding the folder's (or the file's) run lock: a live writer's temporary file looks the same).
+def remove_stale_temporary_files(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Remove the temporary files that atomic writes of ``folder/<name>`` (each of ``names``) left when their process
+    was killed (call only while holding the folder's (or the files') run lock: a live writer's temporary file looks
+    the same).
+
+    Only the exact names :func:`_atomic_file` gives its temporary files, ``.<name>.XXXXXXXX.tmp``, match: those of
+    other outputs beside ours (``a.tsv2``, ``a.tsv_backup`` beside ``a.tsv``) are left alone.
 
     Args:
         folder: the folder.
-        name: the file name (a glob) whose temporary files to remove.
+        names: the file names (globs, e.g. ``checkpoint-*.pth.tar``) whose temporary files to remove.
     """
-    stale = [p for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    folder = Path(folder)
+    stale = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _TEMPORARY_NAME.fullmatch(p.name)
+        if match and any(fnmatch.fnmatchcase(match["name"], n) for n in names) and p.is_file() and not p.is_symlink():
+            stale.append(p)
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -36,17 +37,18 @@ def _try_lock(path: Path) -> Optional[int]:
     """An fd holding an exclusive POSIX lock on ``path`` (created if missing), or None when another process holds it.
 
     A lock file removed and re-created by its holder between our open and our lock is detected (inode check) and
-    retried, so two processes can never both believe they hold the lock of one path.
+    retried, so two processes can never both believe they hold the lock of one path. Opened with ``O_NOFOLLOW``: a
+    symbolic link in the lock file's place fails (``ELOOP``) instead of being followed (its target overwritten).
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~process_umask())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666 & ~process_umask())
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return None
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
@@ -58,7 +60,7 @@ def _held_here(path: Path) -> bool:
     """Whether this process already holds the lock file ``path`` (checked without opening it: closing any descriptor
     of a file releases a process's POSIX locks on it)."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return False
     return (st.st_dev, st.st_ino) in _HELD_LOCKS
@@ -77,12 +79,16 @@ def run_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
         what: names the protected output in the error, e.g. ``"--outfile runs/a.tsv"``.
 
     Raises:
-        UserError: another process (or this one) holds the lock: one line naming the holder.
+        UserError: another process (or this one) holds the lock: one line naming the holder; or the lock file
+            cannot be created, or is a symbolic link.
     """
     path = Path(path)
     try:
         fd = None if _held_here(path) else _try_lock(path)
     except OSError as err:  # e.g. a read-only folder
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{what}: its lock file {path} is a symbolic link (to {os.readlink(path)}), which a run "
+                            "never follows (it would overwrite the target); remove the link") from None
         raise UserError(f"{what}: cannot create its lock file {path} ({err.strerror}); choose a writable location"
                         ) from None
     if fd is None:

@@ -1,0 +1,160 @@
+"""Nothing lost, nothing mixed: a requeued finished run, conflicting or foreign rows, lock files and temporaries of
+other outputs, files the user put beside ours, replaced or corrupted weights, a classifier gone NaN.
+
+Runs on the digits dataset with the shipped small models (``models/``), few images and small N, on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import certify
+import demo
+import train
+import training
+from runkit import checkpoints, files
+from runkit.errors import UserError
+from runkit.locks import lock_path, run_lock
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+CLASSIFIER, DENOISER = MODELS / "digits_vit_tiny.pt", MODELS / "digits_denoiser.pt"
+CERTIFY = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "50", "--device", "cpu", "--no_progress",
+           "--seed", "3", "--precision", "fp32", "--denoiser_ckpt", "none", "--batch_size", "64"]
+
+
+def _certify(outfile: Path, *extra: str) -> list[str]:
+    return CERTIFY + ["--classifier_ckpt", str(CLASSIFIER), "--outfile", str(outfile), *map(str, extra)]
+
+
+def _rows(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def log12(tmp_path_factory) -> Path:
+    """A finished 12-image certification log (with its sidecar) of the shipped classifier."""
+    out = tmp_path_factory.mktemp("log12") / "log.tsv"
+    certify.main(_certify(out, "--max_images", 12))
+    return out
+
+
+def _copy_log(log: Path, folder: Path) -> Path:
+    out = folder / log.name
+    shutil.copy(log, out)
+    shutil.copy(log.with_name(log.name + ".json"), out.with_name(out.name + ".json"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ requeue of a finished run
+TRAIN = ["--dataset", "digits", "--device", "cpu", "--batch", "8", "--num_noises", "2", "--accum_iter", "1",
+         "--workers", "0", "--log_every", "1", "--test_per_class", "1", "--train_noise_sd", "0.25", "--epochs", "1",
+         "--warmup_epochs", "0.01", "--precision", "fp32", "--no_progress", "--no_tensorboard",
+         "--classifier_ckpt", str(CLASSIFIER), "--denoiser_ckpt", str(DENOISER)]
+
+
+def test_requeue_of_a_finished_training_run_keeps_its_logs(tmp_path, capsys, files_of):
+    """The same command again with --resume auto (a Slurm requeue) finds nothing to do and changes no file."""
+    out = tmp_path / "run"
+    argv = TRAIN + ["--outdir", str(out), "--max_steps", "2"]
+    train.main(argv)
+    assert len(_rows(out / "log.txt")) == 1 and len(_rows(out / "log_steps.txt")) == 2
+    before = files_of(out)
+    capsys.readouterr()
+    result = train.main(argv + ["--resume", "auto"])
+    assert "nothing to do" in capsys.readouterr().out and result["step"] == 2
+    assert files_of(out) == before
+
+
+# ------------------------------------------------------------------------------------- conflicting and foreign rows
+def _with_extra_row(log: Path, folder: Path, row: list[str]) -> Path:
+    out = _copy_log(log, folder)
+    with open(out, "a") as f:
+        f.write("\t".join(row) + "\n")
+    return out
+
+
+
+# ------------------------------------------------------------------------------------ lock files, temporary files
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_lock_file_that_is_a_symlink_is_refused(tmp_path, dangling):
+    victim = tmp_path / "precious.txt"
+    if not dangling:
+        victim.write_text("mine\n")
+    lock = lock_path(tmp_path / "a.tsv")
+    lock.symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        with run_lock(lock, "--outfile a.tsv"):
+            pass
+    assert (victim.read_text() == "mine\n") if not dangling else not victim.exists()
+    assert lock.is_symlink()
+
+
+def test_start_up_cleanup_removes_only_this_outputs_temporaries(tmp_path):
+    out = tmp_path / "a.tsv"
+    others = [tmp_path / name for name in (".a.tsv2.abcd1234.tmp", ".a.tsv_backup.k3j4h5g6.tmp",
+                                           ".a.tsv.x.tmp", ".a.tsv.abcd12345.tmp")]
+    ours = [tmp_path / name for name in (".a.tsv.x1y2z3w4.tmp", ".a.tsv.json.q1w_e3r4.tmp")]
+    for p in others + ours:
+        p.write_text("x")
+    certify.main(_certify(out, "--max_images", 1))
+    assert [p.exists() for p in others] == [True] * len(others)
+    assert [p.exists() for p in ours] == [False] * len(ours)
+
+
+def test_the_temporary_name_pattern_is_the_one_atomic_writes_use(tmp_path):
+    """What :func:`runkit.files.remove_stale_temporary_files` matches is what an atomic write leaves when killed."""
+    target = tmp_path / "a.tsv"
+    with files._atomic_file(target, "w") as f:
+        f.write("x")
+        left = list(tmp_path.iterdir())
+    assert len(left) == 1 and target.read_text() == "x"
+    left[0].write_text("x")  # what a writer killed at that moment leaves
+    assert files.remove_stale_temporary_files(tmp_path, ["a.tsv"]) == left
+    assert list(tmp_path.iterdir()) == [target]
+
+
+# --------------------------------------------------------------------------------- files the user put beside ours
+def test_demo_rerun_keeps_a_users_file_in_its_training_folder(tmp_path):
+    outdir = tmp_path / "D"
+    (outdir / "ft_cadis").mkdir(parents=True)
+    (outdir / demo.MARKER).write_text("written by demo.py\n")
+    for name in ("checkpoint-1.pth.tar", "checkpoint-step6.pth.tar", "checkpoint-step6.pth.tar.sha256", "log.txt",
+                 "log_steps.txt", "events.out.tfevents.1.host.1.0", "ft_cadis.tsv"):
+        (outdir / "ft_cadis" / name).write_text("demo\n")
+    (outdir / "ft_cadis.tsv").write_text("demo\n")
+    notes = outdir / "ft_cadis" / "notes.txt"
+    notes.write_text("mine\n")
+    demo.prepare_outdir(outdir)
+    assert notes.read_text() == "mine\n"
+    assert sorted(p.name for p in (outdir / "ft_cadis").iterdir()) == ["ft_cadis.tsv", "notes.txt"]
+    assert not (outdir / "ft_cadis.tsv").exists()
+
+
+def test_bench_json_refuses_to_replace_a_file_that_is_no_bench_result(tmp_path, cli_error, files_of, monkeypatch):
+    monkeypatch.setattr(bench, "bench_config", lambda name, *a, **k: {"config": name})
+    monkeypatch.setattr(bench, "matmul_gflops", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    argv = ["--configs", "digits", "--device", "cpu", "--weights", "random"]
+    foreign = tmp_path / "results.json"
+    foreign.write_text('{"my": "data"}\n')
+    before = files_of(tmp_path)
+    line = cli_error(bench.main, argv + ["--json", foreign])
+    assert f"--json {foreign}" in line and "--overwrite" in line, line
+    assert files_of(tmp_path) == before
+    bench.main(argv + ["--json", str(foreign), "--overwrite"])
+    assert json.loads(foreign.read_text())["configs"] == [{"config": "digits"}]
+    bench.main(argv + ["--json", str(foreign)])  # a bench result is replaced by the next one
+    assert json.loads(foreign.read_text())["configs"] == [{"config": "digits"}]
+
+
+# ---------------------------------------------------------------------------------- replaced or corrupted weights
+
+
+
+# -------------------------------------------------------------------------------------------- a classifier gone NaN
