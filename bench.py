@@ -51,11 +51,11 @@ from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_archi
 from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
                   default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
-from fast import agreement, fast_model, prepare_inference_
+from fast import agreement, channels_last_default, fast_model, prepare_inference_
 from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
 from runkit.cli import run_cli
-from runkit.devices import (PRECISION_CHOICES, autocast, precision_dtype, resolve_device, resolve_precision,
-                            torch_threads)
+from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, autocast, cpu_model, cuda_math,
+                            device_model, precision_dtype, resolve_device, resolve_precision, torch_threads)
 from runkit.errors import UserError
 from runkit.files import atomic_write_text, check_output
 from training import clip_grad_per_param
@@ -750,23 +750,17 @@ def matmul_gflops(device: torch.device, precisions: Sequence[str], shape: Sequen
 def environment(device: torch.device) -> Dict[str, Any]:
     env: Dict[str, Any] = {
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "peak_memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["tf32"] = {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+        env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    env["device_model"] = device_model(device)
     return env
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -816,8 +810,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
     p.add_argument("--compile_mode", default=None,
                    help="torch.compile mode, e.g. max-autotune or reduce-overhead (CUDA graphs)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last UNet on the fast path (as certify.py)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last UNet on the bf16/fp16 fast path (default as certify.py: on CPU, not on CUDA)")
+    p.add_argument("--tf32", default=DEFAULT_TF32, choices=list(TF32_MODES),
+                   help="fp32 work in TF32 on CUDA Ampere+ (as certify.py): conv (default, torch's) = the UNet's "
+                        "convolutions, on = also matmuls, off = none")
+    p.add_argument("--cudnn_benchmark", action="store_true", help="cuDNN's autotuner (as certify.py)")
     p.add_argument("--batch_size", default=None,
                    help="samples per batch for every path (default: per config and device); 'auto' on CUDA: the "
                         "largest batch that fits, found per path (CPU: the default)")
@@ -911,12 +909,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     options = BenchOptions(
         sigma=args.sigma, precisions=precisions, compile=args.compile, compile_mode=args.compile_mode,
-        channels_last=args.channels_last, batch_size=batch_size, iters=args.iters, rounds=args.rounds, N=args.N,
+        channels_last=channels_last_default(device) if args.channels_last is None else args.channels_last,
+        batch_size=batch_size, iters=args.iters, rounds=args.rounds, N=args.N,
         agreement_samples=args.agreement_samples, certify=not args.no_certify, finetune=not args.no_finetune,
         ft_images=args.ft_images, ft_iters=args.ft_iters, weights=args.weights, seed=args.seed,
         denoiser_ckpt=args.denoiser_ckpt, classifier_ckpt=args.classifier_ckpt,
         modes=tuple(args.modes) if args.modes else None, heads=args.heads)
-    with torch_threads(args.threads):
+    with torch_threads(args.threads), cuda_math(args.tf32, args.cudnn_benchmark):
         result: Dict[str, Any] = {"env": environment(device), "args": vars(args), "configs": []}
         result["env"]["matmul_gflops_per_s"] = matmul_gflops(device, precisions)
         for name in configs:

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Mapping, Optional, Sequence, TextIO, Type
+from typing import Any, Callable, Container, Mapping, NamedTuple, Optional, Sequence, TextIO, Type
 
 import torch
 from tqdm import tqdm
@@ -35,8 +35,9 @@ from tqdm import tqdm
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
 from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
 from runkit.cli import check_number
-from runkit.devices import PRECISION_CHOICES, resolve_device, resolve_precision
-from runkit.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_math, describe_device_model,
+                            device_model, resolve_device, resolve_precision, stream_difference)
+from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
 from runkit.files import (atomic_write_text, check_fingerprint, check_output, file_fingerprint, output_folder,
                           remove_stale_temporary_files)
@@ -51,10 +52,11 @@ SUBSETS = ("paper", "skip")
 # entries of the sidecar's "config" that a --resume must match (the others are informational)
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
                "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep",
-               "mode", "radii", "skip_wrong")
+               "mode", "radii", "skip_wrong", "tf32")
 # what logs written before an entry existed computed (a sidecar without it is compared with this value)
 RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False, "mode": "fixed", "radii": None,
-                   "skip_wrong": False}
+                   "skip_wrong": False, "tf32": DEFAULT_TF32}
+OVERRIDES = ("device",)  # the checks --override may skip
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
 # what a sequential log's radius column holds (its sidecar says it; the log itself stays a plain Cohen log)
 SEQUENTIAL_RADIUS = ("the radius at the stop: a valid certificate, but below the fixed-N radius, so the log's ACR "
@@ -103,6 +105,11 @@ class RunOptions:
     radii: Optional[list[float]]
     skip_wrong: Optional[bool]
     shard: Optional[str]
+    dist_timeout: float
+    tf32: str
+    cudnn_benchmark: bool
+    channels_last: Optional[bool]  # None: fast.channels_last_default
+    override: Optional[str]
     # filled by resolve_options
     no_denoiser: bool = False
     classifiers: tuple[Optional[str], ...] = ()  # the checkpoint of each log's classifier; None = pretrained
@@ -223,11 +230,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="denoise with the whole reverse chain t*, ..., 0 (the paper's multistep=True; t* + 1 UNet calls "
                         "per sample instead of one); default: one-shot, the paper's setting")
     p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available); under torchrun "
+                                                   "cuda:N gives local rank r the GPU cuda:N+r")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="autocast of f o D: auto (default) = bf16 where the device computes it natively (CUDA "
                         "Ampere+, CPUs with AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 is exact; bf16/fp16 "
                         "take the fast path (see --fast). The sidecar records the precision used")
+    p.add_argument("--tf32", default=DEFAULT_TF32, choices=list(TF32_MODES),
+                   help="which fp32 work CUDA GPUs from Ampere on compute in TF32: conv (default: torch's and the "
+                        "paper's) = the UNet's convolutions, on = also the matmuls, off = none (exact fp32); recorded, "
+                        "part of the configuration; no effect elsewhere")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms per shape (the choice, and with it the last bits, "
+                        "may differ between processes; speed-up unmeasured)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="with bf16/fp16: the UNet in channels_last memory format (default: on CPU, not on CUDA)")
     p.add_argument("--fast", action="store_true",
                    help="the opt-in inference speed-ups of fast.py (class-token shortcut, and with bf16/fp16 "
                         "weights stored in that dtype, channels_last UNet); implied by --precision bf16/fp16 "
@@ -244,6 +261,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="only the K-th (0-based) of S disjoint parts of the selected images (every S-th from the "
                         "K-th), into <outfile>.shard<K>of<S>, resumable on its own; auto: K and S of a Slurm array "
                         "task (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); combine with --merge")
+    p.add_argument("--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun: how long the ranks wait for each other (the final barrier waits for the "
+                        "slowest rank; torch's own default, 10 minutes for NCCL, would kill the job); default "
+                        f"{DEFAULT_DIST_TIMEOUT_MINUTES:g} (24 hours)")
+    p.add_argument("--override", default=None, metavar="device",
+                   help="with --resume or --merge: 'device' continues or merges logs of another device model (the "
+                        "noise streams differ: certificates stay valid, the log is reproducible on no single device)")
     p.add_argument("--merge", metavar="OUTFILE",
                    help="alone: merge the shard logs <OUTFILE>.shard<K>of<S> into OUTFILE (idx-sorted), refusing "
                         "shards of different configurations, overlapping or missing images")
@@ -260,6 +284,7 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     opts.arch = preset.arch if opts.arch is None else opts.arch
     check_number("--sigma", opts.sigma, 0, low_open=True)
     check_number("--alpha", opts.alpha, 0, 1, low_open=True, high_open=True)
+    check_number("--dist_timeout", opts.dist_timeout, 0, low_open=True)
     for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
         if getattr(opts, flag) is not None and getattr(opts, flag) <= 0:
             raise UserError(f"--{flag} {getattr(opts, flag)}: must be a positive integer")
@@ -292,7 +317,17 @@ def resolve_options(opts: RunOptions) -> RunOptions:
         check_output(outfile, "--outfile")
     opts.precision = resolve_precision(opts.precision, resolve_device(opts.device))  # auto: bf16 where native
     opts.shard_of = parse_shard(opts.shard) if opts.shard is not None else None
+    parse_override(opts.override)
     return opts
+
+
+def parse_override(text: Optional[str]) -> frozenset[str]:
+    """The checks ``--override a,b`` skips (:data:`OVERRIDES`); a :class:`UserError` for any other name."""
+    names = frozenset(n.strip().lstrip("-") for n in (text or "").split(",") if n.strip())
+    if names - set(OVERRIDES):
+        raise UserError(f"--override {text}: {', '.join(sorted(names - set(OVERRIDES)))} cannot be overridden; "
+                        f"choose from {', '.join(OVERRIDES)}")
+    return names
 
 
 def _resolve_subset(opts: RunOptions) -> None:
@@ -386,6 +421,7 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
         "precision": opts.precision, "noise_block": opts.noise_block, "subset": opts.subset,
         "input_norm": opts.input_norms[k], "multistep": bool(opts.multistep),
         "mode": "sequential" if opts.sequential else "fixed", "radii": opts.radii, "skip_wrong": bool(opts.skip_wrong),
+        "tf32": opts.tf32,
         # informational
         "max": opts.max, "finetuned": opts.finetuned[k], "radius": SEQUENTIAL_RADIUS if opts.sequential else "fixed N",
         # checked on --resume (check_resume): the content of each checkpoint file used
@@ -586,7 +622,7 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
         raise UserError(message) from None
     if opts.use_fast:
         from fast import compile_for_inference_, prepare_inference_
-        prepare_inference_(model, opts.precision)  # bf16/fp16: weights kept in that dtype, UNet channels_last
+        prepare_inference_(model, opts.precision, opts.channels_last)  # bf16/fp16: weights in that dtype
         if opts.compile:
             compile_for_inference_(model)
     return Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block)
@@ -619,6 +655,46 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
                         "rerun with the recorded flags, or use another --outfile or --overwrite")
     for role, (flag, path) in files.items():
         check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
+
+
+def recorded_device_models(info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every device model (:func:`runkit.devices.device_model`) that wrote rows of a log, from its sidecar's
+    ``info``: ``device_models`` (sidecars of older versions: the type of ``device``)."""
+    if "device_models" in info:
+        return list(info["device_models"])
+    return [{"type": str(info["device"]).split(":")[0]}] if info.get("device") else []
+
+
+def check_device_model(outfile: Path, model: dict[str, Any], override: Optional[str]) -> bool:
+    """On ``--resume``: refuse to continue a log written on a device model whose noise streams differ from those of
+    ``model``, this run's (:func:`runkit.devices.stream_difference`), unless ``--override device``; returns whether
+    the log now mixes streams.
+
+    Args:
+        outfile: the log.
+        model: this run's device model.
+        override: the ``--override`` flag.
+    """
+    recorded = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")
+    for earlier in recorded_device_models(recorded.get("info", {})):
+        reason = stream_difference(earlier, model)
+        if reason is None:
+            continue
+        if "device" in parse_override(override):
+            return True
+        raise UserError(f"--resume: {outfile} was written on {describe_device_model(earlier)}, this run is on "
+                        f"{describe_device_model(model)}, and one seed gives other noise there ({reason}): the log "
+                        "would mix noise streams, its certificates valid but reproducible on no single device; resume "
+                        "on the same device model, or pass --override device to accept that")
+    return False
+
+
+def _add_device_model(outfile: Path, model: dict[str, Any]) -> None:
+    """Add ``model`` to the device models the sidecar of ``outfile`` records (:func:`recorded_device_models`)."""
+    recorded = read_sidecar(outfile, "--resume", "use another --outfile")
+    models = recorded_device_models(recorded.get("info", {}))
+    if model not in models:
+        write_sidecar(outfile, recorded["config"], {**recorded.get("info", {}), "device_models": models + [model]})
 
 
 def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool,
@@ -754,9 +830,10 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     """
     outfiles = opts.log_paths
     configs = [run_config(opts, k) for k in range(len(outfiles))]
-    dist_info = init_distributed(opts.device)
+    dist_info = init_distributed(opts.device, opts.dist_timeout)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(cuda_math(opts.tf32, opts.cudnn_benchmark))
             for outfile in outfiles:
                 stack.enter_context(output_folder(outfile.parent))
                 stack.enter_context(job_run_lock(lock_path(outfile), f"--outfile {outfile}"))
@@ -782,16 +859,22 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
     selection = encode_indices(indices)  # a shard records the whole run's images, for --merge
     if opts.shard_of is not None:
         indices = opts.shard_of.select(indices)
+    model = device_model(dist_info.device)
+    mixed = [opts.resume and bool(existing) and check_device_model(o, model, opts.override)
+             for o, (existing, _) in zip(outfiles, checked)]
     method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
     barrier()
     if dist_info.is_main:
         info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
-                "device": str(dist_info.device), "compile": opts.compile, "fast": opts.use_fast,
+                "device": str(dist_info.device), "device_models": [model], "compile": opts.compile,
+                "fast": opts.use_fast, "cudnn_benchmark": opts.cudnn_benchmark,
                 "classifiers": len(outfiles), "torch": torch.__version__,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 **({"selection": selection} if opts.shard_of is not None else {})}
-        for outfile, config, (existing, _) in zip(outfiles, configs, checked):
+        for outfile, config, (existing, _), mixes in zip(outfiles, configs, checked, mixed):
             prepare_outputs(outfile, existing, opts.overwrite, config, info)
+            if mixes:  # --override device: the sidecar records every device model that wrote rows
+                _add_device_model(outfile, model)
     barrier()
     start = time.perf_counter()
     logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
@@ -813,18 +896,27 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
 MERGE_KEYS = (*RESUME_KEYS, "max", "fingerprints")  # what every shard of one run must share (and its images)
 
 
-def merge_request(argv: Sequence[str]) -> Optional[Path]:
-    """OUTFILE when the command line is ``--merge OUTFILE`` (None without --merge; a :class:`UserError` when other
-    flags come with it: the configuration comes from the shard logs)."""
+class MergeRequest(NamedTuple):
+    """``--merge OUTFILE [--override device]``."""
+
+    outfile: Path
+    override: frozenset[str]
+
+
+def merge_request(argv: Sequence[str]) -> Optional[MergeRequest]:
+    """OUTFILE and the checks ``--override`` skips when the command line is ``--merge OUTFILE [--override device]``
+    (None without --merge; a :class:`UserError` when other flags come with it: the configuration comes from the
+    shard logs)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--merge")
+    parser.add_argument("--override")
     known, rest = parser.parse_known_args(list(argv))
     if known.merge is None:
         return None
     if rest:
         raise UserError(f"--merge {known.merge}: give it alone (got also {' '.join(rest)}); the configuration "
                         "comes from the shard logs")
-    return Path(known.merge)
+    return MergeRequest(Path(known.merge), parse_override(known.override))
 
 
 def encode_indices(indices: Sequence[int]) -> str:
@@ -862,8 +954,10 @@ def _idx_list(idx: Sequence[int], shown: int = 20) -> str:
     return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
 
 
-def _shard_configs(shards: dict[int, Path]) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
-    """The shards' shared configuration and info (the most common one), and for each shard that differs, how."""
+def _shard_configs(shards: dict[int, Path], mixed_devices: bool = False
+                   ) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
+    """The shards' shared configuration and info (the most common one; its ``device_models``: those of every shard),
+    and for each shard that differs, how (another device model too, unless ``mixed_devices``)."""
     recorded = {k: read_sidecar(p, "--merge", "rerun that shard (--shard K/S --resume)") for k, p in shards.items()}
     names = (*MERGE_KEYS, "selection")
     values = {k: [r["config"].get(key, RESUME_DEFAULTS.get(key)) for key in MERGE_KEYS]
@@ -878,20 +972,45 @@ def _shard_configs(shards: dict[int, Path]) -> tuple[dict[str, Any], dict[str, A
             diff = [special.get(name) or f"{name}={values[k][i]!r} (the others {values[first][i]!r})"
                     for i, name in enumerate(names) if key[i] != common[i]]
             foreign[k] = f"{shards[k].name} has a different configuration: {', '.join(diff)}"
-    return recorded[first]["config"], recorded[first].get("info", {}), foreign
+    models = {k: recorded_device_models(r.get("info", {})) for k, r in recorded.items()}
+    if not mixed_devices:
+        foreign.update(_other_device_models(shards, models, first, set(foreign)))
+    union = [json.loads(m) for m in dict.fromkeys(json.dumps(m, sort_keys=True) for ms in models.values() for m in ms)]
+    return recorded[first]["config"], {**recorded[first].get("info", {}), "device_models": union}, foreign
 
 
-def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,)) -> list[LogRow]:
+def _other_device_models(shards: dict[int, Path], models: dict[int, list[dict[str, Any]]], first: int,
+                         skip: Container[int]) -> dict[int, str]:
+    """For each shard (but ``skip``) whose device models draw other noise than those of shard ``first``
+    (:func:`runkit.devices.stream_difference`), how."""
+    found = {}
+    for k in sorted(set(models) - {first}):
+        pairs = [(a, b, stream_difference(a, b)) for a in models[first] for b in models[k] if k not in skip]
+        for a, b, reason in pairs:
+            if reason:
+                found[k] = (f"{shards[k].name} ran on {describe_device_model(b)}, {shards[first].name} on "
+                            f"{describe_device_model(a)} ({reason}; rerun it there, or pass --override device to "
+                            "merge noise streams of different devices: certificates valid, reproducible on no single "
+                            "device)")
+                break
+    return found
+
+
+def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,), override: Container[str] = ()
+                 ) -> list[LogRow]:
     """Merge the shard logs ``<outfile>.shard<k>of<s>`` (k = 0..s-1) into one idx-sorted ``outfile`` with its sidecar;
     their rows are of the one of ``row_types`` whose header the first shard log has.
 
     Refused, with the list of missing idx, when a shard log is missing or incomplete, when one was written with
-    another configuration (:data:`MERGE_KEYS`), or when one holds images outside its share. The merged rows equal a
-    one-process run's (image idx's noise depends only on the seed and idx). The shard logs are kept.
+    another configuration (:data:`MERGE_KEYS`) or, unless ``override`` holds ``device``, on a device model whose
+    noise streams differ (:func:`runkit.devices.stream_difference`), or when one holds images outside its share.
+    The merged rows equal a one-process run's (image idx's noise depends only on the seed, idx and device model).
+    The shard logs are kept.
 
     Args:
         outfile: the merged log to write; its shard logs lie beside it.
         row_types: the row types the shard logs may have.
+        override: the checks to skip (``device``).
     """
     found = existing_shards(outfile)
     if not found:
@@ -906,7 +1025,7 @@ def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,)) -> l
     with open(found[0][2], encoding="utf-8", errors="replace") as f:
         header = f.readline().rstrip("\r\n")
     row_type = next((t for t in row_types if t.header() == header), row_types[0])  # others: read_rows refuses
-    config, info, foreign = _shard_configs(shards)
+    config, info, foreign = _shard_configs(shards, "device" in override)
     if "selection" not in info:
         raise UserError(f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
                         "--shard K/S); rerun the shards")
@@ -945,7 +1064,7 @@ def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], con
             raise UserError(f"--merge {outfile}: it already exists with other rows; move it away to merge again")
         atomic_write_text(outfile, text)
         merged_info = {"merged_from": [p.name for p in shards], "selection": info["selection"],
-                       "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
+                       "device_models": info["device_models"], "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_sidecar(outfile, {**config, "shard": None}, merged_info)
     print(summary(outfile, config, 0, 0.0, done=f"merged from {len(shards)} shard logs"))
     return rows

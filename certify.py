@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[Row] | list[list
     (several classifiers: the rows of each log; None on the other ranks)."""
     merge = merge_request(sys.argv[1:] if argv is None else argv)
     if merge is not None:
-        return merge_shards(merge, (Row, SampledRow))  # type: ignore[return-value]
+        return merge_shards(merge.outfile, (Row, SampledRow), merge.override)  # type: ignore[return-value]
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
     logs = run_certify(opts, list(sys.argv if argv is None else argv))
     return logs if logs is None or len(logs) > 1 else logs[0]  # type: ignore[return-value]

@@ -9,7 +9,8 @@ frozen denoiser of ``train.py`` ask for them explicitly:
   explicit ``softmax((q·s)kᵀ)v`` where :func:`explicit_attention_is_faster` (bf16 on CPU).
 * :func:`enable_class_token_forward_`: an :class:`classifier.ImageClassifier` over a timm ViT computes its last
   block for the class token only (:func:`vit_class_token_forward`): the same function, ~7 % fewer FLOPs for ViT-B.
-* :func:`channels_last_`: a :class:`denoiser.DiffusionDenoiser`'s UNet in channels_last memory format.
+* :func:`channels_last_`: a :class:`denoiser.DiffusionDenoiser`'s UNet in channels_last memory format (by default
+  on CPU only: :func:`channels_last_default`).
 * :func:`compile_for_inference_`: ``torch.compile`` of the UNet and the classifier, inductor weight freezing on CPU.
 
 :func:`prepare_inference_` applies all but compile. Each step dispatches on the real module types.
@@ -89,6 +90,17 @@ def use_explicit_attention_(model: nn.Module, dtype: torch.dtype) -> int:
                 m.fused_attn = False
                 switched += 1
     return switched
+
+
+def channels_last_default(device: torch.device) -> bool:
+    """Whether the fast path's UNet goes channels_last on ``device`` unless asked otherwise: on CPU, where oneDNN's
+    convolutions prefer it; not on CUDA, where each GroupNorm (the UNet has one before nearly every convolution)
+    would convert the layout back and forth, and where the gain is unmeasured (no GPU was available).
+
+    Args:
+        device: where the UNet runs.
+    """
+    return torch.device(device).type == "cpu"
 
 
 def channels_last_(model: nn.Module) -> nn.Module:
@@ -177,7 +189,7 @@ def enable_class_token_forward_(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = True,
+def prepare_inference_(model: nn.Module, precision: str, channels_last: Optional[bool] = None,
                        class_token: bool = True) -> nn.Module:
     """The fast path of ``model`` (e.g. a :class:`core.DenoisedClassifier`, or a denoiser alone), in place.
 
@@ -186,7 +198,8 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
         precision: ``fp32`` (only the class-token shortcut, exact up to float rounding), ``bf16`` or ``fp16`` (also
             :func:`precast_weights_`, :func:`use_explicit_attention_`, and :func:`channels_last_` with
             ``channels_last``).
-        channels_last: a denoiser's UNet goes channels_last (bf16/fp16 only).
+        channels_last: a denoiser's UNet goes channels_last (bf16/fp16 only); None: :func:`channels_last_default`
+            for the device of the model's weights.
         class_token: :func:`enable_class_token_forward_`.
     Returns:
         ``model``.
@@ -196,6 +209,9 @@ def prepare_inference_(model: nn.Module, precision: str, channels_last: bool = T
     if precision == "fp32":
         return model
     dtype = precision_dtype(precision)
+    if channels_last is None:
+        weight = next(model.parameters(), None)
+        channels_last = weight is not None and channels_last_default(weight.device)
     precast_weights_(model, dtype)
     use_explicit_attention_(model, dtype)
     if channels_last:

@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[PredictRow]]:
     the other ranks)."""
     merge = merge_request(sys.argv[1:] if argv is None else argv)
     if merge is not None:
-        return merge_shards(merge, (PredictRow,))  # type: ignore[return-value]
+        return merge_shards(merge.outfile, (PredictRow,), merge.override)  # type: ignore[return-value]
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
     logs = run(opts, PredictRow, lambda smoothed, o: predict_method(smoothed, o.N, o.alpha, o.batch_size),
                list(sys.argv if argv is None else argv))

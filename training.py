@@ -44,8 +44,9 @@ from fast import prepare_inference_
 from presets import DATASETS, PRESETS, TRAIN_DEFAULTS, per_dataset
 from runkit import checkpoints
 from runkit.cli import check_number
-from runkit.devices import PRECISION_CHOICES, autocast, resolve_device, resolve_precision
-from runkit.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, autocast, cuda_math, device_model,
+                            resolve_device, resolve_precision)
+from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
 from runkit.files import (atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint,
                           output_folder, remove_stale_temporary_files)
@@ -170,11 +171,22 @@ class TrainConfig:
     workers: int = config_field(4, "data loading workers per process")
     outdir: Optional[str] = config_field(
         None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
-    device: Optional[str] = config_field(None, "cuda, cuda:1, cpu (default: cuda when available)")
+    device: Optional[str] = config_field(
+        None, "cuda, cuda:1, cpu (default: cuda when available); under torchrun cuda:N gives local rank r cuda:N+r")
+    dist_timeout: float = config_field(
+        DEFAULT_DIST_TIMEOUT_MINUTES, "under torchrun: minutes the ranks wait for each other in a collective "
+                                      "(torch's own default, 10 minutes for NCCL, kills a run whose ranks drift apart)")
     precision: str = config_field(
         "auto", "autocast: auto = bf16 where the device computes it natively (CUDA Ampere+, CPUs with "
                 "AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 (exact), bf16 (no scaler), fp16",
         choices=PRECISION_CHOICES)
+    tf32: str = config_field(
+        DEFAULT_TF32, "fp32 work in TF32 on CUDA Ampere+: conv = the UNet's convolutions (torch's default, the "
+                      "paper's), on = also matmuls, off = none (exact fp32); recorded in the checkpoints",
+        choices=tuple(TF32_MODES))
+    cudnn_benchmark: bool = config_field(
+        False, "let cuDNN time its convolution algorithms per shape (the paper's train.py does; the last bits may "
+               "then differ between processes, so a resume is not bit-exact; speed-up unmeasured)")
     denoiser_ckpt: Optional[str] = config_field(None, "diffusion checkpoint (default: models/<official file name>)")
     classifier_ckpt: Optional[str] = config_field(
         None, "off-the-shelf classifier weights (default: the architecture's pretrained weights; digits: "
@@ -252,6 +264,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
                         ("--weight_decay", cfg.weight_decay), ("--weight_decay_end", cfg.weight_decay_end),
                         ("--lora_alpha", cfg.lora_alpha)):
         check_number(name, value, 0)
+    check_number("--dist_timeout", cfg.dist_timeout, 0, low_open=True)
     for name, value in (("--lr", cfg.lr), ("--train_noise_sd", cfg.train_noise_sd),
                         ("--test_noise_sd", cfg.test_noise_sd), ("--layer_decay", cfg.layer_decay)):
         check_number(name, value, 0, low_open=True)
@@ -305,9 +318,10 @@ def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
 # computes. The checkpoint files (RESUME_PATHS; left out: the run's) may move, their content is checked
 # (fingerprints). --epochs may grow: the cosine lr and weight-decay schedules then stretch over the new total from the
 # current position on. Every other flag given must equal the run's value, or be named by --override.
-RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "workers", "progress", "log_every",
-                                "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test", "test_per_class",
-                                "load_from", "tensorboard", "local_rank"})
+RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "dist_timeout", "cudnn_benchmark",
+                                "workers", "progress",
+                                "log_every", "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test",
+                                "test_per_class", "load_from", "tensorboard", "local_rank"})
 RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
 
 
@@ -1062,7 +1076,7 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: O
             "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},
             "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                        if v is None or isinstance(v, (str, int, float, bool))},
-            "fingerprints": run.fingerprints, "world_size": run.world,
+            "fingerprints": run.fingerprints, "world_size": run.world, "device_model": device_model(run.dev),
             "epoch_metrics": dataclasses.asdict(metrics) if metrics is not None and micro else None,
         }, path)
     return path
@@ -1177,13 +1191,14 @@ def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, An
     if config.override and not config.resume:
         raise UserError(f"--override {config.override}: only with --resume (a new run takes any flag)")
     out = Path(resolve_config(config).outdir)  # every flag and the output folder checked before anything runs
-    info = init_distributed(config.device)
+    info = init_distributed(config.device, config.dist_timeout)
     try:
         with output_folder(out), job_run_lock(lock_path(out, is_dir=True), f"--outdir {out}"):
             if info.is_main:
                 remove_stale_temporary_files(out, RUN_FILES)
             config, cfg, ckpt = _resumed(config, given, out, info)
-            return _train(cfg, dataclasses.asdict(config), ckpt, info)
+            with cuda_math(cfg.tf32, cfg.cudnn_benchmark):  # a resumed run: its recorded --tf32
+                return _train(cfg, dataclasses.asdict(config), ckpt, info)
     finally:
         cleanup_distributed()
 

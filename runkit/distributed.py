@@ -1,11 +1,13 @@
 """torch.distributed set-up for ``torchrun`` launches (a single process without them)."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from runkit.devices import resolve_device
+from runkit.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -29,10 +31,21 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: Optional[str] = None) -> DistInfo:
+# How long a collective (the final barrier above all) waits for the slowest rank before the job is killed: torch's
+# default (10 minutes for NCCL) ends a certification whose ranks finish hours apart; the CLIs' --dist_timeout.
+DEFAULT_DIST_TIMEOUT_MINUTES = 24 * 60.0
+
+
+def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES
+                     ) -> DistInfo:
     """Initialise torch.distributed from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
-    NCCL on CUDA (one GPU per local rank), gloo on CPU. Without those variables: a single process.
+    NCCL on CUDA (one GPU per local rank, :func:`local_cuda_index`), gloo on CPU. Without those variables: a single
+    process.
+
+    Args:
+        device: ``--device`` (``cuda:N`` under torchrun: the first of the node's GPUs, see :func:`local_cuda_index`).
+        timeout_minutes: how long a collective waits for the other ranks (``--dist_timeout``).
     """
     import torch
     import torch.distributed as dist
@@ -41,13 +54,42 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    if dev.type == "cuda" and (world_size > 1 or dev.index is None):
+        dev = torch.device("cuda", local_cuda_index(dev.index, device))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def local_cuda_index(first: Optional[int], flag_value: Optional[str] = None,
+                     environ: Mapping[str, str] = os.environ) -> int:
+    """The GPU of this process: ``first + LOCAL_RANK`` (``--device cuda`` = ``cuda:0``), so that under torchrun
+    ``--device cuda:N`` gives the node's ranks the GPUs N, N+1, ..., N+LOCAL_WORLD_SIZE-1 (NCCL refuses two ranks on
+    one GPU; ``CUDA_VISIBLE_DEVICES`` is the other way to choose them).
+
+    Args:
+        first: N of ``cuda:N`` (None: 0).
+        flag_value: the ``--device`` value, named in the error.
+        environ: where LOCAL_RANK and LOCAL_WORLD_SIZE are read.
+
+    Raises:
+        UserError: the node's ranks need more GPUs from N on than it has.
+    """
+    import torch
+
+    first = first or 0
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    count = torch.cuda.device_count()
+    if first + max(local_world, local_rank + 1) > count:
+        raise UserError(f"--device {flag_value or 'cuda'}: under torchrun local rank r uses cuda:{first}+r, but "
+                        f"{local_world} local ranks from cuda:{first} need {first + local_world} GPUs and this node "
+                        f"has {count}; use --device cuda (cuda:0 on), fewer processes (--nproc_per_node) or "
+                        "CUDA_VISIBLE_DEVICES")
+    return first + local_rank
 
 
 def barrier() -> None:

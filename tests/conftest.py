@@ -21,6 +21,17 @@ FIXTURES = REPO / "tests" / "fixtures"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests marked ``cuda`` where no CUDA GPU is available (they are not skipped: a CPU run reports
+    them as deselected, 0 skipped); wherever CUDA is available they run with the others."""
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``tests/fixtures``: upstream diffusion references, the tiny Hugging Face ViT, Cohen et al.'s published logs

@@ -708,3 +708,102 @@ def test_an_unwritable_outfile_folder_is_an_error_before_the_models_load(models,
     line = cli_error(certify.main, _args(models, ro / "log.tsv"))
     assert f"--outfile {ro / 'log.tsv'}: cannot create files in {ro} (permission denied)" in line
     assert list(ro.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU settings and device models: --dist_timeout, --tf32, --cudnn_benchmark, resume and merge across devices
+# ---------------------------------------------------------------------------------------------------------------
+
+A100 = {"type": "cuda", "name": "NVIDIA A100-SXM4-80GB", "sm_count": 108, "capability": "8.0"}
+H100 = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "capability": "9.0"}
+
+
+def _doctor_info(log: Path, **info) -> None:
+    """Change entries of the info a log's sidecar records (as a run on another device would have written them)."""
+    side = log.with_name(log.name + ".json")
+    recorded = json.loads(side.read_text())
+    recorded["info"].update(info)
+    side.write_text(json.dumps(recorded))
+
+
+def test_gpu_settings_reach_the_run_and_the_sidecar(models, tmp_path, monkeypatch, cli_error):
+    import certification
+    import predict
+
+    seen = []
+    real_init, real_math = certification.init_distributed, certification.cuda_math
+    monkeypatch.setattr(certification, "init_distributed", lambda *a: seen.append(("init", *a)) or real_init(*a))
+    monkeypatch.setattr(certification, "cuda_math", lambda *a: seen.append(("math", *a)) or real_math(*a))
+    out = tmp_path / "log.tsv"
+    certify.main(_args(models, out, "--max_images", "2", "--dist_timeout", "7", "--tf32", "off", "--cudnn_benchmark"))
+    assert seen == [("init", "cpu", 7.0), ("math", "off", True)]
+    recorded = json.loads((tmp_path / "log.tsv.json").read_text())
+    assert recorded["config"]["tf32"] == "off" and recorded["info"]["cudnn_benchmark"] is True
+    assert recorded["info"]["device_models"] == [devices.device_model(torch.device("cpu"))]
+    line = cli_error(certify.main, _args(models, out, "--resume"))  # --tf32 is part of the configuration
+    assert "tf32='off' (now 'conv')" in line
+    seen.clear()
+    predict.main(["--dataset", "digits", "--sigma", "0.25", "--N", "20", "--max_images", "1", "--device", "cpu",
+                  "--no_progress", "--precision", "fp32", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", "none",
+                  "--outfile", str(tmp_path / "p.tsv"), "--dist_timeout", "0.5"])
+    assert seen == [("init", "cpu", 0.5), ("math", "conv", False)]
+    assert "--dist_timeout 0.0: must be a finite number > 0" in cli_error(
+        certify.main, _args(models, tmp_path / "x.tsv", "--dist_timeout", "0"))
+    assert "--override seed: seed cannot be overridden; choose from device" in cli_error(
+        certify.main, _args(models, tmp_path / "x.tsv", "--override", "seed"))
+
+
+def test_resume_across_device_models_needs_override_device(models, reference, tmp_path, monkeypatch, cli_error,
+                                                           files_of):
+    import certification
+
+    out = tmp_path / "log.tsv"
+    certify.main(_args(models, out, "--max_images", "5"))
+    _doctor_info(out, device_models=[A100])
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, _args(models, out, "--resume"))
+    assert f"--resume: {out} was written on cuda NVIDIA A100-SXM4-80GB (108 SMs), this run is on cpu" in line
+    assert "CPU and CUDA generators" in line and "--override device" in line and "certificates valid" in line
+    monkeypatch.setattr(certification, "device_model", lambda device: H100)  # as on an H100
+    line = cli_error(certify.main, _args(models, out, "--resume"))
+    assert "this run is on cuda NVIDIA H100 80GB HBM3 (132 SMs)" in line and "SM count" in line
+    assert files_of(tmp_path) == before
+    certify.main(_args(models, out, "--resume", "--override", "device"))
+    assert _body(out) == _body(reference)
+    assert json.loads((tmp_path / "log.tsv.json").read_text())["info"]["device_models"] == [A100, H100]
+    old = tmp_path / "old.tsv"  # a sidecar of an older version: the device only
+    certify.main(_args(models, old, "--max_images", "5"))
+    _doctor_info(old, device="cuda:0", device_models=None)
+    side = json.loads((tmp_path / "old.tsv.json").read_text())
+    del side["info"]["device_models"]
+    (tmp_path / "old.tsv.json").write_text(json.dumps(side))
+    monkeypatch.undo()
+    assert "written on cuda, this run is on cpu" in cli_error(certify.main, _args(models, old, "--resume"))
+
+
+def test_merge_across_device_models_needs_override_device(models, reference, tmp_path, cli_error):
+    out = tmp_path / "log.tsv"
+    _run_shards(models, out)
+    _doctor_info(tmp_path / "log.tsv.shard1of3", device_models=[A100])
+    cpu = devices.device_model(torch.device("cpu"))
+    line = cli_error(certify.main, ["--merge", out])
+    assert (f"log.tsv.shard1of3 ran on cuda NVIDIA A100-SXM4-80GB (108 SMs), log.tsv.shard0of3 on "
+            f"{devices.describe_device_model(cpu)} (the CPU and CUDA generators") in line
+    assert "--override device" in line and line.endswith("missing idx: 1, 4, 7, 10") and not out.exists()
+    assert "cannot be overridden" in cli_error(certify.main, ["--merge", out, "--override", "seed"])
+    rows = certify.main(["--merge", str(out), "--override", "device"])
+    assert [r.idx for r in rows] == list(range(12)) and _body(out) == _body(reference)
+    assert json.loads((tmp_path / "log.tsv.json").read_text())["info"]["device_models"] == [cpu, A100]
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_the_sidecar_records_its_model_and_tf32(models, tmp_path):
+    out = tmp_path / "log.tsv"
+    certify.main(_args(models, out, "--max_images", "3", "--device", "cuda", "--tf32", "off"))
+    recorded = json.loads((tmp_path / "log.tsv.json").read_text())
+    props = torch.cuda.get_device_properties(torch.device("cuda"))
+    [model] = recorded["info"]["device_models"]
+    assert (model["type"], model["name"], model["sm_count"]) == ("cuda", props.name, props.multi_processor_count)
+    assert recorded["config"]["tf32"] == "off" and recorded["info"]["device"] == "cuda:0"
+    certify.main(_args(models, out, "--max_images", "4", "--device", "cuda", "--tf32", "off", "--resume"))
+    assert len(_body(out)) == 4

@@ -466,3 +466,27 @@ def test_an_unwritable_outdir_is_an_error_before_training(tiny_models, tmp_path,
     line = cli_error(train.main, _args(tiny_models, ro / "run", "--max_steps", "1"))
     assert f"--outdir {ro / 'run'}: cannot create files in {ro} (permission denied)" in line
     assert files_of(tmp_path) == {} and list(ro.iterdir()) == []
+
+
+def test_gpu_settings_reach_the_run_and_tf32_is_recorded(tiny_models, tmp_path, monkeypatch, cli_error):
+    """--dist_timeout reaches init_distributed, --tf32 and --cudnn_benchmark the one place that sets them; --tf32 is
+    recorded in the checkpoint's configuration (a resume keeps it, changing it needs --override), with the device."""
+    seen = []
+    real_init, real_math = training.init_distributed, training.cuda_math
+    monkeypatch.setattr(training, "init_distributed", lambda *a: seen.append(("init", *a)) or real_init(*a))
+    monkeypatch.setattr(training, "cuda_math", lambda *a: seen.append(("math", *a)) or real_math(*a))
+    out = tmp_path / "run"
+    train.main(_args(tiny_models, out, "--max_steps", "1", "--no_test", "--no_tensorboard", "--dist_timeout", "30",
+                     "--tf32", "off", "--cudnn_benchmark"))
+    assert seen == [("init", "cpu", 30.0), ("math", "off", True)]
+    ckpt = torch.load(out / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["tf32"] == "off" and ckpt["config"]["dist_timeout"] == 30.0
+    from runkit.devices import device_model
+    assert ckpt["device_model"] == device_model(torch.device("cpu"))
+    seen.clear()
+    train.main(_resume_args(out / "checkpoint-step1.pth.tar", "--max_steps", "2", "--no_tensorboard"))
+    assert seen == [("init", "cpu", training.DEFAULT_DIST_TIMEOUT_MINUTES), ("math", "off", False)]
+    line = cli_error(train.main, _resume_args(out / "checkpoint-step2.pth.tar", "--max_steps", "3", "--tf32", "on"))
+    assert "--tf32 on (the run: off) would change the run" in line
+    assert "--dist_timeout -1.0: must be a finite number > 0" in cli_error(
+        train.main, _args(tiny_models, tmp_path / "x", "--dist_timeout", "-1"))
