@@ -2,11 +2,9 @@
 
 For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on the same device and weights:
 
-* the **reference path**, a re-creation of how Carlini et al. (2023) certify on top of Cohen et al. (2019): fp32;
-  the diffusion draws its own noise at t* (``q_sample``: x_t = sqrt(abar)·(2x − 1) + sqrt(1 − abar)·eps, eps fresh);
-  the full ``p_sample`` step (``p_mean_variance``: learned-range log-variance, posterior mean, and a sample, of
-  which only ``pred_xstart`` is used); the classifier; eager attention; the argmax copied to the host every batch
-  and counted in a Python loop;
+* the **reference path** (:mod:`reference`), a re-creation of how Carlini et al. (2023) certify on top of Cohen et
+  al. (2019): fp32, the diffusion's own noise at t*, the full ``p_sample`` step, eager attention, the argmax counted
+  on the host batch by batch;
 * the **fast path**: :class:`core.Smooth` over :class:`core.DenoisedClassifier` after
   :func:`fast.prepare_inference_` (what ``certify.py --precision bf16`` runs): noise drawn on the device at sigma,
   bf16/fp16 autocast with the Linear/Conv weights stored in that dtype, channels_last UNet, SDPA attention
@@ -15,8 +13,9 @@ For each configuration (``cifar10``, ``imagenet``, ``digits``) one run times, on
 
 and reports every fast figure as a ratio to the reference, the share of samples whose predicted class matches the
 fp32 path on the same noise, and one FT-CADIS step (noise + denoise without grad, train forward, attack, backward,
-AdamW): the reference's (all images attacked, for-loop AdamW, per-parameter clipping with a host sync each) and ours
-(attack on masked-in images only, fused AdamW, foreach clipping).
+AdamW): the reference's (:class:`reference.ReferenceFinetuneStep`: all images attacked, for-loop AdamW,
+per-parameter clipping with a host sync each) and ours (:class:`FinetuneStep`: attack on masked-in images only,
+fused AdamW, foreach clipping).
 
     python bench.py --configs digits cifar10 --compile --json runs/bench_cpu.json
 
@@ -47,14 +46,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_architecture, param_groups_lrd
-from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, cadis_objective,
-                  default_sequential_radii, eps_pixels, image_generator, noise_and_denoise)
+from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_architecture
+from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii,
+                  image_generator, noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from fast import agreement, channels_last_default, fast_model, prepare_inference_
 from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
+from reference import ReferenceDenoisedClassifier, ReferenceFinetuneStep, eager_attention, reference_sample_noise
 from runkit.cli import run_cli
-from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, autocast, cpu_model, cuda_math,
+from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cpu_model, cuda_math,
                             device_model, precision_dtype, resolve_device, resolve_precision, torch_threads)
 from runkit.errors import UserError
 from runkit.files import atomic_write_text, check_output
@@ -81,128 +81,6 @@ CONFIGS: Dict[str, BenchConfig] = {
     "digits": BenchConfig(DIGITS, CIFAR10, cpu=dict(batch_size=256, iters=4, ft_images=8),
                           cuda=dict(batch_size=4096, iters=10, ft_images=32)),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference path (Carlini et al. 2023 on Cohen et al. 2019), re-created
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _extract(arr: np.ndarray, t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """arr[t] per sample, broadcast to ``shape``: a numpy float64 table copied to the device on every call, as
-    upstream's ``_extract_into_tensor`` (which casts to float32; float64 inputs keep float64 here)."""
-    res = torch.from_numpy(arr).to(device=t.device)[t].to(dtype)
-    return res.view(-1, *([1] * (len(shape) - 1))).expand(shape)
-
-
-class ReferenceDiffusion:
-    """The part of improved-/guided-diffusion's ``GaussianDiffusion`` that DDS calls, with the learned-range
-    variance (``learn_sigma=True``) and ε-prediction of both official checkpoints. From ᾱ_t: β_t = 1 − ᾱ_t/ᾱ_{t−1}.
-
-        q_sample:  x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε
-        p_mean_variance:  ε̂, v = UNet(x_t, τ);  x̂_0 = clip(sqrt(1/ᾱ_t)·x_t − sqrt(1/ᾱ_t − 1)·ε̂, −1, 1)
-                   mean = c1_t·x̂_0 + c2_t·x_t,  log var = f·log β_t + (1 − f)·log β̃_t,  f = (v + 1)/2
-        p_sample:  sample = mean + 1[t > 0]·exp(log var / 2)·z,  z fresh;  returns sample and x̂_0
-    """
-
-    def __init__(self, alphas_cumprod: np.ndarray, rescale_timesteps: bool):
-        ac = np.asarray(alphas_cumprod, dtype=np.float64)
-        ac_prev = np.append(1.0, ac[:-1])
-        self.num_timesteps = len(ac)
-        self.rescale_timesteps = rescale_timesteps
-        self.betas = 1.0 - ac / ac_prev
-        self.sqrt_alphas_cumprod = np.sqrt(ac)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
-        self.posterior_variance = self.betas * (1.0 - ac_prev) / (1.0 - ac)
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-        self.posterior_mean_coef1 = self.betas * np.sqrt(ac_prev) / (1.0 - ac)
-        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ac)
-        self.log_betas = np.log(self.betas)
-
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        s, d = x_start.shape, x_start.dtype
-        return (_extract(self.sqrt_alphas_cumprod, t, s, d) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, s, d) * noise)
-
-    def p_mean_variance(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        t: torch.Tensor) -> Dict[str, torch.Tensor]:
-        s, d = x.shape, x.dtype
-        tau = t.to(d) * (1000.0 / self.num_timesteps) if self.rescale_timesteps else t
-        model_output, model_var_values = torch.split(model(x, tau), x.shape[1], dim=1)
-        min_log = _extract(self.posterior_log_variance_clipped, t, s, d)
-        max_log = _extract(self.log_betas, t, s, d)
-        frac = (model_var_values + 1) / 2
-        model_log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = (_extract(self.sqrt_recip_alphas_cumprod, t, s, d) * x
-                       - _extract(self.sqrt_recipm1_alphas_cumprod, t, s, d) * model_output).clamp(-1, 1)
-        mean = (_extract(self.posterior_mean_coef1, t, s, d) * pred_xstart
-                + _extract(self.posterior_mean_coef2, t, s, d) * x)
-        return {"mean": mean, "variance": torch.exp(model_log_variance), "log_variance": model_log_variance,
-                "pred_xstart": pred_xstart}
-
-    def p_sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 t: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = self.p_mean_variance(model, x, t)
-        noise = torch.randn_like(x)
-        nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (len(x.shape) - 1)))
-        return {"sample": out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise,
-                "pred_xstart": out["pred_xstart"]}
-
-
-class ReferenceDenoisedClassifier(nn.Module):
-    """DDS's ``DiffusionRobustModel``: x in [0, 1] (clean: the diffusion adds the noise) -> logits of f(x̂_0).
-
-    x_in = 2x − 1; x_t = q_sample(x_in, t*, fresh ε); x̂_0 = p_sample(UNet, x_t, t*)["pred_xstart"]; f((x̂_0 + 1)/2).
-    """
-
-    def __init__(self, denoiser: DiffusionDenoiser, classifier: nn.Module, sigma: float):
-        super().__init__()
-        self.unet = denoiser.unet
-        self.classifier = classifier
-        self.diffusion = ReferenceDiffusion(denoiser.alphas_cumprod.cpu().numpy(), denoiser.rescale_timesteps)
-        self.t = denoiser.timestep_for_sigma(sigma)
-
-    def denoise(self, x_start: torch.Tensor) -> torch.Tensor:
-        t_batch = torch.tensor([self.t] * len(x_start), device=x_start.device)
-        x_t = self.diffusion.q_sample(x_start, t_batch, torch.randn_like(x_start))
-        with torch.no_grad():
-            return self.diffusion.p_sample(self.unet, x_t, t_batch)["pred_xstart"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = (self.denoise(x * 2 - 1) + 1) / 2
-        return self.classifier.model(self.classifier.normalize(x_hat))  # every token through every block
-
-
-def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
-    counts = np.zeros(length, dtype=int)
-    for idx in arr:
-        counts[idx] += 1
-    return counts
-
-
-def reference_sample_noise(model: nn.Module, x: torch.Tensor, num: int, batch_size: int, num_classes: int
-                           ) -> np.ndarray:
-    """Cohen's ``Smooth._sample_noise`` as DDS runs it: the clean image repeated, noised inside the model, the
-    predictions copied to the host and counted in Python, batch by batch."""
-    with torch.no_grad():
-        counts = np.zeros(num_classes, dtype=int)
-        for _ in range(math.ceil(num / batch_size)):
-            this_batch_size = min(batch_size, num)
-            num -= this_batch_size
-            batch = x.repeat((this_batch_size, 1, 1, 1))
-            predictions = model(batch).argmax(1)
-            counts += _count_arr(predictions.cpu().numpy(), num_classes)
-        return counts
-
-
-@contextlib.contextmanager
-def eager_attention() -> Any:
-    """Scaled dot-product attention as the upstream code writes it (matmul, softmax, matmul): SDPA's math backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,71 +251,36 @@ def largest_batch(path: CertifyPath, x: torch.Tensor, device: torch.device, star
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _reference_clip_gradients(model: nn.Module, clip: float) -> None:
-    """DINO's ``clip_gradients`` as FT-CADIS calls it: each parameter's gradient norm capped, one host sync each."""
-    for p in model.parameters():
-        if p.grad is not None:
-            clip_coef = clip / (p.grad.data.norm(2) + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
+class FinetuneStep(ReferenceFinetuneStep):
+    """Our step (``train.py``'s) in the reference step's frame: :func:`core.noise_and_denoise` (noise at sigma,
+    one-shot denoise without grad) by a denoiser prepared with :func:`fast.prepare_inference_`, fused AdamW,
+    foreach clipping (:func:`training.clip_grad_per_param`); with ``masked_only`` the attack and the adversarial
+    forward only on the masked-in images.
 
-
-class FinetuneStep:
-    """One FT-CADIS micro-step with accum_iter = 1 on B' clean images x M noises (noise-major), METHOD §4.
-
-    ``reference``: FT-CADIS's loop: noise from q_sample + full p_sample, attack and adversarial forward on every
-    image, ``torch.optim.AdamW`` defaults (a for-loop on CPU), per-parameter clipping with a host sync per
-    parameter; precision fp16 with loss scaling on CUDA (its default ``--use_fp16 True``), fp32 on CPU.
-    Otherwise ours (``train.py``'s step): :func:`core.noise_and_denoise` (noise at sigma, one-shot denoise without
-    grad) by a denoiser prepared with :func:`fast.prepare_inference_`, fused AdamW, foreach clipping; the attack and
-    the adversarial forward only on masked-in images when ``masked_only``. ``eps`` is in ``--eps`` units
-    (:func:`core.eps_pixels`).
+    Args:
+        args: as :class:`reference.ReferenceFinetuneStep`.
+        masked_only: attack the masked-in images only (train.py's way).
     """
 
-    def __init__(self, name: str, classifier: ImageClassifier, denoiser: DiffusionDenoiser, sigma: float,
-                 precision: str, reference: bool, masked_only: bool, device: torch.device, eps: float = 64.0,
-                 clip_grad: float = 0.3):
-        cfg = CONFIGS[name].protocol.train
-        self.classifier = classifier.train()
-        self.sigma = sigma
-        self.t_star = denoiser.timestep_for_sigma(sigma)
-        self.M, self.lbd, self.steps = cfg.num_noises, cfg.lbd, cfg.num_steps
-        self.eps_pixels = eps_pixels(eps)
-        self.precision, self.reference, self.masked_only = precision, reference, masked_only
-        self.device, self.clip_grad = device, clip_grad
-        groups = param_groups_lrd(classifier, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-        self.params = [p for g in groups for p in g["params"]]
-        if reference:
-            self.optimizer = torch.optim.AdamW(groups, lr=1e-5)
-            self.ref_model = ReferenceDenoisedClassifier(denoiser, classifier, sigma)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=1e-5, fused=True)
-            self.denoiser = prepare_inference_(copy.deepcopy(denoiser), precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.masked_in: List[float] = []
+    def __init__(self, *args: Any, masked_only: bool, **kwargs: Any):
+        self.masked_only = masked_only
+        super().__init__(*args, **kwargs)
+
+    def prepare(self, denoiser: DiffusionDenoiser) -> None:
+        """A copy of the denoiser with the inference speed-ups of :mod:`fast` at the step's precision."""
+        self.denoiser = prepare_inference_(copy.deepcopy(denoiser), self.precision)
+
+    def make_optimizer(self, groups: List[Dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        """Fused AdamW."""
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
 
     def denoise(self, clean: torch.Tensor) -> torch.Tensor:
-        if self.reference:
-            with torch.no_grad():
-                return (self.ref_model.denoise(clean * 2 - 1) + 1) / 2
+        """D(x + delta) with delta at sigma, one-shot at t*."""
         return noise_and_denoise(self.denoiser, clean, self.t_star, self.sigma)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        clean = images.repeat(self.M, 1, 1, 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.precision):
-            denoised = self.denoise(clean)
-            loss, _, _, correct = cadis_objective(self.classifier, clean, denoised, targets, self.M, self.lbd,
-                                                  self.eps_pixels, self.steps, masked_only=self.masked_only)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.reference:
-            _reference_clip_gradients(self.classifier, self.clip_grad)
-        else:
-            clip_grad_per_param(self.params, self.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.masked_in.append(float(correct.all(0).float().mean()))
+    def clip(self) -> None:
+        """Each parameter's gradient norm capped, foreach (no host sync)."""
+        clip_grad_per_param(self.params, self.clip_grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,18 +340,50 @@ def bench_config(name: str, device: torch.device, opts: BenchOptions, log: Calla
     if opts.finetune:
         finetune = bench_finetune(name, denoiser, classifier, sigma, device, opts.precisions,
                                   opts.ft_images or dflt["ft_images"], opts.ft_iters, opts.seed, log)
-    issue15 = {}
+    extras = {}
     if opts.modes:
-        issue15["modes"] = bench_modes(name, models, sigma, device, opts.modes[0], opts.modes[1], dflt["batch_size"],
+        extras["modes"] = bench_modes(name, models, sigma, device, opts.modes[0], opts.modes[1], dflt["batch_size"],
                                        opts.seed)
     if opts.heads:
-        issue15["heads"] = bench_heads(name, models, sigma, device, opts.heads, dflt["batch_size"], iters)
+        extras["heads"] = bench_heads(name, models, sigma, device, opts.heads, dflt["batch_size"], iters)
     return {
-        **issue15, "config": name, "weights": models["weights"], "denoiser": cfg.preset.denoiser,
+        **extras, "config": name, "weights": models["weights"], "denoiser": cfg.preset.denoiser,
         "classifier": cfg.preset.arch, "denoiser_params": models["denoiser_params"],
         "classifier_params": models["classifier_params"], "image_size": cfg.preset.image_size, "sigma": sigma, "t_star": t_star, "N": N, "N0": N0,
         "rounds": opts.rounds, "iters_per_round": iters, "certify": rows, "finetune": finetune,
     }
+
+
+def time_paths(paths: Sequence[CertifyPath], images: torch.Tensor, rounds: int, iters: int, device: torch.device,
+               log: Callable[[str], None]) -> None:
+    """Warm each path up (one batch; compiles the compiled ones), then ``rounds`` rounds of ``iters`` batches per
+    path, alternating the paths so that a change of machine load hits all of them alike; the figures are added to
+    each :class:`CertifyPath`.
+
+    Args:
+        paths: the paths, timed in this order within each round.
+        images: clean images [n, 3, S, S]; round r samples image r mod n.
+        rounds, iters: rounds, and batches per path and round.
+        device: where they run (synchronized around each timing).
+        log: one line per path and round.
+    """
+    for p in paths:
+        reset_peak_memory(device)
+        t0 = time.perf_counter()
+        p.run(images[0], p.batch_size, device)
+        p.warmup_s = time.perf_counter() - t0
+        p.peak_mb = peak_memory_mb(device)
+    for r in range(rounds):
+        x = images[r % len(images)]
+        for p in paths:
+            num = iters * p.batch_size
+            reset_peak_memory(device)
+            dt = p.run(x, num, device)
+            p.peak_mb = max(p.peak_mb, peak_memory_mb(device))
+            p.seconds += dt
+            p.samples += num
+            p.rates.append(num / dt)
+            log(f"round {r + 1}/{rounds} {p.label:<14} {p.precision}: {num / dt:8.2f} samples/s")
 
 
 def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClassifier, device: torch.device,
@@ -533,27 +408,7 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
         ref.batch_size = largest_batch(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
         log(f"[{name}] batch sizes: reference {ref.batch_size}, fast {', '.join(str(p.batch_size) for p in paths)}")
     all_paths = [ref, *paths]
-
-    # warm-up (one batch; compiles the compiled paths), then rounds alternating the paths so that a change of
-    # machine load hits all of them alike
-    for p in all_paths:
-        reset_peak_memory(device)
-        t0 = time.perf_counter()
-        p.run(x_clean[0], p.batch_size, device)
-        p.warmup_s = time.perf_counter() - t0
-        p.peak_mb = peak_memory_mb(device)
-    for r in range(rounds):
-        x = x_clean[r % len(x_clean)]
-        for p in all_paths:
-            num = iters * p.batch_size
-            reset_peak_memory(device)
-            dt = p.run(x, num, device)
-            p.peak_mb = max(p.peak_mb, peak_memory_mb(device))
-            p.seconds += dt
-            p.samples += num
-            p.rates.append(num / dt)
-            log(f"[{name}] round {r + 1}/{rounds} {p.label:<14} {p.precision}: {num / dt:8.2f} samples/s")
-
+    time_paths(all_paths, x_clean, rounds, iters, device, lambda text: log(f"[{name}] {text}"))
     ref_rate = ref.samples / ref.seconds
     ref_gflops = gflops_per_sample(ReferenceDenoisedClassifier(denoiser, classifier, sigma).eval(), x_clean)
     fast_gflops = gflops_per_sample(fast_model(denoiser, classifier, sigma, "fp32", False, False, None), x_clean)
@@ -581,7 +436,7 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fewer samples and one denoising pass for several classifiers: certify.py's modes (issue 15)
+# Fewer samples and one denoising pass for several classifiers: certify.py's modes
 # ---------------------------------------------------------------------------------------------------------------
 
 # certify.py's modes: (--sequential, --skip_wrong)
@@ -638,7 +493,7 @@ def bench_heads(name: str, models: Dict[str, Any], sigma: float, device: torch.d
             "sec_per_sample_K": per_sample["stack"], "speedup_vs_K_runs": K * per_sample["single"] / per_sample["stack"]}
 
 
-def format_issue15(name: str, record: Dict[str, Any]) -> List[str]:
+def format_modes_and_heads(name: str, record: Dict[str, Any]) -> List[str]:
     """The lines of :func:`bench_modes` / :func:`bench_heads` results of one configuration."""
     lines = []
     modes = record.get("modes")
@@ -665,7 +520,8 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
     """Time the reference step, ours with the attack on every image (the cost when all images are masked in)
     and ours as ``train.py`` runs it (attack on masked-in images only; its time depends on the masked-in share,
     reported). Same images, targets = the classifier's own predictions, same seed for each path."""
-    ft_method = CONFIGS[name].protocol.train.ft_method
+    settings = CONFIGS[name].protocol.train
+    ft_method = settings.ft_method
     images, _ = test_images(name, ft_images, device, seed + 1)
     with torch.inference_mode():
         targets = classifier(denoiser.denoise(images, denoiser.timestep_for_sigma(sigma))).argmax(1).clone()
@@ -678,7 +534,8 @@ def bench_finetune(name: str, denoiser: DiffusionDenoiser, classifier: ImageClas
         clf = copy.deepcopy(classifier).requires_grad_(True)
         if ft_method == "lora":
             apply_lora(clf, rank=4, alpha=4.0)
-        step = FinetuneStep(name, clf, denoiser, sigma, precision, reference, masked_only, device)
+        step = (ReferenceFinetuneStep(clf, denoiser, sigma, settings, precision, device) if reference
+                else FinetuneStep(clf, denoiser, sigma, settings, precision, device, masked_only=masked_only))
         torch.manual_seed(seed)
         reset_peak_memory(device)
         step(images, targets)  # warm-up (optimizer state, allocator)
@@ -794,7 +651,7 @@ def format_table(result: Dict[str, Any]) -> str:
                              f"{r['speedup_vs_reference']:>7.2f}{r['masked_in_share']:>10.2f}"
                              f"{r['peak_memory_mb']:>10.0f}")
     for c in result["configs"]:
-        lines += format_issue15(c["config"], c)
+        lines += format_modes_and_heads(c["config"], c)
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ SUBSETS = ("paper", "skip")
 RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed", "skip", "arch", "denoiser",
                "denoiser_ckpt", "classifier", "precision", "noise_block", "subset", "input_norm", "multistep",
                "mode", "radii", "skip_wrong", "tf32")
-# what logs written before an entry existed computed (a sidecar without it is compared with this value)
+# the value a sidecar without the entry stands for (compared as such on --resume)
 RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False, "mode": "fixed", "radii": None,
                    "skip_wrong": False, "tf32": DEFAULT_TF32}
 OVERRIDES = ("device",)  # the checks --override may skip
@@ -647,7 +647,7 @@ def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[st
     files = files or {}
     recorded_config = read_sidecar(outfile, "--resume",
                                    "use another --outfile (or --overwrite to replace it)")["config"]
-    recorded_fingerprints = recorded_config.get("fingerprints") or {}  # (absent in logs of older versions)
+    recorded_fingerprints = recorded_config.get("fingerprints") or {}
     recorded = {k: recorded_config.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
     diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
     if diff:

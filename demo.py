@@ -43,8 +43,8 @@ from runkit.locks import lock_path, run_lock
 
 DENOISER_CKPT = default_checkpoint_path(DIGITS.denoiser)  # the shipped models/digits_denoiser.pt
 CLASSIFIER_CKPT = DIGITS_CHECKPOINT  # the shipped models/digits_vit_tiny.pt
-MARKER = ".ft_cadis_demo"
-LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)  # marks an output folder as the demo's own, so a rerun may replace what is in it
+MARKER = ".ft_cadis_demo"  # marks an output folder as the demo's own, so a rerun may replace what is in it
+LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)
 OFF_THE_SHELF, FT_CADIS = "off-the-shelf", "FT-CADIS"
 OUTPUTS = ("off_the_shelf.tsv", "off_the_shelf.tsv.json", "ft_cadis.tsv", "ft_cadis.tsv.json", "table.txt",
            "table.md", "table.csv", "certified_accuracy.png", "summary.json", "ft_cadis", "ft_cadis_sequential.tsv",

@@ -61,10 +61,7 @@ def precast_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def explicit_attention_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the explicit attention form beats the fused kernel for ``dtype`` on ``device``: bf16 on CPU, where two
     oneDNN bf16 GEMMs and a softmax beat PyTorch's CPU flash-attention kernel at the sequence lengths certification
-    runs (2-core AMD EPYC Zen 4 with AVX512-BF16, [B, heads, T, 64], ms: ViT-B/16 [16, 12, 197] 23.8 -> 20.7;
-    CIFAR-10 UNet [16, 4, 256] 8.2 -> 5.2; CLIP ViT-B/16 at 384 px [2, 12, 577] 15.9 -> 10.9; the whole CIFAR-10
-    fast path +3 %). Only the ImageNet UNet's 28x28 level (T = 784) is slower (17.3 -> 22.5), well under 1 % of
-    that UNet's time.
+    runs (the measurements: docs/PERFORMANCE.md).
 
     Args:
         device: where the attention runs.

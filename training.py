@@ -351,7 +351,7 @@ def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str
         defaults = TrainConfig(dataset=config.dataset)
         given = {f.name for f in dataclasses.fields(TrainConfig)
                  if getattr(config, f.name) != getattr(defaults, f.name)} | {"dataset"}
-    recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration (older checkpoints: the flags)
+    recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration, else the flags
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = dataclasses.replace(config, **{k: v for k, v in recorded.items()
                                             if k in names and k not in given and k not in RESUME_OPERATIONAL})
@@ -806,7 +806,7 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
     denoiser = load_denoiser(cfg.dataset, cfg.denoiser_ckpt, device=dev)
     prepare_inference_(denoiser, cfg.precision)  # frozen, only run under autocast(precision): weights in that dtype
     groups = param_groups_lrd(classifier, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)  # CUDA and CPU; on CPU ~3x faster than foreach
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)  # CUDA and CPU (why: docs/PERFORMANCE.md)
     model: nn.Module = classifier
     if world > 1:
         model = DistributedDataParallel(classifier, device_ids=[dev.index] if dev.type == "cuda" else None)

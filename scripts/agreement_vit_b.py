@@ -18,7 +18,7 @@ CIFAR-10 classifier's own input size, ``--init`` fine-tunes the 64-px model at 2
 position embedding is resampled to the new grid), which costs about 9 minutes an epoch on 2 cores (3 epochs: 90.6 %
 test accuracy, README "Performance"):
 
-    python scripts/agreement_vit_b.py --epochs 30 --lr 1e-4 --compile --json runs/agreement_vit_b.json  # ~30 min, 2 cores
+    python scripts/agreement_vit_b.py --epochs 30 --lr 1e-4 --compile --json runs/agreement_vit_b.json
     python scripts/agreement_vit_b.py --img_size 224 --init runs/vit_b_digits.pt --checkpoint runs/vit_b_digits_224.pt \
         --epochs 3 --warmup_epochs 0 --lr 1e-4 --batch_size 32 --per_image 2 --compile --json runs/agreement_vit_b_224.json
 """

@@ -15,7 +15,7 @@ checkpoint=path)`` read them with ``weights_only=True``). ``models/digits_metric
 their training time and their quality on the test split (clean accuracy; one-shot denoising MSE / PSNR at
 σ = 0.25 / 0.5 / 1.0 and the classifier's accuracy on the denoised noisy images).
 
-    python scripts/train_demo_models.py                 # both models, 1 thread, seed 0 (about 13 min on one CPU core)
+    python scripts/train_demo_models.py                 # both models, 1 thread, seed 0
     python scripts/train_demo_models.py --what classifier --outdir /tmp/m
 
 Reproducible: fixed seeds; on CPU with the same ``--threads`` and the same torch build the weights come out the

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 FIXTURES = REPO / "tests" / "fixtures"
 
 # One intra-op thread per process: the suite runs multi-process jobs (gloo) and tiny models, where OpenMP threads
-# oversubscribe the cores and slow everything down (measured up to 20x on 2 cores). OMP_NUM_THREADS overrides.
+# oversubscribe the cores and slow everything down. OMP_NUM_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 

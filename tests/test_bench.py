@@ -1,6 +1,7 @@
 """bench.py: the re-created reference path is the upstream computation, the fast path agrees with fp32, the CLI runs."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -12,10 +13,14 @@ import pytest
 import torch
 
 import bench
+import reference
 from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth
 from denoiser import build_denoiser
+from presets import CIFAR10
 from runkit.devices import torch_threads
 from runkit.errors import UserError
+
+CPU = torch.device("cpu")
 
 
 def _digits_models(seed: int = 0):
@@ -37,7 +42,7 @@ def test_reference_diffusion_matches_upstream(fixtures_dir, name, schedule):
     ref = np.load(fixtures_dir / "diffusion" / f"{name}_denoise_reference.npz")
     sched = json.loads((fixtures_dir / "diffusion" / schedule).read_text())
     meta = json.loads((fixtures_dir / "diffusion" / f"{name}_denoise_reference.json").read_text())
-    diffusion = bench.ReferenceDiffusion(np.array(sched["alphas_cumprod"]), sched.get("rescale_timesteps", False))
+    diffusion = reference.ReferenceDiffusion(np.array(sched["alphas_cumprod"]), sched.get("rescale_timesteps", False))
     t = torch.from_numpy(ref["t"])
     x0, eps = torch.from_numpy(ref["x0"]), torch.from_numpy(ref["eps"])
     seen = {}
@@ -63,7 +68,7 @@ def test_reference_denoise_is_the_one_shot_denoiser():
     DiffusionDenoiser.denoise: the reference path computes the same function, only with more work."""
     denoiser, classifier = _digits_models()
     denoiser = denoiser.double()
-    model = bench.ReferenceDenoisedClassifier(denoiser, classifier, sigma=0.25)
+    model = reference.ReferenceDenoisedClassifier(denoiser, classifier, sigma=0.25)
     abar = float(denoiser.alphas_cumprod[model.t])
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -74,6 +79,39 @@ def test_reference_denoise_is_the_one_shot_denoiser():
     theirs = (model.diffusion.p_sample(denoiser.unet, x_t, t_batch)["pred_xstart"] + 1) / 2
     assert 0.01 < float((theirs - x).abs().mean())  # the UNet does something
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
+
+
+def test_our_finetune_step_is_the_reference_step_on_the_same_denoised_images():
+    """Given the same denoised images, our step (attack on the masked-in images only, foreach clipping, fused AdamW)
+    computes the reference step's clipped gradients and update (attack on every image, per-parameter clipping loop,
+    for-loop AdamW): masking the attack changes the work, not the loss."""
+    denoiser, classifier = _digits_models()
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(6, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        targets = classifier(images).argmax(1)
+    targets[:2] = (targets[:2] + 1) % 10  # two images the classifier gets wrong: never masked in
+
+    def denoise(clean):  # the same "denoised" images for both steps
+        return (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+
+    results = []
+    for make in (lambda clf: reference.ReferenceFinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU),
+                 lambda clf: bench.FinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU, masked_only=True)):
+        clf = copy.deepcopy(classifier).requires_grad_(True)
+        step = make(clf)
+        step.denoise = denoise
+        before = [p.detach().clone() for p in step.params]
+        torch.manual_seed(0)
+        step(images, targets)
+        results.append((step.masked_in[0], [p.grad.clone() for p in step.params],
+                        [p.detach().clone() for p in step.params]))
+    (ref_share, ref_grads, ref_params), (share, grads, params) = results
+    assert ref_share == share and 0 < share < 1  # some images masked in, some not: the masking matters
+    for a, b in zip(ref_grads + ref_params, grads + params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+    moved = max(float((p - q).abs().max()) for p, q in zip(params, before))
+    assert moved > 1e-6  # the step changed the weights
 
 
 @pytest.mark.slow
@@ -120,7 +158,7 @@ def test_flop_count_and_matmul_rate():
     """The ceiling figures: the shortcut saves FLOPs exactly where expected; matmul rates are positive."""
     denoiser, classifier = _digits_models()
     x = torch.rand(1, 3, 16, 16)
-    full = bench.gflops_per_sample(bench.ReferenceDenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
+    full = bench.gflops_per_sample(reference.ReferenceDenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
     plain = bench.gflops_per_sample(DenoisedClassifier(denoiser, classifier, 0.25).eval(), x)
     fast = bench.gflops_per_sample(bench.fast_model(denoiser, classifier, 0.25, "fp32", False, False, None), x)
     unet = bench.gflops_per_sample(lambda y: denoiser.denoise(y, 100), x)
@@ -255,5 +293,5 @@ def test_modes_and_several_classifiers_on_the_digits_models():
     assert modes["both"]["certified_accuracy"] == modes["sequential"]["certified_accuracy"]
     assert modes["both"]["samples_per_image"] <= modes["sequential"]["samples_per_image"]
     assert heads["K"] == 2 and heads["sec_per_sample_K"] > 0 and heads["sec_per_sample_single"] > 0
-    lines = bench.format_issue15("digits", {"modes": modes, "heads": heads})
+    lines = bench.format_modes_and_heads("digits", {"modes": modes, "heads": heads})
     assert any(line.startswith("sequential") for line in lines) and "2 classifiers" in lines[-1]

@@ -285,7 +285,7 @@ def test_existing_outfile_and_resume_mismatch(models, reference, tmp_path, capsy
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's settings: subset, input convention, multi-step denoising (issue 13)
+# The paper's settings: subset, input convention, multi-step denoising
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -354,7 +354,7 @@ def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --sequential, --skip_wrong, several classifiers (issue 15), on the digits models (fp32)
+# --sequential, --skip_wrong, several classifiers, on the digits models (fp32)
 # ---------------------------------------------------------------------------------------------------------------
 
 DIGITS = ["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",

@@ -414,7 +414,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's input convention, attention dropout and checkpoints (issue 13)
+# The paper's input convention, attention dropout and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
 
