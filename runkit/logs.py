@@ -41,6 +41,7 @@ from runkit.files import atomic_write_text
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+RESULT_COLUMNS = ("label", "predict", "radius")  # two rows of one idx that agree on these repeat one result
 _TRUE = {"1", "true", "1.0"}
 _FALSE = {"0", "false", "0.0"}
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
@@ -309,7 +310,7 @@ def _checked_rows(path: Path, names: list[str], rows: list[list], line_numbers: 
     """
     radius = names.index("radius") if "radius" in names else None
     idx = names.index("idx") if "idx" in names else None
-    key = [names.index(c) for c in ("label", "predict", "radius") if c in names]
+    key = [names.index(c) for c in RESULT_COLUMNS if c in names]
     first: dict[int, tuple[int, list]] = {}
     kept, kept_lines, repeated = [], [], []
     for row, num in zip(rows, line_numbers):
@@ -391,12 +392,12 @@ def expand_logs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]:  # type: ignore[assignment]
-    """The complete rows (by idx; the first occurrence wins) of one of our logs or parts, and the byte length they
-    occupy.
+    """The complete rows (by idx) of one of our logs or parts, and the byte length they occupy.
 
     A last line without its newline is the trace of an interrupted write: it is not a row, and the returned length
     stops before it (appending resumes there). A header other than ``row_type``'s, or any other line that is not a
-    row, is a :class:`UserError` naming the file.
+    row, is a :class:`UserError` naming the file; so are two rows of one idx with different results (the file mixes
+    two runs), while a repeat of the same result is skipped with a :class:`LogWarning` (as :func:`read_log` does).
 
     Args:
         path: the log or part.
@@ -411,9 +412,9 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
         raise UserError(f"{path}: not a log of this kind (first line {parsed.header[:60]!r}, expected the header "
                         f"{row_type.header()!r}); move it away or use --overwrite")
     rows: dict[int, R] = {}
-    for values in parsed.rows:
+    for values in _checked_rows(path, parsed.names, parsed.rows, parsed.line_numbers)[0]:
         row = row_type.from_values(dict(zip(parsed.names, values)))
-        rows.setdefault(row.idx, row)  # type: ignore[attr-defined]
+        rows[row.idx] = row  # type: ignore[attr-defined]
     return rows, end
 
 
@@ -457,18 +458,38 @@ def existing_shards(outfile: Path) -> list[tuple[int, int, Path]]:
 
 
 def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: ignore[assignment]
-    """Rows already written: the log itself plus any rank parts (the first occurrence of an idx wins).
+    """Rows already written: the log itself plus any rank parts (:func:`read_rows`). An idx in two of these files
+    with different results is a :class:`UserError` naming both; the same result twice is kept once, with a
+    :class:`LogWarning`.
 
     Args:
         outfile: the log.
         row_type: the rows of the log.
     """
     done: dict[int, R] = {}
+    found: dict[int, Path] = {}
+    repeated: list[int] = []
     for path in [outfile] + existing_parts(outfile):
-        if path.is_file():
-            for idx, row in read_rows(path, row_type)[0].items():
-                done.setdefault(idx, row)
+        if not path.is_file():
+            continue
+        for idx, row in read_rows(path, row_type)[0].items():
+            if idx in done and _result(done[idx]) != _result(row):
+                raise UserError(f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
+                                "runs); keep one of them")
+            if idx in done:
+                repeated.append(idx)
+            else:
+                done[idx], found[idx] = row, path
+    if repeated:
+        warnings.warn(f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
+                      f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
+                      f"{', ...' if len(repeated) > 5 else ''})", LogWarning, stacklevel=2)
     return done
+
+
+def _result(row: LogRow) -> tuple:
+    """What two rows of one idx must agree on (:data:`RESULT_COLUMNS`)."""
+    return tuple(getattr(row, name, None) for name in RESULT_COLUMNS)
 
 
 def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
@@ -478,7 +499,9 @@ def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
         path: the log or part.
         row_type: the rows of the log.
     """
-    length = read_rows(path, row_type)[1] if path.is_file() else 0
+    with warnings.catch_warnings():  # (what the rows hold was reported when they were read for the resume)
+        warnings.simplefilter("ignore", LogWarning)
+        length = read_rows(path, row_type)[1] if path.is_file() else 0
     log = open(path, "r+" if path.is_file() else "w", encoding="utf-8")
     log.truncate(length)
     log.seek(length)

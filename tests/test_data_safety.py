@@ -20,6 +20,7 @@ import training
 from runkit import checkpoints, files
 from runkit.errors import UserError
 from runkit.locks import lock_path, run_lock
+from runkit.logs import HEADER, LogWarning
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -77,6 +78,51 @@ def _with_extra_row(log: Path, folder: Path, row: list[str]) -> Path:
     with open(out, "a") as f:
         f.write("\t".join(row) + "\n")
     return out
+
+
+def test_resume_refuses_a_conflicting_duplicate_row(log12, tmp_path, cli_error, files_of):
+    first = _rows(log12)[4]
+    other = [first[0], first[1], first[2], repr(float(first[3]) + 0.5), first[4], first[5]]
+    out = _with_extra_row(log12, tmp_path, other)
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, _certify(out, "--max_images", 12, "--resume"))
+    assert "idx 4" in line and str(out) in line, line
+    assert files_of(tmp_path) == before
+
+
+def test_resume_skips_an_identical_repeat_with_a_warning(log12, tmp_path):
+    first = _rows(log12)[4]
+    out = _with_extra_row(log12, tmp_path, first[:5] + ["9.9"])  # the same result, another time
+    with pytest.warns(LogWarning, match=f"{out}: skipped 1 repeated row"):
+        certify.main(_certify(out, "--max_images", 12, "--resume"))
+    assert [r[:5] for r in _rows(out)] == [r[:5] for r in _rows(log12)]
+
+
+def test_a_conflict_between_a_log_and_its_rank_part_is_refused(tmp_path):
+    from runkit.logs import read_done
+
+    out = tmp_path / "log.tsv"
+    out.write_text(HEADER + "\n0\t3\t3\t0.5\t1\t0.1\n")
+    part = tmp_path / "log.tsv.rank1"
+    part.write_text(HEADER + "\n0\t3\t3\t0.5\t1\t0.2\n")  # the same result: kept once
+    with pytest.warns(LogWarning, match="repeated"):
+        assert list(read_done(out)) == [0]
+    part.write_text(HEADER + "\n0\t3\t-1\t0.0\t0\t0.2\n")
+    with pytest.raises(UserError, match=f"{out} and {part} both hold idx 0 with different results"):
+        read_done(out)
+
+
+def test_merge_refuses_a_conflicting_duplicate_row_in_a_shard(tmp_path, cli_error):
+    out = tmp_path / "log.tsv"
+    for k in range(2):
+        certify.main(_certify(out, "--max_images", 4, "--shard", f"{k}/2"))
+    shard = tmp_path / "log.tsv.shard1of2"
+    first = _rows(shard)[0]
+    with open(shard, "a") as f:
+        f.write("\t".join([first[0], first[1], str((int(first[2]) + 1) % 10), "0.0", "0", "0.1"]) + "\n")
+    line = cli_error(certify.main, ["--merge", out])
+    assert f"idx {first[0]}" in line, line
+    assert not out.exists()
 
 
 
