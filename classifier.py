@@ -530,21 +530,24 @@ def _few(keys: Sequence[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
+def read_checkpoint(path: PathLike, flag: str = "--classifier_ckpt") -> Tuple[StateDict, Dict[str, Any]]:
     """Read classifier weights -> (state dict as saved, info).
 
-    ``path``: a ``.safetensors`` or ``torch.save`` file (a bare state dict, or a ``train.py`` checkpoint with
-    ``state_dict``/``arch``), or a Hugging Face folder with ``model.safetensors`` / ``pytorch_model.bin``.
     info: ``arch`` (train.py checkpoints), ``input_norm`` (:func:`input_norm_record`), ``hf_config`` /
     ``hf_preprocessor`` (HF config.json files beside the weights), ``path``.
+
+    Args:
+        path: a ``.safetensors`` or ``torch.save`` file (a bare state dict, or a ``train.py`` checkpoint with
+            ``state_dict``/``arch``), or a Hugging Face folder with ``model.safetensors`` / ``pytorch_model.bin``.
+        flag: the flag that gave the file, named by the errors.
     """
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / n for n in HF_WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise UserError(f"--classifier_ckpt {path}: folder has no {' or '.join(HF_WEIGHT_FILES)}")
+            raise UserError(f"{flag} {path}: folder has no {' or '.join(HF_WEIGHT_FILES)}")
         path = found[0]
-    obj = checkpoints.load(path, "--classifier_ckpt")
+    obj = checkpoints.load(path, flag)
     info: Dict[str, Any] = {"path": str(path)}
     info["hf_config"], info["hf_preprocessor"] = read_hf_config(path.parent)
     recorded_norm = input_norm_record(obj)
@@ -552,7 +555,7 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
         info["input_norm"] = recorded_norm
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and obj.get("arch") is not None:
         info["arch"] = str(obj["arch"])
-    state_dict = checkpoints.state_dict_of(obj, path, "--classifier_ckpt",
+    state_dict = checkpoints.state_dict_of(obj, path, flag,
                                            "a dict of tensors, or a train.py checkpoint with 'state_dict'")
     return state_dict, info
 
@@ -646,8 +649,9 @@ def _data_config(model: nn.Module) -> Tuple[Tuple[int, int], Tuple[float, ...], 
 
 def _build(
         arch: str, num_classes: Optional[int], pretrained: bool, drop_path: float, info: Dict[str, Any],
-) -> Tuple[nn.Module, Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
-    """(timm model, input size, mean, std) for ``arch``; pretrained weights only where ``pretrained``."""
+        flag: str = "--classifier_ckpt") -> Tuple[nn.Module, Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
+    """(timm model, input size, mean, std) for ``arch``; pretrained weights only where ``pretrained``; errors name
+    ``flag`` as the flag of the weights file."""
     half = (0.5, 0.5, 0.5)
     if arch == "cifar10_vit_base":
         model = build_vit_from_hf_config(CIFAR10_HF_CONFIG, drop_path, num_classes)
@@ -658,8 +662,8 @@ def _build(
     if arch == "hf_vit":
         config = info.get("hf_config")
         if config is None:
-            raise UserError("--arch hf_vit needs --classifier_ckpt pointing to a Hugging Face folder (or a weights "
-                            "file) with its config.json beside it")
+            raise UserError(f"--arch hf_vit needs {flag} pointing to a Hugging Face folder (or a weights file) "
+                            "with its config.json beside it")
         model = build_vit_from_hf_config(config, drop_path, num_classes)
         pre = info.get("hf_preprocessor") or {}
         size = int(config.get("image_size", 224))
@@ -695,6 +699,7 @@ def get_architecture(
         device: Optional[Union[str, torch.device]] = None,
         input_norm: Optional[str] = None,
         attn_drop_rate: float = 0.0,
+        checkpoint_flag: str = "--classifier_ckpt",
 ) -> ImageClassifier:
     """Build the classifier ``arch`` (see module docstring) as an :class:`ImageClassifier`.
 
@@ -716,6 +721,7 @@ def get_architecture(
             that contradicts the checkpoint's record is an error.
         attn_drop_rate: the paper's CIFAR-10 regularizer, block i's attention dropout linspace(0, rate, depth)[i]
             (:func:`set_attention_dropout`).
+        checkpoint_flag: the flag that gave ``checkpoint`` (``--load_from``, ...), named by the errors about it.
     """
     if ft_method == "full-ft":
         ft_method = "full"
@@ -730,23 +736,24 @@ def get_architecture(
     info: Dict[str, Any] = {}
     checkpoint = _default_checkpoint(arch, checkpoint, pretrained)
     if checkpoint is not None:
-        state_dict, info = read_checkpoint(checkpoint)
+        state_dict, info = read_checkpoint(checkpoint, checkpoint_flag)
         if info.get("arch") not in (None, arch):
-            raise UserError(f"--classifier_ckpt {checkpoint}: written for --arch {info['arch']}, not {arch}")
+            raise UserError(f"{checkpoint_flag} {checkpoint}: written for --arch {info['arch']}, not {arch}")
         if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
-            _check_cifar10_hf_config(info["hf_config"], checkpoint)
+            _check_cifar10_hf_config(info["hf_config"], checkpoint, checkpoint_flag)
         state_dict = to_timm_state_dict(state_dict, lora_alpha)
         if num_classes is None and arch not in ARCHS:  # any timm model: take the head size from the checkpoint
             num_classes = _head_size(arch, state_dict)
     norm = resolve_input_norm(arch, input_norm, info.get("input_norm"), checkpoint)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info)
+        model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info,
+                                              checkpoint_flag)
     if state_dict is not None:
         if ft_method == "lora" and has_lora_keys(state_dict):
             first = next(k for k in state_dict if k.endswith(".lora_q_A"))
             apply_lora(model, rank=state_dict[first].shape[0], alpha=lora_alpha)
-        load_timm_state_dict(model, state_dict, source=f"--classifier_ckpt {info.get('path', checkpoint)}")
+        load_timm_state_dict(model, state_dict, source=f"{checkpoint_flag} {info.get('path', checkpoint)}")
     if ft_method == "lora" and not any(isinstance(m, LoRAQKV) for m in model.modules()):
         apply_lora(model, rank=lora_rank, alpha=lora_alpha)
     if attn_drop_rate:
@@ -812,12 +819,13 @@ def set_attention_dropout(model: nn.Module, rate: float) -> List[float]:
     return probabilities
 
 
-def _check_cifar10_hf_config(config: Dict[str, Any], checkpoint: PathLike) -> None:
-    """The config.json beside an HF checkpoint must describe the ViT-B/16 that ``cifar10_vit_base`` builds."""
+def _check_cifar10_hf_config(config: Dict[str, Any], checkpoint: PathLike, flag: str = "--classifier_ckpt") -> None:
+    """The config.json beside an HF checkpoint (given by ``flag``) must describe the ViT-B/16 that
+    ``cifar10_vit_base`` builds."""
     wrong = [f"{k}={config[k]!r} (expected {v!r})" for k, v in CIFAR10_HF_CONFIG.items()
              if k in config and k != "num_labels" and config[k] != v]
     if wrong:
-        raise UserError(f"--classifier_ckpt {checkpoint}: its config.json is not the paper's ViT-B/16 "
+        raise UserError(f"{flag} {checkpoint}: its config.json is not the paper's ViT-B/16 "
                         f"({', '.join(wrong[:3])}); use --arch hf_vit to build the model from its config.json")
 
 

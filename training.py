@@ -24,14 +24,12 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,19 +40,20 @@ from tqdm import tqdm
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
 from presets import DATASETS, PRESETS, TRAIN_DEFAULTS, per_dataset
-from runkit import checkpoints
 from runkit.cli import check_number
 from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, autocast, cuda_math, device_model,
                             resolve_device, resolve_precision)
 from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
-from runkit.files import (atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint,
-                          output_folder, remove_stale_temporary_files)
-from runkit.locks import job_run_lock, lock_path
+from runkit.files import atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint
+from runkit.locks import locked_output_folder
+from runkit.resume import newest_checkpoint, read_run_checkpoint, refuse_existing_run, resumed_config
+from runkit.rng import gather_rng_states, seed_everything, set_rng_state
 
 LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
 STEP_LOG_HEADER = "step\tepoch\tlr\tloss\tsce\tmadv\tacc\tmasked_in"
 RUN_FILES = ("checkpoint-*", "log.txt", "log_steps.txt", "events.out.tfevents.*")  # what a run writes in --outdir
+RUN_LOGS = ("log.txt", "log_steps.txt")  # its logs (a run killed before its first checkpoint leaves only those)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -325,52 +324,20 @@ RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "dist_
 RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
 
 
-def _override_names(override: Optional[str]) -> set[str]:
-    """The field names listed by ``--override a,b`` (``--a`` and ``a-b`` spellings accepted), checked to exist."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    chosen = {n.strip().lstrip("-").replace("-", "_") for n in (override or "").split(",") if n.strip()}
-    unknown = sorted(chosen - names)
-    if unknown:
-        raise UserError(f"--override {override}: no flag {', '.join('--' + n for n in unknown)}")
-    return chosen
-
-
 def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str, Any]) -> TrainConfig:
-    """The configuration of a resumed run: the run's own (recorded in its checkpoint), with the flags given now.
-
-    Flags left out take the run's values; a flag given with a value that changes what the run computes (sigma, lbd,
-    M, eps, lr, schedule, seed, precision, ...: everything but :data:`RESUME_OPERATIONAL`) is refused unless
-    ``--override`` names it; ``--epochs`` may grow.
+    """The configuration of a resumed run: the run's own (recorded in its checkpoint), with the flags given now
+    (:func:`runkit.resume.resumed_config`): flags left out take the run's values; a flag given with a value that
+    changes what the run computes (sigma, lbd, M, eps, lr, schedule, seed, precision, ...: everything but
+    :data:`RESUME_OPERATIONAL`) is refused unless ``--override`` names it; ``--epochs`` may grow.
 
     Args:
         config: the flags of this invocation.
         given: names of the flags given explicitly (None: those that differ from their defaults).
         ckpt: the checkpoint of ``--resume``.
     """
-    if given is None:
-        defaults = TrainConfig(dataset=config.dataset)
-        given = {f.name for f in dataclasses.fields(TrainConfig)
-                 if getattr(config, f.name) != getattr(defaults, f.name)} | {"dataset"}
     recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration, else the flags
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = dataclasses.replace(config, **{k: v for k, v in recorded.items()
-                                            if k in names and k not in given and k not in RESUME_OPERATIONAL})
-    resolved, overrides = resolve_config(merged), _override_names(config.override)
-    changed = []
-    for name in sorted((given & recorded.keys()) - RESUME_OPERATIONAL - RESUME_PATHS - overrides):
-        new, old = getattr(resolved, name), recorded[name]
-        if new != old and not (name == "epochs" and new > old):
-            changed.append(f"--{name} {new} (the run: {old})")
-    if changed:
-        raise UserError(f"--resume {config.resume}: {', '.join(changed)} would change the run; leave these flags out "
-                        f"to continue it as it was, or name them in --override to change them on purpose")
-    return merged
-
-
-def newest_checkpoint(outdir: Path) -> Optional[str]:
-    """The most recently written ``checkpoint-*.pth.tar`` in ``outdir`` (None when there is none)."""
-    found = sorted(outdir.glob("checkpoint-*.pth.tar"), key=lambda p: p.stat().st_mtime_ns)
-    return str(found[-1]) if found else None
+    return resumed_config(config, given, recorded, resolve_config, RESUME_OPERATIONAL, RESUME_PATHS,
+                          may_grow=("epochs",))
 
 
 def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
@@ -497,56 +464,8 @@ def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RNG state, checkpoints, logs
+# Logs, checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def rng_state(device: torch.device) -> Dict[str, Any]:
-    """This process's RNG states (torch CPU and CUDA, numpy, python) as tensors/lists (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    """Restore the RNG states of :func:`rng_state`.
-
-    Args:
-        state: what :func:`rng_state` returned.
-        device: the CUDA generator's device (ignored on CPU).
-    """
-    torch.set_rng_state(state["torch"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def gather_rng_states(device: torch.device) -> List[Dict[str, Any]]:
-    """Every rank's RNG state (a list indexed by rank; a collective when distributed)."""
-    state = rng_state(device)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()})
-    return states
 
 
 def _append(path: Path, header: str, row: str) -> None:
@@ -582,13 +501,9 @@ def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
         path: the checkpoint file.
         flag: the flag that gave it (for errors).
     """
-    p = Path(path).expanduser()
-    ckpt = checkpoints.load(p, flag)
-    needed = ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise UserError(f"{flag} {p}: not a train.py checkpoint (needs {', '.join(needed)}); "
-                        "to start from other weights use --load_from or --classifier_ckpt")
-    return ckpt
+    return read_run_checkpoint(path, flag, ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args"),
+                               "a train.py checkpoint",
+                               "to start from other weights use --load_from or --classifier_ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -702,14 +617,11 @@ def _build_classifier(cfg: TrainConfig, checkpoint: Optional[str], flag: str, de
     from datasets import get_num_classes
     if checkpoint is not None and not Path(checkpoint).expanduser().exists():
         raise UserError(f"{flag} {checkpoint}: file not found")
-    try:
-        return get_architecture(cfg.arch, num_classes=get_num_classes(cfg.dataset),
-                                pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
-                                ft_method=cfg.ft_method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                drop_path=cfg.drop_path, device=device, input_norm=input_norm or cfg.input_norm,
-                                attn_drop_rate=cfg.attn_drop_rate)
-    except UserError as err:
-        raise UserError(str(err).replace("--classifier_ckpt", flag)) from None
+    return get_architecture(cfg.arch, num_classes=get_num_classes(cfg.dataset),
+                            pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
+                            ft_method=cfg.ft_method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                            drop_path=cfg.drop_path, device=device, input_norm=input_norm or cfg.input_norm,
+                            attn_drop_rate=cfg.attn_drop_rate, checkpoint_flag=flag)
 
 
 def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: torch.device) -> nn.Module:
@@ -771,18 +683,6 @@ def _build_data(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     return {"train_set": train_set, "sampler": sampler, "iters": iters, "test_loader": test_loader}
 
 
-def _refuse_existing_run(out: Path) -> None:
-    """A new run does not write into the folder of another: name its newest checkpoint to resume, if any."""
-    newest = newest_checkpoint(out)
-    if newest:
-        raise UserError(f"--outdir {out} already holds a run; continue it with --resume {newest} (its newest "
-                        "checkpoint; or --resume auto) or pick another --outdir")
-    if (out / "log.txt").exists() or (out / "log_steps.txt").exists():
-        raise UserError(f"--outdir {out} holds the logs of a run that stopped before its first checkpoint, so there "
-                        "is nothing to resume; start it over with --resume auto (which drops those logs) or pick "
-                        "another --outdir")
-
-
 def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo) -> Run:
     """Seeds, models, optimizer and data of one process (``cfg`` resolved, ``args`` the flags as given).
 
@@ -797,7 +697,7 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
 
     out, dev, world = Path(cfg.outdir), info.device, info.world_size
     if not cfg.resume:
-        _refuse_existing_run(out)
+        refuse_existing_run(out, RUN_LOGS)
     seed_everything(run_seed(cfg.seed, "process", rank=info.rank))
     eff_batch = cfg.batch * cfg.accum_iter * world // cfg.num_noises
     lr = cfg.blr * eff_batch / 256 if cfg.lr is None else cfg.lr
@@ -1193,9 +1093,7 @@ def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, An
     out = Path(resolve_config(config).outdir)  # every flag and the output folder checked before anything runs
     info = init_distributed(config.device, config.dist_timeout)
     try:
-        with output_folder(out), job_run_lock(lock_path(out, is_dir=True), f"--outdir {out}"):
-            if info.is_main:
-                remove_stale_temporary_files(out, RUN_FILES)
+        with locked_output_folder(out, f"--outdir {out}", info.is_main, RUN_FILES):
             config, cfg, ckpt = _resumed(config, given, out, info)
             with cuda_math(cfg.tf32, cfg.cudnn_benchmark):  # a resumed run: its recorded --tf32
                 return _train(cfg, dataclasses.asdict(config), ckpt, info)
@@ -1212,7 +1110,7 @@ def _resumed(config: TrainConfig, given: Optional[set[str]], out: Path, info: Di
     if resume == "auto":
         resume = newest_checkpoint(out)
         if resume is None and info.is_main:
-            for name in ("log.txt", "log_steps.txt"):
+            for name in RUN_LOGS:
                 (out / name).unlink(missing_ok=True)
         barrier()
     config = dataclasses.replace(config, resume=resume)

@@ -6,6 +6,8 @@ or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CAD
 * :mod:`runkit.devices`: devices, autocast precision (``--precision auto``), CPU threads.
 * :mod:`runkit.files`: atomic writes, temporary files of killed writers, content fingerprints, output checks.
 * :mod:`runkit.locks`: run locks (one run per output, released by the kernel however the holder exits).
+* :mod:`runkit.rng`: seeding the global RNGs, their states for checkpoints (every rank's).
+* :mod:`runkit.resume`: resuming a run from its output folder (newest checkpoint, the run's configuration).
 * :mod:`runkit.distributed`: ``torchrun`` set-up (``DistInfo``, ``init_distributed``, ``barrier``).
 * :mod:`runkit.logs`: the one reader/writer of tab-separated logs (rows, rank parts, shard paths).
 * :mod:`runkit.sidecars`: the configuration beside an output (``<outfile>.json``).

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from runkit.errors import UserError
 from runkit.files import process_umask
@@ -138,3 +138,23 @@ def job_run_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         if message[0] is not None:
             raise UserError(message[0])
         yield
+
+
+@contextlib.contextmanager
+def locked_output_folder(folder: str | os.PathLike, what: str, is_main: bool, names: Sequence[str]) -> Iterator[Path]:
+    """A run's output folder, created (:func:`runkit.files.output_folder`: removed again if the run fails while it
+    is still empty) and held under :func:`job_run_lock` on ``<folder>/.lock``; rank 0 then removes the temporary
+    files that killed writers left there (:func:`runkit.files.remove_stale_temporary_files`). A collective.
+
+    Args:
+        folder: the folder the run writes into.
+        what: names it in the error of a second run (e.g. ``--outdir runs/a``).
+        is_main: this process is rank 0.
+        names: the files the run writes there (globs): their temporary files are removed.
+    """
+    from runkit.files import output_folder, remove_stale_temporary_files
+
+    with output_folder(folder) as out, job_run_lock(lock_path(out, is_dir=True), what):
+        if is_main:
+            remove_stale_temporary_files(out, names)
+        yield out

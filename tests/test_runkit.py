@@ -215,3 +215,72 @@ def test_bf16_without_native_support_is_not_auto_and_warns_with_its_measured_cos
     m = re.search(r"a bf16 matmul ran at ([\d.]+) GFLOP/s against ([\d.]+) in fp32 here", proc.stderr)
     assert m and proc.stderr.count("no native bf16") == 1, proc.stderr
     assert float(m.group(1)) < float(m.group(2))
+
+
+def test_rng_states_round_trip_every_generator():
+    import random
+
+    import numpy as np
+
+    from runkit.rng import gather_rng_states, rng_state, seed_everything, set_rng_state
+
+    seed_everything(3)
+    state = rng_state(torch.device("cpu"))
+    assert gather_rng_states(torch.device("cpu"))[0]["python"] == state["python"]  # one process: its own state
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state, torch.device("cpu"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+    seed_everything(4)
+    assert not torch.equal(torch.rand(3), draws[0])
+
+
+def test_resumed_config_keeps_the_runs_values_and_refuses_changes():
+    import dataclasses
+
+    from runkit.resume import flags_not_at_default, override_names, resumed_config
+
+    @dataclasses.dataclass
+    class Config:
+        dataset: str
+        lr: float = 1.0
+        epochs: int = 2
+        outdir: str = "a"
+        resume: str = ""
+        override: str = ""
+
+    recorded = {"dataset": "d", "lr": 0.5, "epochs": 2, "outdir": "old", "resume": "", "override": ""}
+
+    def resume(config: Config, given=None) -> Config:
+        return resumed_config(config, given, recorded, lambda c: c, operational={"outdir", "resume", "override"},
+                              paths=(), may_grow={"epochs"})
+
+    assert flags_not_at_default(Config("d", outdir="b")) == {"dataset", "outdir"}
+    merged = resume(Config("d", outdir="b", resume="ck"))
+    assert (merged.lr, merged.outdir, merged.resume) == (0.5, "b", "ck")  # left out: the run's; operational: now's
+    assert resume(Config("d", epochs=5, resume="ck")).epochs == 5  # may grow
+    with pytest.raises(UserError, match=r"--resume ck: --epochs 1 \(the run: 2\), --lr 2.0 \(the run: 0.5\) would"):
+        resume(Config("d", lr=2.0, epochs=1, resume="ck"))
+    assert resume(Config("d", lr=2.0, resume="ck", override="--lr")).lr == 2.0
+    assert resume(Config("d", lr=0.5, resume="ck"), given={"dataset", "lr"}).lr == 0.5  # given at the run's value
+    with pytest.raises(UserError, match="--override lr,x-y: no flag --x_y"):
+        override_names("lr,x-y", ["lr"])
+
+
+def test_locked_output_folder_removes_stale_temporaries_and_locks(tmp_path):
+    from runkit.locks import locked_output_folder
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with locked_output_folder(out, "--outdir x", True, ["*.pth.tar"]):
+            assert (out / ".lock").is_file()
+            raise RuntimeError("refused")
+    assert not (tmp_path / "new").exists()  # a refused run leaves no folder it created
+    out.mkdir(parents=True)
+    (out / ".ckpt.pth.tar.a1b2c3d4.tmp").write_bytes(b"partial")
+    (out / ".other.txt.a1b2c3d4.tmp").write_bytes(b"not ours")
+    with locked_output_folder(out, "--outdir x", True, ["*.pth.tar"]):
+        with pytest.raises(UserError, match="--outdir x is in use by this process"):
+            with locked_output_folder(out, "--outdir x", True, ["*.pth.tar"]):
+                pass
+    assert sorted(p.name for p in out.iterdir()) == [".other.txt.a1b2c3d4.tmp"]
