@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from presets import DATASETS
 from runkit.errors import UserError
 from runkit.logs import ABSTAIN, LogWarning, expand_logs, is_log, read_log  # noqa: F401 (analysis.read_log as before)
 from runkit.sidecars import read_sidecar, sidecar_path
@@ -102,6 +104,29 @@ def log_sigma(path: str | Path) -> Optional[float]:
         if match:
             return float(match.group(1))
     return None
+
+
+def log_dataset(path: str | Path, datasets: Sequence[str] = DATASETS) -> Optional[str]:
+    """The dataset a log was certified on, or None when nothing says it: ``config.dataset`` of its sidecar, else the
+    nearest path component that names one of ``datasets`` (Cohen's layout ``certify/cifar10/resnet110/...``).
+
+    Args:
+        path: the log.
+        datasets: the names a path component may give.
+    """
+    recorded = log_config(path).get("dataset")
+    if isinstance(recorded, str):
+        return recorded
+    return next((part.lower() for part in reversed(Path(path).parts[:-1]) if part.lower() in datasets), None)
+
+
+def log_split(path: str | Path) -> Optional[str]:
+    """The split a log was certified on (``config.split`` of its sidecar, else a path component ``train`` or
+    ``test``, Cohen's layout), or None."""
+    recorded = log_config(path).get("split")
+    if isinstance(recorded, str):
+        return recorded
+    return next((part for part in reversed(Path(path).parts[:-1]) if part in ("train", "test")), None)
 
 
 def check_sigma(sigma: float, where: str) -> float:
@@ -237,8 +262,9 @@ def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.
     """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
     ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n; and, when a log has the column ``n``
     (certify.py --sequential / --skip_wrong), samples/img, its mean. A sequential CERTIFY log's ACR is a lower bound
-    (:func:`is_sequential`): it goes in the column ``ACR≥`` (:data:`ACR_BOUND`), never in ``ACR``. PREDICT logs get NaN where a radius is
-    needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs at each radius.
+    (:func:`is_sequential`): it goes in the column ``ACR≥`` (:data:`ACR_BOUND`), never in ``ACR``. PREDICT logs get
+    NaN where a radius is needed. ``with_envelope`` adds a last row with the best certified accuracy over the logs
+    at each radius.
 
     Args:
         dfs: the logs (:func:`read_log`).
@@ -313,15 +339,26 @@ BOUND_NOTE = ("ACR≥ = a lower bound on ACR (sequential CERTIFY: its radius col
 
 def format_text(table: pd.DataFrame) -> str:
     """A plain aligned table for the console."""
-    header = ["log", *table.columns]
     body = [[str(lab), *(_cell(c, table.loc[lab, c]) for c in table.columns)] for lab in table.index]
+    return aligned_text(_caption(table), ["log", *table.columns], body)
+
+
+def aligned_text(caption: str, header: list[str], body: list[list[str]], left: int = 1) -> str:
+    """A caption, then ``header`` and ``body`` as aligned columns: the first ``left`` flush left, the others right.
+
+    Args:
+        caption: the first line.
+        header: the column names.
+        body: the rows' cells.
+        left: how many leading columns are text.
+    """
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
     rule = "-" * len(line(header))
-    return "\n".join([_caption(table), line(header), rule, *map(line, body)]) + "\n"
+    return "\n".join([caption, line(header), rule, *map(line, body)]) + "\n"
 
 
 def format_markdown(table: pd.DataFrame) -> str:
@@ -344,7 +381,7 @@ def markdown_escape(text: str) -> str:
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "σ": r"$\sigma$", "ℓ": r"$\ell$", "α": r"$\alpha$", "ρ": r"$\rho$", "λ": r"$\lambda$",
-                  "ε": r"$\epsilon$", "∈": r"$\in$", "≥": r"$\geq$"}
+                  "ε": r"$\epsilon$", "∈": r"$\in$", "≥": r"$\geq$", "Δ": r"$\Delta$"}
 
 
 def latex_escape(text: str) -> str:
@@ -424,10 +461,12 @@ def check_outputs_are_not_inputs(outputs: dict[str, Optional[str | Path]], input
 
 
 def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[str],
-                            start: float, stop: float, high_prob: Optional[tuple[float, float]] = None,
-                            with_envelope: bool = False, title: Optional[str] = None) -> None:
+                start: float, stop: float, high_prob: Optional[tuple[float, float]] = None,
+                with_envelope: bool = False, title: Optional[str] = None,
+                markers: Sequence[tuple[int, str, Sequence[float], Sequence[float]]] = ()) -> "Figure":
     """Certified accuracy vs l2 radius on [start, stop], one line per CERTIFY log (PNG or PDF by suffix),
-    optionally with the envelope (best over the logs) as a dashed black line. Headless (Agg/PDF canvases).
+    optionally with the envelope (best over the logs) as a dashed black line, and published points as markers in
+    the colour of the log they are compared with. Headless (Agg/PDF canvases).
 
     Args:
         path: the figure file (``.png`` or ``.pdf``).
@@ -437,22 +476,29 @@ def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[
         high_prob: (alpha, rho) for Cohen's bound; None: approximate accuracy.
         with_envelope: draw the best-over-logs line.
         title: the figure's title.
+        markers: ``(k, label, radii, accuracies)``: points (accuracies as fractions) drawn beside log ``k``'s line.
+
+    Returns:
+        the figure written (a ``matplotlib.figure.Figure``).
     """
     from matplotlib.figure import Figure
 
     path = check_plot_path(path)
-    pairs = [(df, lab) for df, lab in zip(dfs, labels) if df.attrs.get("kind") != "predict"]
+    pairs = [(k, df, lab) for k, (df, lab) in enumerate(zip(dfs, labels)) if df.attrs.get("kind") != "predict"]
     if not pairs:
         raise UserError(f"--plot {path}: needs at least one CERTIFY log (with a radius column)")
     stop = stop if stop > start else start + 1.0
     grid = np.round(np.linspace(start, stop, 801), 10)
     curves = [high_prob_certified_accuracy(df, grid, *high_prob) if high_prob else certified_accuracy(df, grid)
-              for df, _ in pairs]
+              for _, df, _ in pairs]
 
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    for curve, (_, lab) in zip(curves, pairs):
-        ax.plot(grid, curve, linewidth=1.5, label=lab)
+    colours = {}
+    for curve, (k, _, lab) in zip(curves, pairs):
+        colours[k] = ax.plot(grid, curve, linewidth=1.5, label=lab)[0].get_color()
+    for k, lab, radii, values in markers:
+        ax.plot(radii, values, linestyle="none", marker="o", markerfacecolor="none", color=colours[k], label=lab)
     if with_envelope:
         ax.plot(grid, envelope(curves), color="black", linestyle="--", linewidth=1.5, label=ENVELOPE_LABEL)
     ax.set_xlim(start, stop)
@@ -466,6 +512,7 @@ def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,7 +541,8 @@ def _best_of_sigma(acc: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequence[float], radii: np.ndarray,
-                high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
+                high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False,
+                published: Sequence[Reference] = ()) -> pd.DataFrame:
     """The paper's table: index (sigma group, method), columns ACR then certified accuracy in percent at each radius.
 
     Args:
@@ -505,8 +553,11 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
         high_prob: ``(alpha, rho)`` for Cohen's high-probability accuracy instead of the approximate one.
         with_envelope: add the group :func:`envelope_label` with each method's best over its sigmas (ACR NaN);
             ``attrs["clean_of_best"]`` then holds, per method and radius, the clean accuracy (%) of that sigma.
+        published: published rows (:func:`reference`), each added to its sigma's group after the logs' methods, as
+            the table writes it (``attrs["decimals"]``: their (ACR, accuracy) decimals); none enters an envelope.
 
-    ``attrs["acr_lower_bound"]``: the rows of sequential CERTIFY logs, whose ACR is a lower bound (:func:`is_sequential`).
+    ``attrs["acr_lower_bound"]``: the rows of sequential CERTIFY logs, whose ACR is a lower bound
+    (:func:`is_sequential`).
     """
     pairs = list(zip(sigmas, labels))
     if len(set(pairs)) != len(pairs):
@@ -514,7 +565,7 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
         raise UserError(f"--style paper: two logs for method {dup[1]!r} at sigma {dup[0]:g}; give distinct --labels")
     names = radius_names(radii)
     methods = list(dict.fromkeys(labels))
-    rows, index, curves, bounds = [], [], {}, []
+    rows, index, curves, bounds, decimals = [], [], {}, [], {}
     for sigma in sorted(set(sigmas)):
         for method in methods:
             if (sigma, method) in pairs:
@@ -526,18 +577,24 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
                 index.append((f"{sigma:.2f}", method))
                 if is_sequential(df.attrs.get("path")):
                     bounds.append(index[-1])
+        for ref in published:
+            key = (f"{sigma:.2f}", ref.method)
+            if math.isclose(ref.sigma, sigma, rel_tol=0, abs_tol=1e-9) and key not in decimals and key not in index:
+                rows.append([ref.acr, *ref.accuracy])
+                index.append(key)
+                decimals[key] = (ref.acr_decimals, ref.decimals)
     clean_of_best = pd.DataFrame(columns=names, dtype=float)
     if with_envelope:
         for method in methods:
-            best, clean = _best_of_sigma(np.vstack([c[0] for c in curves[method]]),
-                                         np.array([c[1] for c in curves[method]]))
+            best, clean_of_best.loc[method] = _best_of_sigma(np.vstack([c[0] for c in curves[method]]),
+                                                             np.array([c[1] for c in curves[method]]))
             rows.append([np.nan, *best])
             index.append((envelope_label(sigmas), method))
-            clean_of_best.loc[method] = clean
     table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["sigma", "method"]),
                          columns=["ACR", *names])
-    table.attrs.update(radius_columns=names, high_prob=high_prob, envelope=with_envelope,
-                       clean_of_best=clean_of_best, acr_lower_bound=bounds)
+    table.attrs.update(radius_columns=names, high_prob=high_prob, envelope=with_envelope, decimals=decimals,
+                       clean_of_best=clean_of_best, acr_lower_bound=bounds,
+                       published=sorted({ref.source for ref in published}))
     return table
 
 
@@ -545,15 +602,19 @@ def paper_bold(table: pd.DataFrame) -> pd.DataFrame:
     """True where a shown value (ACR to 3 decimals, accuracy to 1) is the best among the rows it is compared with:
     the methods of its sigma group; when every sigma group holds one method, all sigma rows; the envelope rows
     among themselves. Ties are all bold; a comparison of fewer than 2 values, or of equal ones, has none. An ACR that
-    is only a lower bound (``attrs["acr_lower_bound"]``) is compared with none."""
+    is only a lower bound (``attrs["acr_lower_bound"]``) is compared with none, nor is a published row (written to
+    its table's decimals, which ours are not)."""
     shown = table.copy()
     shown["ACR"] = shown["ACR"].round(3)
+    shown[table.attrs["radius_columns"]] = shown[table.attrs["radius_columns"]].round(1)
+    for row in table.attrs.get("decimals", {}):  # published rows, written to other decimals: never compared
+        shown.loc[row] = np.nan
     for row in table.attrs.get("acr_lower_bound", []):
         shown.loc[row, "ACR"] = np.nan
-    shown[table.attrs["radius_columns"]] = shown[table.attrs["radius_columns"]].round(1)
     groups = table.index.get_level_values("sigma")
     env = np.array([_is_envelope(g) for g in groups], dtype=bool)
-    sigma_groups = pd.Series(groups[~env]).value_counts()
+    ours = np.array([row not in table.attrs.get("decimals", {}) for row in table.index], dtype=bool)
+    sigma_groups = pd.Series(groups[~env & ours]).value_counts()
     key = np.where(env, "envelope", "sigma" if (sigma_groups == 1).all() else groups)
     mask = pd.DataFrame(False, index=table.index, columns=table.columns)
     for group in set(key):
@@ -574,6 +635,9 @@ def _paper_caption(table: pd.DataFrame) -> str:
         text += "; best of sigma: the highest accuracy over sigma, (clean accuracy of that sigma)"
     if table.attrs.get("acr_lower_bound"):
         text += "; ≥ before an ACR: a lower bound (sequential CERTIFY: the radius column is the radius at the stop)"
+    if table.attrs.get("published"):
+        text += ("; (published): as the table writes it, from " + ", ".join(
+            f"tables/{name}.json" for name in table.attrs["published"]) + ", never bold")
     return text
 
 
@@ -583,12 +647,12 @@ def _paper_cells(table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str
     accuracies of the envelope rows; ``missing`` stands for a value that does not apply, ``geq`` precedes an ACR that
     is a lower bound."""
     mask, clean = paper_bold(table), table.attrs["clean_of_best"]
-    bounds = set(table.attrs.get("acr_lower_bound", []))
+    bounds, decimals = set(table.attrs.get("acr_lower_bound", [])), table.attrs.get("decimals", {})
     out, previous = [], None
     for (group, method), values in table.iterrows():
-        cells = []
+        cells, (acr_places, places) = [], decimals.get((group, method), (3, 1))
         for col, value in values.items():
-            text = missing if math.isnan(value) else (f"{value:.3f}" if col == "ACR" else f"{value:.1f}")
+            text = missing if math.isnan(value) else f"{value:.{acr_places if col == 'ACR' else places}f}"
             if col == "ACR" and (group, method) in bounds:
                 text = geq + text
             if mask.loc[(group, method), col]:
@@ -624,6 +688,113 @@ def format_paper_latex(table: pd.DataFrame) -> str:
         out.append(f"{latex_escape(group)} & {latex_escape(method)} & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beside the published tables (analyze.py --compare)
+# ---------------------------------------------------------------------------------------------------------------
+# Per log with published rows of its dataset and sigma (published.matching_rows): its own row ("yours"), each
+# published row, and the difference in percentage points, ours written the way the table writes its values first
+# (published.PublishedTable.rounded: Cohen et al.'s 0.55 is our 0.546), so the same experiment differs by 0.0.
+
+YOURS = "yours"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published row on our radii: certified accuracy in percent (NaN at a radius the table lacks), its ACR (NaN
+    where the table gives none) and the decimals the table writes them with."""
+
+    sigma: float
+    method: str
+    accuracy: np.ndarray
+    acr: float
+    decimals: int
+    acr_decimals: int
+    source: str
+
+
+def reference(table, row, radii: np.ndarray) -> Reference:
+    """A :class:`published.PublishedRow` of ``table`` (a :class:`published.PublishedTable`) on ``radii``."""
+    acc = [table.at(row, r) for r in radii]
+    return Reference(row.sigma, f"{row.method} (published)", np.array([np.nan if a is None else 100 * a for a in acc]),
+                     np.nan if row.acr is None else row.acr, table.points_decimals(), table.acr_decimals, table.name)
+
+
+def comparison_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], matches: Sequence[Sequence[tuple]],
+                     radii: np.ndarray) -> pd.DataFrame:
+    """Index (log, source), columns the radii (certified accuracy in %) and ACR: per log with published rows, its
+    row ``yours``, each published row, and ``Δ <table>``: ours rounded as the table writes its values, minus the
+    table's, in points (ACR: in radius units; none for a sequential log's ACR, a lower bound).
+
+    Args:
+        dfs: CERTIFY logs (:func:`read_log`).
+        labels: one name per log.
+        matches: per log, its ``(table, row)`` pairs (:func:`published.matching_rows`).
+        radii: the radii of the columns.
+    """
+    rows, index, styles = [], [], []
+    for df, label, found in zip(dfs, labels, matches):
+        if not found:
+            continue
+        acc, ours_acr, bound = certified_accuracy(df, radii), acr(df), is_sequential(df.attrs.get("path"))
+        rows.append([*(100 * acc), ours_acr])
+        index.append((label, YOURS))
+        styles.append(("yours", 1, 3, bound))
+        for table, row in found:
+            ref = reference(table, row, radii)
+            rounded = np.array([100 * table.rounded(a) for a in acc])
+            acr_delta = (round(ours_acr, ref.acr_decimals) - ref.acr) if not bound else np.nan
+            rows += [[*ref.accuracy, ref.acr], [*np.round(rounded - ref.accuracy, 10), acr_delta]]
+            index += [(label, f"{row.method}, σ={row.sigma:.2f} [{table.name}]"), (label, f"Δ {table.name}")]
+            styles += [("published", ref.decimals, ref.acr_decimals, False), ("delta", 1, ref.acr_decimals, False)]
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["log", "source"]),
+                         columns=[*radius_names(radii), "ACR"])
+    table.attrs.update(styles=styles)
+    return table
+
+
+def _comparison_cells(table: pd.DataFrame, geq: str, missing: str) -> list[list[str]]:
+    """[log (its first row only), source, cells...] per row of :func:`comparison_table`."""
+    out, previous = [], None
+    for ((log, source), values), (kind, decimals, acr_decimals, bound) in zip(table.iterrows(), table.attrs["styles"]):
+        cells = []
+        for col, value in values.items():
+            places = acr_decimals if col == "ACR" else decimals
+            text = missing if math.isnan(value) else (f"{value + 0.0:+.{places}f}" if kind == "delta"
+                                                      else f"{value:.{places}f}")
+            cells.append(geq + text if bound and col == "ACR" else text)
+        out.append([log if log != previous else "", source, *cells])
+        previous = log
+    return out
+
+
+def _comparison_caption(table: pd.DataFrame) -> str:
+    text = ("Beside the published rows of the same dataset and σ: approximate certified accuracy (%) at l2 radius r "
+            "and ACR; Δ = yours, written as the table writes its values, minus the published value, in points "
+            "(ACR: in radius units)")
+    return text + (f"; {BOUND_NOTE}" if any(style[3] for style in table.attrs["styles"]) else "")
+
+
+def format_comparison(table: pd.DataFrame, fmt: str) -> str:
+    """:func:`comparison_table` as ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "csv":
+        return table.to_csv(float_format="%.10g")
+    cols = list(table.columns)
+    if fmt == "table":
+        return aligned_text(_comparison_caption(table), ["log", "source", *cols],
+                            _comparison_cells(table, "≥", "-"), left=2)
+    if fmt == "markdown":
+        lines = ["| log | source | " + " | ".join(cols) + " |", "|:---|:---|" + "---:|" * len(cols)]
+        lines += ["| " + " | ".join(map(markdown_escape, cells)) + " |"
+                  for cells in _comparison_cells(table, "≥", "-")]
+        return f"{_comparison_caption(table)}\n\n" + "\n".join(lines) + "\n"
+    out = [f"% {_comparison_caption(table)} (analyze.py --compare)", r"\begin{tabular}{ll" + "c" * len(cols) + "}",
+           r"\toprule", "Log & Source & " + " & ".join([f"$r = {c}$" for c in cols[:-1]] + ["ACR"]) + r" \\"]
+    for log, source, *cells in _comparison_cells(table, r"$\geq$", "--"):
+        out += [r"\midrule"] if log else []
+        out.append(f"{latex_escape(log)} & {latex_escape(source)} & " + " & ".join(cells) + r" \\")
+    return "\n".join(out + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------

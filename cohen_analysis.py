@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import LowerBoundWarning, acr, certified_accuracy, high_prob_certified_accuracy, is_sequential, radius_grid
+from analysis import (LowerBoundWarning, acr, certified_accuracy, high_prob_certified_accuracy, is_sequential,
+                      radius_grid)
 from runkit.errors import UserError
 from runkit.logs import read_log
 
@@ -51,9 +52,9 @@ class ApproximateAccuracy(Accuracy):
         """ACR = (1/n) sum_i correct_i * radius_i of the log; for a sequential CERTIFY log (radii at the stop) a lower
         bound on the fixed-N ACR, with a :class:`analysis.LowerBoundWarning`."""
         if is_sequential(self.data_file_path):
-            warnings.warn(f"{self.data_file_path}: a sequential CERTIFY log (its sidecar says so): the radius column is "
-                          f"the radius at the stop, so this ACR is a lower bound on the fixed-N ACR", LowerBoundWarning,
-                          stacklevel=2)
+            warnings.warn(f"{self.data_file_path}: a sequential CERTIFY log (its sidecar says so): the radius column "
+                          f"is the radius at the stop, so this ACR is a lower bound on the fixed-N ACR",
+                          LowerBoundWarning, stacklevel=2)
         return acr(read_log(self.data_file_path))
 
 

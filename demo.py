@@ -212,8 +212,9 @@ def compare_sequential(fixed_log: Path, sequential_log: Path, radii: Sequence[fl
     table = write_tables([fixed_log, sequential_log], labels, radii, [("table", out), ("table", None)])
     samples = float(read_log(sequential_log)["n"].mean())
     print(f"estimation samples per image: fixed N {N}, sequential {samples:.0f} ({N / samples:.1f}x fewer)\n"
-          "sequential CERTIFY's radius column is the radius at the stop: a valid certificate, but below the fixed-N "
-          "radius, so its ACR is only a lower bound (column ACR≥); compare certified accuracy at the radii it decided",
+          "sequential CERTIFY's radius column is the radius at the stop: a valid certificate, but below the "
+          "fixed-N radius, so its ACR is only a lower bound (column ACR≥); compare certified accuracy at the radii "
+          "it decided",
           flush=True)
     values = {col: float(table.iloc[1][col]) for col in table.columns if col != "samples/img"}
     return {"samples_per_image": samples, "N": N, "table": {k: v for k, v in values.items() if not math.isnan(v)}}
