@@ -542,7 +542,7 @@ def _best_of_sigma(acc: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.n
 
 def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequence[float], radii: np.ndarray,
                 high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False,
-                published: Sequence[Reference] = ()) -> pd.DataFrame:
+                published: Sequence[PublishedCells] = ()) -> pd.DataFrame:
     """The paper's table: index (sigma group, method), columns ACR then certified accuracy in percent at each radius.
 
     Args:
@@ -553,8 +553,9 @@ def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequ
         high_prob: ``(alpha, rho)`` for Cohen's high-probability accuracy instead of the approximate one.
         with_envelope: add the group :func:`envelope_label` with each method's best over its sigmas (ACR NaN);
             ``attrs["clean_of_best"]`` then holds, per method and radius, the clean accuracy (%) of that sigma.
-        published: published rows (:func:`reference`), each added to its sigma's group after the logs' methods, as
-            the table writes it (``attrs["decimals"]``: their (ACR, accuracy) decimals); none enters an envelope.
+        published: published rows (:func:`published_cells`), each added to its sigma's group after the logs'
+            methods, as the table writes it (``attrs["decimals"]``: their (ACR, accuracy) decimals); none enters an
+            envelope.
 
     ``attrs["acr_lower_bound"]``: the rows of sequential CERTIFY logs, whose ACR is a lower bound
     (:func:`is_sequential`).
@@ -701,7 +702,7 @@ YOURS = "yours"
 
 
 @dataclass(frozen=True)
-class Reference:
+class PublishedCells:
     """A published row on our radii: certified accuracy in percent (NaN at a radius the table lacks), its ACR (NaN
     where the table gives none) and the decimals the table writes them with."""
 
@@ -714,11 +715,13 @@ class Reference:
     source: str
 
 
-def reference(table, row, radii: np.ndarray) -> Reference:
+def published_cells(table, row, radii: np.ndarray) -> PublishedCells:
     """A :class:`published.PublishedRow` of ``table`` (a :class:`published.PublishedTable`) on ``radii``."""
     acc = [table.at(row, r) for r in radii]
-    return Reference(row.sigma, f"{row.method} (published)", np.array([np.nan if a is None else 100 * a for a in acc]),
-                     np.nan if row.acr is None else row.acr, table.points_decimals(), table.acr_decimals, table.name)
+    return PublishedCells(row.sigma, f"{row.method} (published)",
+                          np.array([np.nan if a is None else 100 * a for a in acc]),
+                          np.nan if row.acr is None else row.acr, table.points_decimals(), table.acr_decimals,
+                          table.name)
 
 
 def comparison_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], matches: Sequence[Sequence[tuple]],
@@ -742,7 +745,7 @@ def comparison_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], matches
         index.append((label, YOURS))
         styles.append(("yours", 1, 3, bound))
         for table, row in found:
-            ref = reference(table, row, radii)
+            ref = published_cells(table, row, radii)
             rounded = np.array([100 * table.rounded(a) for a in acc])
             acr_delta = (round(ours_acr, ref.acr_decimals) - ref.acr) if not bound else np.nan
             rows += [[*ref.accuracy, ref.acr], [*np.round(rounded - ref.accuracy, 10), acr_delta]]

@@ -23,7 +23,7 @@ import pandas as pd
 from analysis import (FORMATS, FORMATTERS, LogWarning, check_outputs_are_not_inputs, check_plot_path, check_sigma,
                       comparison_table, default_labels, default_radii, expand_logs, format_comparison,
                       format_paper_latex, format_paper_markdown, log_dataset, log_sigma, log_split, paper_table,
-                      plot_curves, plot_training_curves, radius_grid, read_log, reference, summary_table)
+                      plot_curves, plot_training_curves, published_cells, radius_grid, read_log, summary_table)
 from cohen_analysis import (Accuracy, ApproximateAccuracy, HighProbAccuracy, Line,  # noqa: F401 (re-exported)
                             latex_table_certified_accuracy, latex_table_certified_accuracy_acr,
                             markdown_table_certified_accuracy, plot_certified_accuracy, smallplot_certified_accuracy)
@@ -167,7 +167,7 @@ def _paper_text(args: argparse.Namespace, paths: list[Path], dfs: list[pd.DataFr
                         f"is a PREDICT log")
     if args.format == "csv":
         raise UserError("--style paper: use --format latex or markdown (csv is --style plain)")
-    published = [reference(t, row, radii) for found in matches for t, row in found]
+    published = [published_cells(t, row, radii) for found in matches for t, row in found]
     table = paper_table(dfs, labels, _sigmas(args, paths), radii, high_prob=high_prob, with_envelope=args.envelope,
                         published=published)
     return table, (format_paper_latex if args.format == "latex" else format_paper_markdown)(table)
