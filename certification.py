@@ -390,15 +390,20 @@ def _resolve_sequential(opts: RunOptions) -> None:
 
 def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]:
     """The checkpoint files log ``k`` depends on, by role (``classifier``, ``denoiser``): (the flag naming it, its
-    path).
+    path). A pretrained classifier's is the file its weights come from, where known
+    (:func:`classifier.pretrained_weights_file`; the shipped digits classifier).
 
     Args:
         opts: resolved options.
         k: the log (classifier) index.
     """
+    from classifier import pretrained_weights_file
+
     files = {}
     if opts.classifiers[k]:
         files["classifier"] = ("--finetuned_path" if opts.finetuned[k] else "--classifier_ckpt", opts.classifiers[k])
+    elif (pretrained := pretrained_weights_file(opts.arch)) is not None:
+        files["classifier"] = (f"--arch {opts.arch} (pretrained weights)", str(pretrained))
     if opts.denoiser_ckpt:
         files["denoiser"] = ("--denoiser_ckpt", opts.denoiser_ckpt)
     return files
@@ -738,6 +743,37 @@ def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, co
         write_sidecar(outfile, config, info)
 
 
+def check_done_rows(outfile: Path, done: Container[int], indices: Sequence[int], dataset: Any, opts: RunOptions
+                    ) -> None:
+    """Refuse to resume a log holding rows of images this run does not select: their rows would be kept and counted.
+
+    Rows beyond a smaller ``--max_images`` than the log's (a resume never shrinks a log, so that its summary and
+    "already done" count the same images) name the --max_images that keeps them; any other row (an idx outside the
+    dataset, or not selected by --skip/--subset/--shard) means that the log is not of this run.
+
+    Args:
+        outfile: the log.
+        done: the idx of its rows.
+        indices: the images this run (this shard) selects.
+        dataset: the dataset (for the selection without --max_images).
+        opts: resolved options.
+    """
+    outside = sorted(set(done) - set(indices))  # type: ignore[arg-type]
+    if not outside:
+        return
+    unlimited = select_indices(dataset, dataclasses.replace(opts, max=None))
+    position = {idx: k for k, idx in enumerate(unlimited)}
+    share = set(opts.shard_of.select(unlimited) if opts.shard_of is not None else unlimited)
+    if opts.max is not None and all(idx in share for idx in outside):
+        raise UserError(f"--max_images {opts.max}: {outfile} already holds {len(set(done))} images, idx "
+                        f"{_idx_list(outside)} beyond the first {opts.max} selected; resume with --max_images "
+                        f"{max(position[i] for i in outside) + 1} or more (or without it): a resume never drops rows")
+    foreign = [idx for idx in outside if idx not in share]
+    raise UserError(f"--resume: {outfile} holds idx {_idx_list(foreign)}, not among the images this run selects "
+                    f"(the dataset has {len(dataset)}; --skip/--subset/--shard select others): the log is not of this "
+                    "run; repair it or use another --outfile")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A whole run
 # ---------------------------------------------------------------------------------------------------------------
@@ -859,6 +895,8 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
     selection = encode_indices(indices)  # a shard records the whole run's images, for --merge
     if opts.shard_of is not None:
         indices = opts.shard_of.select(indices)
+    for outfile, (_, done) in zip(outfiles, checked):
+        check_done_rows(outfile, done, indices, dataset, opts)
     model = device_model(dist_info.device)
     mixed = [opts.resume and bool(existing) and check_device_model(o, model, opts.override)
              for o, (existing, _) in zip(outfiles, checked)]

@@ -778,6 +778,25 @@ def _default_checkpoint(arch: str, checkpoint: Optional[PathLike], pretrained: b
     return checkpoint
 
 
+def pretrained_weights_file(arch: str) -> Optional[Path]:
+    """The file that ``pretrained`` weights of ``arch`` are read from, where it is known without downloading (so that
+    a run can fingerprint it): the shipped ``models/digits_vit_tiny.pt``, the paper's CIFAR-10 classifier once in the
+    Hugging Face cache; None otherwise (timm's hub weights).
+
+    Args:
+        arch: the architecture name.
+    """
+    if arch == "digits_vit_tiny":
+        return DIGITS_CHECKPOINT
+    if arch == "cifar10_vit_base":
+        from huggingface_hub import try_to_load_from_cache
+        for filename in HF_WEIGHT_FILES[::-1]:  # the order of _download_hf_checkpoint
+            cached = try_to_load_from_cache(CIFAR10_HF_REPO, filename)
+            if isinstance(cached, str):
+                return Path(cached)
+    return None
+
+
 def resolve_input_norm(arch: str, requested: Optional[str], recorded: Optional[str],
                        checkpoint: Optional[PathLike] = None) -> str:
     """The classifier's input convention: ``requested`` (the --input_norm flag), else the checkpoint's ``recorded``

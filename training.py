@@ -341,12 +341,17 @@ def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str
 
 
 def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
-    """The files a run reads besides its own checkpoint, by role: (flag, path) of the denoiser and of the classifier
-    weights it started from (those that exist)."""
+    """The files a run reads besides its own checkpoint, by role: (flag, path) of the denoiser (the default one too)
+    and of the classifier weights it started from (those that exist; pretrained ones where their file is known,
+    :func:`classifier.pretrained_weights_file`)."""
+    from classifier import pretrained_weights_file
     from denoiser import default_checkpoint_path
 
     files = {"denoiser": ("--denoiser_ckpt", cfg.denoiser_ckpt or str(default_checkpoint_path(cfg.dataset))),
              "classifier_ckpt": ("--classifier_ckpt", cfg.classifier_ckpt), "load_from": ("--load_from", cfg.load_from)}
+    if cfg.classifier_ckpt is None and cfg.load_from is None:
+        pretrained = pretrained_weights_file(cfg.arch)
+        files["pretrained"] = (f"--arch {cfg.arch} (pretrained weights)", pretrained and str(pretrained))
     return {role: (flag, path) for role, (flag, path) in files.items() if path and Path(path).exists()}
 
 

@@ -125,6 +125,26 @@ def test_merge_refuses_a_conflicting_duplicate_row_in_a_shard(tmp_path, cli_erro
     assert not out.exists()
 
 
+@pytest.mark.parametrize("idx", ["300", "9999"])  # in the dataset but not selected; not in the dataset
+def test_resume_refuses_a_row_outside_the_selection(log12, tmp_path, cli_error, files_of, idx):
+    out = _with_extra_row(log12, tmp_path, [idx, "3", "3", "0.1", "1", "0.1"])
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, _certify(out, "--max_images", 12, "--resume"))
+    assert f"idx {idx}" in line, line
+    assert files_of(tmp_path) == before
+
+
+def test_resume_with_a_smaller_max_images_is_refused(log12, tmp_path, cli_error, files_of):
+    """The log holds 12 images, --max_images 6 selects 6: refused (the message and the summary would disagree);
+    the same or a larger --max_images continues it."""
+    out = _copy_log(log12, tmp_path)
+    before = files_of(tmp_path)
+    line = cli_error(certify.main, _certify(out, "--max_images", 6, "--resume"))
+    assert "--max_images 6" in line and "12" in line, line
+    assert files_of(tmp_path) == before
+    rows = certify.main(_certify(out, "--max_images", 13, "--resume"))
+    assert len(rows) == 13
+
 
 # ------------------------------------------------------------------------------------ lock files, temporary files
 @pytest.mark.parametrize("dangling", [False, True])
@@ -200,6 +220,34 @@ def test_bench_json_refuses_to_replace_a_file_that_is_no_bench_result(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------- replaced or corrupted weights
+def test_resume_refuses_a_replaced_default_classifier_file(tmp_path, monkeypatch, cli_error, files_of):
+    import classifier
+
+    default = tmp_path / "models" / "digits_vit_tiny.pt"
+    default.parent.mkdir()
+    shutil.copy(CLASSIFIER, default)
+    monkeypatch.setattr(classifier, "DIGITS_CHECKPOINT", default)
+    out = tmp_path / "log.tsv"
+    argv = CERTIFY + ["--outfile", str(out), "--max_images", "2"]
+    certify.main(argv)
+    state = torch.load(default, weights_only=True)
+    torch.save({k: v * 1.01 for k, v in state.items()}, default)  # another classifier under the default name
+    before = files_of(out.parent)
+    line = cli_error(certify.main, argv[:-1] + ["3", "--resume"])
+    assert f"{default}: not the file the log {out} was written with" in line, line
+    assert files_of(out.parent) == before
+
+
+def test_training_records_the_default_classifier_file(tmp_path, monkeypatch):
+    import classifier
+
+    default = tmp_path / "digits_vit_tiny.pt"
+    shutil.copy(CLASSIFIER, default)
+    monkeypatch.setattr(classifier, "DIGITS_CHECKPOINT", default)
+    cfg = training.resolve_config(training.TrainConfig(dataset="digits", train_noise_sd=0.25, device="cpu",
+                                                       outdir=str(tmp_path / "run")))
+    paths = {role: Path(path) for role, (_, path) in training.checkpoint_files(cfg).items()}
+    assert default in paths.values() and DENOISER.resolve() in {p.resolve() for p in paths.values()}
 
 
 
