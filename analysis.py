@@ -69,13 +69,11 @@ class LowerBoundWarning(UserWarning):
 
 
 def log_config(path: Optional[str | Path]) -> dict:
-    """The configuration recorded beside a log (``config`` of its sidecar ``<log>.json``); ``{}`` when it has none."""
-    if path is None:
+    """The configuration recorded beside a log (``config`` of its sidecar ``<log>.json``); ``{}`` when it has none
+    (a corrupt one is a :class:`UserError`: it would be taken for none)."""
+    if path is None or not sidecar_path(Path(path)).exists():
         return {}
-    try:
-        return read_sidecar(Path(path), "log", "")["config"]
-    except UserError:
-        return {}
+    return read_sidecar(Path(path), "", "repair it, or remove it to read the log without it")["config"]
 
 
 def is_sequential(path: Optional[str | Path]) -> bool:

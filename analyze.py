@@ -17,6 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from runkit.cli import exit_on_interrupt, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 import numpy as np
 import pandas as pd
 
@@ -29,7 +33,6 @@ from cohen_analysis import (Accuracy, ApproximateAccuracy, HighProbAccuracy, Lin
                             markdown_table_certified_accuracy, plot_certified_accuracy, smallplot_certified_accuracy)
 from presets import DATASETS
 from published import PublishedTable, load_tables, matching_rows
-from runkit.cli import run_cli
 from runkit.errors import UserError
 
 # Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py

@@ -41,6 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from runkit.cli import exit_on_interrupt, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -53,7 +57,6 @@ from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path,
 from fast import agreement, channels_last_default, fast_model, prepare_inference_
 from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
 from reference import ReferenceDenoisedClassifier, ReferenceFinetuneStep, eager_attention, reference_sample_noise
-from runkit.cli import run_cli
 from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cpu_model, cuda_math,
                             device_model, precision_dtype, resolve_device, resolve_precision, torch_threads)
 from runkit.errors import UserError

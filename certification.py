@@ -39,8 +39,8 @@ from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_ma
                             device_model, resolve_device, resolve_precision, stream_difference)
 from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
-from runkit.files import (atomic_write_text, check_fingerprint, check_output, file_fingerprint, output_folder,
-                          remove_stale_temporary_files)
+from runkit.files import (atomic_write_text, check_fingerprint, check_output, check_regular_file, file_fingerprint,
+                          output_folder, remove_stale_temporary_files)
 from runkit.locks import job_run_lock, lock_path, run_lock
 from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
                          merge_parts, open_for_append, part_path, read_done, read_log, shard_path)
@@ -430,8 +430,8 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
         # informational
         "max": opts.max, "finetuned": opts.finetuned[k], "radius": SEQUENTIAL_RADIUS if opts.sequential else "fixed N",
         # checked on --resume (check_resume): the content of each checkpoint file used
-        "fingerprints": {role: file_fingerprint(path) if Path(path).exists() else None
-                         for role, (_, path) in checkpoint_files(opts, k).items()},
+        "fingerprints": {role: file_fingerprint(path, flag) if Path(path).exists() else None
+                         for role, (flag, path) in checkpoint_files(opts, k).items()},
         "shard": None if opts.shard_of is None else str(opts.shard_of),
     }
 
@@ -931,6 +931,8 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
 # Shards (--shard K/S, e.g. the tasks of a Slurm array) and --merge
 # ---------------------------------------------------------------------------------------------------------------
 
+# the script that merges the shard logs of each header (named when another one is given them)
+MERGED_BY = {Row.header(): "certify.py", SampledRow.header(): "certify.py", PredictRow.header(): "predict.py"}
 MERGE_KEYS = (*RESUME_KEYS, "max", "fingerprints")  # what every shard of one run must share (and its images)
 
 
@@ -992,11 +994,12 @@ def _idx_list(idx: Sequence[int], shown: int = 20) -> str:
     return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
 
 
-def _shard_configs(shards: dict[int, Path], mixed_devices: bool = False
+def _shard_configs(shards: dict[int, Path], split: int, mixed_devices: bool = False
                    ) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
     """The shards' shared configuration and info (the most common one; its ``device_models``: those of every shard),
-    and for each shard that differs, how (another device model too, unless ``mixed_devices``)."""
-    recorded = {k: read_sidecar(p, "--merge", "rerun that shard (--shard K/S --resume)") for k, p in shards.items()}
+    and for each shard that differs, how (another device model too, unless ``mixed_devices``); ``split``: S."""
+    recorded = {k: read_sidecar(p, "--merge", f"restore it, or redo that shard with --shard {k}/{split} --overwrite")
+                for k, p in shards.items()}
     names = (*MERGE_KEYS, "selection")
     values = {k: [r["config"].get(key, RESUME_DEFAULTS.get(key)) for key in MERGE_KEYS]
               + [r.get("info", {}).get("selection")] for k, r in recorded.items()}
@@ -1060,10 +1063,8 @@ def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,), over
                         f"({', '.join(p.name for _, _, p in found)}); keep those of one --shard K/S split")
     s = splits[0]
     shards = {k: p for k, _, p in found}
-    with open(found[0][2], encoding="utf-8", errors="replace") as f:
-        header = f.readline().rstrip("\r\n")
-    row_type = next((t for t in row_types if t.header() == header), row_types[0])  # others: read_rows refuses
-    config, info, foreign = _shard_configs(shards, "device" in override)
+    row_type = _shard_row_type(outfile, shards, row_types)
+    config, info, foreign = _shard_configs(shards, s, "device" in override)
     if "selection" not in info:
         raise UserError(f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
                         "--shard K/S); rerun the shards")
@@ -1091,6 +1092,27 @@ def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,), over
     if problems:
         raise UserError(f"--merge {outfile}: refused: {'; '.join(problems)}; missing idx: {_idx_list(missing)}")
     return _write_merged(outfile, [rows[i] for i in sorted(rows)], row_type, config, info, list(shards.values()))
+
+
+def _shard_row_type(outfile: Path, shards: dict[int, Path], row_types: Sequence[Type[LogRow]]) -> Type[LogRow]:
+    """The one of ``row_types`` whose header every shard log has; a shard log of another kind (e.g. CERTIFY shards
+    given to predict.py) is refused naming the script that wrote it, which merges it."""
+    types = {t.header(): t for t in row_types}
+    found = set()
+    for k, path in sorted(shards.items()):
+        check_regular_file(path, "--merge")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n")
+        if header not in types:
+            writer = MERGED_BY.get(header)
+            raise UserError(f"--merge {outfile}: {path.name} is not a log of this kind (first line {header[:60]!r}, "
+                            f"expected {' or '.join(map(repr, types))}); merge it with the script that wrote it"
+                            + (f": {writer} --merge {outfile}" if writer else ""))
+        found.add(header)
+    if len(found) > 1:
+        raise UserError(f"--merge {outfile}: the shard logs have different headers ({' and '.join(map(repr, found))})"
+                        "; they are not the shards of one run")
+    return types[found.pop()]
 
 
 def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], config: dict[str, Any],

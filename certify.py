@@ -34,8 +34,11 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from runkit.cli import exit_on_interrupt, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 from certification import RunOptions, certify_parser, merge_request, merge_shards, resolve_options, run_certify
-from runkit.cli import run_cli
 from runkit.logs import Row, SampledRow
 
 get_parser = certify_parser  # certify.py's flags (defined in the library, which demo.py also runs)

@@ -30,12 +30,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from runkit.cli import check_number, exit_on_interrupt, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 import torch
 
 from classifier import DIGITS_CHECKPOINT
 from denoiser import default_checkpoint_path
 from presets import DIGITS
-from runkit.cli import check_number, run_cli
 from runkit.devices import resolve_device, torch_threads
 from runkit.errors import UserError
 from runkit.files import check_output

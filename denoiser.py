@@ -25,6 +25,7 @@ import torch.nn as nn
 from runkit import checkpoints
 from runkit.devices import precision_dtype, resolve_device
 from runkit.errors import UserError
+from runkit.files import check_regular_file
 from unet import UNetModel
 
 __all__ = [
@@ -413,7 +414,7 @@ def load_denoiser(
     """
     cfg = _config(name)
     path = Path(checkpoint_path) if checkpoint_path else default_checkpoint_path(name)
-    if not path.is_file():
+    if not check_regular_file(path, flag):
         raise UserError(f"{flag} {path}: denoiser checkpoint not found; {_missing_file_hint(name)}")
     if isinstance(dtype, str):
         dtype = precision_dtype(dtype)

@@ -20,9 +20,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from runkit.cli import exit_on_interrupt, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 from certification import (RunOptions, add_run_arguments, merge_request, merge_shards, predict_method,
                            resolve_options, run)
-from runkit.cli import run_cli
 from runkit.logs import PredictRow
 
 

@@ -18,7 +18,10 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from runkit.cli import flags_given, run_cli
+from runkit.cli import exit_on_interrupt, flags_given, run_cli
+
+exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
+
 from training import NonFiniteLossError, add_config_arguments, config_from_args, train
 
 

@@ -721,7 +721,7 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
               scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
               params=[p for g in groups for p in g["params"]], **_build_data(cfg, info), lr=lr,
               eff_batch=eff_batch, eps=eps_pixels(cfg.eps),
-              fingerprints={role: file_fingerprint(path) for role, (_, path) in checkpoint_files(cfg).items()})
+              fingerprints={role: file_fingerprint(path, flag) for role, (flag, path) in checkpoint_files(cfg).items()})
     if ckpt is not None:
         restore_position(run, ckpt)
     return run

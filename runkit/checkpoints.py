@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from runkit.errors import UserError
+from runkit.files import check_regular_file
 
 StateDict = dict[str, torch.Tensor]
 DDP_PREFIX = "module."  # what DistributedDataParallel puts before every key of the model it wraps
@@ -46,10 +47,11 @@ def load(path: str | Path, flag: str, mmap: bool = False) -> Any:
         flag: what errors name (the command-line flag that gave the file, e.g. ``--classifier_ckpt``).
         mmap: memory-map the tensors (no copy in memory; files in the legacy non-zip format are read whole).
     Raises:
-        UserError: ``<flag> <path>: file not found`` or ``<flag> <path>: unreadable checkpoint (<why>)``.
+        UserError: ``<flag> <path>: file not found``, ``... is a folder (a FIFO, ...), not a regular file`` or
+            ``<flag> <path>: unreadable checkpoint (<why>)``.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not check_regular_file(path, flag):
         raise UserError(f"{flag} {path}: file not found")
     try:
         if path.suffix == ".safetensors":

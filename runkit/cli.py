@@ -1,8 +1,13 @@
-"""What the command-line scripts share: running ``main`` (``error:`` line, exit 2), which flags were given, and
-number checks that name their flag."""
+"""What the command-line scripts share: running ``main`` (``error:`` line, exit 2; a Ctrl-C: exit 130, also while
+the script still imports its libraries), which flags were given, and number checks that name their flag.
+
+Imports nothing heavy: scripts import it before torch.
+"""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -12,8 +17,33 @@ if TYPE_CHECKING:
     import argparse
 
 
+INTERRUPTED = 130  # the exit status of a process ended by SIGINT (128 + 2), as shells report a Ctrl-C
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(INTERRUPTED)
+
+
+def exit_on_interrupt(name: str) -> None:
+    """For a script run as ``__main__`` (``name``: its ``__name__``; imported, nothing changes): until
+    :func:`run_cli` starts, a Ctrl-C (SIGINT) ends the process at once with ``interrupted`` and exit status 130, no
+    traceback. Scripts call it before their heavy imports (torch takes seconds); nothing is written before
+    ``main`` runs, so nothing is left half-done.
+
+    Args:
+        name: the calling module's ``__name__``.
+    """
+    if name == "__main__":
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into ``error: <message>`` and exit status 2."""
+    """Run a script's ``main`` and turn a :class:`UserError` into ``error: <message>`` and exit status 2, a Ctrl-C
+    (``KeyboardInterrupt``, which unwinds ``main``'s ``finally`` blocks: locks released, files closed) into
+    ``interrupted`` and exit status 130."""
+    if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # from here on, Python's KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(argv)
     except UserError as err:
@@ -21,7 +51,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
 
 
 def flags_given(parser: "argparse.ArgumentParser", argv: Optional[Sequence[str]]) -> set[str]:

@@ -7,6 +7,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -96,6 +97,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Regular files
+# ---------------------------------------------------------------------------------------------------------------
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | os.PathLike, flag: str = "", folder_ok: bool = False) -> bool:
+    """Refuse at once an existing ``path`` that is no regular file (links followed): reading a FIFO waits for a
+    writer forever, writing one for a reader, and ``/dev/zero`` never ends. Every file a run reads whole or writes
+    is checked here first (fingerprints, checkpoints, logs, outputs).
+
+    Args:
+        path: the path.
+        flag: the flag that gave it, named first in the error (empty: the path alone).
+        folder_ok: a folder passes too.
+
+    Returns:
+        whether ``path`` exists.
+    Raises:
+        UserError: ``<flag> <path>: is a FIFO, not a regular file`` (a folder, a character device, ...).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # (a path under a file: it does not exist)
+        return False
+    except OSError as err:
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: cannot be read ({err.strerror})") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return True
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    raise UserError(f"{flag + ' ' if flag else ''}{path}: is {kind}, not a regular file")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Content fingerprints
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -104,7 +140,7 @@ FINGERPRINT_CHUNK = 64 << 10
 FINGERPRINT_CHUNKS = 256  # larger files: this many chunks, evenly spaced, first and last included
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
+def file_fingerprint(path: str | os.PathLike, flag: str = "") -> str:
     """``"<size>:<sha256 hex>"`` of a file's content (of a folder's files), cheap even for multi-GB checkpoints.
 
     Up to 64 MiB the whole file is hashed; above, 256 chunks of 64 KiB evenly spaced from the first byte to the last
@@ -112,9 +148,11 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     floating-point chunk, so a sample tells them apart; the size is part of the fingerprint.
 
     Args:
-        path: the file.
+        path: the file (or folder).
+        flag: the flag that gave it (named in the error when it is a FIFO or a device: :func:`check_regular_file`).
     """
     path = Path(path)
+    check_regular_file(path, flag, folder_ok=True)
     if path.is_dir():  # a Hugging Face folder: the fingerprints of its files
         files = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
         digest = hashlib.sha256("".join(f"{q.relative_to(path)}={file_fingerprint(q)};" for q in files).encode())
@@ -142,7 +180,7 @@ def check_fingerprint(path: str | os.PathLike, recorded: Optional[str], flag: st
         flag: the flag that names the file (for the message).
         where: what recorded it, e.g. ``"the log runs/a.tsv"``.
     """
-    if recorded is not None and file_fingerprint(path) != recorded:
+    if recorded is not None and file_fingerprint(path, flag) != recorded:
         raise UserError(f"{flag} {path}: not the file {where} was written with (same name, other content); "
                         "resume with that very file, or start a new output")
 
@@ -187,6 +225,8 @@ def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> Pa
         raise UserError(f"{flag} {path}: exists and is not a folder; choose another {flag}")
     if not folder and p.is_dir():
         raise UserError(f"{flag} {path}: is a folder; name a file")
+    if not folder:
+        check_regular_file(p, flag)
     if not folder and p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{flag} {path}: not writable (permission denied); choose another {flag}")
     _check_creatable_under(p if folder else p.parent, flag, path)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from runkit.errors import UserError
-from runkit.files import atomic_write_text
+from runkit.files import atomic_write_text, check_regular_file
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -187,10 +187,10 @@ class ParsedLog:
 def read_text(path: str | Path) -> str:
     """A log file's text; a one-line :class:`UserError` naming the file when it is missing, a folder or not text."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a log file (the CLI expands directories)")
+    if not check_regular_file(path):
+        raise UserError(f"{path}: no such file")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -314,9 +314,8 @@ def _checked_rows(path: Path, names: list[str], rows: list[list], line_numbers: 
     first: dict[int, tuple[int, list]] = {}
     kept, kept_lines, repeated = [], [], []
     for row, num in zip(rows, line_numbers):
-        if radius is not None and not (math.isfinite(row[radius]) and row[radius] >= 0):
-            raise UserError(f"{path}: line {num} has radius {row[radius]}; a certified radius is a finite number "
-                            ">= 0 (the log is corrupt: repair or remove that line)")
+        if radius is not None:
+            _check_radius(path, row[radius], num)
         if idx is not None and row[idx] in first:
             num0, row0 = first[row[idx]]
             if [row0[i] for i in key] != [row[i] for i in key]:
@@ -333,6 +332,13 @@ def _checked_rows(path: Path, names: list[str], rows: list[list], line_numbers: 
                       f"(line(s) {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''})",
                       LogWarning, stacklevel=3)
     return kept, kept_lines
+
+
+def _check_radius(path: Path, radius: float, num: int) -> None:
+    """Refuse a radius that no certification gives (NaN, infinite, negative), naming the file and the line."""
+    if not (math.isfinite(radius) and radius >= 0):
+        raise UserError(f"{path}: line {num} has radius {radius}; a certified radius is a finite number >= 0 (the log "
+                        "is corrupt: repair or remove that line)")
 
 
 def _check_correct(path: Path, written: Optional[list[int]], correct: np.ndarray) -> str:
@@ -396,8 +402,9 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
 
     A last line without its newline is the trace of an interrupted write: it is not a row, and the returned length
     stops before it (appending resumes there). A header other than ``row_type``'s, or any other line that is not a
-    row, is a :class:`UserError` naming the file; so are two rows of one idx with different results (the file mixes
-    two runs), while a repeat of the same result is skipped with a :class:`LogWarning` (as :func:`read_log` does).
+    row, is a :class:`UserError` naming the file; so are a radius no run writes (NaN, infinite, negative) and two rows
+    of one idx with different results (the file mixes two runs), while a repeat of the same result is skipped with a
+    :class:`LogWarning` (as :func:`read_log` does). A resume reads its logs before any work.
 
     Args:
         path: the log or part.

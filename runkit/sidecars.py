@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runkit.errors import UserError
-from runkit.files import atomic_write_text
+from runkit.files import atomic_write_text, check_regular_file
 
 
 def sidecar_path(outfile: Path) -> Path:
@@ -29,21 +29,23 @@ def write_sidecar(outfile: Path, config: dict[str, Any], info: dict[str, Any]) -
 
 def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
     """The ``{"config": ..., "info": ...}`` recorded beside a log; a :class:`UserError` starting with ``flag`` and
-    ending with ``advice`` when it is absent or not one.
+    ending with ``advice`` when it is absent, no regular file, not JSON, or not one.
 
     Args:
         outfile: the log.
-        flag: the flag that names it (the error's start).
+        flag: the flag that names it (the error's start; empty: none).
         advice: what to do (the error's end).
     """
-    side = sidecar_path(outfile)
-    if not side.is_file():
-        raise UserError(f"{flag}: {outfile} has no configuration file {side.name} beside it, so it cannot be checked "
+    side, start = sidecar_path(outfile), f"{flag}: " if flag else ""
+    if not check_regular_file(side, flag):
+        raise UserError(f"{start}{outfile} has no configuration file {side.name} beside it, so it cannot be checked "
                         f"against this run; {advice}")
     try:
         recorded = json.loads(side.read_text(encoding="utf-8"))
-    except ValueError:
-        recorded = None
+    except UnicodeDecodeError:
+        raise UserError(f"{start}{side} is corrupt (not UTF-8 text); {advice}") from None
+    except ValueError as err:
+        raise UserError(f"{start}{side} is corrupt (not valid JSON: {err}); {advice}") from None
     if not (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)):
-        raise UserError(f"{flag}: {side} is not a configuration file of this kind; {advice}")
+        raise UserError(f"{start}{side} is not a configuration file of this kind (no \"config\"); {advice}")
     return recorded
