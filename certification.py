@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Container, Mapping, NamedTuple, Optional, Sequence, TextIO, Type
 
 import torch
-from tqdm import tqdm
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
 from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
@@ -42,6 +41,7 @@ from runkit.errors import UserError
 from runkit.files import (atomic_write_text, check_fingerprint, check_output, check_regular_file, file_fingerprint,
                           output_folder, remove_stale_temporary_files)
 from runkit.locks import job_run_lock, lock_path, run_lock
+from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
                          merge_parts, open_for_append, part_path, read_done, read_log, shard_path)
 from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
@@ -98,6 +98,7 @@ class RunOptions:
     resume: bool
     overwrite: bool
     no_progress: bool
+    log_interval: float
     subset: Optional[str]
     input_norm: Optional[str]
     multistep: bool
@@ -257,6 +258,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted log of the same configuration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing log")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--log_interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                   help=f"when stderr is not a terminal (Slurm, nohup, 2>log): one progress line every SECONDS "
+                        f"(images done, rate, ETA, running accuracy) instead of a redrawn bar (default "
+                        f"{DEFAULT_INTERVAL:g})")
     p.add_argument("--shard", default=None, metavar="K/S|auto",
                    help="only the K-th (0-based) of S disjoint parts of the selected images (every S-th from the "
                         "K-th), into <outfile>.shard<K>of<S>, resumable on its own; auto: K and S of a Slurm array "
@@ -285,6 +290,7 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     check_number("--sigma", opts.sigma, 0, low_open=True)
     check_number("--alpha", opts.alpha, 0, 1, low_open=True, high_open=True)
     check_number("--dist_timeout", opts.dist_timeout, 0, low_open=True)
+    check_number("--log_interval", opts.log_interval, 0, low_open=True)
     for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
         if getattr(opts, flag) is not None and getattr(opts, flag) <= 0:
             raise UserError(f"--{flag} {getattr(opts, flag)}: must be a positive integer")
@@ -514,7 +520,7 @@ def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> M
 
 def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequence[TextIO], seed: int,
                 device: torch.device, progress: bool = True, done: Sequence[LogRow] = (),
-                written: Sequence[Container[int]] = ()) -> list[LogRow]:
+                written: Sequence[Container[int]] = (), log_interval: float = DEFAULT_INTERVAL) -> list[LogRow]:
     """Run ``method`` on every ``dataset[idx]`` for idx in ``indices``; write each row to its log (``logs``: one per
     result of the method) as soon as it is known (fsync at least every :data:`FSYNC_SECONDS`).
 
@@ -530,14 +536,15 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
         logs: one open text file per result of the method.
         seed: the run's seed.
         device: where x goes.
-        progress: show a progress bar.
+        progress: show progress (a bar on a terminal, else a line every ``log_interval`` seconds).
         done: rows written earlier (progress bar only).
         written: per log, the idx it already holds.
+        log_interval: seconds between two progress lines when stderr is not a terminal.
     """
     written = list(written) or [()] * len(logs)
     rows: list[LogRow] = []
     last_sync = time.monotonic()
-    bar = tqdm(indices, disable=not progress, unit="img", dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(indices, unit="img", enabled=progress, interval=log_interval)
     for idx in bar:
         x, label = dataset[idx]
         x, label = x.to(device), int(label)
@@ -780,7 +787,7 @@ def check_done_rows(outfile: Path, done: Container[int], indices: Sequence[int],
 
 
 def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Sequence[Path],
-              dones: Sequence[dict[int, LogRow]], seed: int, dist_info: DistInfo, progress: bool
+              dones: Sequence[dict[int, LogRow]], seed: int, dist_info: DistInfo, progress: Optional[float]
               ) -> Optional[list[list[LogRow]]]:
     """Every rank computes every W-th image that some log still lacks into its own part of each log (the logs
     themselves with one process); rank 0 then merges each log's parts into one idx-sorted log and returns the rows
@@ -794,7 +801,8 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
         dones: per log, the rows already there.
         seed: the run's seed.
         dist_info: this process's rank, world size and device.
-        progress: show a progress bar (rank 0).
+        progress: rank 0 shows progress (a bar on a terminal, else a line every ``progress`` seconds); None: no
+            progress.
     """
     todo = [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
     targets = [o if dist_info.world_size == 1 else part_path(o, dist_info.rank) for o in outfiles]
@@ -804,7 +812,8 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
               file=sys.stderr)
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(open_for_append(t, method.row_type)) for t in targets]
-        run_dataset(method, dataset, todo, logs, seed, dist_info.device, progress=dist_info.is_main and progress,
+        run_dataset(method, dataset, todo, logs, seed, dist_info.device,
+                    progress=dist_info.is_main and progress is not None, log_interval=progress or DEFAULT_INTERVAL,
                     done=[done[i] for i in indices if i in done], written=[set(d) for d in dones])
         for log in logs:
             os.fsync(log.fileno())
@@ -916,7 +925,7 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
     barrier()
     start = time.perf_counter()
     logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
-                     not opts.no_progress)
+                     None if opts.no_progress else opts.log_interval)
     if logs is None:
         return None
     for outfile, config, rows, (_, done) in zip(outfiles, configs, logs, checked):

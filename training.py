@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from core import cadis_objective, eps_pixels, noise_and_denoise
 from fast import prepare_inference_
@@ -47,6 +46,7 @@ from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, 
 from runkit.errors import UserError
 from runkit.files import atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint
 from runkit.locks import locked_output_folder
+from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.resume import newest_checkpoint, read_run_checkpoint, refuse_existing_run, resumed_config
 from runkit.rng import gather_rng_states, seed_everything, set_rng_state
 
@@ -204,6 +204,9 @@ class TrainConfig:
     full_attack: bool = config_field(
         False, "attack every image, not only the masked-in ones (same loss, slower; for comparison)")
     progress: bool = config_field(True, "no progress bar")
+    log_interval: float = config_field(
+        DEFAULT_INTERVAL, "when stderr is not a terminal (Slurm, nohup): one progress line every SECONDS instead of "
+                          "a redrawn bar", metavar="SECONDS")
     tensorboard: bool = config_field(
         True, "write no TensorBoard event files (by default rank 0 writes the training curves into --outdir; tags: "
               "docs/USAGE.md)")
@@ -256,6 +259,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
                              ("--ckpt_every_steps", cfg.ckpt_every_steps, 0), ("--workers", cfg.workers, 0)):
         if value < low:
             raise UserError(f"{name} {value}: must be >= {low}")
+    if not cfg.log_interval > 0:
+        raise UserError(f"--log_interval {cfg.log_interval}: must be > 0 (seconds)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"--max_steps {cfg.max_steps}: must be >= 1")
     for name, value in (("--eps", cfg.eps), ("--lbd", cfg.lbd), ("--clip_grad", cfg.clip_grad), ("--blr", cfg.blr),
@@ -318,7 +323,7 @@ def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
 # (fingerprints). --epochs may grow: the cosine lr and weight-decay schedules then stretch over the new total from the
 # current position on. Every other flag given must equal the run's value, or be named by --override.
 RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "dist_timeout", "cudnn_benchmark",
-                                "workers", "progress",
+                                "workers", "progress", "log_interval",
                                 "log_every", "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test",
                                 "test_per_class", "load_from", "tensorboard", "local_rank"})
 RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
@@ -921,8 +926,8 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
     result = EpochResult(dataclasses.replace(run.start_metrics) if skip_micro and run.start_metrics else Metrics(),
                          0.0, 0.0, skip_micro, False)
     window = Metrics()
-    bar = tqdm(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and run.info.is_main), dynamic_ncols=True, leave=False)
+    bar = Progress(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", enabled=cfg.progress and run.info.is_main, interval=cfg.log_interval)
     run.clock = time.perf_counter()
     for k, progress, clean, targets in _micro_batches(run, bar, first_batch, skip_micro):
         if k % cfg.accum_iter == 0:
