@@ -45,7 +45,7 @@ def out_of_memory(call: Callable[[], object], device: torch.device, synchronize:
         call()
         if synchronize and device.type == "cuda":
             torch.cuda.synchronize(device)
-    except Exception as err:  # noqa: BLE001 (re-raised unless it is an allocation failure)
+    except Exception as err:  # re-raised unless it is an allocation failure
         if not is_out_of_memory(err):
             raise
         message = (str(err).splitlines() or ["out of memory"])[0]
@@ -120,7 +120,7 @@ def run_in_batches(total: int, batch: BatchSize, run: Callable[[int, int], None]
     start = 0
     while start < total:
         stop = min(total, start + batch.size)
-        message = out_of_memory(lambda: run(start, stop), device)
+        message = out_of_memory(lambda s=start, e=stop: run(s, e), device)
         if message is None:
             start = stop
         else:
