@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from certification import certify_method
 from classifier import DIGITS_CHECKPOINT, ImageClassifier, apply_lora, get_architecture
-from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii,
-                  image_generator, noise_and_denoise)
+from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, NoiseStream, Smooth, image_generator,
+                  noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from fast import agreement, channels_last_default, fast_model, prepare_inference_
 from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
@@ -61,7 +62,7 @@ from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cpu_mod
                             device_model, precision_dtype, resolve_device, resolve_precision, torch_threads)
 from runkit.errors import UserError
 from runkit.files import atomic_write_text, check_output
-from runkit.memory import largest_batch, parse_batch_size
+from sequential import default_sequential_radii
 from training import clip_grad_per_param
 
 
@@ -226,19 +227,28 @@ def fast_path(model: DenoisedClassifier, num_classes: int, precision: str, compi
     key = iter(range(1, 1 << 30))
 
     def sample(x: torch.Tensor, num: int, batch: int) -> np.ndarray:
-        return smooth._sample_noise(x, num, batch, next(key), PHASE_ESTIMATION).cpu().numpy()
+        stream = NoiseStream(x, next(key), PHASE_ESTIMATION, smooth.noise_block, num)
+        return smooth.counts(x, 0, num, stream, batch)[0].cpu().numpy()
 
     label = "fast" + (" compiled" if compiled else "")
     return CertifyPath(label, precision, compiled, channels_last and precision != "fp32", batch_size, sample)
 
 
-def path_batch_size(path: CertifyPath, x: torch.Tensor, device: torch.device, start: int, cap: int) -> int:
-    """``--batch_size auto``: the largest batch (at most ``cap``) with which one batch of ``path`` runs on ``device``
-    (:func:`runkit.memory.largest_batch`, trying sizes from ``start``)."""
-    best = largest_batch(lambda b: path.sample(x, b, b), device, cap, start)
+def largest_batch(path: CertifyPath, x: torch.Tensor, device: torch.device, start: int, cap: int) -> int:
+    """CUDA: the largest batch (doubling from ``start``, at most ``cap``) with which one batch of ``path`` runs."""
+    best, b = 0, start
+    while b <= cap:
+        try:
+            path.sample(x, b, b)
+            _sync(device)
+            best, b = b, b * 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
     if not best:
-        raise UserError(f"--batch_size auto: even a batch of 1 does not fit on {device} ({path.label} "
-                        f"{path.precision})")
+        raise UserError(f"--batch_size auto: even a batch of {start} does not fit on {device}; pass a smaller "
+                        "--batch_size")
     return best
 
 
@@ -399,12 +409,9 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
             paths.append(fast_path(model, num_classes, precision, compiled, channels_last, start))
     ref = reference_path(denoiser, classifier, sigma, num_classes, start)
     if batch_size == "auto" and device.type == "cuda":
-        found: Dict[str, int] = {}
-        for p in paths:  # a compiled path takes its eager twin's size: each size it tried would compile a graph
-            if p.precision not in found:
-                found[p.precision] = path_batch_size(p, x_clean[0], device, start, max(N, start))
-            p.batch_size = found[p.precision]
-        ref.batch_size = path_batch_size(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
+        for p in paths:
+            p.batch_size = largest_batch(p, x_clean[0], device, start, max(N, start))
+        ref.batch_size = largest_batch(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
         log(f"[{name}] batch sizes: reference {ref.batch_size}, fast {', '.join(str(p.batch_size) for p in paths)}")
     all_paths = [ref, *paths]
     time_paths(all_paths, x_clean, rounds, iters, device, lambda text: log(f"[{name}] {text}"))
@@ -445,7 +452,7 @@ MODES = {"fixed": (False, False), "sequential": (True, False), "skip_wrong": (Fa
 def bench_modes(name: str, models: Dict[str, Any], sigma: float, device: torch.device, N: int, images: int,
                 batch_size: int, seed: int, alpha: float = 0.001) -> Dict[str, Any]:
     """certify.py's four modes (fixed N, --sequential, --skip_wrong, both) on ``images`` test images, fp32, through
-    ``Smooth.certify_heads``: estimation samples per image, seconds per image (selection included) and certified
+    ``certification.certify_method``: estimation samples per image, seconds per image (selection included) and certified
     accuracy at the default sequential radii (meaningful with trained weights only, i.e. digits)."""
     num_classes = CONFIGS[name].preset.num_classes
     smooth = Smooth(DenoisedClassifier(models["denoiser"], models["classifier"], sigma).eval(), num_classes, sigma)
@@ -454,13 +461,12 @@ def bench_modes(name: str, models: Dict[str, Any], sigma: float, device: torch.d
     result: Dict[str, Any] = {"N": N, "N0": N0, "images": images, "alpha": alpha, "radii": radii}
     for mode, (sequential, skip_wrong) in MODES.items():
         used, seconds, hits = [], 0.0, np.zeros(len(radii))
+        method = certify_method(smooth, N0, N, alpha, batch_size, radii if sequential else None, skip_wrong)
         for i in range(images):
             label = int(y[i])
             _sync(device)
             t0 = time.perf_counter()
-            [(prediction, radius, n)] = smooth.certify_heads(
-                x[i], N0, N, alpha, batch_size, radii=radii if sequential else None,
-                generator=image_generator(seed, i), label=label if skip_wrong else None)
+            [(prediction, radius, n)] = method.compute(x[i], image_generator(seed, i), label)
             _sync(device)
             seconds += time.perf_counter() - t0
             used.append(n)
@@ -482,10 +488,11 @@ def bench_heads(name: str, models: Dict[str, Any], sigma: float, device: torch.d
     for label, model in (("single", DenoisedClassifier(denoiser, classifier, sigma)),
                          ("stack", DenoisedClassifier(denoiser, ClassifierStack([classifier] * K), sigma))):
         smooth = Smooth(model.eval(), num_classes, sigma)
-        smooth._sample_noise(x, batch_size, batch_size, 0, PHASE_ESTIMATION)  # warm-up
+        warm_up, timed = (NoiseStream(x, key, PHASE_ESTIMATION, smooth.noise_block) for key in (0, 1))
+        smooth.counts(x, 0, batch_size, warm_up, batch_size)
         _sync(device)
         t0 = time.perf_counter()
-        smooth._sample_noise(x, batch_size * iters, batch_size, 1, PHASE_ESTIMATION)
+        smooth.counts(x, 0, batch_size * iters, timed, batch_size)
         _sync(device)
         per_sample[label] = (time.perf_counter() - t0) / (batch_size * iters)
     return {"K": K, "batch_size": batch_size, "iters": iters, "sec_per_sample_single": per_sample["single"],
@@ -736,7 +743,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = resolve_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be >= 1")
-    batch_size = parse_batch_size(args.batch_size)
+    batch_size: Optional[int | str] = args.batch_size
+    if batch_size not in (None, "auto"):
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise UserError(f"--batch_size {args.batch_size!r}: give a positive integer or 'auto'") from None
+        if batch_size < 1:
+            raise UserError(f"--batch_size {batch_size}: must be >= 1")
     for flag in ("iters", "rounds", "N", "ft_images", "ft_iters"):
         value = getattr(args, flag)
         if value is not None and value < 1:

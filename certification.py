@@ -31,7 +31,7 @@ from typing import Any, Callable, Container, Mapping, NamedTuple, Optional, Sequ
 
 import torch
 
-from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, default_sequential_radii, image_generator
+from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, draw_key, image_generator
 from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
 from runkit.cli import check_number
 from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_math, describe_device_model,
@@ -45,6 +45,7 @@ from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
                          merge_parts, open_for_append, part_path, read_done, read_log, shard_path)
 from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
+from sequential import default_sequential_radii, estimate_sequential
 
 LOG_FORMAT = 1
 # the defaults by dataset (N, --subset, --skip, --arch) are the paper's protocol, presets.Preset (METHOD §4)
@@ -462,11 +463,14 @@ class Method:
 
 def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: int,
                    radii: Optional[Sequence[float]] = None, skip_wrong: bool = False) -> Method:
-    """Cohen et al.'s CERTIFY (:meth:`core.Smooth.certify_heads`): rows ``idx label predict radius correct time``.
+    """Cohen et al.'s CERTIFY of each classifier (head) of ``smoothed``: rows ``idx label predict radius correct time``.
 
-    ``radii``: sequential CERTIFY (n = n_max) with these requested radii. ``skip_wrong`` (evaluation only): a
-    classifier whose selection guess is not the label gets the row (guess, radius 0, correct 0) without estimation.
-    Either adds the column ``n``, the estimation samples used (:class:`logs.SampledRow`).
+    Selection (:meth:`core.Smooth.select`), then estimation: fixed n (:meth:`core.Smooth.estimate`) or, with
+    ``radii``, sequential CERTIFY up to n_max = n (:func:`sequential.estimate_sequential`). The heads share every
+    noise sample; each gets the result it would get alone. ``skip_wrong`` (evaluation only, never for deployment:
+    it reads the label): a head whose selection guess is not the label gets the row (guess, radius 0, correct 0)
+    without estimation, and no estimation at all is drawn when every head's guess is wrong. Either adds the column
+    ``n``, the estimation samples used (:class:`logs.SampledRow`).
 
     Args:
         smoothed: the smoothed classifier.
@@ -479,8 +483,18 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
     row_type = certify_row_type(radii, skip_wrong)
 
     def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[tuple[int, float, int]]:
-        return smoothed.certify_heads(x, n0, n, alpha, batch_size, radii=radii, generator=generator,
-                                      label=label if skip_wrong else None)
+        key = draw_key(generator)
+        cAHat = smoothed.select(x, n0, batch_size, key)
+        # the label-aware early exit: a wrong guess is written as (guess, radius 0) without estimation
+        skipped = [(c, 0.0, 0) for c in cAHat]
+        estimated = [not skip_wrong or c == label for c in cAHat]
+        if not any(estimated):
+            return skipped
+        if radii is None:
+            results = [(c, r, n) for c, r in smoothed.estimate(x, cAHat, n, alpha, batch_size, key)]
+        else:
+            results = estimate_sequential(smoothed, x, cAHat, n, alpha, batch_size, radii, key, active=estimated)
+        return [result if keep else skip for result, keep, skip in zip(results, estimated, skipped)]
 
     def to_row(idx: int, label: int, result: tuple[int, float, int], seconds: float) -> Row:
         prediction, radius, used = result
@@ -637,7 +651,8 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
         prepare_inference_(model, opts.precision, opts.channels_last)  # bf16/fp16: weights in that dtype
         if opts.compile:
             compile_for_inference_(model)
-    return Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block)
+    return Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block,
+                  per_sample_generators=bool(opts.multistep))  # multi-step denoising: chains seeded per sample
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ the configuration; ``--resume`` continues an interrupted run (single-process or 
 The work is done by ``certification.py``; this file is its command line.
 
 ``--sequential`` (``--N`` becomes n_max) stops each image's estimation once the requested ``--radii`` are decided
-(``core.Smooth.certify_sequential``: same guarantee, a fraction of the samples); ``--skip_wrong`` (measuring accuracy
+(``sequential.certify_sequential``: same guarantee, a fraction of the samples); ``--skip_wrong`` (measuring accuracy
 only) skips estimation where the selection guess is not the label. Both add a column ``n``, the estimation samples
 used. Several classifiers (``--off-the-shelf --finetuned_path A B``) share every denoised sample, one log each
 (``--outfile off.tsv a.tsv b.tsv``), each identical to that classifier's own run with the same seed.

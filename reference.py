@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from classifier import ImageClassifier, param_groups_lrd
-from core import cadis_objective, eps_pixels
+from cadis import cadis_objective, eps_pixels
 from denoiser import DiffusionDenoiser
 from presets import TrainPreset
 from runkit.devices import autocast

@@ -8,7 +8,7 @@ The story of a run, in the order of :func:`train`:
    optimizer, data, and the position of a resumed run.
 3. :func:`run_epoch` runs one epoch. Each loader batch of ``batch`` clean images is split into M = ``num_noises``
    chunks of B' = batch/M images; each chunk is repeated M times (noise-major) and makes one micro-step
-   (:func:`micro_step`: :func:`core.noise_and_denoise`, then :func:`core.cadis_objective`, backward).
+   (:func:`micro_step`: :func:`core.noise_and_denoise`, then :func:`cadis.cadis_objective`, backward).
    Gradients are accumulated over ``accum_iter`` micro-steps (DDP ``no_sync`` in between), then
    :func:`optimizer_step` clips per parameter and steps AdamW (layer-wise lr decay, per-iteration lr warmup +
    half-cycle cosine, cosine weight decay).
@@ -36,7 +36,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from core import cadis_objective, eps_pixels, noise_and_denoise
+from cadis import cadis_objective, eps_pixels
+from core import noise_and_denoise
 from fast import prepare_inference_
 from presets import DATASETS, PRESETS, TRAIN_DEFAULTS, per_dataset
 from runkit.cli import check_number

@@ -2,7 +2,7 @@
 
 Each certified row of a log gives its image the pA = Phi(radius / sigma) (the bound Cohen's run proved), each
 abstention a pA below 1/2 (``--abstain_pA``); a row whose certified class was not the label keeps that pA but never
-counts as correct. The known-pA simulator (``core.simulate_certify``: counts drawn as binomials, the same selection,
+counts as correct. The known-pA simulator (``sequential.simulate_certify``: counts drawn as binomials, the same selection,
 bounds and stopping rules as ``core.Smooth``) then certifies every image in both modes at N = n_max (CIFAR-10
 100,000, ImageNet 10,000), alpha = 0.001, radii = 0 and the paper's table radii that n_max can certify. Printed per
 log: the certified accuracy (%) of each mode at each radius (mean over ``--trials``), the largest difference, the
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from core import default_sequential_radii, simulate_certify  # noqa: E402
+from sequential import default_sequential_radii, simulate_certify  # noqa: E402
 from runkit.cli import run_cli  # noqa: E402
 from runkit.errors import UserError  # noqa: E402
 from runkit.logs import read_log  # noqa: E402

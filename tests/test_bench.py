@@ -14,7 +14,7 @@ import torch
 
 import bench
 import reference
-from core import PHASE_ESTIMATION, DenoisedClassifier, Smooth
+from core import PHASE_ESTIMATION, DenoisedClassifier, NoiseStream, Smooth
 from denoiser import build_denoiser
 from presets import CIFAR10
 from runkit.devices import torch_threads
@@ -135,7 +135,7 @@ def test_fast_path_agrees_with_fp32_on_same_noise():
     counts = {}
     for precision, base in (("fp32", DenoisedClassifier(denoiser, classifier, 0.25)), ("bf16", fast)):
         smooth = Smooth(base, 10, 0.25, precision=precision)
-        counts[precision] = smooth._sample_noise(x, 300, 150, key=7, phase=PHASE_ESTIMATION).numpy()
+        counts[precision] = smooth.counts(x, 0, 300, NoiseStream(x, 7, PHASE_ESTIMATION, length=300), 150)[0].numpy()
     assert counts["fp32"].sum() == counts["bf16"].sum() == 300
     assert np.abs(counts["fp32"] - counts["bf16"]).sum() <= 6  # <= 1% of the samples change class
 

@@ -1,4 +1,4 @@
-"""The FT-CADIS objective and the denoised-space attack (core.py, section 2) on small hand-made cases."""
+"""The FT-CADIS objective and the denoised-space attack (cadis.py) on small hand-made cases."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import cadis_loss, cadis_objective, denoised_attack, non_hallucinated
+from cadis import cadis_loss, cadis_objective, denoised_attack, non_hallucinated
 
 
 def _ce(z: list[float], y: int) -> float:

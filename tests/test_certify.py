@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import certify
-import core
+import sequential
 from runkit import devices, files
 from runkit.cli import run_cli
 from runkit.devices import torch_threads
@@ -374,7 +374,7 @@ def test_sequential_log_has_n_and_the_sidecar_records_mode_and_radii(tmp_path):
     rows = certify.main(DIGITS + OFF_THE_SHELF + ["--sigma", "0.5", "--N", "300", "--max_images", "3",
                                                   "--sequential", "--outfile", str(out)])
     assert out.read_text().split("\n")[0] == HEADER + "\tn"
-    assert all(r.n in core.checkpoint_schedule(300) for r in rows)
+    assert all(r.n in sequential.checkpoint_schedule(300) for r in rows)
     config = json.loads(out.with_name("seq.tsv.json").read_text())["config"]
     # default radii: 0 and the table radii that 300 samples can certify at sigma 0.5 (0.5 Phi^-1(0.0005^(1/300)) = 0.98)
     assert config["mode"] == "sequential" and config["radii"] == [0.0, 0.25, 0.5, 0.75]

@@ -1,4 +1,4 @@
-"""core.py sequential CERTIFY: the confidence sequence's measured validity, its savings on Cohen's logs, the wiring
+"""sequential.py: the confidence sequence's measured validity, its savings on Cohen's logs, the wiring
 through Smooth (noise stream, batch size, several heads, the label-aware early exit)."""
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from scipy.stats import norm
 
 import core
-from core import Smooth, image_generator, sequential_plan, sequential_step, simulate_certify
+import sequential
+from certification import certify_method
+from core import NoiseStream, Smooth, image_generator
+from sequential import certify_sequential, sequential_plan, sequential_step, simulate_certify
 from runkit.devices import torch_threads
 
 SIGMA = 0.5
@@ -53,15 +56,15 @@ def test_validity_measured_with_known_pA(mode):
                                                     radii=None if mode == "fixed" else RADII)
         assert _wrong(prediction, radius, np.full(trials, pA)).mean() <= ALPHA + _slack(ALPHA, trials), pA
         if mode == "sequential":
-            assert set(used) <= set(core.checkpoint_schedule(20_000))
+            assert set(used) <= set(sequential.checkpoint_schedule(20_000))
 
 
 def test_validity_measurement_has_power(monkeypatch):
     """The same measurement catches an invalid sequence: Clopper-Pearson at the full alpha at every checkpoint."""
     trials, pA = 4000, norm.cdf(0.5 / SIGMA - 0.05)
     valid = sequential_plan(20_000, ALPHA, RADII, SIGMA)
-    naive = core.SequentialPlan(valid.checkpoints, (ALPHA,) * len(valid.checkpoints), valid.thresholds)
-    monkeypatch.setattr(core, "sequential_plan", lambda *args, **kwargs: naive)
+    naive = sequential.SequentialPlan(valid.checkpoints, (ALPHA,) * len(valid.checkpoints), valid.thresholds)
+    monkeypatch.setattr(sequential, "sequential_plan", lambda *args, **kwargs: naive)
     prediction, radius, _ = simulate_certify(np.full(trials, pA), 100, 20_000, ALPHA, SIGMA,
                                              np.random.default_rng(1), radii=RADII)
     assert _wrong(prediction, radius, np.full(trials, pA)).mean() > ALPHA + 3 * _slack(ALPHA, trials)
@@ -150,16 +153,16 @@ def test_smooth_certify_sequential_validity_measured():
         smooth = Smooth(PixelThreshold([pA], SIGMA), 3, SIGMA, noise_block=500)
         wrong = 0
         for r in range(reps):
-            c, radius, used = smooth.certify_sequential(x, 20, 2000, ALPHA, 256, RADII, generator=image_generator(5, r))
+            c, radius, used = certify_sequential(smooth, x, 20, 2000, ALPHA, 256, RADII, image_generator(5, r))
             wrong += c != Smooth.ABSTAIN and (c != 0 or radius > SIGMA * norm.ppf(pA))
-            assert used in core.checkpoint_schedule(2000)
+            assert used in sequential.checkpoint_schedule(2000)
         assert wrong / reps <= ALPHA + _slack(ALPHA, reps)
 
 
 def test_smooth_sequential_does_not_depend_on_batch_size_and_matches_the_simulated_rules():
     x, pA = torch.zeros(1, 2, 2), norm.cdf(0.6 / SIGMA)
     smooth = Smooth(PixelThreshold([pA], SIGMA), 3, SIGMA, noise_block=300)
-    runs = [[smooth.certify_sequential(x, 20, 3000, 0.01, bs, RADII, generator=image_generator(9, r))
+    runs = [[certify_sequential(smooth, x, 20, 3000, 0.01, bs, RADII, generator=image_generator(9, r))
              for r in range(6)] for bs in (7, 64, 1000)]
     assert runs[0] == runs[1] == runs[2]
     for c, radius, used in runs[0]:
@@ -170,9 +173,10 @@ def test_estimation_stream_prefix_is_the_fixed_stream():
     """For n a multiple of noise_block, sequential's first n estimation samples are fixed-N CERTIFY's n samples."""
     x = torch.zeros(3, 2, 2)
     smooth = Smooth(torch.nn.Identity(), 3, SIGMA, noise_block=100)
-    fixed = torch.cat(list(smooth._noise_batches(x, 300, 64, 11, core.PHASE_ESTIMATION)))
-    blocks: dict = {}
-    parts = [torch.cat(list(smooth._range_batches(x, a, b, 64, 11, core.PHASE_ESTIMATION, blocks)))
+    fixed_stream = NoiseStream(x, 11, core.PHASE_ESTIMATION, smooth.noise_block, length=300)
+    fixed = torch.cat([fixed_stream.take(s, min(300, s + 64)) for s in range(0, 300, 64)])
+    stream = NoiseStream(x, 11, core.PHASE_ESTIMATION, smooth.noise_block)  # full blocks, as sequential reads it
+    parts = [torch.cat([stream.take(s, min(b, s + 64)) for s in range(a, b, 64)])
              for a, b in ((0, 37), (37, 125), (125, 300))]
     assert torch.equal(torch.cat(parts), fixed)
 
@@ -182,10 +186,10 @@ def test_several_heads_equal_single_runs(radii):
     x, pAs = torch.zeros(1, 2, 2), [0.3, norm.cdf(0.3 / SIGMA), norm.cdf(0.9 / SIGMA), 0.999]
     multi = Smooth(PixelThreshold(pAs, SIGMA), 3, SIGMA, noise_block=200)
     for r in range(4):
-        together = multi.certify_heads(x, 20, 2000, 0.01, 128, radii=radii, generator=image_generator(3, r))
+        together = certify_method(multi, 20, 2000, 0.01, 128, radii).compute(x, image_generator(3, r), 0)
         for head, pA in enumerate(pAs):
             single = Smooth(PixelThreshold([pA], SIGMA), 3, SIGMA, noise_block=200)
-            alone = single.certify_heads(x, 20, 2000, 0.01, 128, radii=radii, generator=image_generator(3, r))[0]
+            [alone] = certify_method(single, 20, 2000, 0.01, 128, radii).compute(x, image_generator(3, r), 0)
             assert together[head] == alone, (r, head)
         if radii is not None:
             assert max(used for *_, used in together) > min(used for *_, used in together)
@@ -194,12 +198,13 @@ def test_several_heads_equal_single_runs(radii):
 def test_label_skips_estimation_of_wrong_guesses(monkeypatch):
     x = torch.zeros(1, 2, 2)
     smooth = Smooth(PixelThreshold([0.999, 0.001], SIGMA), 3, SIGMA)
-    full = smooth.certify_heads(x, 20, 500, 0.01, 64, generator=image_generator(1, 0))
-    skipped = smooth.certify_heads(x, 20, 500, 0.01, 64, generator=image_generator(1, 0), label=0)
+    full = certify_method(smooth, 20, 500, 0.01, 64).compute(x, image_generator(1, 0), 0)
+    skip_wrong = certify_method(smooth, 20, 500, 0.01, 64, skip_wrong=True)
+    skipped = skip_wrong.compute(x, image_generator(1, 0), 0)
     assert skipped[0] == full[0] and full[0][0] == 0
     assert skipped[1][1:] == (0.0, 0) and skipped[1][0] in (1, 2)  # pA of class 0 is 0.001: the guess is wrong
     calls = []
-    real = Smooth._sample_noise
-    monkeypatch.setattr(Smooth, "_sample_noise", lambda self, *a: calls.append(a[-1]) or real(self, *a))
-    assert smooth.certify_heads(x, 20, 500, 0.01, 64, generator=image_generator(1, 0), label=2)[0][2] == 0
+    real = Smooth.counts
+    monkeypatch.setattr(Smooth, "counts", lambda self, *a: calls.append(a[3].phase) or real(self, *a))
+    assert skip_wrong.compute(x, image_generator(1, 0), 2)[0][2] == 0
     assert calls == [core.PHASE_SELECTION]  # every head's guess is wrong: no estimation at all

@@ -1,4 +1,4 @@
-"""core.py section 1: Cohen's CERTIFY/PREDICT, measured validity, the noise stream, DenoisedClassifier."""
+"""core.py: Cohen's CERTIFY/PREDICT, measured validity, the noise stream, DenoisedClassifier."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import beta, binom, norm
 
 import core
-from core import DenoisedClassifier, Smooth, block_seed, image_generator
+from core import DenoisedClassifier, NoiseStream, Smooth, block_seed, image_generator
 from runkit.devices import torch_threads
 
 SIGMA = 0.5
@@ -82,7 +82,7 @@ def test_validity_test_has_power(monkeypatch):
     alpha, pA = 0.2, 0.7
     smooth = Smooth(LinearThreshold(pA, SIGMA), 3, SIGMA)
     with monkeypatch.context() as m:
-        m.setattr(Smooth, "_lower_confidence_bound", staticmethod(lambda nA, n, a: nA / n))
+        m.setattr(core, "clopper_pearson_lower", lambda nA, n, a: nA / n)
         wrong, _ = _certify_rates(smooth, pA, n0=20, n=100, alpha=alpha, reps=500)
     assert wrong > alpha + _slack(alpha, 500) + 0.1
 
@@ -90,9 +90,10 @@ def test_validity_test_has_power(monkeypatch):
     tie = Smooth(LinearThreshold(0.5, SIGMA, num_classes=2), 2, SIGMA)
     wrong_ok, _ = _certify_rates(tie, 0.5, n0=100, n=100, alpha=alpha)
     assert wrong_ok <= alpha + _slack(alpha)
-    real = Smooth._sample_noise
+    real = Smooth.counts
     with monkeypatch.context() as m:
-        m.setattr(Smooth, "_sample_noise", lambda self, x, num, bs, key, phase: real(self, x, num, bs, key, 0))
+        m.setattr(Smooth, "counts", lambda self, x, start, stop, stream, bs: real(
+            self, x, start, stop, NoiseStream(x, stream.key, 0, stream.noise_block, stream.length), bs))
         wrong_shared, _ = _certify_rates(tie, 0.5, n0=100, n=100, alpha=alpha)
     assert wrong_shared > alpha + 2 * _slack(alpha)
 
@@ -112,17 +113,17 @@ def test_predict_validity_measured():
 
 
 def _mock_counts(monkeypatch, smooth: Smooth, *count_vectors):
-    """Make the next calls to ``smooth._sample_noise`` return the given count vectors, in order."""
-    queue = [torch.tensor(c, dtype=torch.long) for c in count_vectors]
+    """Make the next calls to ``smooth.counts`` return the given count vectors (one head), in order."""
+    queue = [torch.tensor([c], dtype=torch.long) for c in count_vectors]
     calls = []
 
-    def fake(x, num, batch_size, key, phase):
-        calls.append((num, phase))
+    def fake(x, start, stop, stream, batch_size):
+        calls.append((stop - start, stream.phase))
         counts = queue.pop(0)
-        assert int(counts.sum()) == num
+        assert int(counts.sum()) == stop - start
         return counts
 
-    monkeypatch.setattr(smooth, "_sample_noise", fake)
+    monkeypatch.setattr(smooth, "counts", fake)
     return calls
 
 
@@ -227,13 +228,19 @@ def test_noise_is_exactly_sigma_times_the_seeded_blocks():
     assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * z.numel())
 
 
+def _counts(smooth: Smooth, x: torch.Tensor, num: int, batch_size: int, key: int, phase: int) -> torch.Tensor:
+    """The counts [K x C] of ``num`` samples of a phase, read as certify and predict read them (a stream of that
+    length)."""
+    return smooth.counts(x, 0, num, NoiseStream(x, key, phase, smooth.noise_block, num), batch_size)
+
+
 def test_counts_and_precision():
     rec = Recorder()
     smooth = Smooth(rec, 3, SIGMA, precision="bf16")
     assert smooth.certify(torch.rand(3, 4, 4), 5, 37, 0.1, 8, generator=image_generator(0, 0))[0] == 0
     assert all(b.dtype == torch.float32 for b in rec.inputs)  # the noise is added in float32
-    counts = Smooth(LinearThreshold(0.5, SIGMA), 3, SIGMA)._sample_noise(torch.zeros(1, 2, 2), 77, 10, 5, 1)
-    assert counts.dtype == torch.long and counts.shape == (3,) and int(counts.sum()) == 77
+    counts = _counts(Smooth(LinearThreshold(0.5, SIGMA), 3, SIGMA), torch.zeros(1, 2, 2), 77, 10, 5, 1)
+    assert counts.dtype == torch.long and counts.shape == (1, 3) and int(counts.sum()) == 77
     with pytest.raises(ValueError):
         Smooth(rec, 3, 0.0)
 
@@ -278,17 +285,18 @@ def test_denoised_classifier():
 
 @pytest.mark.slow
 def test_multistep_denoising_samples_do_not_depend_on_the_batch():
-    """Smooth gives a multi-step DenoisedClassifier per-sample generators: the counts do not depend on batch_size,
-    and the chain's noise is in play (other keys, other counts of the denoised-logit argmax)."""
+    """Smooth(per_sample_generators=True) gives a multi-step DenoisedClassifier per-sample generators: the counts do
+    not depend on batch_size, and the chain's noise is in play (other keys, other counts of the denoised-logit
+    argmax)."""
     from denoiser import build_denoiser
     torch.manual_seed(0)
     denoiser = build_denoiser("digits").eval()
     head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
     model = DenoisedClassifier(denoiser, head, sigma=0.005, multistep=True)
     assert model.multistep and model.t_star == 9
-    smooth = Smooth(model, 5, sigma=0.005, noise_block=4)
+    smooth = Smooth(model, 5, sigma=0.005, noise_block=4, per_sample_generators=True)
     x = torch.rand(3, 16, 16)
-    counts = {b: smooth._sample_noise(x, 10, b, key=7, phase=core.PHASE_ESTIMATION).tolist() for b in (3, 10)}
+    counts = {b: _counts(smooth, x, 10, b, key=7, phase=core.PHASE_ESTIMATION)[0].tolist() for b in (3, 10)}
     assert counts[3] == counts[10] and sum(counts[3]) == 10
     with torch.no_grad():  # the first 3 samples by hand: the smoothing noise of block 0, chains seeded per sample
         g = torch.Generator().manual_seed(block_seed(7, core.PHASE_ESTIMATION, 0))
@@ -296,7 +304,7 @@ def test_multistep_denoising_samples_do_not_depend_on_the_batch():
         gens = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))
         by_hand = head(denoiser.denoise_multistep(noisy, 9, gens)).argmax(1)
         one_shot = head(denoiser.denoise(noisy, 9))
-    assert smooth._sample_noise(x, 3, 3, key=7, phase=core.PHASE_ESTIMATION).tolist() == \
+    assert _counts(smooth, x, 3, 3, key=7, phase=core.PHASE_ESTIMATION)[0].tolist() == \
         torch.bincount(by_hand, minlength=5).tolist()
     with torch.no_grad():
         fresh = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))

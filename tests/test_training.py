@@ -10,7 +10,8 @@ from torch import nn
 
 import train
 import training
-from core import eps_pixels, noise_and_denoise
+from cadis import eps_pixels
+from core import noise_and_denoise
 from training import TrainConfig, config_field
 
 
