@@ -62,6 +62,7 @@ from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cpu_mod
                             device_model, precision_dtype, resolve_device, resolve_precision, torch_threads)
 from runkit.errors import UserError
 from runkit.files import atomic_write_text, check_output
+from runkit.memory import largest_batch, parse_batch_size
 from sequential import default_sequential_radii
 from training import clip_grad_per_param
 
@@ -234,21 +235,13 @@ def fast_path(model: DenoisedClassifier, num_classes: int, precision: str, compi
     return CertifyPath(label, precision, compiled, channels_last and precision != "fp32", batch_size, sample)
 
 
-def largest_batch(path: CertifyPath, x: torch.Tensor, device: torch.device, start: int, cap: int) -> int:
-    """CUDA: the largest batch (doubling from ``start``, at most ``cap``) with which one batch of ``path`` runs."""
-    best, b = 0, start
-    while b <= cap:
-        try:
-            path.sample(x, b, b)
-            _sync(device)
-            best, b = b, b * 2
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
+def path_batch_size(path: CertifyPath, x: torch.Tensor, device: torch.device, start: int, cap: int) -> int:
+    """``--batch_size auto``: the largest batch (at most ``cap``) with which one batch of ``path`` runs on ``device``
+    (:func:`runkit.memory.largest_batch`, trying sizes from ``start``)."""
+    best = largest_batch(lambda b: path.sample(x, b, b), device, cap, start)
     if not best:
-        raise UserError(f"--batch_size auto: even a batch of {start} does not fit on {device}; pass a smaller "
-                        "--batch_size")
+        raise UserError(f"--batch_size auto: even a batch of 1 does not fit on {device} ({path.label} "
+                        f"{path.precision})")
     return best
 
 
@@ -409,9 +402,12 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
             paths.append(fast_path(model, num_classes, precision, compiled, channels_last, start))
     ref = reference_path(denoiser, classifier, sigma, num_classes, start)
     if batch_size == "auto" and device.type == "cuda":
-        for p in paths:
-            p.batch_size = largest_batch(p, x_clean[0], device, start, max(N, start))
-        ref.batch_size = largest_batch(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
+        found: Dict[str, int] = {}
+        for p in paths:  # a compiled path takes its eager twin's size: each size it tried would compile a graph
+            if p.precision not in found:
+                found[p.precision] = path_batch_size(p, x_clean[0], device, start, max(N, start))
+            p.batch_size = found[p.precision]
+        ref.batch_size = path_batch_size(ref, x_clean[0], device, start, max(p.batch_size for p in paths))
         log(f"[{name}] batch sizes: reference {ref.batch_size}, fast {', '.join(str(p.batch_size) for p in paths)}")
     all_paths = [ref, *paths]
     time_paths(all_paths, x_clean, rounds, iters, device, lambda text: log(f"[{name}] {text}"))
@@ -743,14 +739,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = resolve_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be >= 1")
-    batch_size: Optional[int | str] = args.batch_size
-    if batch_size not in (None, "auto"):
-        try:
-            batch_size = int(batch_size)
-        except ValueError:
-            raise UserError(f"--batch_size {args.batch_size!r}: give a positive integer or 'auto'") from None
-        if batch_size < 1:
-            raise UserError(f"--batch_size {batch_size}: must be >= 1")
+    batch_size = parse_batch_size(args.batch_size)
     for flag in ("iters", "rounds", "N", "ft_images", "ft_iters"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -245,13 +245,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         return run_stages(args, outdir, skip)
 
 
-def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, Any]:
-    """Stages 1-4 into the prepared ``outdir`` (held locked by :func:`run_demo`); returns the summary."""
-    import analysis
+def announce(args: argparse.Namespace, outdir: Path, skip: int) -> tuple[float, float]:
+    """Print what the demo runs; returns the largest certifiable radius and the table's last radius.
+
+    Args:
+        args: the resolved flags.
+        outdir: the output folder.
+        skip: the spacing of the certified test images.
+    """
     from sequential import max_certifiable_radius
 
-    off_log, ft_log, ft_dir = outdir / "off_the_shelf.tsv", outdir / "ft_cadis.tsv", outdir / "ft_cadis"
-    start = time.perf_counter()
     print(f"FT-CADIS demo on scikit-learn digits (16x16): sigma={args.sigma}, {args.max_images} test images "
           f"(dataset indices 0, {skip}, {2 * skip}, ...), N0={args.N0}, N={args.N}, alpha={args.alpha}; "
           f"FT-CADIS {args.epochs} epoch(s)" + (f", at most {args.max_steps} steps" if args.max_steps else "")
@@ -260,6 +263,16 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
     r_stop = max(RADIUS_STEP, math.floor(r_max / RADIUS_STEP + 1e-9) * RADIUS_STEP)
     print(f"with N={args.N} and alpha={args.alpha} no certified radius can exceed sigma * Phi^-1(alpha^(1/N)) = "
           f"{r_max:.3f}; the table shows radii 0 to {r_stop:g}", flush=True)
+    return r_max, r_stop
+
+
+def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, Any]:
+    """Stages 1-4 into the prepared ``outdir`` (held locked by :func:`run_demo`); returns the summary."""
+    import analysis
+
+    off_log, ft_log, ft_dir = outdir / "off_the_shelf.tsv", outdir / "ft_cadis.tsv", outdir / "ft_cadis"
+    start = time.perf_counter()
+    r_max, r_stop = announce(args, outdir, skip)
     timings: dict[str, float] = {}
 
     _stage(1, "certify the off-the-shelf classifier under denoised smoothing (certify.py)", start)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment if needed, then run the test suite. Extra arguments go to pytest.
-#   bash run_tests.sh            # whole suite, slow tests included (a plain `pytest` leaves them out: pytest.ini)
+#   bash run_tests.sh            # whole suite, slow tests included (a plain `pytest` leaves them out: pyproject.toml)
 #   bash run_tests.sh -k denoiser
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

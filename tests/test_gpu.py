@@ -55,7 +55,7 @@ def test_cuda_tests_are_deselected_without_cuda_and_kept_with_it(monkeypatch):
 def test_the_suite_reports_cuda_tests_as_deselected_not_skipped(tmp_path):
     """A real pytest run of a cuda test beside a plain one, with this suite's conftest and markers."""
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
-    (tmp_path / "pytest.ini").write_text((REPO / "pytest.ini").read_text())
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
     (tmp_path / "test_x.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_gpu():\n    assert False\n\n"
                                         "def test_cpu():\n    pass\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
