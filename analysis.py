@@ -29,7 +29,8 @@ import pandas as pd
 
 from presets import DATASETS
 from runkit.errors import UserError
-from runkit.logs import ABSTAIN, LogWarning, expand_logs, is_log, read_log  # noqa: F401 (analysis.read_log as before)
+from runkit.logs import (ABSTAIN, LogWarning, complete_lines, expand_logs, is_log,  # noqa: F401 (re-exported)
+                         read_log)
 from runkit.sidecars import read_sidecar, sidecar_path
 
 FORMATS = ("table", "markdown", "latex", "csv")
@@ -821,8 +822,7 @@ def read_training_log(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    # the text after the last newline is not a complete line
-    complete = [line.rstrip("\r") for line in path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]]
+    complete = complete_lines(path)  # (a killed write leaves a partial last line)
     if not complete or "step" not in complete[0].split("\t"):
         raise UserError(f"{path}: not a train.py log (the first line has no 'step' column)")
     names = complete[0].split("\t")

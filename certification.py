@@ -3,10 +3,15 @@ selected images, write and resume Cohen-format logs, split the work over ``torch
 
 A run (:func:`run`):
 
-1. read-only checks of what is on disk (:func:`check_outputs`; ``--resume`` compares the sidecar's configuration);
+1. read-only checks of what is on disk (:func:`runkit.resume.check_outputs`; ``--resume`` compares the sidecar's
+   configuration, :data:`RESUME_KEYS`);
 2. data and models (:func:`build_base_classifier`, then the opt-in speed-ups of :mod:`fast` when asked);
-3. rank 0 writes the configuration sidecar; every rank appends rows to its own file (:func:`run_dataset`);
-4. rank 0 merges the parts into one idx-sorted log (:func:`logs.merge_parts`) and prints a summary.
+3. rank 0 writes the configuration sidecar; every rank appends rows to its own part (:func:`run_dataset`,
+   :mod:`runkit.parts`);
+4. rank 0 merges the parts into one idx-sorted log (:func:`runkit.parts.merge_parts`) and prints a summary.
+
+The run machinery (locks, resume checks, rank parts, shards and their merge) is :mod:`runkit`'s; this module holds
+the run of the method and its options.
 
 Image idx's noise comes from a generator seeded by (seed, idx) (:func:`core.image_generator`), so a log depends
 neither on the batch size, nor on the number of processes, nor on interruptions. What is computed per image is a
@@ -18,33 +23,31 @@ import argparse
 import contextlib
 import dataclasses
 import glob
-import json
 import math
 import os
-import re
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Mapping, NamedTuple, Optional, Sequence, TextIO, Type
+from typing import Any, Callable, Container, Optional, Sequence, TextIO, Type
 
 import torch
 
 from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, draw_key, image_generator
 from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
 from runkit.cli import check_number
-from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_math, describe_device_model,
-                            device_model, resolve_device, resolve_precision, stream_difference)
+from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_math, device_model, resolve_device,
+                            resolve_precision)
 from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
-from runkit.files import (atomic_write_text, check_fingerprint, check_output, check_regular_file, file_fingerprint,
-                          output_folder, remove_stale_temporary_files)
-from runkit.locks import job_run_lock, lock_path, run_lock
+from runkit.files import check_output, file_fingerprint, output_folder, remove_stale_temporary_files
+from runkit.locks import job_run_lock, lock_path
+from runkit.logs import ABSTAIN, LogRow, PredictRow, Row, SampledRow, idx_list, read_log
+from runkit.parts import appending_parts, merge_rank_parts, rank_share
 from runkit.progress import DEFAULT_INTERVAL, Progress
-from runkit.logs import (ABSTAIN, LogRow, PredictRow, Row, SampledRow, existing_parts, existing_shards, format_log,
-                         merge_parts, open_for_append, part_path, read_done, read_log, shard_path)
-from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
+from runkit.resume import add_device_model, check_device_model, check_outputs, parse_override, prepare_outputs
+from runkit.shards import Shard, encode_indices, merge_shard_logs, parse_shard, shard_path
+from runkit.sidecars import sidecar_path
 from sequential import default_sequential_radii, estimate_sequential
 
 LOG_FORMAT = 1
@@ -57,7 +60,6 @@ RESUME_KEYS = ("format", "dataset", "split", "sigma", "N0", "N", "alpha", "seed"
 # the value a sidecar without the entry stands for (compared as such on --resume)
 RESUME_DEFAULTS = {"subset": "skip", "input_norm": "model", "multistep": False, "mode": "fixed", "radii": None,
                    "skip_wrong": False, "tf32": DEFAULT_TF32}
-OVERRIDES = ("device",)  # the checks --override may skip
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printed after a run
 # what a sequential log's radius column holds (its sidecar says it; the log itself stays a plain Cohen log)
 SEQUENTIAL_RADIUS = ("the radius at the stop: a valid certificate, but below the fixed-N radius, so the log's ACR "
@@ -138,55 +140,6 @@ class RunOptions:
         outfiles = [Path(o) for o in ([self.outfile] if isinstance(self.outfile, str) else self.outfile)]
         return outfiles if self.shard_of is None else [shard_path(o, self.shard_of.k, self.shard_of.s)
                                                        for o in outfiles]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The k-th (0-based) of s disjoint parts of the selected images: every s-th image from the k-th."""
-
-    k: int
-    s: int
-
-    def select(self, indices: Sequence[int]) -> list[int]:
-        return list(indices)[self.k::self.s]
-
-    def __str__(self) -> str:
-        return f"{self.k}/{self.s}"
-
-
-SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
-
-
-def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
-    """``--shard K/S`` (0 <= K < S), or ``auto``: K and S from a Slurm array job's environment.
-
-    With ``auto``, K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP and
-    S = SLURM_ARRAY_TASK_COUNT, so ``--array=0-3`` and ``--array=1-4`` both give shards 0/4 .. 3/4.
-
-    Args:
-        text: the flag's value, ``K/S`` or ``auto``.
-        environ: where ``auto`` reads the ``SLURM_ARRAY_TASK_*`` variables.
-    """
-    if text == "auto":
-        missing = [name for name in SLURM_ARRAY if name not in environ]
-        if missing:
-            raise UserError(f"--shard auto: {' and '.join(missing)} not set (not a Slurm array task?); "
-                            "give --shard K/S instead")
-        try:
-            task, count = int(environ[SLURM_ARRAY[0]]), int(environ[SLURM_ARRAY[1]])
-            low, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-        except ValueError:
-            raise UserError("--shard auto: the SLURM_ARRAY_TASK_* variables are not integers") from None
-        k, s = ((task - low) // step if step > 0 and (task - low) % step == 0 else -1), count
-        where = f" (from SLURM_ARRAY_TASK_ID={task}, MIN={low}, STEP={step}, COUNT={count}; use --array=0-{count - 1})"
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-        if not match:
-            raise UserError(f"--shard {text}: expected K/S with 0 <= K < S (e.g. 0/4), or auto")
-        (k, s), where = map(int, match.groups()), ""
-    if not 0 <= k < s:
-        raise UserError(f"--shard {text}: K must lie in 0..S-1, got {k}/{s}{where}")
-    return Shard(k, s)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -326,15 +279,6 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     opts.shard_of = parse_shard(opts.shard) if opts.shard is not None else None
     parse_override(opts.override)
     return opts
-
-
-def parse_override(text: Optional[str]) -> frozenset[str]:
-    """The checks ``--override a,b`` skips (:data:`OVERRIDES`); a :class:`UserError` for any other name."""
-    names = frozenset(n.strip().lstrip("-") for n in (text or "").split(",") if n.strip())
-    if names - set(OVERRIDES):
-        raise UserError(f"--override {text}: {', '.join(sorted(names - set(OVERRIDES)))} cannot be overridden; "
-                        f"choose from {', '.join(OVERRIDES)}")
-    return names
 
 
 def _resolve_subset(opts: RunOptions) -> None:
@@ -656,113 +600,8 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Outputs: checks, sidecar, resume
+# Outputs: the rows a resumed log holds
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str] = RESUME_KEYS,
-                 files: Optional[dict[str, tuple[str, str]]] = None) -> None:
-    """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
-    (``files``: role -> (flag, path), see :func:`checkpoint_files`) now hold other content than recorded.
-
-    Args:
-        outfile: the log.
-        config: this run's :func:`run_config`.
-        resume_keys: the entries that must match.
-        files: role -> (flag, path) of the checkpoint files whose content must match.
-    """
-    files = files or {}
-    recorded_config = read_sidecar(outfile, "--resume",
-                                   "use another --outfile (or --overwrite to replace it)")["config"]
-    recorded_fingerprints = recorded_config.get("fingerprints") or {}
-    recorded = {k: recorded_config.get(k, RESUME_DEFAULTS.get(k)) for k in resume_keys}
-    diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
-    if diff:
-        raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
-                        "rerun with the recorded flags, or use another --outfile or --overwrite")
-    for role, (flag, path) in files.items():
-        check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
-
-
-def recorded_device_models(info: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every device model (:func:`runkit.devices.device_model`) that wrote rows of a log, from its sidecar's
-    ``info``: ``device_models`` (sidecars of older versions: the type of ``device``)."""
-    if "device_models" in info:
-        return list(info["device_models"])
-    return [{"type": str(info["device"]).split(":")[0]}] if info.get("device") else []
-
-
-def check_device_model(outfile: Path, model: dict[str, Any], override: Optional[str]) -> bool:
-    """On ``--resume``: refuse to continue a log written on a device model whose noise streams differ from those of
-    ``model``, this run's (:func:`runkit.devices.stream_difference`), unless ``--override device``; returns whether
-    the log now mixes streams.
-
-    Args:
-        outfile: the log.
-        model: this run's device model.
-        override: the ``--override`` flag.
-    """
-    recorded = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")
-    for earlier in recorded_device_models(recorded.get("info", {})):
-        reason = stream_difference(earlier, model)
-        if reason is None:
-            continue
-        if "device" in parse_override(override):
-            return True
-        raise UserError(f"--resume: {outfile} was written on {describe_device_model(earlier)}, this run is on "
-                        f"{describe_device_model(model)}, and one seed gives other noise there ({reason}): the log "
-                        "would mix noise streams, its certificates valid but reproducible on no single device; resume "
-                        "on the same device model, or pass --override device to accept that")
-    return False
-
-
-def _add_device_model(outfile: Path, model: dict[str, Any]) -> None:
-    """Add ``model`` to the device models the sidecar of ``outfile`` records (:func:`recorded_device_models`)."""
-    recorded = read_sidecar(outfile, "--resume", "use another --outfile")
-    models = recorded_device_models(recorded.get("info", {}))
-    if model not in models:
-        write_sidecar(outfile, recorded["config"], {**recorded.get("info", {}), "device_models": models + [model]})
-
-
-def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool,
-                  row_type: Type[LogRow] = Row, files: Optional[dict[str, tuple[str, str]]] = None
-                  ) -> tuple[list[Path], dict[int, LogRow]]:
-    """Read-only checks before anything is written: (existing output files, rows already done).
-
-    An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
-
-    Args:
-        outfile: the log.
-        config: this run's :func:`run_config`.
-        resume, overwrite: the flags.
-        row_type: the rows of the log.
-        files: as for :func:`check_resume`.
-    """
-    existing = [p for p in [outfile, sidecar_path(outfile)] + existing_parts(outfile) if p.exists()]
-    if existing and not (resume or overwrite):
-        raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
-                        "--overwrite to replace it")
-    if resume and existing:
-        check_resume(outfile, config, files=files)
-    return existing, (read_done(outfile, row_type) if resume else {})
-
-
-def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any],
-                    info: dict[str, Any]) -> None:
-    """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent.
-
-    Args:
-        outfile: the log.
-        existing: what :func:`check_outputs` found on disk.
-        overwrite: the flag.
-        config, info: what the sidecar records.
-    """
-    if overwrite:
-        for path in existing:
-            path.unlink()
-    outfile.parent.mkdir(parents=True, exist_ok=True)
-    if not sidecar_path(outfile).is_file():
-        write_sidecar(outfile, config, info)
 
 
 def check_done_rows(outfile: Path, done: Container[int], indices: Sequence[int], dataset: Any, opts: RunOptions
@@ -788,10 +627,10 @@ def check_done_rows(outfile: Path, done: Container[int], indices: Sequence[int],
     share = set(opts.shard_of.select(unlimited) if opts.shard_of is not None else unlimited)
     if opts.max is not None and all(idx in share for idx in outside):
         raise UserError(f"--max_images {opts.max}: {outfile} already holds {len(set(done))} images, idx "
-                        f"{_idx_list(outside)} beyond the first {opts.max} selected; resume with --max_images "
+                        f"{idx_list(outside)} beyond the first {opts.max} selected; resume with --max_images "
                         f"{max(position[i] for i in outside) + 1} or more (or without it): a resume never drops rows")
     foreign = [idx for idx in outside if idx not in share]
-    raise UserError(f"--resume: {outfile} holds idx {_idx_list(foreign)}, not among the images this run selects "
+    raise UserError(f"--resume: {outfile} holds idx {idx_list(foreign)}, not among the images this run selects "
                     f"(the dataset has {len(dataset)}; --skip/--subset/--shard select others): the log is not of this "
                     "run; repair it or use another --outfile")
 
@@ -819,21 +658,16 @@ def run_parts(method: Method, dataset: Any, indices: Sequence[int], outfiles: Se
         progress: rank 0 shows progress (a bar on a terminal, else a line every ``progress`` seconds); None: no
             progress.
     """
-    todo = [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
-    targets = [o if dist_info.world_size == 1 else part_path(o, dist_info.rank) for o in outfiles]
+    todo = rank_share(indices, dones, dist_info)
     done = dones[0]
     if dist_info.is_main and done:
         print(f"resuming {outfiles[0]}: {sum(i in done for i in indices)} of {len(indices)} images already done",
               file=sys.stderr)
-    with contextlib.ExitStack() as stack:
-        logs = [stack.enter_context(open_for_append(t, method.row_type)) for t in targets]
+    with appending_parts(outfiles, method.row_type, dist_info) as logs:
         run_dataset(method, dataset, todo, logs, seed, dist_info.device,
                     progress=dist_info.is_main and progress is not None, log_interval=progress or DEFAULT_INTERVAL,
                     done=[done[i] for i in indices if i in done], written=[set(d) for d in dones])
-        for log in logs:
-            os.fsync(log.fileno())
-    barrier()
-    return [merge_parts(o, method.row_type) for o in outfiles] if dist_info.is_main else None
+    return merge_rank_parts(outfiles, method.row_type, dist_info)
 
 
 def summary(outfile: Path, config: dict[str, Any], num_new: int, wall: float, done: Optional[str] = None) -> str:
@@ -878,9 +712,9 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     (None on the other ranks). ``make_method`` gives the per-image method (whose rows are ``row_type``, one result
     per log) for the smoothed classifier; ``argv`` is recorded in the sidecars.
 
-    The job holds ``<outfile>.lock`` of every log (:func:`runkit.locks.job_run_lock`) from before the checks of what is on
-    disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once instead of
-    mixing rows; a run refused before its first row leaves no folder it created.
+    The job holds ``<outfile>.lock`` of every log (:func:`runkit.locks.job_run_lock`) from before the checks of what
+    is on disk to the end, so that a second run on one of the logs (another job, a requeued copy) stops at once
+    instead of mixing rows; a run refused before its first row leaves no folder it created.
 
     Args:
         opts: resolved options (:func:`resolve_options`).
@@ -900,8 +734,8 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
                 if dist_info.is_main:  # what a killed run's atomic writes left
                     remove_stale_temporary_files(outfile.parent, [glob.escape(p.name) for p in
                                                                   (outfile, sidecar_path(outfile))])
-            checked = [check_outputs(o, c, opts.resume, opts.overwrite, row_type, checkpoint_files(opts, k))
-                       for k, (o, c) in enumerate(zip(outfiles, configs))]
+            checked = [check_outputs(o, c, opts.resume, opts.overwrite, RESUME_KEYS, RESUME_DEFAULTS, row_type,
+                                     checkpoint_files(opts, k)) for k, (o, c) in enumerate(zip(outfiles, configs))]
             return _run_locked(opts, outfiles, configs, checked, make_method, argv, dist_info)
     finally:
         cleanup_distributed()
@@ -936,7 +770,7 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
         for outfile, config, (existing, _), mixes in zip(outfiles, configs, checked, mixed):
             prepare_outputs(outfile, existing, opts.overwrite, config, info)
             if mixes:  # --override device: the sidecar records every device model that wrote rows
-                _add_device_model(outfile, model)
+                add_device_model(outfile, model)
     barrier()
     start = time.perf_counter()
     logs = run_parts(method, dataset, indices, outfiles, [done for _, done in checked], opts.seed, dist_info,
@@ -960,198 +794,21 @@ MERGED_BY = {Row.header(): "certify.py", SampledRow.header(): "certify.py", Pred
 MERGE_KEYS = (*RESUME_KEYS, "max", "fingerprints")  # what every shard of one run must share (and its images)
 
 
-class MergeRequest(NamedTuple):
-    """``--merge OUTFILE [--override device]``."""
-
-    outfile: Path
-    override: frozenset[str]
-
-
-def merge_request(argv: Sequence[str]) -> Optional[MergeRequest]:
-    """OUTFILE and the checks ``--override`` skips when the command line is ``--merge OUTFILE [--override device]``
-    (None without --merge; a :class:`UserError` when other flags come with it: the configuration comes from the
-    shard logs)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--merge")
-    parser.add_argument("--override")
-    known, rest = parser.parse_known_args(list(argv))
-    if known.merge is None:
-        return None
-    if rest:
-        raise UserError(f"--merge {known.merge}: give it alone (got also {' '.join(rest)}); the configuration "
-                        "comes from the shard logs")
-    return MergeRequest(Path(known.merge), parse_override(known.override))
-
-
-def encode_indices(indices: Sequence[int]) -> str:
-    """Indices as compact text: runs of 3 or more equally spaced ones as ``start:stop:step`` (stop exclusive), the
-    others as numbers, comma-separated (``0:12:3,20,25`` = 0, 3, 6, 9, 20, 25). :func:`decode_indices` inverts it."""
-    items, i = [], 0
-    while i < len(indices):
-        j = i + 1
-        step = indices[j] - indices[i] if j < len(indices) else 0
-        while step > 0 and j + 1 < len(indices) and indices[j + 1] - indices[j] == step:
-            j += 1
-        if step > 0 and j - i >= 2:
-            items.append(f"{indices[i]}:{indices[j] + step}:{step}")
-            i = j + 1
-        else:
-            items.append(str(indices[i]))
-            i += 1
-    return ",".join(items)
-
-
-def decode_indices(text: str) -> list[int]:
-    """The indices :func:`encode_indices` wrote."""
-    out: list[int] = []
-    for item in filter(None, text.split(",")):
-        parts = [int(v) for v in item.split(":")]
-        out.extend(range(*parts) if len(parts) == 3 else parts)
-    return out
-
-
-def _idx_list(idx: Sequence[int], shown: int = 20) -> str:
-    """``1, 4, 7`` or, for many, the first ones, ``...`` and the last one, with the count."""
-    idx = sorted(idx)
-    if len(idx) <= shown:
-        return ", ".join(map(str, idx))
-    return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
-
-
-def _shard_configs(shards: dict[int, Path], split: int, mixed_devices: bool = False
-                   ) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
-    """The shards' shared configuration and info (the most common one; its ``device_models``: those of every shard),
-    and for each shard that differs, how (another device model too, unless ``mixed_devices``); ``split``: S."""
-    recorded = {k: read_sidecar(p, "--merge", f"restore it, or redo that shard with --shard {k}/{split} --overwrite")
-                for k, p in shards.items()}
-    names = (*MERGE_KEYS, "selection")
-    values = {k: [r["config"].get(key, RESUME_DEFAULTS.get(key)) for key in MERGE_KEYS]
-              + [r.get("info", {}).get("selection")] for k, r in recorded.items()}
-    keys = {k: tuple(json.dumps(v, sort_keys=True) for v in vals) for k, vals in values.items()}
-    common = Counter(keys.values()).most_common(1)[0][0]
-    first = next(k for k in sorted(keys) if keys[k] == common)
-    special = {"selection": "other images selected", "fingerprints": "other checkpoint file contents"}
-    foreign = {}
-    for k, key in sorted(keys.items()):
-        if key != common:
-            diff = [special.get(name) or f"{name}={values[k][i]!r} (the others {values[first][i]!r})"
-                    for i, name in enumerate(names) if key[i] != common[i]]
-            foreign[k] = f"{shards[k].name} has a different configuration: {', '.join(diff)}"
-    models = {k: recorded_device_models(r.get("info", {})) for k, r in recorded.items()}
-    if not mixed_devices:
-        foreign.update(_other_device_models(shards, models, first, set(foreign)))
-    union = [json.loads(m) for m in dict.fromkeys(json.dumps(m, sort_keys=True) for ms in models.values() for m in ms)]
-    return recorded[first]["config"], {**recorded[first].get("info", {}), "device_models": union}, foreign
-
-
-def _other_device_models(shards: dict[int, Path], models: dict[int, list[dict[str, Any]]], first: int,
-                         skip: Container[int]) -> dict[int, str]:
-    """For each shard (but ``skip``) whose device models draw other noise than those of shard ``first``
-    (:func:`runkit.devices.stream_difference`), how."""
-    found = {}
-    for k in sorted(set(models) - {first}):
-        pairs = [(a, b, stream_difference(a, b)) for a in models[first] for b in models[k] if k not in skip]
-        for a, b, reason in pairs:
-            if reason:
-                found[k] = (f"{shards[k].name} ran on {describe_device_model(b)}, {shards[first].name} on "
-                            f"{describe_device_model(a)} ({reason}; rerun it there, or pass --override device to "
-                            "merge noise streams of different devices: certificates valid, reproducible on no single "
-                            "device)")
-                break
-    return found
-
-
 def merge_shards(outfile: Path, row_types: Sequence[Type[LogRow]] = (Row,), override: Container[str] = ()
                  ) -> list[LogRow]:
-    """Merge the shard logs ``<outfile>.shard<k>of<s>`` (k = 0..s-1) into one idx-sorted ``outfile`` with its sidecar;
-    their rows are of the one of ``row_types`` whose header the first shard log has.
-
-    Refused, with the list of missing idx, when a shard log is missing or incomplete, when one was written with
-    another configuration (:data:`MERGE_KEYS`) or, unless ``override`` holds ``device``, on a device model whose
-    noise streams differ (:func:`runkit.devices.stream_difference`), or when one holds images outside its share.
-    The merged rows equal a one-process run's (image idx's noise depends only on the seed, idx and device model).
-    The shard logs are kept.
+    """``--merge OUTFILE``: the shard logs ``<outfile>.shard<k>of<s>`` merged into one idx-sorted ``outfile`` with its
+    sidecar (:func:`runkit.shards.merge_shard_logs`; every shard must share :data:`MERGE_KEYS`; a shard log of
+    another kind names the script that merges it, :data:`MERGED_BY`), and its summary printed. The shard logs are
+    kept.
 
     Args:
         outfile: the merged log to write; its shard logs lie beside it.
         row_types: the row types the shard logs may have.
-        override: the checks to skip (``device``).
+        override: the checks to skip (``device``: shards of device models that draw other noise).
     """
-    found = existing_shards(outfile)
-    if not found:
-        raise UserError(f"--merge {outfile}: no shard logs {outfile.name}.shard<K>of<S> beside it (written by "
-                        "--shard K/S)")
-    splits = sorted({s for _, s, _ in found})
-    if len(splits) > 1:
-        raise UserError(f"--merge {outfile}: shard logs of {len(splits)} different splits "
-                        f"({', '.join(p.name for _, _, p in found)}); keep those of one --shard K/S split")
-    s = splits[0]
-    shards = {k: p for k, _, p in found}
-    row_type = _shard_row_type(outfile, shards, row_types)
-    config, info, foreign = _shard_configs(shards, s, "device" in override)
-    if "selection" not in info:
-        raise UserError(f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
-                        "--shard K/S); rerun the shards")
-    selected = decode_indices(info["selection"])
-    rows: dict[int, LogRow] = {}
-    problems = []
-    for k in range(s):
-        share = set(Shard(k, s).select(selected))
-        if k not in shards:
-            problems.append(f"no log for shard {k}/{s} ({outfile.name}.shard{k}of{s}; run --shard {k}/{s})")
-            continue
-        if k in foreign:  # its rows count as missing
-            problems.append(foreign[k])
-            continue
-        done = read_done(shards[k], row_type)
-        outside = sorted(set(done) - share)
-        if outside:
-            problems.append(f"{shards[k].name} holds idx outside its share: {_idx_list(outside)}")
-            continue
-        if len(done) < len(share):
-            problems.append(f"{shards[k].name} is incomplete ({len(done)} of {len(share)} images; continue it with "
-                            f"--shard {k}/{s} --resume)")
-        rows.update(done)
-    missing = sorted(set(selected) - set(rows))
-    if problems:
-        raise UserError(f"--merge {outfile}: refused: {'; '.join(problems)}; missing idx: {_idx_list(missing)}")
-    return _write_merged(outfile, [rows[i] for i in sorted(rows)], row_type, config, info, list(shards.values()))
-
-
-def _shard_row_type(outfile: Path, shards: dict[int, Path], row_types: Sequence[Type[LogRow]]) -> Type[LogRow]:
-    """The one of ``row_types`` whose header every shard log has; a shard log of another kind (e.g. CERTIFY shards
-    given to predict.py) is refused naming the script that wrote it, which merges it."""
-    types = {t.header(): t for t in row_types}
-    found = set()
-    for k, path in sorted(shards.items()):
-        check_regular_file(path, "--merge")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            header = f.readline().rstrip("\r\n")
-        if header not in types:
-            writer = MERGED_BY.get(header)
-            raise UserError(f"--merge {outfile}: {path.name} is not a log of this kind (first line {header[:60]!r}, "
-                            f"expected {' or '.join(map(repr, types))}); merge it with the script that wrote it"
-                            + (f": {writer} --merge {outfile}" if writer else ""))
-        found.add(header)
-    if len(found) > 1:
-        raise UserError(f"--merge {outfile}: the shard logs have different headers ({' and '.join(map(repr, found))})"
-                        "; they are not the shards of one run")
-    return types[found.pop()]
-
-
-def _write_merged(outfile: Path, rows: list[LogRow], row_type: Type[LogRow], config: dict[str, Any],
-                  info: dict[str, Any], shards: list[Path]) -> list[LogRow]:
-    """Write the merged log (refusing to replace a different one) and its sidecar; print the summary."""
-    text = format_log(rows, row_type)
-    with run_lock(lock_path(outfile), f"--merge {outfile}"):
-        if outfile.exists() and outfile.read_text(encoding="utf-8", errors="replace") != text:
-            raise UserError(f"--merge {outfile}: it already exists with other rows; move it away to merge again")
-        atomic_write_text(outfile, text)
-        merged_info = {"merged_from": [p.name for p in shards], "selection": info["selection"],
-                       "device_models": info["device_models"], "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_sidecar(outfile, {**config, "shard": None}, merged_info)
-    print(summary(outfile, config, 0, 0.0, done=f"merged from {len(shards)} shard logs"))
-    return rows
+    merged = merge_shard_logs(outfile, row_types, MERGE_KEYS, RESUME_DEFAULTS, MERGED_BY, override)
+    print(summary(outfile, merged.config, 0, 0.0, done=f"merged from {len(merged.shards)} shard logs"))
+    return merged.rows
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ from runkit.cli import exit_on_interrupt, run_cli
 
 exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
 
-from certification import RunOptions, certify_parser, merge_request, merge_shards, resolve_options, run_certify
+from certification import RunOptions, certify_parser, merge_shards, resolve_options, run_certify
 from runkit.logs import Row, SampledRow
+from runkit.shards import merge_request
 
 get_parser = certify_parser  # certify.py's flags (defined in the library, which demo.py also runs)
 

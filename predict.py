@@ -24,9 +24,9 @@ from runkit.cli import exit_on_interrupt, run_cli
 
 exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
 
-from certification import (RunOptions, add_run_arguments, merge_request, merge_shards, predict_method,
-                           resolve_options, run)
+from certification import RunOptions, add_run_arguments, merge_shards, predict_method, resolve_options, run
 from runkit.logs import PredictRow
+from runkit.shards import merge_request
 
 
 def get_parser() -> argparse.ArgumentParser:

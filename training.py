@@ -47,6 +47,7 @@ from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, 
 from runkit.errors import UserError
 from runkit.files import atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint
 from runkit.locks import locked_output_folder
+from runkit.logs import complete_lines
 from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.resume import newest_checkpoint, read_run_checkpoint, refuse_existing_run, resumed_config
 from runkit.rng import gather_rng_states, seed_everything, set_rng_state
@@ -492,8 +493,7 @@ def _truncate_log(path: Path, max_step: int, before_epoch: Optional[int] = None)
     ``epoch`` column is not below it (what a resumed run will redo)."""
     if not path.exists():
         return
-    text = path.read_text()
-    lines = text.splitlines()[:None if text.endswith("\n") else -1]  # (a killed write leaves a partial last line)
+    lines = complete_lines(path)  # (a killed write leaves a partial last line)
     if not lines:
         return
     names = lines[0].split("\t")

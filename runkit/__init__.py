@@ -7,9 +7,12 @@ or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CAD
 * :mod:`runkit.files`: atomic writes, temporary files of killed writers, content fingerprints, output checks.
 * :mod:`runkit.locks`: run locks (one run per output, released by the kernel however the holder exits).
 * :mod:`runkit.rng`: seeding the global RNGs, their states for checkpoints (every rank's).
-* :mod:`runkit.resume`: resuming a run from its output folder (newest checkpoint, the run's configuration).
+* :mod:`runkit.resume`: resuming a run from its output folder (newest checkpoint, the run's configuration), and a
+  log from its rows (``--resume`` checked against the sidecar, or ``--overwrite``).
 * :mod:`runkit.distributed`: ``torchrun`` set-up (``DistInfo``, ``init_distributed``, ``barrier``).
-* :mod:`runkit.logs`: the one reader/writer of tab-separated logs (rows, rank parts, shard paths).
+* :mod:`runkit.logs`: the one reader/writer of tab-separated logs (complete lines, rows, appending).
+* :mod:`runkit.parts`: ``torchrun`` rank parts ``<outfile>.rank<r>`` and their merge.
+* :mod:`runkit.shards`: ``--shard K/S`` logs ``<outfile>.shard<k>of<s>`` and their merge (``--merge``).
 * :mod:`runkit.sidecars`: the configuration beside an output (``<outfile>.json``).
 * :mod:`runkit.checkpoints`: the one checkpoint reader.
 

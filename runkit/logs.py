@@ -17,11 +17,13 @@ A log is tab-separated text, one header line, one row per image:
   newline is the trace of an interrupted write and is left out (appending resumes before it); any other line that
   is not a row is an error naming the file and the line.
 
+Every log of ours (these, and train.py's ``log.txt`` / ``log_steps.txt``) is appended to line by line, so its text
+after the last newline is a torn write: :func:`complete_text` (the one reader of our logs' text) leaves it out.
+
 Beside a log ``<outfile>`` live its configuration ``<outfile>.json`` (:mod:`runkit.sidecars`) and, while a
-``torchrun`` run is under way, one part per rank ``<outfile>.rank<r>`` (:func:`part_path`), merged into one
-idx-sorted log by :func:`merge_parts`. A run cut into independent shards (Slurm arrays) writes one log per shard,
-``<outfile>.shard<k>of<s>`` (:func:`shard_path`), each with its own sidecar and parts, merged by
-``certification.merge_shards``. This module imports neither torch nor the models: analysis starts fast.
+``torchrun`` run is under way, one part per rank ``<outfile>.rank<r>`` (:mod:`runkit.parts`). A run cut into
+independent shards (Slurm arrays) writes one log per shard, ``<outfile>.shard<k>of<s>`` (:mod:`runkit.shards`).
+This module imports neither torch nor the models: analysis starts fast.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from runkit.errors import UserError
-from runkit.files import atomic_write_text, check_regular_file
+from runkit.files import check_regular_file
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -393,8 +395,32 @@ def expand_logs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Our own logs: strict rows, appending, rank parts, merging
+# Our own logs: complete lines, strict rows, appending
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def complete_text(path: Path) -> tuple[str, int]:
+    """The complete lines of one of our logs (of any kind: a certification log, a rank part, a shard log, train.py's
+    ``log.txt`` / ``log_steps.txt``) as text, and the byte length they occupy.
+
+    Our logs are appended to line by line, so the text after the last newline is the trace of an interrupted write
+    (a torn last line): it is not part of the log, and appending resumes before it.
+
+    Args:
+        path: the log.
+    """
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", errors="replace"), end
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The complete lines of one of our logs (:func:`complete_text`), without their line ends.
+
+    Args:
+        path: the log.
+    """
+    return [line.rstrip("\r") for line in complete_text(path)[0].split("\n")[:-1]]
 
 
 def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]:  # type: ignore[assignment]
@@ -410,9 +436,8 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
         path: the log or part.
         row_type: the row type whose header the file must have.
     """
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    parsed = parse_log(path, data[:end].decode("utf-8", errors="replace"), strict=True) if end else None
+    text, end = complete_text(path)
+    parsed = parse_log(path, text, strict=True) if end else None
     if parsed is None:
         return {}, 0
     if parsed.header != row_type.header():
@@ -425,17 +450,7 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
     return rows, end
 
 
-def part_path(outfile: Path, rank: int) -> Path:
-    """``<outfile>.rank<rank>``: the part rank ``rank`` of a ``torchrun`` run writes.
-
-    Args:
-        outfile: the log.
-        rank: the process's rank.
-    """
-    return outfile.with_name(f"{outfile.name}.rank{rank}")
-
-
-def _siblings(outfile: Path, suffix: str) -> list[tuple[tuple[int, ...], Path]]:
+def numbered_siblings(outfile: Path, suffix: str) -> list[tuple[tuple[int, ...], Path]]:
     """Files ``<outfile><suffix>`` beside ``outfile`` (``suffix`` a regex whose groups are integers), sorted by them."""
     pattern = re.compile(re.escape(outfile.name) + suffix + "$")
     if not outfile.parent.is_dir():
@@ -444,59 +459,12 @@ def _siblings(outfile: Path, suffix: str) -> list[tuple[tuple[int, ...], Path]]:
     return sorted(found)
 
 
-def existing_parts(outfile: Path) -> list[Path]:
-    """``<outfile>.rank<k>`` files left by a sharded run, by rank."""
-    return [p for _, p in _siblings(outfile, r"\.rank(\d+)")]
-
-
-def shard_path(outfile: Path, k: int, s: int) -> Path:
-    """``<outfile>.shard<k>of<s>``: the log of the k-th of s shards of a run (e.g. one task of a Slurm array).
-
-    Args:
-        outfile: the log of the whole run.
-        k, s: the shard, 0 <= k < s.
-    """
-    return outfile.with_name(f"{outfile.name}.shard{k}of{s}")
-
-
-def existing_shards(outfile: Path) -> list[tuple[int, int, Path]]:
-    """``(k, s, path)`` of the ``<outfile>.shard<k>of<s>`` logs beside ``outfile``, sorted."""
-    return [(k, s, p) for (k, s), p in _siblings(outfile, r"\.shard(\d+)of(\d+)")]
-
-
-def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: ignore[assignment]
-    """Rows already written: the log itself plus any rank parts (:func:`read_rows`). An idx in two of these files
-    with different results is a :class:`UserError` naming both; the same result twice is kept once, with a
-    :class:`LogWarning`.
-
-    Args:
-        outfile: the log.
-        row_type: the rows of the log.
-    """
-    done: dict[int, R] = {}
-    found: dict[int, Path] = {}
-    repeated: list[int] = []
-    for path in [outfile] + existing_parts(outfile):
-        if not path.is_file():
-            continue
-        for idx, row in read_rows(path, row_type)[0].items():
-            if idx in done and _result(done[idx]) != _result(row):
-                raise UserError(f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
-                                "runs); keep one of them")
-            if idx in done:
-                repeated.append(idx)
-            else:
-                done[idx], found[idx] = row, path
-    if repeated:
-        warnings.warn(f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
-                      f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
-                      f"{', ...' if len(repeated) > 5 else ''})", LogWarning, stacklevel=2)
-    return done
-
-
-def _result(row: LogRow) -> tuple:
-    """What two rows of one idx must agree on (:data:`RESULT_COLUMNS`)."""
-    return tuple(getattr(row, name, None) for name in RESULT_COLUMNS)
+def idx_list(idx: Sequence[int], shown: int = 20) -> str:
+    """``1, 4, 7`` or, for many, the first ones, ``...`` and the last one, with the count."""
+    idx = sorted(idx)
+    if len(idx) <= shown:
+        return ", ".join(map(str, idx))
+    return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
 
 
 def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
@@ -528,18 +496,3 @@ def format_log(rows: Sequence[LogRow], row_type: Type[LogRow] = Row) -> str:
     return row_type.header() + "\n" + "".join(r.line() for r in rows)
 
 
-def merge_parts(outfile: Path, row_type: Type[R] = Row) -> list[R]:  # type: ignore[assignment]
-    """Merge ``outfile`` and its rank parts into one idx-sorted ``outfile`` (atomically), then remove the parts.
-
-    Args:
-        outfile: the log.
-        row_type: the rows of the log.
-    """
-    parts = existing_parts(outfile)
-    rows = sorted(read_done(outfile, row_type).values(), key=lambda r: r.idx)  # type: ignore[attr-defined]
-    text = format_log(rows, row_type)
-    if parts or not outfile.is_file() or outfile.read_text(encoding="utf-8") != text:
-        atomic_write_text(outfile, text)
-    for part in parts:
-        part.unlink()
-    return rows

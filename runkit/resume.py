@@ -1,13 +1,20 @@
-"""Resuming a run from the checkpoints in its output folder: which checkpoint, whether a folder already holds a run,
-and the configuration of the resumed run (the one recorded in its checkpoint, with the flags given now)."""
+"""Resuming: a run from the checkpoints in its output folder (which checkpoint, whether a folder already holds a
+run, the configuration of the resumed run: the one recorded in its checkpoint, with the flags given now), and a log
+from the rows it holds (the read-only checks before a run writes anything: an existing log needs ``--resume``,
+checked against the configuration and the device models recorded beside it, or ``--overwrite``)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Type, TypeVar
 
 from runkit import checkpoints
+from runkit.devices import describe_device_model, stream_difference
 from runkit.errors import UserError
+from runkit.files import check_fingerprint
+from runkit.logs import LogRow, Row
+from runkit.parts import existing_parts, read_done
+from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
 
 C = TypeVar("C")
 
@@ -116,3 +123,126 @@ def resumed_config(config: C, given: Optional[set[str]], recorded: Mapping[str, 
                         "these flags out to continue it as it was, or name them in --override to change them on "
                         "purpose")
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A log resumed from its rows: the checks before a run writes (certify.py, predict.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+OVERRIDES = ("device",)  # the checks --override may skip
+
+
+def parse_override(text: Optional[str]) -> frozenset[str]:
+    """The checks ``--override a,b`` skips (:data:`OVERRIDES`); a :class:`UserError` for any other name."""
+    names = frozenset(n.strip().lstrip("-") for n in (text or "").split(",") if n.strip())
+    if names - set(OVERRIDES):
+        raise UserError(f"--override {text}: {', '.join(sorted(names - set(OVERRIDES)))} cannot be overridden; "
+                        f"choose from {', '.join(OVERRIDES)}")
+    return names
+
+
+def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str], defaults: Mapping[str, Any],
+                 files: Optional[dict[str, tuple[str, str]]] = None) -> None:
+    """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
+    (``files``: role -> (flag, path)) now hold other content than recorded.
+
+    Args:
+        outfile: the log.
+        config: this run's configuration (what the sidecar records under ``config``).
+        resume_keys: the entries that must match.
+        defaults: what a sidecar without one of ``resume_keys`` recorded (outputs of older versions).
+        files: role -> (flag, path) of the checkpoint files whose content must match.
+    """
+    files = files or {}
+    recorded_config = read_sidecar(outfile, "--resume",
+                                   "use another --outfile (or --overwrite to replace it)")["config"]
+    recorded_fingerprints = recorded_config.get("fingerprints") or {}
+    recorded = {k: recorded_config.get(k, defaults.get(k)) for k in resume_keys}
+    diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
+    if diff:
+        raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
+                        "rerun with the recorded flags, or use another --outfile or --overwrite")
+    for role, (flag, path) in files.items():
+        check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
+
+
+def recorded_device_models(info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every device model (:func:`runkit.devices.device_model`) that wrote rows of a log, from its sidecar's
+    ``info``: ``device_models`` (sidecars of older versions: the type of ``device``)."""
+    if "device_models" in info:
+        return list(info["device_models"])
+    return [{"type": str(info["device"]).split(":")[0]}] if info.get("device") else []
+
+
+def check_device_model(outfile: Path, model: dict[str, Any], override: Optional[str]) -> bool:
+    """On ``--resume``: refuse to continue a log written on a device model whose noise streams differ from those of
+    ``model``, this run's (:func:`runkit.devices.stream_difference`), unless ``--override device``; returns whether
+    the log now mixes streams.
+
+    Args:
+        outfile: the log.
+        model: this run's device model.
+        override: the ``--override`` flag.
+    """
+    recorded = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")
+    for earlier in recorded_device_models(recorded.get("info", {})):
+        reason = stream_difference(earlier, model)
+        if reason is None:
+            continue
+        if "device" in parse_override(override):
+            return True
+        raise UserError(f"--resume: {outfile} was written on {describe_device_model(earlier)}, this run is on "
+                        f"{describe_device_model(model)}, and one seed gives other noise there ({reason}): the log "
+                        "would mix noise streams, its certificates valid but reproducible on no single device; resume "
+                        "on the same device model, or pass --override device to accept that")
+    return False
+
+
+def add_device_model(outfile: Path, model: dict[str, Any]) -> None:
+    """Add ``model`` to the device models the sidecar of ``outfile`` records (:func:`recorded_device_models`)."""
+    recorded = read_sidecar(outfile, "--resume", "use another --outfile")
+    models = recorded_device_models(recorded.get("info", {}))
+    if model not in models:
+        write_sidecar(outfile, recorded["config"], {**recorded.get("info", {}), "device_models": models + [model]})
+
+
+def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool, resume_keys: Sequence[str],
+                  defaults: Mapping[str, Any], row_type: Type[LogRow] = Row,
+                  files: Optional[dict[str, tuple[str, str]]] = None) -> tuple[list[Path], dict[int, LogRow]]:
+    """Read-only checks before anything is written: (existing output files, rows already done).
+
+    An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
+
+    Args:
+        outfile: the log.
+        config: this run's configuration.
+        resume, overwrite: the flags.
+        resume_keys, defaults: as for :func:`check_resume`.
+        row_type: the rows of the log.
+        files: as for :func:`check_resume`.
+    """
+    existing = [p for p in [outfile, sidecar_path(outfile)] + existing_parts(outfile) if p.exists()]
+    if existing and not (resume or overwrite):
+        raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
+                        "--overwrite to replace it")
+    if resume and existing:
+        check_resume(outfile, config, resume_keys, defaults, files=files)
+    return existing, (read_done(outfile, row_type) if resume else {})
+
+
+def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any],
+                    info: dict[str, Any]) -> None:
+    """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent.
+
+    Args:
+        outfile: the log.
+        existing: what :func:`check_outputs` found on disk.
+        overwrite: the flag.
+        config, info: what the sidecar records.
+    """
+    if overwrite:
+        for path in existing:
+            path.unlink()
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    if not sidecar_path(outfile).is_file():
+        write_sidecar(outfile, config, info)

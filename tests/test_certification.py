@@ -10,6 +10,7 @@ import certification as C
 from core import DenoisedClassifier, Smooth, image_generator
 from runkit.devices import torch_threads
 from runkit.logs import PREDICT_HEADER, PredictRow, read_rows
+from runkit.shards import Shard, decode_indices, encode_indices, parse_shard
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,17 +55,17 @@ def test_predict_run_equals_smooth_predict(tmp_path):
 
 
 def test_parse_shard_explicit_and_from_slurm():
-    assert C.parse_shard("2/5") == C.Shard(2, 5) and str(C.Shard(2, 5)) == "2/5"
-    assert C.Shard(1, 3).select(list(range(0, 20, 2))) == [2, 8, 14]
+    assert parse_shard("2/5") == Shard(2, 5) and str(Shard(2, 5)) == "2/5"
+    assert Shard(1, 3).select(list(range(0, 20, 2))) == [2, 8, 14]
     slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert C.parse_shard("auto", slurm) == C.Shard(3, 4)
-    assert C.parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_MIN": "1"}) == C.Shard(2, 4)  # --array=1-4
-    assert C.parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_STEP": "2"}) == C.Shard(3, 4)
+    assert parse_shard("auto", slurm) == Shard(3, 4)
+    assert parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_MIN": "1"}) == Shard(2, 4)  # --array=1-4
+    assert parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_STEP": "2"}) == Shard(3, 4)
     for text, environ, message in [("3/3", {}, "K must lie in 0..S-1"), ("1-3", {}, "expected K/S"),
                                    ("auto", {}, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set"),
                                    ("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "7"}, "use --array=0-3")]:
         with pytest.raises(C.UserError, match=message):
-            C.parse_shard(text, environ)
+            parse_shard(text, environ)
 
 
 def test_shard_option_names_the_log(tmp_path):
@@ -81,6 +82,6 @@ def test_selection_encoding_round_trips():
     cases = [[], [5], [0, 3], list(range(0, 10000, 1)), list(range(0, 50000, 50)), [0, 3, 6, 9, 20, 25],
              sorted(rng.sample(range(50000), 1000)), [1, 2, 3, 10, 12, 14, 15]]
     for indices in cases:
-        assert C.decode_indices(C.encode_indices(indices)) == indices
-    assert C.encode_indices([0, 3, 6, 9, 20, 25]) == "0:12:3,20,25"
-    assert C.encode_indices(list(range(0, 50000, 50))) == "0:50000:50"
+        assert decode_indices(encode_indices(indices)) == indices
+    assert encode_indices([0, 3, 6, 9, 20, 25]) == "0:12:3,20,25"
+    assert encode_indices(list(range(0, 50000, 50))) == "0:50000:50"

@@ -99,7 +99,7 @@ def test_resume_skips_an_identical_repeat_with_a_warning(log12, tmp_path):
 
 
 def test_a_conflict_between_a_log_and_its_rank_part_is_refused(tmp_path):
-    from runkit.logs import read_done
+    from runkit.parts import read_done
 
     out = tmp_path / "log.tsv"
     out.write_text(HEADER + "\n0\t3\t3\t0.5\t1\t0.1\n")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from runkit import logs, sidecars
+from runkit import logs, parts, sidecars
 from runkit.errors import UserError
-from runkit.logs import HEADER, PREDICT_HEADER, PredictRow, Row, merge_parts, open_for_append, read_log, read_rows
+from runkit.logs import HEADER, PREDICT_HEADER, PredictRow, Row, open_for_append, read_log, read_rows
+from runkit.parts import merge_parts
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [Row(0, 3, 3, 0.4123456789012345, 1, 1.25), Row(1, 2, -1, 0.0, 0, 0.5), Row(2, 7, 1, 0.1, 0, 2.0)]
@@ -70,12 +71,12 @@ def test_strict_reader_rejects_foreign_headers_and_bad_lines(tmp_path):
 
 def test_merge_parts(tmp_path):
     out = tmp_path / "log.tsv"
-    logs.part_path(out, 0).write_text(logs.format_log([ROWS[2], ROWS[0]]))
-    logs.part_path(out, 1).write_text(logs.format_log([ROWS[1]]) + "3\t1\t1")  # with a half-written line
-    assert logs.existing_parts(out) == [logs.part_path(out, 0), logs.part_path(out, 1)]
+    parts.part_path(out, 0).write_text(logs.format_log([ROWS[2], ROWS[0]]))
+    parts.part_path(out, 1).write_text(logs.format_log([ROWS[1]]) + "3\t1\t1")  # with a half-written line
+    assert parts.existing_parts(out) == [parts.part_path(out, 0), parts.part_path(out, 1)]
     merged = merge_parts(out)
     assert [r.idx for r in merged] == [0, 1, 2]
-    assert out.read_text() == logs.format_log(merged) and logs.existing_parts(out) == []
+    assert out.read_text() == logs.format_log(merged) and parts.existing_parts(out) == []
     assert sidecars.sidecar_path(out).name == "log.tsv.json"
 
 
