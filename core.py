@@ -18,6 +18,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
 from runkit.devices import autocast
+from runkit.errors import UserError
 from runkit.logs import ABSTAIN
 
 # Samples per independently seeded noise block. Part of a certification log's configuration: the noise (hence the
@@ -27,6 +28,10 @@ NOISE_BLOCK = 1000
 PHASE_SELECTION, PHASE_ESTIMATION, PHASE_PREDICTION = 0, 1, 2
 # Last entry of the seeds of multi-step denoising's per-sample generators (never a noise block's seed).
 CHAIN_TAG = 0x636861696E
+
+
+class NonFiniteLogitsError(UserError):
+    """The base classifier returned NaN/inf logits while counting (broken weights, an overflow): no result."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,28 +338,37 @@ class Smooth:
 
     def counts(self, x: torch.Tensor, start: int, stop: int, stream: NoiseStream, batch_size: int) -> torch.Tensor:
         """Class counts [K x num_classes] of f(x + sigma * noise_i) over samples i = start .. stop - 1 (stop > start)
-        of ``stream``, in batches of <= batch_size; K = 1 for logits [B x num_classes]. On x's device, no host sync.
+        of ``stream``, in batches of <= batch_size; K = 1 for logits [B x num_classes]. On x's device.
 
         The samples depend only on the stream and their indices: counting a range in pieces (and, with
         ``per_sample_generators``, multi-step denoising too) gives the same counts whatever the batches.
+        A NaN/inf logit (argmax would take it for the top class) is a :class:`NonFiniteLogitsError`: such samples
+        are counted on the device, batch by batch, and read once at the end (one host sync per call, where every
+        caller reads the counts next; none per batch).
         """
         self.base_classifier.eval()
-        counts = None
+        counts, non_finite = None, torch.zeros((), dtype=torch.long, device=x.device)
         with torch.inference_mode():
             for s in range(start, stop, batch_size):
                 e = min(stop, s + batch_size)
                 generators = stream.generators(s, e) if self.per_sample_generators else None
-                batch = tally(self.classify(x + self.sigma * stream.take(s, e), generators), self.num_classes)
+                logits = self.logits(x + self.sigma * stream.take(s, e), generators)
+                non_finite += (~torch.isfinite(logits)).flatten(1).any(1).sum()
+                batch = tally(logits.argmax(-1), self.num_classes)
                 counts = batch if counts is None else counts + batch
         if counts is None:
             raise ValueError(f"empty sample range {start} .. {stop - 1}")
+        if int(non_finite):
+            raise NonFiniteLogitsError(f"the base classifier returned non-finite logits (NaN or inf) on "
+                                       f"{int(non_finite)} noise samples of an image: its weights hold NaN/inf, or "
+                                       f"{self.precision} overflows; argmax over them would certify garbage")
         return counts
 
-    def classify(self, x_noisy: torch.Tensor, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
-        """Each head's class argmax_c f(x_noisy)_c [B x K] (autocast ``precision``); ``generators``: one per sample,
-        passed to the base classifier as its second argument."""
+    def logits(self, x_noisy: torch.Tensor, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
+        """Each head's logits f(x_noisy) [B x K x num_classes] (autocast ``precision``); ``generators``: one per
+        sample, passed to the base classifier as its second argument."""
         with autocast(x_noisy.device, self.precision):
             logits = self.base_classifier(x_noisy, *([] if generators is None else [generators]))
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the base classifier gives {logits.shape[-1]} logits, expected {self.num_classes}")
-        return logits.reshape(len(x_noisy), -1, self.num_classes).argmax(-1)
+        return logits.reshape(len(x_noisy), -1, self.num_classes)

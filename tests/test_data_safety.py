@@ -252,3 +252,39 @@ def test_training_records_the_default_classifier_file(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------- a classifier gone NaN
+def test_non_finite_logits_are_an_error(tmp_path, cli_error, files_of):
+    state = torch.load(CLASSIFIER, weights_only=True)
+    state = {k: (torch.full_like(v, float("nan")) if k.endswith("head.weight") else v) for k, v in state.items()}
+    nan = tmp_path / "nan.pt"
+    torch.save(state, nan)
+    out = tmp_path / "log.tsv"
+    line = cli_error(certify.main, CERTIFY + ["--classifier_ckpt", str(nan), "--outfile", str(out),
+                                              "--max_images", "2"])
+    assert "non-finite" in line, line
+    assert not out.exists() or _rows(out) == []
+
+
+class _SometimesNaN(torch.nn.Module):
+    """Logits of 3 classes, class 0 on top; every 7th sample's logits are NaN (inf with ``value``)."""
+
+    def __init__(self, value: float = float("nan")):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.tensor([3.0, 0.0, 0.0]).repeat(len(x), 1)
+        logits[::7] = self.value
+        return logits
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_every_counting_path_refuses_non_finite_logits(value):
+    from core import NonFiniteLogitsError, Smooth
+    from sequential import certify_sequential
+
+    smoothed = Smooth(_SometimesNaN(value), 3, 0.25)
+    x = torch.zeros(1, 4, 4)
+    for call in (lambda: smoothed.certify(x, 10, 50, 0.001, 16), lambda: smoothed.predict(x, 50, 0.001, 16),
+                 lambda: certify_sequential(smoothed, x, 10, 200, 0.001, 16, [0.0, 0.25])):
+        with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
+            call()
