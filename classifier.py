@@ -584,7 +584,7 @@ def checkpoint_input_norm(path: Optional[PathLike]) -> Optional[str]:
     if path is None or not path.is_file() or path.suffix == ".safetensors":
         return None
     try:
-        obj = checkpoints.load(path, "checkpoint", mmap=True)
+        obj = checkpoints.load(path, "checkpoint", mmap=True, verify=False)
     except UserError:  # not a checkpoint: read_checkpoint says so, naming the flag
         return None
     return input_norm_record(obj)

@@ -8,7 +8,8 @@ A thin CLI over :mod:`training` (the loop, checkpoints, logs); the flags are the
 
 Outputs in ``--outdir``: ``log.txt`` (one TSV row per epoch), ``log_steps.txt`` (one row per logged optimizer
 step) and ``checkpoint-<epoch>.pth.tar`` after epoch 1, every 5th and the last (plus ``checkpoint-step<N>.pth.tar``
-every ``--ckpt_every_steps`` and when ``--max_steps`` stops the run), written atomically. A checkpoint holds the
+every ``--ckpt_every_steps`` and when ``--max_steps`` stops the run), written atomically, each with
+``<checkpoint>.sha256`` (verified whenever it is loaded). A checkpoint holds the
 model (timm state dict, LoRA unmerged), optimizer, scaler, epoch/step position and every rank's RNG states;
 ``--resume`` continues from it exactly (see the README, "Outputs, checkpoints, resume", for the one caveat).
 """

@@ -1,7 +1,8 @@
 """The run machinery beside the method: what every script shares so that a bad flag, a missing file, an interrupted
 or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CADIS itself.
 
-* :mod:`runkit.errors`: :class:`~runkit.errors.UserError`, the one-line error about the user's input.
+* :mod:`runkit.errors`: :class:`~runkit.errors.UserError`, the one-line error about the user's input, and
+  :class:`~runkit.errors.RunWarning`, the one-line warning.
 * :mod:`runkit.cli`: ``run_cli`` (``error:`` line, exit 2), ``flags_given``, ``check_number``.
 * :mod:`runkit.devices`: devices, autocast precision (``--precision auto``), CPU threads.
 * :mod:`runkit.files`: atomic writes, temporary files of killed writers, content fingerprints, output checks.

@@ -14,13 +14,14 @@ What a state dict's keys mean (timm, Hugging Face, the paper's layouts) is decid
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from runkit.errors import UserError
-from runkit.files import check_regular_file
+from runkit.errors import RunWarning, UserError
+from runkit.files import check_regular_file, content_hash_path, recorded_content_hash, sha256_of
 
 StateDict = dict[str, torch.Tensor]
 DDP_PREFIX = "module."  # what DistributedDataParallel puts before every key of the model it wraps
@@ -38,21 +39,24 @@ def load_error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text.strip() else type(err).__name__
 
 
-def load(path: str | Path, flag: str, mmap: bool = False) -> Any:
+def load(path: str | Path, flag: str, mmap: bool = False, verify: bool = True) -> Any:
     """The object saved in ``path`` (``torch.load(weights_only=True)`` on the CPU; a ``.safetensors`` file by
-    safetensors).
+    safetensors), its bytes first checked against the SHA-256 recorded beside it (:func:`check_content_hash`).
 
     Args:
         path: the file.
         flag: what errors name (the command-line flag that gave the file, e.g. ``--classifier_ckpt``).
         mmap: memory-map the tensors (no copy in memory; files in the legacy non-zip format are read whole).
+        verify: check the recorded content hash (False: a peek at a file that a verified load reads later).
     Raises:
-        UserError: ``<flag> <path>: file not found``, ``... is a folder (a FIFO, ...), not a regular file`` or
-            ``<flag> <path>: unreadable checkpoint (<why>)``.
+        UserError: ``<flag> <path>: file not found``, ``... is a folder (a FIFO, ...), not a regular file``,
+            ``... damaged ...`` or ``<flag> <path>: unreadable checkpoint (<why>)``.
     """
     path = Path(path).expanduser()
     if not check_regular_file(path, flag):
         raise UserError(f"{flag} {path}: file not found")
+    if verify:
+        check_content_hash(path, flag)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -66,6 +70,26 @@ def load(path: str | Path, flag: str, mmap: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
         raise UserError(f"{flag} {path}: unreadable checkpoint ({load_error_message(err)})") from None
+
+
+def check_content_hash(path: Path, flag: str) -> None:
+    """Refuse a file whose bytes differ from the SHA-256 recorded beside it (``<path>.sha256``, written by
+    :func:`runkit.files.atomic_torch_save` with every checkpoint this project saves); warn (:class:`RunWarning`) when
+    there is no record (a file from elsewhere), whose damage nothing could detect.
+
+    Args:
+        path: the file.
+        flag: the flag that gave it (named by the error and the warning).
+    """
+    recorded = recorded_content_hash(path)
+    record = content_hash_path(path).name
+    if recorded is None:
+        warnings.warn(f"{flag} {path}: no recorded content hash ({record} beside it, as train.py writes), so damaged "
+                      "bytes in it would go unnoticed", RunWarning, stacklevel=3)
+    elif sha256_of(path) != recorded:
+        raise UserError(f"{flag} {path}: damaged: its bytes do not match the SHA-256 recorded in {record} (torch "
+                        f"would load the damaged tensors); use an intact copy (or, for a file replaced on purpose, "
+                        f"delete {record})")
 
 
 def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict of tensors") -> StateDict:

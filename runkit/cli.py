@@ -9,9 +9,10 @@ import math
 import os
 import signal
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from runkit.errors import UserError
+from runkit.errors import RunWarning, UserError
 
 if TYPE_CHECKING:
     import argparse
@@ -41,9 +42,26 @@ def exit_on_interrupt(name: str) -> None:
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Run a script's ``main`` and turn a :class:`UserError` into ``error: <message>`` and exit status 2, a Ctrl-C
     (``KeyboardInterrupt``, which unwinds ``main``'s ``finally`` blocks: locks released, files closed) into
-    ``interrupted`` and exit status 130."""
+    ``interrupted`` and exit status 130; a :class:`RunWarning` is shown as one line ``warning: <message>``."""
     if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # from here on, Python's KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        _run_main(main, argv)
+
+
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that writes a :class:`RunWarning` as ``warning: <message>``, others by ``show``."""
+    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                    line: Optional[str] = None) -> None:
+        if issubclass(category, RunWarning):
+            print(f"warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
+def _run_main(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> None:
     try:
         main(argv)
     except UserError as err:

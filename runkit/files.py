@@ -83,11 +83,51 @@ def remove_stale_temporary_files(folder: str | os.PathLike, names: Sequence[str]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file; beside it
+    ``<path>.sha256`` (:func:`content_hash_path`) records the SHA-256 of its bytes, which
+    :func:`runkit.checkpoints.load` verifies (torch's zip reader checks no CRC: flipped bytes load as other weights).
+
+    The old record goes first: a kill between the two writes leaves a file without a record (loaded with a
+    warning), never a record of other bytes (refused as damaged).
+
+    Args:
+        obj: what to save.
+        path: the file.
+    """
     import torch
 
+    path = Path(path)
+    record = content_hash_path(path)
+    record.unlink(missing_ok=True)
     with _atomic_file(path, "wb") as f:
         torch.save(obj, f)
+    atomic_write_text(record, f"{sha256_of(path)}  {path.name}\n")  # the format of sha256sum (-c checks it)
+
+
+def content_hash_path(path: str | os.PathLike) -> Path:
+    """``<path>.sha256``: the SHA-256 of a file this project wrote (:func:`atomic_torch_save`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's whole content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_content_hash(path: str | os.PathLike) -> Optional[str]:
+    """The SHA-256 recorded beside ``path`` (:func:`content_hash_path`): None without a record, ``""`` for a record
+    that holds none (it matches no file)."""
+    try:
+        text = content_hash_path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    match = re.match(r"\s*([0-9a-fA-F]{64})\b", text)
+    return match[1].lower() if match else ""
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO, Type, Ty
 import numpy as np
 import pandas as pd
 
-from runkit.errors import UserError
+from runkit.errors import RunWarning, UserError
 from runkit.files import check_regular_file
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
@@ -49,7 +49,7 @@ _FALSE = {"0", "false", "0.0"}
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
 
 
-class LogWarning(UserWarning):
+class LogWarning(RunWarning):
     """Something in a log was repaired or ignored (a truncated last line, an inconsistent ``correct`` column)."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,41 @@ def test_training_records_the_default_classifier_file(tmp_path, monkeypatch):
     assert default in paths.values() and DENOISER.resolve() in {p.resolve() for p in paths.values()}
 
 
+def test_a_corrupted_training_checkpoint_is_refused(tmp_path, cli_error):
+    out = tmp_path / "run"
+    train.main(TRAIN + ["--outdir", str(out), "--max_steps", "1"])
+    ckpt = out / "checkpoint-step1.pth.tar"
+    data = bytearray(ckpt.read_bytes())
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    name = next(k for k in state if k.endswith("head.weight"))
+    raw = state[name].numpy().tobytes()
+    where = bytes(data).find(raw[:64])  # the tensor's bytes inside the zip: flip one of them
+    assert where > 0
+    data[where + 3] ^= 0x40
+    ckpt.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(ckpt, weights_only=True)["state_dict"][name], state[name])  # torch loads it
+    line = cli_error(train.main, ["--dataset", "digits", "--resume", str(ckpt), "--device", "cpu", "--workers", "0",
+                                  "--no_progress", "--no_test", "--max_steps", "2"])
+    assert f"--resume {ckpt}" in line and "sha256" in line, line
+    line = cli_error(certify.main, CERTIFY + ["--finetuned_path", str(ckpt), "--outfile", str(tmp_path / "c.tsv"),
+                                              "--max_images", "1"])
+    assert f"--finetuned_path {ckpt}" in line and "sha256" in line, line
+    record = Path(str(ckpt) + ".sha256").read_text()  # what sha256sum -c reads
+    assert record.endswith(f"  {ckpt.name}\n") and len(record.split()[0]) == 64
+
+
+def test_a_file_without_a_recorded_hash_loads_with_a_warning(tmp_path):
+    plain = tmp_path / "clf.pt"
+    torch.save(torch.load(CLASSIFIER, weights_only=True), plain)
+    with pytest.warns(UserWarning, match="no recorded content hash"):
+        checkpoints.load(plain, "--classifier_ckpt")
+    files.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "ours.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(checkpoints.load(tmp_path / "ours.pt", "--x")["w"], torch.ones(2))
+        for shipped in (CLASSIFIER, DENOISER):  # their records ship beside them
+            checkpoints.load(shipped, "--x")
+
 
 # -------------------------------------------------------------------------------------------- a classifier gone NaN
 def test_non_finite_logits_are_an_error(tmp_path, cli_error, files_of):
@@ -288,3 +324,11 @@ def test_every_counting_path_refuses_non_finite_logits(value):
                  lambda: certify_sequential(smoothed, x, 10, 200, 0.001, 16, [0.0, 0.25])):
         with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
             call()
+
+
+def test_a_run_warning_is_one_line_from_the_cli(capsys):
+    from runkit.cli import run_cli
+    from runkit.errors import RunWarning
+
+    run_cli(lambda argv: warnings.warn("look here", RunWarning))
+    assert capsys.readouterr().err == "warning: look here\n"
