@@ -253,3 +253,47 @@ def test_torchrun_ranks_get_one_gpu_each_and_the_timeout(tmp_path):
     env = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(nproc)}
     with pytest.raises(UserError, match="need"):
         distributed.local_cuda_index(torch.cuda.device_count() - nproc + 1, "cuda:x", env)
+
+
+# ---------------------------------------------------------------------------------------------------- the GPU check
+
+
+@pytest.mark.slow
+def test_gpu_check_on_cpu_writes_every_section_and_passes(tmp_path):
+    """scripts/gpu_check.sh --device cpu: exit status 0, every section in gpu_check.md, the CPU-only ones n/a, the
+    training resume and certify parity passed, a bench table row per timed path."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--outdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report.startswith("# GPU check\n") and "- result: PASS" in report
+    assert f"- device: cpu ({devices.cpu_model()}); native bf16: " in report
+    for title, status in (("cuda tests (`pytest -m cuda`)", "n/a (cpu)"), ("fp16 training and resume (digits)", "PASS"),
+                          ("certify parity (digits)", "PASS"), ("bench: cifar10 and imagenet", "PASS"),
+                          ("ImageNet memory per sample", "n/a (cpu)"),
+                          ("host syncs (`torch.cuda.set_sync_debug_mode('warn')`)", "n/a (cpu)")):
+        assert f". {title}: {status} (" in report, (title, report)
+    assert "step log of 4 steps, resumed at step 2: identical" in report and "weights after step 4: identical" in report
+    assert "fp32, batch 100 and fp32, batch 37: identical logs" in report
+    assert "| cifar10 | reference fp32 (fp32) | 1 |" in report and "| cifar10 | fast fp32 (fp32) | 1 |" in report
+    assert "| imagenet, TF32, bf16, fp16, compiled | n/a (cpu) |" in report
+
+
+def test_gpu_check_reports_a_failing_section_and_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import gpu_check
+
+    def broken(check):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", (("fine", lambda check: ("PASS", ["- all good"])),
+                                                ("broken", broken), ("after", lambda check: ("n/a (cpu)", []))))
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--device", "cpu", "--outdir", str(tmp_path)])
+    assert exc.value.code == 1
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "- result: FAIL (broken), " in report and "## 1. fine: PASS (" in report and "- all good" in report
+    assert "## 2. broken: FAIL (" in report and "- RuntimeError: CUDA error: an illegal memory access" in report
+    assert "## 3. after: n/a (cpu) (" in report  # the sections after a failure still run
+    assert "gpu_check: FAIL (broken)" in capsys.readouterr().out
