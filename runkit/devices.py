@@ -72,7 +72,8 @@ ONEDNN_ISAS_WITH_BF16 = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo's
     flags (and ``ONEDNN_MAX_CPU_ISA``, when set, allowing them). Without them oneDNN emulates bf16 and a matmul runs
-    tens of times slower than fp32 (README, "Performance"). False where /proc/cpuinfo does not exist (e.g. macOS): fp32 is the safe choice.
+    tens of times slower than fp32 (README, "Performance"). False where /proc/cpuinfo does not exist (e.g. macOS):
+    fp32 is the safe choice.
 
     Args:
         cpuinfo: the text of /proc/cpuinfo (tests pass their own); None reads the file.

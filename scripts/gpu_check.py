@@ -274,11 +274,11 @@ def host_syncs(check: Check) -> tuple[str, list[str]]:
     smoothed = build_smoothed(resolve_options(RunOptions.from_namespace(certify_parser().parse_args(argv))),
                               check.device)
     x = get_dataset("digits", "test")[0][0].to(check.device)
-    counts = {n: _syncs(lambda: smoothed.certify(x, 100, n, 0.001, 500, generator=image_generator(0, 0)))
+    counts = {n: _syncs(lambda n=n: smoothed.certify(x, 100, n, 0.001, 500, generator=image_generator(0, 0)))
               for n in (1000, 3000)}
     base = ["--dataset", "digits", "--device", str(check.device), "--batch", "16", "--num_noises", "2",
             "--workers", "0", "--no_test", "--no_tensorboard", "--no_progress", "--log_every", "1000", "--epochs", "1"]
-    steps = {s: _syncs(lambda: _train(base + ["--max_steps", str(s), "--outdir", str(check.outdir / f"sync{s}")]))
+    steps = {s: _syncs(lambda s=s: _train(base + ["--max_steps", str(s), "--outdir", str(check.outdir / f"sync{s}")]))
              for s in (2, 4)}
     return "measured", [
         f"- certify one image, N0=100, batch 500: N=1000 {counts[1000]} syncs, N=3000 {counts[3000]}: "

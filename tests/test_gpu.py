@@ -12,10 +12,10 @@ import types
 import warnings
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
-import conftest
 import fast
 from runkit import devices, distributed
 from runkit.devices import cuda_math, device_model, stream_difference
@@ -263,8 +263,8 @@ def test_gpu_check_on_cpu_writes_every_section_and_passes(tmp_path):
     """scripts/gpu_check.sh --device cpu: exit status 0, every section in gpu_check.md, the CPU-only ones n/a, the
     training resume and certify parity passed, a bench table row per timed path."""
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--outdir", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    command = ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--outdir", str(tmp_path)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert report.startswith("# GPU check\n") and "- result: PASS" in report
