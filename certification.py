@@ -339,6 +339,16 @@ def _resolve_sequential(opts: RunOptions) -> None:
         opts.radii = sorted(set(float(r) for r in opts.radii))
 
 
+def classifier_flag(opts: RunOptions, k: int = 0) -> str:
+    """The flag that gave the checkpoint of log ``k``'s classifier: ``--finetuned_path`` or ``--classifier_ckpt``.
+
+    Args:
+        opts: resolved options.
+        k: the log (classifier) index.
+    """
+    return "--finetuned_path" if opts.finetuned[k] else "--classifier_ckpt"
+
+
 def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]:
     """The checkpoint files log ``k`` depends on, by role (``classifier``, ``denoiser``): (the flag naming it, its
     path). A pretrained classifier's is the file its weights come from, where known
@@ -352,7 +362,7 @@ def checkpoint_files(opts: RunOptions, k: int = 0) -> dict[str, tuple[str, str]]
 
     files = {}
     if opts.classifiers[k]:
-        files["classifier"] = ("--finetuned_path" if opts.finetuned[k] else "--classifier_ckpt", opts.classifiers[k])
+        files["classifier"] = (classifier_flag(opts, k), opts.classifiers[k])
     elif (pretrained := pretrained_weights_file(opts.arch)) is not None:
         files["classifier"] = (f"--arch {opts.arch} (pretrained weights)", str(pretrained))
     if opts.denoiser_ckpt:
@@ -540,8 +550,8 @@ def _running_figures(rows: Sequence[LogRow]) -> dict[str, str]:
 
 def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str] | Sequence[Optional[str]],
                           denoiser_ckpt: Optional[str], sigma: float, num_classes: int, device: torch.device,
-                          input_norm: Optional[str] | Sequence[Optional[str]] = None, multistep: bool = False
-                          ) -> DenoisedClassifier:
+                          input_norm: Optional[str] | Sequence[Optional[str]] = None, multistep: bool = False,
+                          flags: str | Sequence[str] = "--classifier_ckpt") -> DenoisedClassifier:
     """f o D: the classifier ``arch`` (weights from ``classifier_ckpt``, else pretrained; input convention
     ``input_norm``, None = the checkpoint's or the architecture's) after the denoiser of config ``dataset``
     (``denoiser_ckpt``; None = no denoiser, i.e. plain Gaussian smoothing), one-shot or ``multistep``. Lists of
@@ -558,6 +568,7 @@ def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str
         device: where the models go.
         input_norm: the input convention, or one per checkpoint; None: the checkpoint's or the architecture's.
         multistep: denoise with the whole reverse chain.
+        flags: the flag that gave each checkpoint (or one for all), named by the errors about it.
     """
     from classifier import get_architecture
     from denoiser import load_denoiser
@@ -565,8 +576,10 @@ def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str
     denoiser = None if denoiser_ckpt is None else load_denoiser(dataset, denoiser_ckpt, device=device)
     ckpts = [classifier_ckpt] if classifier_ckpt is None or isinstance(classifier_ckpt, str) else list(classifier_ckpt)
     norms = [input_norm] * len(ckpts) if input_norm is None or isinstance(input_norm, str) else list(input_norm)
+    flags = [flags] * len(ckpts) if isinstance(flags, str) else list(flags)
     classifiers = [get_architecture(arch, num_classes=num_classes, pretrained=ckpt is None, checkpoint=ckpt,
-                                    device=device, input_norm=norm) for ckpt, norm in zip(ckpts, norms)]
+                                    device=device, input_norm=norm, checkpoint_flag=flag)
+                   for ckpt, norm, flag in zip(ckpts, norms, flags)]
     classifier = classifiers[0] if len(classifiers) == 1 else ClassifierStack(classifiers)
     return DenoisedClassifier(denoiser, classifier, sigma, multistep=multistep).to(device).eval()
 
@@ -581,15 +594,9 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
     from datasets import get_num_classes
 
     num_classes = get_num_classes(opts.dataset)
-    try:
-        model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
-                                      num_classes, device, opts.input_norms, bool(opts.multistep))
-    except UserError as err:  # a classifier's errors name the flag that gave it
-        message = str(err)
-        for path, finetuned in zip(opts.classifiers, opts.finetuned):
-            if finetuned:
-                message = message.replace(f"--classifier_ckpt {Path(path).expanduser()}", f"--finetuned_path {path}")
-        raise UserError(message) from None
+    flags = [classifier_flag(opts, k) for k in range(len(opts.classifiers))]  # what a classifier's errors name
+    model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
+                                  num_classes, device, opts.input_norms, bool(opts.multistep), flags)
     if opts.use_fast:
         from fast import compile_for_inference_, prepare_inference_
         prepare_inference_(model, opts.precision, opts.channels_last)  # bf16/fp16: weights in that dtype

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from runkit.errors import RunWarning, UserError
+from runkit.errors import FileError, RunWarning, UserError
 from runkit.files import check_regular_file, content_hash_path, recorded_content_hash, sha256_of
 
 StateDict = dict[str, torch.Tensor]
@@ -49,12 +49,12 @@ def load(path: str | Path, flag: str, mmap: bool = False, verify: bool = True) -
         mmap: memory-map the tensors (no copy in memory; files in the legacy non-zip format are read whole).
         verify: check the recorded content hash (False: a peek at a file that a verified load reads later).
     Raises:
-        UserError: ``<flag> <path>: file not found``, ``... is a folder (a FIFO, ...), not a regular file``,
+        FileError: ``<flag> <path>: file not found``, ``... is a folder (a FIFO, ...), not a regular file``,
             ``... damaged ...`` or ``<flag> <path>: unreadable checkpoint (<why>)``.
     """
     path = Path(path).expanduser()
     if not check_regular_file(path, flag):
-        raise UserError(f"{flag} {path}: file not found")
+        raise FileError(path, "file not found", flag)
     if verify:
         check_content_hash(path, flag)
     try:
@@ -69,7 +69,7 @@ def load(path: str | Path, flag: str, mmap: bool = False, verify: bool = True) -
                     raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file problem
-        raise UserError(f"{flag} {path}: unreadable checkpoint ({load_error_message(err)})") from None
+        raise FileError(path, f"unreadable checkpoint ({load_error_message(err)})", flag) from None
 
 
 def check_content_hash(path: Path, flag: str) -> None:
@@ -87,9 +87,9 @@ def check_content_hash(path: Path, flag: str) -> None:
         warnings.warn(f"{flag} {path}: no recorded content hash ({record} beside it, as train.py writes), so damaged "
                       "bytes in it would go unnoticed", RunWarning, stacklevel=3)
     elif sha256_of(path) != recorded:
-        raise UserError(f"{flag} {path}: damaged: its bytes do not match the SHA-256 recorded in {record} (torch "
-                        f"would load the damaged tensors); use an intact copy (or, for a file replaced on purpose, "
-                        f"delete {record})")
+        raise FileError(path, f"damaged: its bytes do not match the SHA-256 recorded in {record} (torch would load "
+                        f"the damaged tensors); use an intact copy (or, for a file replaced on purpose, delete {record})",
+                        flag)
 
 
 def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict of tensors") -> StateDict:
@@ -100,7 +100,7 @@ def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict
         path, flag: what errors name.
         expected: what the error says was expected instead.
     Raises:
-        UserError: ``<flag> <path>: not a state dict (found ...; expected <expected>)``.
+        FileError: ``<flag> <path>: not a state dict (found ...; expected <expected>)``.
     """
     if isinstance(obj, Mapping):
         for key in WRAPPER_KEYS:
@@ -110,7 +110,7 @@ def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict
     if not isinstance(obj, Mapping) or not obj or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         found = f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else "a dict without tensors"
-        raise UserError(f"{flag} {Path(path).expanduser()}: not a state dict (found {found}; expected {expected})")
+        raise FileError(Path(path).expanduser(), f"not a state dict (found {found}; expected {expected})", flag)
     return dict(obj)
 
 

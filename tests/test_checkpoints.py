@@ -61,3 +61,18 @@ def test_a_pickle_is_refused_and_never_run(tmp_path, pickle_payload):
             msg = _error(checkpoints.load, tmp_path / name, "--finetuned_path", mmap=mmap)
             assert "refused: it holds pickled Python objects" in msg and "weights_only=False" not in msg
     assert not marker.exists()
+
+
+def test_checkpoint_errors_carry_the_facts(tmp_path):
+    """A refused file is a FileError: the path, what is wrong and the flag that named it, besides the message."""
+    from runkit.errors import FileError
+
+    missing = tmp_path / "none.pt"
+    with pytest.raises(FileError) as err:
+        checkpoints.load(missing, "--resume")
+    assert (err.value.path, err.value.reason, err.value.source) == (missing, "file not found", "--resume")
+    assert str(err.value) == f"--resume {missing}: file not found" and isinstance(err.value, UserError)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(FileError) as err:
+        checkpoints.read_state_dict(tmp_path / "list.pt", "--load_from")
+    assert err.value.source == "--load_from" and err.value.reason.startswith("not a state dict (found a list")
