@@ -308,7 +308,8 @@ class Smooth:
         stream = NoiseStream(x, key, PHASE_ESTIMATION, self.noise_block, n)
         counts_estimation = self.counts(x, 0, n, stream, batch_size).cpu()
         nA = [int(counts_estimation[head, c]) for head, c in enumerate(cAHat)]
-        return [certificate(c, float(clopper_pearson_lower(a, n, alpha)), self.sigma) for c, a in zip(cAHat, nA)]
+        pABar = [float(clopper_pearson_lower(a, n, alpha)) for a in nA]
+        return [certificate(c, p, self.sigma) for c, p in zip(cAHat, pABar)]
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: Optional[torch.Generator] = None) -> int:
@@ -368,7 +369,8 @@ class Smooth:
         """Each head's logits f(x_noisy) [B x K x num_classes] (autocast ``precision``); ``generators``: one per
         sample, passed to the base classifier as its second argument."""
         with autocast(x_noisy.device, self.precision):
-            logits = self.base_classifier(x_noisy, *([] if generators is None else [generators]))
+            logits = (self.base_classifier(x_noisy) if generators is None
+                      else self.base_classifier(x_noisy, generators))
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the base classifier gives {logits.shape[-1]} logits, expected {self.num_classes}")
         return logits.reshape(len(x_noisy), -1, self.num_classes)

@@ -178,7 +178,7 @@ def estimate_sequential(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n
     stream = NoiseStream(x, key, PHASE_ESTIMATION, smooth.noise_block)
     heads, counts, start = np.arange(len(cAHat)), 0, 0
 
-    def nA_at(n: int, active: np.ndarray) -> np.ndarray:  # every head's count of its guess among samples 0 .. n - 1
+    def nA_at(n: int, _active: np.ndarray) -> np.ndarray:  # every head's count of its guess among samples 0 .. n - 1
         nonlocal counts, start
         counts, start = counts + smooth.counts(x, start, n, stream, batch_size), n
         return counts.cpu().numpy()[heads, cAHat]
