@@ -153,7 +153,7 @@ class NoiseStream:
     block is full, so any prefix is the same whatever the ranges it is read in (sequential CERTIFY's checkpoints).
     :meth:`take` keeps the blocks a later range may still need and drops the earlier ones: read forward. The
     samples of several images' streams may share one forward pass (their takes concatenated through
-    :meth:`Smooth.classify`, each image's rows tallied apart) without changing any image's counts.
+    :meth:`Smooth.logits`, each image's rows tallied apart) without changing any image's counts.
     """
 
     x: torch.Tensor
