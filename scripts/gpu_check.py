@@ -229,7 +229,7 @@ def memory_per_sample(check: Check) -> tuple[str, list[str]]:
     total = torch.cuda.get_device_properties(check.device).total_memory / 2**20
     lines = ["| precision | peak MiB at batch 8 | at 16 | MiB per sample | batch that fills the GPU |",
              "|---|---|---|---|---|"]
-    for precision in ("fp32", "bf16" if native_bf16(check.device) else "fp16", "fp16"):
+    for precision in dict.fromkeys(("fp32", "bf16" if native_bf16(check.device) else "fp16", "fp16")):
         model = fast_model(denoiser, classifier, 0.25, precision, False, False, None)
         peaks = []
         for batch in (8, 16):
