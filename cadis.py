@@ -8,7 +8,8 @@ and :func:`cadis_objective` (forward, attack, loss). The attack radius is on the
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -129,35 +130,45 @@ def denoised_attack(
     n = clean.shape[0]
     target = _at_least_fp32(target_probs.detach())
     eta0 = (denoised - clean).detach()
-    mean0 = eta0.flatten(1).mean(1).view(_per_sample(eta0))
-    rms0 = eta0.flatten(1).pow(2).mean(1).sqrt().view(_per_sample(eta0))
+    mean0, rms0 = _mean_rms(eta0)
     step_size = 2.0 * eps / steps
+    with _frozen_eval(classifier), torch.enable_grad():
+        eta = eta0.clone()
+        for _ in range(steps):
+            eta.requires_grad_(True)
+            log_q = F.log_softmax(_at_least_fp32(classifier(clean + eta)), dim=-1).view(M, n // M, -1)
+            loss = _kl(target, log_q).sum() / M
+            (grad,) = torch.autograd.grad(loss, [eta])
+            grad = grad / (grad.flatten(1).norm(dim=1).view(_per_sample(grad)) + 1e-8)
+            delta = eta.detach() + step_size * grad - eta0
+            delta_norm = delta.flatten(1).norm(dim=1).view(_per_sample(delta))
+            eta = eta0 + delta * (eps / delta_norm.clamp_min(1e-12)).clamp(max=1.0)
+            mean, rms = _mean_rms(eta)
+            eta = (eta - mean) / rms.clamp_min(1e-12) * rms0 + mean0
+    return (clean + eta).detach()
 
+
+def _mean_rms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's mean and root mean square, shaped to broadcast against ``x``."""
+    flat = x.flatten(1)
+    return flat.mean(1).view(_per_sample(x)), flat.pow(2).mean(1).sqrt().view(_per_sample(x))
+
+
+@contextlib.contextmanager
+def _frozen_eval(classifier: nn.Module) -> Iterator[None]:
+    """``classifier`` in eval mode with its parameters frozen; its training mode and each parameter's
+    ``requires_grad`` are restored afterwards."""
     was_training = classifier.training
     requires_grad = [p.requires_grad for p in classifier.parameters()]
     classifier.eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
     try:
-        eta = eta0.clone()
-        with torch.enable_grad():
-            for _ in range(steps):
-                eta.requires_grad_(True)
-                log_q = F.log_softmax(_at_least_fp32(classifier(clean + eta)), dim=-1).view(M, n // M, -1)
-                loss = _kl(target, log_q).sum() / M
-                (grad,) = torch.autograd.grad(loss, [eta])
-                grad = grad / (grad.flatten(1).norm(dim=1).view(_per_sample(grad)) + 1e-8)
-                delta = eta.detach() + step_size * grad - eta0
-                delta_norm = delta.flatten(1).norm(dim=1).view(_per_sample(delta))
-                eta = eta0 + delta * (eps / delta_norm.clamp_min(1e-12)).clamp(max=1.0)
-                mean = eta.flatten(1).mean(1).view(_per_sample(eta))
-                rms = eta.flatten(1).pow(2).mean(1).sqrt().view(_per_sample(eta))
-                eta = (eta - mean) / rms.clamp_min(1e-12) * rms0 + mean0
+        yield
     finally:
         for p, flag in zip(classifier.parameters(), requires_grad):
             p.requires_grad_(flag)
         classifier.train(was_training)
-    return (clean + eta).detach()
 
 
 def adversarial_logits(classifier: nn.Module, clean: torch.Tensor, denoised: torch.Tensor, p_bar: torch.Tensor,

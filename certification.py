@@ -144,6 +144,15 @@ class RunOptions:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every certification-style CLI shares (model, data, noise, precision, output, resume)."""
+    _add_data_arguments(p)
+    _add_model_arguments(p)
+    _add_compute_arguments(p)
+    _add_output_arguments(p)
+    return p
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data, noise and estimation flags: which images, sigma, N, alpha, the output logs."""
     p.add_argument("--dataset", required=True, help="cifar10, imagenet or digits")
     p.add_argument("--sigma", type=float, required=True, help="noise level sigma of the smoothed classifier")
     p.add_argument("--outfile", required=True, nargs="+",
@@ -164,6 +173,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"estimation samples (default: {per_dataset('N')})")
     p.add_argument("--batch_size", type=int, default=1000, help="base-classifier batch (does not change the log)")
     p.add_argument("--alpha", type=float, default=ALPHA, help=f"failure probability (default {ALPHA})")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags: the classifier(s), the denoiser, the classifier input, the dataset root."""
     p.add_argument("--arch", default=None, help=f"classifier architecture (default: {per_dataset('arch')}) or any timm "
                                                 "model name")
     p.add_argument("--finetuned_path", default=None, nargs="+",
@@ -185,6 +198,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="denoise with the whole reverse chain t*, ..., 0 (the paper's multistep=True; t* + 1 UNet calls "
                         "per sample instead of one); default: one-shot, the paper's setting")
     p.add_argument("--data_dir", default=None, help="dataset root (else the dataset's environment variable)")
+
+
+def _add_compute_arguments(p: argparse.ArgumentParser) -> None:
+    """The compute flags: device, precision, TF32, memory format, fast path, compile, noise blocks."""
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available); under torchrun "
                                                    "cuda:N gives local rank r the GPU cuda:N+r")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
@@ -209,6 +226,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "worth it for N in the thousands; see README, Performance)")
     p.add_argument("--noise_block", type=int, default=NOISE_BLOCK,
                    help=f"noise samples per seeded block (default {NOISE_BLOCK}; part of the configuration)")
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """The run flags: resume, overwrite, progress, shards, the distributed timeout, override, merge."""
     p.add_argument("--resume", action="store_true", help="continue an interrupted log of the same configuration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing log")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -230,7 +251,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--merge", metavar="OUTFILE",
                    help="alone: merge the shard logs <OUTFILE>.shard<K>of<S> into OUTFILE (idx-sorted), refusing "
                         "shards of different configurations, overlapping or missing images")
-    return p
 
 
 def resolve_options(opts: RunOptions) -> RunOptions:

@@ -723,37 +723,18 @@ def get_architecture(
             (:func:`set_attention_dropout`).
         checkpoint_flag: the flag that gave ``checkpoint`` (``--load_from``, ...), named by the errors about it.
     """
-    if ft_method == "full-ft":
-        ft_method = "full"
-    if ft_method not in FT_METHODS:
-        raise UserError(f"--ft_method {ft_method!r}: choose one of {', '.join(FT_METHODS)}")
-    if num_classes is not None and num_classes < 1:
-        raise UserError(f"number of classes must be >= 1 (got {num_classes})")
-    for flag, rate in (("--drop_path", drop_path), ("--attn_drop_rate", attn_drop_rate)):
-        if not 0.0 <= rate < 1.0:
-            raise UserError(f"{flag} {rate}: must be in [0, 1)")
-    state_dict: Optional[StateDict] = None
-    info: Dict[str, Any] = {}
+    ft_method = _check_build_options(ft_method, num_classes, drop_path, attn_drop_rate)
     checkpoint = _default_checkpoint(arch, checkpoint, pretrained)
-    if checkpoint is not None:
-        state_dict, info = read_checkpoint(checkpoint, checkpoint_flag)
-        if info.get("arch") not in (None, arch):
-            raise UserError(f"{checkpoint_flag} {checkpoint}: written for --arch {info['arch']}, not {arch}")
-        if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
-            _check_cifar10_hf_config(info["hf_config"], checkpoint, checkpoint_flag)
-        state_dict = to_timm_state_dict(state_dict, lora_alpha)
-        if num_classes is None and arch not in ARCHS:  # any timm model: take the head size from the checkpoint
-            num_classes = _head_size(arch, state_dict)
+    state_dict, info = _read_for_arch(arch, checkpoint, lora_alpha, checkpoint_flag)
+    if state_dict is not None and num_classes is None and arch not in ARCHS:  # any timm model: the checkpoint's head
+        num_classes = _head_size(arch, state_dict)
     norm = resolve_input_norm(arch, input_norm, info.get("input_norm"), checkpoint)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():
         model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info,
                                               checkpoint_flag)
     if state_dict is not None:
-        if ft_method == "lora" and has_lora_keys(state_dict):
-            first = next(k for k in state_dict if k.endswith(".lora_q_A"))
-            apply_lora(model, rank=state_dict[first].shape[0], alpha=lora_alpha)
-        load_timm_state_dict(model, state_dict, source=f"{checkpoint_flag} {info.get('path', checkpoint)}")
+        _load_weights(model, state_dict, ft_method, lora_alpha, f"{checkpoint_flag} {info.get('path', checkpoint)}")
     if ft_method == "lora" and not any(isinstance(m, LoRAQKV) for m in model.modules()):
         apply_lora(model, rank=lora_rank, alpha=lora_alpha)
     if attn_drop_rate:
@@ -764,6 +745,42 @@ def get_architecture(
     if device is not None and not meta:
         classifier = classifier.to(device)
     return classifier
+
+
+def _check_build_options(ft_method: str, num_classes: Optional[int], drop_path: float, attn_drop_rate: float) -> str:
+    """Reject bad :func:`get_architecture` options; returns ``ft_method`` with the alias ``full-ft`` as ``full``."""
+    if ft_method == "full-ft":
+        ft_method = "full"
+    if ft_method not in FT_METHODS:
+        raise UserError(f"--ft_method {ft_method!r}: choose one of {', '.join(FT_METHODS)}")
+    if num_classes is not None and num_classes < 1:
+        raise UserError(f"number of classes must be >= 1 (got {num_classes})")
+    for flag, rate in (("--drop_path", drop_path), ("--attn_drop_rate", attn_drop_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise UserError(f"{flag} {rate}: must be in [0, 1)")
+    return ft_method
+
+
+def _read_for_arch(arch: str, checkpoint: Optional[PathLike], lora_alpha: float,
+                   flag: str) -> Tuple[Optional[StateDict], Dict[str, Any]]:
+    """(timm state dict, info) of ``checkpoint`` for ``arch`` ((None, {}) without one); errors name ``flag``."""
+    if checkpoint is None:
+        return None, {}
+    state_dict, info = read_checkpoint(checkpoint, flag)
+    if info.get("arch") not in (None, arch):
+        raise UserError(f"{flag} {checkpoint}: written for --arch {info['arch']}, not {arch}")
+    if arch == "cifar10_vit_base" and is_hf_vit_state_dict(state_dict) and info.get("hf_config"):
+        _check_cifar10_hf_config(info["hf_config"], checkpoint, flag)
+    return to_timm_state_dict(state_dict, lora_alpha), info
+
+
+def _load_weights(model: nn.Module, state_dict: StateDict, ft_method: str, lora_alpha: float, source: str) -> None:
+    """Load ``state_dict`` into ``model``; for ``ft_method`` lora a state dict with LoRA weights first gets LoRA
+    modules of its rank."""
+    if ft_method == "lora" and has_lora_keys(state_dict):
+        first = next(k for k in state_dict if k.endswith(".lora_q_A"))
+        apply_lora(model, rank=state_dict[first].shape[0], alpha=lora_alpha)
+    load_timm_state_dict(model, state_dict, source=source)
 
 
 def _default_checkpoint(arch: str, checkpoint: Optional[PathLike], pretrained: bool) -> Optional[PathLike]:

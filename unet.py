@@ -292,55 +292,70 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
-
-        def res_block(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out,
-                            use_scale_shift_norm=use_scale_shift_norm, **updown)
-
-        def attn_block(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_new_attention_order=use_new_attention_order)
-
-        time_embed_dim = model_channels * 4
+        self.dropout = dropout
+        self.conv_resample = conv_resample
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resblock_updown = resblock_updown
+        self.use_new_attention_order = use_new_attention_order
+        self.time_embed_dim = time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+        input_ch = int(channel_mult[0] * model_channels)
+        ch, input_block_chans, ds = self._build_input_blocks(input_ch)
+        self.middle_block = TimestepEmbedSequential(
+            self._res_block(ch, ch), self._attn_block(ch, num_heads), self._res_block(ch, ch))
+        ch = self._build_output_blocks(ch, input_block_chans, ds)
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
 
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+    def _res_block(self, ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
+        return ResBlock(ch_in, self.time_embed_dim, self.dropout, out_channels=ch_out,
+                        use_scale_shift_norm=self.use_scale_shift_norm, **updown)
+
+    def _attn_block(self, ch: int, heads: int) -> AttentionBlock:
+        return AttentionBlock(ch, num_heads=heads, num_head_channels=self.num_head_channels,
+                              use_new_attention_order=self.use_new_attention_order)
+
+    def _build_input_blocks(self, ch: int) -> tuple[int, list[int], int]:
+        """The encoder ``self.input_blocks`` from width ``ch``; returns (its last width, the width of each block's
+        output, which the decoder's skip connections take, the downsampling factor reached)."""
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(self.in_channels, ch, 3, padding=1))])
         input_block_chans = [ch]
         ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: list[nn.Module] = [self._res_block(ch, int(mult * self.model_channels))]
+                ch = int(mult * self.model_channels)
                 if ds in self.attention_resolutions:
-                    layers.append(attn_block(ch, num_heads))
+                    layers.append(self._attn_block(ch, self.num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
+            if level != len(self.channel_mult) - 1:
+                down = (self._res_block(ch, ch, down=True) if self.resblock_updown
+                        else Downsample(ch, self.conv_resample, ch))
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
+        return ch, input_block_chans, ds
 
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attn_block(ch, num_heads), res_block(ch, ch))
-
+    def _build_output_blocks(self, ch: int, input_block_chans: list[int], ds: int) -> int:
+        """The decoder ``self.output_blocks`` from width ``ch``, taking the skip widths ``input_block_chans`` (last
+        first) and upsampling from factor ``ds``; returns its last width."""
         self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                layers = [res_block(ch + input_block_chans.pop(), int(model_channels * mult))]
-                ch = int(model_channels * mult)
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
+                layers = [self._res_block(ch + input_block_chans.pop(), int(self.model_channels * mult))]
+                ch = int(self.model_channels * mult)
                 if ds in self.attention_resolutions:
-                    layers.append(attn_block(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch))
+                    layers.append(self._attn_block(ch, self.num_heads_upsample))
+                if level and i == self.num_res_blocks:
+                    layers.append(self._res_block(ch, ch, up=True) if self.resblock_updown
+                                  else Upsample(ch, self.conv_resample, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
+        return ch
 
     @property
     def dtype(self) -> torch.dtype:
