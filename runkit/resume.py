@@ -64,18 +64,26 @@ def refuse_existing_run(out: Path, logs: Sequence[str]) -> None:
                         "another --outdir")
 
 
-def override_names(override: Optional[str], names: Collection[str]) -> set[str]:
-    """The field names listed by ``--override a,b`` (``--a`` and ``a-b`` spellings accepted), checked to exist.
+OVERRIDES = ("device",)  # the checks of a resumed or merged log that --override may skip
+
+
+def parse_override(text: Optional[str], flags: Optional[Collection[str]] = None) -> frozenset[str]:
+    """The names listed by ``--override a,b`` (``--a`` and ``a-b`` spellings accepted), each checked.
 
     Args:
-        override: the ``--override`` flag.
-        names: the configuration's field names.
+        text: the ``--override`` flag.
+        flags: a resumed run's configuration field names: the flags whose recorded values ``--override`` lets a
+            resume change (any other name is no flag). None: the checks of a resumed or merged log,
+            :data:`OVERRIDES` (any other name cannot be overridden).
     """
-    chosen = {n.strip().lstrip("-").replace("-", "_") for n in (override or "").split(",") if n.strip()}
-    unknown = sorted(chosen - set(names))
+    names = frozenset(n.strip().lstrip("-").replace("-", "_") for n in (text or "").split(",") if n.strip())
+    unknown = sorted(names - set(OVERRIDES if flags is None else flags))
+    if unknown and flags is not None:
+        raise UserError(f"--override {text}: no flag {', '.join('--' + n for n in unknown)}")
     if unknown:
-        raise UserError(f"--override {override}: no flag {', '.join('--' + n for n in unknown)}")
-    return chosen
+        raise UserError(f"--override {text}: {', '.join(unknown)} cannot be overridden; "
+                        f"choose from {', '.join(OVERRIDES)}")
+    return names
 
 
 def flags_not_at_default(config: Any) -> set[str]:
@@ -112,7 +120,7 @@ def resumed_config(config: C, given: Optional[set[str]], recorded: Mapping[str, 
     names = {f.name for f in dataclasses.fields(config)}
     merged = dataclasses.replace(config, **{k: v for k, v in recorded.items()
                                             if k in names and k not in given and k not in operational})
-    resolved, overrides = resolve(merged), override_names(getattr(config, "override"), names)
+    resolved, overrides = resolve(merged), parse_override(getattr(config, "override"), names)
     changed = []
     for name in sorted((given & recorded.keys()) - set(operational) - set(paths) - overrides):
         new, old = getattr(resolved, name), recorded[name]
@@ -128,18 +136,6 @@ def resumed_config(config: C, given: Optional[set[str]], recorded: Mapping[str, 
 # ---------------------------------------------------------------------------------------------------------------
 # A log resumed from its rows: the checks before a run writes (certify.py, predict.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-OVERRIDES = ("device",)  # the checks --override may skip
-
-
-def parse_override(text: Optional[str]) -> frozenset[str]:
-    """The checks ``--override a,b`` skips (:data:`OVERRIDES`); a :class:`UserError` for any other name."""
-    names = frozenset(n.strip().lstrip("-") for n in (text or "").split(",") if n.strip())
-    if names - set(OVERRIDES):
-        raise UserError(f"--override {text}: {', '.join(sorted(names - set(OVERRIDES)))} cannot be overridden; "
-                        f"choose from {', '.join(OVERRIDES)}")
-    return names
-
 
 def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str], defaults: Mapping[str, Any],
                  files: Optional[dict[str, tuple[str, str]]] = None) -> None:

@@ -238,7 +238,7 @@ def test_rng_states_round_trip_every_generator():
 def test_resumed_config_keeps_the_runs_values_and_refuses_changes():
     import dataclasses
 
-    from runkit.resume import flags_not_at_default, override_names, resumed_config
+    from runkit.resume import flags_not_at_default, parse_override, resumed_config
 
     @dataclasses.dataclass
     class Config:
@@ -264,7 +264,7 @@ def test_resumed_config_keeps_the_runs_values_and_refuses_changes():
     assert resume(Config("d", lr=2.0, resume="ck", override="--lr")).lr == 2.0
     assert resume(Config("d", lr=0.5, resume="ck"), given={"dataset", "lr"}).lr == 0.5  # given at the run's value
     with pytest.raises(UserError, match="--override lr,x-y: no flag --x_y"):
-        override_names("lr,x-y", ["lr"])
+        parse_override("lr,x-y", ["lr"])
 
 
 def test_locked_output_folder_removes_stale_temporaries_and_locks(tmp_path):
