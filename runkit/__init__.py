@@ -16,6 +16,9 @@ or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CAD
 * :mod:`runkit.shards`: ``--shard K/S`` logs ``<outfile>.shard<k>of<s>`` and their merge (``--merge``).
 * :mod:`runkit.sidecars`: the configuration beside an output (``<outfile>.json``).
 * :mod:`runkit.checkpoints`: the one checkpoint reader.
+* :mod:`runkit.memory`: out-of-memory errors, batches that halve on them, the largest batch that fits
+  (``--batch_size auto``).
+* :mod:`runkit.progress`: progress of long work (a tqdm bar on a terminal, one plain line per interval elsewhere).
 
 Importing the package imports nothing else (analysis starts without torch).
 """
