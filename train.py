@@ -23,6 +23,7 @@ from runkit.cli import exit_on_interrupt, flags_given, run_cli
 
 exit_on_interrupt(__name__)  # a Ctrl-C while the libraries below load exits 130, no traceback
 
+from runkit.stops import RunStopped
 from training import NonFiniteLossError, add_config_arguments, config_from_args, train
 
 
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Parse ``argv`` and train; a non-finite loss ends the process with exit status 1."""
+    """Parse ``argv`` and train; a non-finite loss ends the process with exit status 1, a SIGTERM/SIGINT (after its
+    checkpoint) with 128 + the signal's number."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -44,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except RunStopped as stopped:  # SIGTERM/SIGINT: the checkpoint is written; 143/130, as the signal would have
+        print(f"{stopped}: {stopped.checkpoint}", file=sys.stderr)
+        raise SystemExit(stopped.exit_status) from None
 
 
 if __name__ == "__main__":

@@ -24,17 +24,18 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from cadis import cadis_objective, eps_pixels
 from core import noise_and_denoise
@@ -51,6 +52,7 @@ from runkit.logs import complete_lines
 from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.resume import newest_checkpoint, read_run_checkpoint, refuse_existing_run, resumed_config
 from runkit.rng import gather_rng_states, seed_everything, set_rng_state
+from runkit.stops import RunStopped, StopRequest
 
 LOG_HEADER = "epoch\tstep\tlr\twd\ttrain_loss\ttrain_sce\ttrain_madv\ttrain_acc\tmasked_in\ttest_acc\ttime"
 STEP_LOG_HEADER = "step\tepoch\tlr\tloss\tsce\tmadv\tacc\tmasked_in"
@@ -388,7 +390,7 @@ def check_resume_checkpoint(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]]) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int = 0) -> int:
+def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int = 0, index: int = 0) -> int:
     """Every seed of a run, derived from ``--seed`` here and nowhere else.
 
     * ``"process"``: seed + rank, the global torch/numpy/python RNGs of process ``rank`` (training noise, dropout,
@@ -397,15 +399,19 @@ def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int =
       with a different number of processes (the saved RNG states do not fit);
     * ``"sampler"``: seed, the shuffle of the ``DistributedSampler`` (the same on every rank, epoch added by it);
     * ``"loader"``: seed * 100003 + epoch, the base seed of the epoch's ``DataLoader`` (its workers' seeds);
-    * ``"test"``: seed, the noise of the per-epoch test accuracy (the same images and noise every epoch).
+    * ``"test"``: seed, the noise of the per-epoch test accuracy and its loader (the same images and noise every
+      epoch);
+    * ``"augment"``: ((seed * 100003 + epoch) * 2^24 + index) mod 2^63, torch's CPU RNG while training image
+      ``index`` is loaded in ``epoch`` (:class:`SeededItems`: its random crop and flip).
 
     Args:
         seed: the ``--seed`` flag.
         purpose: one of the names above.
-        rank, epoch, step: where the seed is used.
+        rank, epoch, step, index: where the seed is used.
     """
     seeds = {"process": seed + rank, "resume": seed + rank + 1000 * step, "sampler": seed,
-             "loader": seed * 100003 + epoch, "test": seed}
+             "loader": seed * 100003 + epoch, "test": seed,
+             "augment": ((seed * 100003 + epoch) * 2**24 + index) % 2**63}
     if purpose not in seeds:
         raise ValueError(f"unknown seed purpose {purpose!r}; one of {', '.join(seeds)}")
     return seeds[purpose]
@@ -544,33 +550,71 @@ def test_subset(dataset: Any, per_class: int) -> List[int]:
     return out
 
 
-@torch.no_grad()
-def evaluate(classifier: nn.Module, denoiser: nn.Module, loader: DataLoader, sigma: float, t_star: int,
-             device: torch.device, precision: str, seed: int) -> tuple[int, int]:
-    """(correct, total) of argmax f(D(x + delta)) on this rank's share (summed over ranks when distributed).
+class SeededItems(Dataset):
+    """``dataset`` whose item i is made with torch's CPU RNG seeded by (seed, epoch, i) (:func:`run_seed`
+    ``"augment"``), the RNG's state restored afterwards: a random augmentation is a function of the image and the
+    epoch alone, not of the loader's workers or of the micro-step a resumed run starts from, and loading in the main
+    process (``--workers 0``) leaves the training RNG as it was.
 
     Args:
-        classifier, denoiser: f and TRAIN_DEFAULTS.
-        loader: this rank's test images.
+        dataset: the training set (its transforms draw from torch's global RNG, as torchvision's do).
+        seed: the ``--seed`` flag.
+        epoch: the epoch, 0-based.
+    """
+
+    def __init__(self, dataset: Any, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(run_seed(self.seed, "augment", epoch=self.epoch, index=index))
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
+@torch.no_grad()
+def evaluate(classifier: nn.Module, denoiser: nn.Module, loader: DataLoader, sigma: float, t_star: int,
+             device: torch.device, precision: str, seed: int,
+             should_stop: Callable[[], bool] = lambda: False) -> Optional[tuple[int, int]]:
+    """(correct, total) of argmax f(D(x + delta)) on this rank's share (summed over ranks when distributed).
+
+    The training RNG is not touched (the noise has its own generator, the loader must have one: a ``DataLoader``
+    without draws its seed from torch's global RNG), so a run with this evaluation trains exactly as one without.
+
+    Args:
+        classifier, denoiser: f and D.
+        loader: this rank's test images (with a ``generator``).
         sigma, t_star: the noise level and its diffusion step.
         device, precision: where and in which autocast precision.
-        seed: seeds the generator of delta (the training RNG is not touched).
+        seed: seeds the generator of delta.
+        should_stop: asked before each batch (a collective when distributed); True: None is returned at once.
     """
+    if loader.generator is None:
+        raise ValueError("evaluate: the test loader needs its own generator (else it draws from the training RNG)")
     was_training = classifier.training
     classifier.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            pred = classifier(noise_and_denoise(denoiser, x, t_star, sigma, generator=gen)).argmax(-1)
-        correct += (pred == y).sum()
-        total += y.numel()
+    try:
+        for x, y in loader:
+            if should_stop():
+                return None
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                pred = classifier(noise_and_denoise(denoiser, x, t_star, sigma, generator=gen)).argmax(-1)
+            correct += (pred == y).sum()
+            total += y.numel()
+    finally:
+        classifier.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(correct)
         dist.all_reduce(total)
-    classifier.train(was_training)
     return int(correct), int(total)
 
 
@@ -607,9 +651,12 @@ class Run:
     step: int = 0  # optimizer steps done
     last_ckpt: Optional[Path] = None
     writer: Any = None  # rank 0's TensorBoard SummaryWriter (open_tensorboard), or None
-    clock: float = 0.0  # time.perf_counter() at the end of the last optimizer step (images/s)
+    clock: float = 0.0  # time.perf_counter() at the last read of the metrics (images/s)
     start_metrics: Optional["Metrics"] = None  # a mid-epoch checkpoint's sums of its epoch so far
     fingerprints: Dict[str, str] = field(default_factory=dict)  # of checkpoint_files(cfg), saved in checkpoints
+    pending: List["StepRecord"] = field(default_factory=list)  # optimizer steps whose metrics were not read yet
+    stop: StopRequest = field(default_factory=lambda: StopRequest(
+        "stopping after this optimizer step, with a checkpoint"))  # SIGTERM / SIGINT while the epochs run
 
     @property
     def dev(self) -> torch.device:
@@ -690,7 +737,8 @@ def _build_data(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         test_set = get_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
         test_idx = test_subset(test_set, cfg.test_per_class)[info.rank::info.world_size]
         test_loader = DataLoader(Subset(test_set, test_idx), batch_size=cfg.batch, shuffle=False,
-                                 num_workers=cfg.workers, pin_memory=info.device.type == "cuda")
+                                 num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(run_seed(cfg.seed, "test")))
     return {"train_set": train_set, "sampler": sampler, "iters": iters, "test_loader": test_loader}
 
 
@@ -808,27 +856,71 @@ class Metrics:
     masked_in: float = 0.0  # share of images whose M copies are all non-hallucinated
     count: int = 0  # micro-steps summed
 
-    def add(self, other: "Metrics") -> None:
-        """Add ``other``'s sums and count to these."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
     def mean(self) -> "Metrics":
         """The mean per micro-step (count 1)."""
         n = max(self.count, 1)
         return Metrics(self.loss / n, self.sce / n, self.madv / n, self.acc / n, self.masked_in / n, 1)
 
 
-def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float, sync: bool, epoch: int) -> Metrics:
+METRIC_NAMES = ("loss", "sce", "madv", "acc", "masked_in")  # the order of micro_step's values
+
+
+def _mean_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
+    """``values`` (this process's) averaged over the processes, in place (a collective when distributed)."""
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+class MetricSums:
+    """Sums of :func:`micro_step`'s values, kept on the device: adding one is no host sync, :meth:`read` is one.
+
+    Args:
+        device: where the sums are kept.
+        start: the sums to start from (a mid-epoch checkpoint's), or None.
+    """
+
+    def __init__(self, device: torch.device, start: Optional[Metrics] = None) -> None:
+        self.sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
+        self.count = 0
+        if start is not None:
+            self.sums += torch.tensor([getattr(start, n) for n in METRIC_NAMES], dtype=torch.float64).to(device)
+            self.count = start.count
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add one micro-step's values."""
+        self.sums += values
+        self.count += 1
+
+    def read(self, world: int) -> Metrics:
+        """The sums as :class:`Metrics`, each averaged over the processes (a collective when distributed)."""
+        return Metrics(*_mean_over_processes(self.sums.clone(), world).tolist(), count=self.count)
+
+
+@dataclass
+class StepRecord:
+    """An optimizer step whose metrics are still on the device (until :func:`read_steps`)."""
+
+    step: int
+    epoch: int  # 0-based
+    lr: float
+    wd: float
+    window: MetricSums  # of its micro-steps
+    grad_norm: Optional[torch.Tensor]  # before clipping, when TensorBoard records it
+
+
+def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float, sync: bool) -> torch.Tensor:
     """One micro-step: noise and denoise, the FT-CADIS objective, backward of loss / accum_iter (no DDP gradient
-    all-reduce unless ``sync``). Returns its metrics averaged over processes.
+    all-reduce unless ``sync``). Returns its metrics (:data:`METRIC_NAMES`), this process's, as a float64 tensor on
+    the device: nothing here waits for the device (the loss is checked to be finite where the metrics are read,
+    :func:`read_steps`).
 
     Args:
         run: the run.
         clean: ``[M*B', ...]`` clean images, noise-major; targets: their ``[B']`` labels.
         eps: the attack radius on [0, 1] pixels for this epoch.
         sync: the last micro-step before an optimizer step.
-        epoch: 0-based, for the error message.
     """
     cfg, M = run.cfg, run.cfg.num_noises
     with (run.model.no_sync() if run.world > 1 and not sync else contextlib.nullcontext()):
@@ -837,20 +929,21 @@ def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float,
             loss, loss_sce, loss_madv, correct = cadis_objective(
                 run.classifier, clean, denoised, targets, M, cfg.lbd, eps, cfg.num_steps,
                 warm_start=cfg.warm_start, masked_only=not cfg.full_attack, forward_model=run.model)
-        values = torch.stack([loss.detach().double(), loss_sce.detach().double().mean(),
-                              loss_madv.detach().double().mean(), correct.double().mean(),
-                              correct.all(0).double().mean()])
-        if run.world > 1:
-            dist.all_reduce(values)
-            values /= run.world
-        metrics = Metrics(*values.tolist(), count=1)
-        if not math.isfinite(metrics.loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({metrics.loss}) at epoch {epoch + 1}, step {run.step + 1}; stopping. Nothing was "
-                f"saved for this state; the last good checkpoint is {run.last_ckpt if run.last_ckpt else '(none yet)'}"
-                ". Try a lower --blr/--lr, --clip_grad, or --precision fp32/bf16.")
         run.scaler.scale(loss / cfg.accum_iter).backward()
-    return metrics
+    return torch.stack([loss.detach().double(), loss_sce.detach().double().mean(), loss_madv.detach().double().mean(),
+                        correct.double().mean(), correct.all(0).double().mean()])
+
+
+def scheduled(run: Run, progress: float) -> tuple[float, float]:
+    """The scheduled (lr, weight decay) at ``progress`` (epochs, fractional: :func:`lr_at`, :func:`cosine_at`).
+
+    Args:
+        run: the run (its peak lr and the schedule's flags).
+        progress: in epochs, fractional.
+    """
+    cfg = run.cfg
+    return (lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs),
+            cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
 
 
 def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
@@ -860,18 +953,17 @@ def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
         run: the run.
         progress: in epochs, fractional.
     """
-    cfg = run.cfg
-    lr = lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    wd = cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs)
+    lr, wd = scheduled(run, progress)
     set_lr_wd(run.optimizer, lr, wd)
     run.optimizer.zero_grad(set_to_none=True)
     return lr, wd
 
 
-def optimizer_step(run: Run) -> Optional[float]:
-    """Per-parameter gradient clipping (after unscaling) and one AdamW step (skipped by the scaler on inf/NaN).
+def optimizer_step(run: Run) -> Optional[torch.Tensor]:
+    """Per-parameter gradient clipping (after unscaling) and one AdamW step (skipped by the scaler on inf/NaN; the
+    fused AdamW takes the scaler's inf check on the device, so no step waits for it).
 
-    Returns the gradient norm before clipping when TensorBoard records it (else None: no extra host sync).
+    Returns the gradient norm before clipping, on the device, when TensorBoard records it (else None).
     """
     norm = None
     if run.cfg.clip_grad > 0 or run.writer is not None:
@@ -880,7 +972,13 @@ def optimizer_step(run: Run) -> Optional[float]:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.step += 1
-    return None if norm is None or run.writer is None else float(norm)
+    return norm if run.writer is not None else None
+
+
+def _progress(run: Run, k: int) -> float:
+    """Micro-step k = i*M + j of an epoch (chunk j of batch i) as a fraction of the epoch."""
+    i, j = divmod(k, run.cfg.num_noises)
+    return (i + j / run.cfg.num_noises) / run.iters
 
 
 def _micro_batches(run: Run, loader: Iterator, first_batch: int, skip_micro: int) -> Iterator[tuple]:
@@ -893,22 +991,35 @@ def _micro_batches(run: Run, loader: Iterator, first_batch: int, skip_micro: int
         for j in range(M):
             k = i * M + j
             if k >= skip_micro:
-                yield k, (i + j / M) / run.iters, x[j * n:(j + 1) * n].repeat(M, 1, 1, 1), y[j * n:(j + 1) * n]
+                yield k, _progress(run, k), x[j * n:(j + 1) * n].repeat(M, 1, 1, 1), y[j * n:(j + 1) * n]
 
 
 @dataclass
 class EpochResult:
     """What one call of :func:`run_epoch` did."""
 
-    metrics: Metrics  # sums over this call's micro-steps
+    metrics: MetricSums  # over the epoch's micro-steps (a resumed epoch: from its checkpoint's sums)
     lr: float  # the last scheduled lr and weight decay
     wd: float
     micro: int  # micro-steps of the epoch done
-    stopped: bool  # --max_steps reached
+    stopped: Optional[str] = None  # "max_steps" (reached) or "signal" (a stop request, StopRequest)
+
+
+def _resumed_epoch(run: Run, epoch: int, skip_micro: int) -> EpochResult:
+    """The :class:`EpochResult` an epoch starts from: a resumed epoch's sums so far and its last scheduled lr/wd."""
+    if not skip_micro:
+        return EpochResult(MetricSums(run.dev), 0.0, 0.0, 0)
+    last_start = (skip_micro - 1) // run.cfg.accum_iter * run.cfg.accum_iter  # of the last accumulation done
+    return EpochResult(MetricSums(run.dev, run.start_metrics), *scheduled(run, epoch + _progress(run, last_start)),
+                       skip_micro)
 
 
 def run_epoch(run: Run, epoch: int) -> EpochResult:
-    """Train one epoch (from a resumed run's micro-step), with step logs and ``--ckpt_every_steps`` checkpoints.
+    """Train one epoch (from a resumed run's micro-step), with step logs and ``--ckpt_every_steps`` checkpoints; a
+    stop (``--max_steps``, a stop request) ends it after an optimizer step.
+
+    The metrics stay on the device; they are read (:func:`read_steps`) every ``--log_every`` steps, before each
+    checkpoint, at a stop and at the epoch's end.
 
     Args:
         run: the run.
@@ -919,40 +1030,40 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
     first_batch = skip_micro // M
     run.sampler.set_epoch(epoch)
     indices = list(run.sampler)[first_batch * cfg.batch: run.iters * cfg.batch]
-    loader = DataLoader(Subset(run.train_set, indices), batch_size=cfg.batch, shuffle=False, drop_last=True,
-                        num_workers=cfg.workers, pin_memory=run.dev.type == "cuda",
+    loader = DataLoader(Subset(SeededItems(run.train_set, cfg.seed, epoch), indices), batch_size=cfg.batch,
+                        shuffle=False, drop_last=True, num_workers=cfg.workers, pin_memory=run.dev.type == "cuda",
                         generator=torch.Generator().manual_seed(run_seed(cfg.seed, "loader", epoch=epoch)))
     eps = run.eps * (2.0 if cfg.eps_double and epoch >= cfg.warmup_eps else 1.0)
     run.model.train()
-    result = EpochResult(dataclasses.replace(run.start_metrics) if skip_micro and run.start_metrics else Metrics(),
-                         0.0, 0.0, skip_micro, False)
-    window = Metrics()
+    result, window = _resumed_epoch(run, epoch, skip_micro), MetricSums(run.dev)
     bar = Progress(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", enabled=cfg.progress and run.info.is_main, interval=cfg.log_interval)
     run.clock = time.perf_counter()
     for k, progress, clean, targets in _micro_batches(run, bar, first_batch, skip_micro):
         if k % cfg.accum_iter == 0:
             result.lr, result.wd = start_accumulation(run, epoch + progress)
-            window = Metrics()
+            window = MetricSums(run.dev)
         sync = (k + 1) % cfg.accum_iter == 0
-        metrics = micro_step(run, clean, targets, eps, sync, epoch)
-        window.add(metrics)
-        result.metrics.add(metrics)
+        values = micro_step(run, clean, targets, eps, sync)
+        window.add(values)
+        result.metrics.add(values)
         result.micro = k + 1
         if not sync:
             continue
         grad_norm = optimizer_step(run)
-        if run.info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
-            log_step(run, epoch, result.lr, window.mean(), bar)
-        if run.writer is not None:
-            write_step_scalars(run, window.mean(), result.lr, result.wd, grad_norm)
-        if cfg.max_steps is not None and run.step >= cfg.max_steps:
-            result.stopped = True
+        run.pending.append(StepRecord(run.step, epoch, result.lr, result.wd, window, grad_norm))
+        reached = cfg.max_steps is not None and run.step >= cfg.max_steps
+        result.stopped = "max_steps" if reached else "signal" if run.stop.requested() else None
+        due = bool(cfg.ckpt_every_steps) and run.step % cfg.ckpt_every_steps == 0 and result.micro < run.iters * M
+        if result.stopped or due or run.step % cfg.log_every == 0:
+            read_steps(run, bar)
+        if result.stopped:
             break
-        if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and result.micro < run.iters * M:
+        if due:
             run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro,
-                                            result.metrics)
-        run.clock = time.perf_counter()
+                                            result.metrics.read(run.world))
+            run.clock = time.perf_counter()
+    read_steps(run, bar)
     bar.close()
     return result
 
@@ -993,20 +1104,57 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: O
     return path
 
 
-def log_step(run: Run, epoch: int, lr: float, m: Metrics, bar: Any) -> None:
-    """One ``log_steps.txt`` row (and the progress bar's figures) for the optimizer step just taken.
+def read_steps(run: Run, bar: Any) -> None:
+    """Read the metrics of the optimizer steps not read yet (one host sync; a collective when distributed): their
+    ``log_steps.txt`` rows (steps that are multiples of ``--log_every``, and ``--max_steps``) and TensorBoard
+    scalars.
+
+    The non-finite loss check is here, not in the step, so that no step waits for the device: a bad step is found at
+    the next read, the steps after it having run on; every checkpoint is written after a read, so none holds them.
+
+    Args:
+        run: the run (its ``pending`` steps, emptied).
+        bar: the progress bar.
+    Raises:
+        NonFiniteLossError: at the first of the steps whose loss is NaN/inf.
+    """
+    pending, run.pending = run.pending, []
+    if not pending:
+        return
+    means = _mean_over_processes(torch.stack([p.window.sums / max(p.window.count, 1) for p in pending]), run.world)
+    nan = means.new_full((), math.nan)
+    norms = torch.stack([nan if p.grad_norm is None else p.grad_norm.double() for p in pending])
+    rows = torch.cat([means, norms[:, None]], 1).tolist()  # the one host sync
+    images_per_s = run.eff_batch * len(pending) / max(time.perf_counter() - run.clock, 1e-9)
+    for p, row in zip(pending, rows):
+        m = Metrics(*row[:len(METRIC_NAMES)], count=1)
+        if not math.isfinite(m.loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({m.loss}) at epoch {p.epoch + 1}, step {p.step}; stopping (found at step "
+                f"{pending[-1].step}: the loss is checked every --log_every steps and before each checkpoint). "
+                f"Nothing was saved after it; the last good checkpoint is "
+                f"{run.last_ckpt if run.last_ckpt else '(none yet)'}. Try a lower --blr/--lr, --clip_grad, or "
+                "--precision fp32/bf16.")
+        if run.info.is_main and (p.step % run.cfg.log_every == 0 or p.step == run.cfg.max_steps):
+            log_step(run, p, m, bar)
+        if run.writer is not None:
+            write_step_scalars(run, p, m, row[-1], images_per_s if p is pending[-1] else None)
+    run.clock = time.perf_counter()
+
+
+def log_step(run: Run, record: StepRecord, m: Metrics, bar: Any) -> None:
+    """One ``log_steps.txt`` row (and the progress bar's figures) for an optimizer step.
 
     Args:
         run: the run.
-        epoch: the epoch, 0-based.
-        lr: the step's learning rate.
-        m: the step's metrics.
+        record: the step.
+        m: its metrics.
         bar: the progress bar.
     """
     _append(run.out / "log_steps.txt", STEP_LOG_HEADER,
-            f"{run.step}\t{epoch + 1}\t{lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}\t{m.acc:.6f}"
-            f"\t{m.masked_in:.6f}")
-    bar.set_postfix(loss=f"{m.loss:.4f}", acc=f"{m.acc:.3f}", masked=f"{m.masked_in:.2f}", lr=f"{lr:.2e}")
+            f"{record.step}\t{record.epoch + 1}\t{record.lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}"
+            f"\t{m.acc:.6f}\t{m.masked_in:.6f}")
+    bar.set_postfix(loss=f"{m.loss:.4f}", acc=f"{m.acc:.3f}", masked=f"{m.masked_in:.2f}", lr=f"{record.lr:.2e}")
 
 
 # TensorBoard scalars (rank 0, global step = optimizer steps done): per optimizer step the means over its
@@ -1025,25 +1173,47 @@ def open_tensorboard(run: Run) -> None:
     run.writer = SummaryWriter(log_dir=str(run.out), purge_step=run.step + 1 if run.cfg.resume else None)
 
 
-def write_step_scalars(run: Run, m: Metrics, lr: float, wd: float, grad_norm: Optional[float]) -> None:
-    """The scalars of :data:`TB_STEP_TAGS` for the optimizer step just taken (images/s: clean images of the
-    effective batch per second of wall time since the previous step, checkpoint writing excluded).
+def write_step_scalars(run: Run, record: StepRecord, m: Metrics, grad_norm: float,
+                       images_per_s: Optional[float]) -> None:
+    """The scalars of :data:`TB_STEP_TAGS` for an optimizer step (images/s, at the steps where the metrics are read:
+    clean images of the effective batch per second of wall time since the previous read, checkpoint writing
+    excluded).
 
     Args:
         run: the run (its ``writer``).
-        m: the step's metrics.
-        lr, wd: the step's learning rate and weight decay.
-        grad_norm: the gradient norm before clipping, if measured.
+        record: the step.
+        m: its metrics.
+        grad_norm: the gradient norm before clipping (NaN: not measured).
+        images_per_s: the throughput, or None.
     """
-    seconds = max(time.perf_counter() - run.clock, 1e-9)
-    values = (m.loss, m.sce, m.madv, m.acc, m.masked_in, lr, wd, grad_norm, run.eff_batch / seconds)
+    values = (m.loss, m.sce, m.madv, m.acc, m.masked_in, record.lr, record.wd,
+              grad_norm if math.isfinite(grad_norm) else None, images_per_s)
     for tag, value in zip(TB_STEP_TAGS, values):
         if value is not None:
-            run.writer.add_scalar(tag, value, run.step)
+            run.writer.add_scalar(tag, value, record.step)
+
+
+def stop_on_request(run: Run, epoch: int, micro: int, sums: Metrics) -> None:
+    """Honour a stop request (SIGTERM, SIGINT): write ``checkpoint-step<N>.pth.tar`` at this position, which a resumed
+    run continues from (an epoch whose training is done but whose evaluation and row are not: ``micro`` = all of its
+    micro-steps), and raise :class:`runkit.stops.RunStopped`.
+
+    Args:
+        run: the run.
+        epoch: the epoch, 0-based.
+        micro: its micro-steps done.
+        sums: its metric sums so far.
+    """
+    run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, micro, sums)
+    if run.info.is_main:
+        print(f"stopped at step {run.step}: {run.last_ckpt}; continue with --resume {run.last_ckpt} (or --resume "
+              "auto)")
+    raise RunStopped(run.stop.signum or signal.SIGTERM, str(run.last_ckpt))
 
 
 def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) -> Dict[str, Any]:
-    """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy.
+    """The epoch's test accuracy, its ``log.txt`` row and summary line, and the epoch checkpoint policy; on a stop
+    request (before or during the evaluation) :func:`stop_on_request` instead.
 
     Args:
         run: the run.
@@ -1053,12 +1223,19 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) 
     """
     cfg = run.cfg
     complete = result.micro >= run.iters * cfg.num_noises
-    avg = result.metrics.mean()
-    test_acc = float("nan")
+    sums = result.metrics.read(run.world)
+    if not math.isfinite(sums.loss):
+        raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; stopping. Nothing was saved for this state; "
+                                 f"the last good checkpoint is {run.last_ckpt if run.last_ckpt else '(none yet)'}.")
+    if result.stopped == "signal":
+        stop_on_request(run, epoch, result.micro, sums)
+    avg, test_acc = sums.mean(), float("nan")
     if run.test_loader is not None:
-        c, t = evaluate(run.classifier, run.denoiser, run.test_loader, cfg.test_noise_sd, run.t_test, run.dev,
-                        cfg.precision, run_seed(cfg.seed, "test"))
-        test_acc = c / max(t, 1)
+        counts = evaluate(run.classifier, run.denoiser, run.test_loader, cfg.test_noise_sd, run.t_test, run.dev,
+                          cfg.precision, run_seed(cfg.seed, "test"), should_stop=run.stop.requested)
+        if counts is None:
+            stop_on_request(run, epoch, result.micro, sums)
+        test_acc = counts[0] / max(counts[1], 1)
         if run.writer is not None:
             run.writer.add_scalar("test/acc", test_acc, run.step)
     stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
@@ -1075,7 +1252,7 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) 
         run.last_ckpt = save_checkpoint(run, f"checkpoint-{epoch + 1}.pth.tar", epoch + 1, 0)
     if result.stopped:
         run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch + 1 if complete else epoch,
-                                        0 if complete else result.micro, result.metrics)
+                                        0 if complete else result.micro, sums)
     return stats
 
 
@@ -1147,12 +1324,13 @@ def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]
     open_tensorboard(run)
     try:
         stats: Dict[str, Any] = {}
-        for epoch in range(run.start_epoch, cfg.epochs):
-            t0 = time.time()
-            result = run_epoch(run, epoch)
-            stats = finish_epoch(run, epoch, result, t0)
-            if result.stopped:
-                break
+        with run.stop:  # SIGTERM/SIGINT from here on: a checkpoint at the next optimizer step, then RunStopped
+            for epoch in range(run.start_epoch, cfg.epochs):
+                t0 = time.time()
+                result = run_epoch(run, epoch)
+                stats = finish_epoch(run, epoch, result, t0)
+                if result.stopped:
+                    break
     finally:
         if run.writer is not None:
             run.writer.close()

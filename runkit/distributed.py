@@ -34,6 +34,7 @@ class DistInfo:
 # How long a collective (the final barrier above all) waits for the slowest rank before the job is killed: torch's
 # default (10 minutes for NCCL) ends a certification whose ranks finish hours apart; the CLIs' --dist_timeout.
 DEFAULT_DIST_TIMEOUT_MINUTES = 24 * 60.0
+_HOST_GROUP: dict = {}  # the gloo group of :func:`any_rank` beside an NCCL default group, and the collectives' timeout
 
 
 def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES
@@ -59,8 +60,8 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFA
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        _HOST_GROUP["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=_HOST_GROUP["timeout"])
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -100,9 +101,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup_distributed() -> None:
-    """Destroy the process group if one was created."""
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective: every rank calls it at the same point; without
+    torch.distributed, ``flag``). It runs on the CPU (gloo; beside an NCCL default group, over a gloo group created at
+    the first call), so the host never waits for the device's queue: cheap enough for every optimizer step.
+
+    Args:
+        flag: this rank's value.
+    """
+    import torch
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    group = None
+    if dist.get_backend() != "gloo":
+        if "group" not in _HOST_GROUP:
+            timeout = _HOST_GROUP.get("timeout", datetime.timedelta(minutes=DEFAULT_DIST_TIMEOUT_MINUTES))
+            _HOST_GROUP["group"] = dist.new_group(backend="gloo", timeout=timeout)
+        group = _HOST_GROUP["group"]
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value[0])
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process groups if they were created."""
+    import torch.distributed as dist
+
+    _HOST_GROUP.pop("group", None)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
