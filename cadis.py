@@ -75,7 +75,7 @@ def selective_ce(logits_denoised: torch.Tensor, targets: torch.Tensor, correct: 
     ce = F.cross_entropy(z.flatten(0, 1), targets.repeat(M), reduction="none").view(M, B)
     selected = correct
     if warm_start:
-        lowest_ce = F.one_hot(ce.detach().argmin(0), M).T.bool()  # [M, B]
+        lowest_ce = torch.arange(M, device=ce.device)[:, None] == ce.detach().argmin(0)  # [M, B]
         selected = correct | (lowest_ce & ~correct.any(0))
     return (ce * selected).sum(0) / M
 
@@ -89,6 +89,38 @@ def consistency_target(logits_denoised: torch.Tensor, num_noises: int) -> torch.
     """
     M = num_noises
     return F.softmax(_at_least_fp32(logits_denoised).view(M, logits_denoised.shape[0] // M, -1), dim=-1).mean(0)
+
+
+ATTACK_GRADIENT_BITS = 6  # the logits' gradient of each sample is scaled to a largest entry in [2^5, 2^6)
+
+
+def attack_gradient(classifier: nn.Module, clean: torch.Tensor, eta: torch.Tensor, target: torch.Tensor,
+                    num_noises: int) -> torch.Tensor:
+    """g = d loss / d eta of the attack's loss, loss = sum_i (1/M) sum_j KL(p_bar_i || softmax f(clean_ij + eta_ij)),
+    in float32.
+
+    Loss scaling, per sample: under fp16 autocast the classifier's backward runs in fp16, whose smallest normal
+    number is 6e-5, while per-pixel gradients at 224 px are ~1e-5 and less (they would lose their digits or flush
+    to zero, and the attack its direction). So the gradient flows back from the logits with each sample's row scaled
+    by a power of two that brings its largest entry to [2^5, 2^6) (:data:`ATTACK_GRADIENT_BITS`), and is unscaled in
+    float32 afterwards: powers of two scale exactly, so fp32 and bf16 compute the same values as without.
+
+    Args:
+        classifier: f (frozen, in eval mode).
+        clean: ``[M*B', ...]`` clean images, noise-major.
+        eta: ``[M*B', ...]`` the current residuals (the gradient's variable).
+        target: ``[B', C]`` the consistency targets p_bar (float32, detached).
+        num_noises: M.
+    """
+    M, n = num_noises, clean.shape[0]
+    eta = eta.detach().requires_grad_(True)
+    logits = _at_least_fp32(classifier(clean + eta))
+    loss = _kl(target, F.log_softmax(logits, dim=-1).view(M, n // M, -1)).sum() / M
+    (g_logits,) = torch.autograd.grad(loss, [logits], retain_graph=True)
+    _, exponent = torch.frexp(g_logits.abs().amax(1, keepdim=True))  # largest = m * 2^e, m in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(g_logits[:, :1]), ATTACK_GRADIENT_BITS - exponent)
+    (grad,) = torch.autograd.grad(logits, [eta], grad_outputs=g_logits * scale)
+    return grad / scale.view(_per_sample(grad))
 
 
 def denoised_attack(
@@ -105,7 +137,8 @@ def denoised_attack(
     With eta0 = denoised - clean, ``steps`` times (per sample where marked):
 
         loss = sum_i (1/M) sum_j KL(p_bar_i || softmax f(clean_ij + eta_ij))
-        eta <- eta + (2 eps / steps) * g / ||g||_2          (g = d loss / d eta, normalized per sample)
+        eta <- eta + (2 eps / steps) * g / ||g||_2          (g = d loss / d eta, normalized per sample:
+                                                            :func:`attack_gradient`)
         eta <- eta0 + Proj_{||.||_2 <= eps}(eta - eta0)      (per sample)
         eta <- (eta - mean eta) / rms eta * rms eta0 + mean eta0   (per sample)
 
@@ -126,8 +159,6 @@ def denoised_attack(
     """
     if steps <= 0 or eps <= 0:
         return denoised.detach().clone()
-    M = num_noises
-    n = clean.shape[0]
     target = _at_least_fp32(target_probs.detach())
     eta0 = (denoised - clean).detach()
     mean0, rms0 = _mean_rms(eta0)
@@ -135,10 +166,7 @@ def denoised_attack(
     with _frozen_eval(classifier), torch.enable_grad():
         eta = eta0.clone()
         for _ in range(steps):
-            eta.requires_grad_(True)
-            log_q = F.log_softmax(_at_least_fp32(classifier(clean + eta)), dim=-1).view(M, n // M, -1)
-            loss = _kl(target, log_q).sum() / M
-            (grad,) = torch.autograd.grad(loss, [eta])
+            grad = attack_gradient(classifier, clean, eta, target, num_noises)
             grad = grad / (grad.flatten(1).norm(dim=1).view(_per_sample(grad)) + 1e-8)
             delta = eta.detach() + step_size * grad - eta0
             delta_norm = delta.flatten(1).norm(dim=1).view(_per_sample(delta))
@@ -179,7 +207,9 @@ def adversarial_logits(classifier: nn.Module, clean: torch.Tensor, denoised: tor
     With ``masked_only`` the attack and the forward run only for the K images whose M copies are all
     non-hallucinated (the only ones with a non-zero L_MAdv) and the rows of the other images are zeros: the same
     loss and gradients with M*(B'-K) fewer rows (identical when the forward has no randomness across rows, e.g.
-    drop path 0); None when K = 0.
+    drop path 0); None when K = 0. K sizes the attack's batch, so it is read on the host: the one wait for the
+    device in a training step (the rows are then gathered without another, ``nonzero_static``); the full attack
+    has none.
 
     Args:
         classifier: f, in train mode.
@@ -193,11 +223,14 @@ def adversarial_logits(classifier: nn.Module, clean: torch.Tensor, denoised: tor
     M = num_noises
     if not masked_only:
         return classifier(denoised_attack(classifier, clean, denoised, p_bar, M, eps, steps))
-    if not bool(masked_in.any()):
+    k = int(masked_in.sum())
+    if k == 0:
         return None
-    rows = masked_in.repeat(M)
-    logits = classifier(denoised_attack(classifier, clean[rows], denoised[rows], p_bar[masked_in], M, eps, steps))
-    return logits.new_zeros((rows.shape[0], logits.shape[-1])).index_put((rows,), logits)
+    images = torch.nonzero_static(masked_in, size=k).squeeze(1)  # [K], in order
+    rows = (torch.arange(M, device=images.device)[:, None] * masked_in.shape[0] + images).flatten()  # noise-major
+    logits = classifier(denoised_attack(classifier, clean.index_select(0, rows), denoised.index_select(0, rows),
+                                        p_bar.index_select(0, images), M, eps, steps))
+    return logits.new_zeros((clean.shape[0], logits.shape[-1])).index_copy(0, rows, logits)
 
 
 def masked_adversarial_loss(p_bar: torch.Tensor, logits_adv: Optional[torch.Tensor], masked_in: torch.Tensor,
@@ -209,7 +242,8 @@ def masked_adversarial_loss(p_bar: torch.Tensor, logits_adv: Optional[torch.Tens
     Args:
         p_bar: ``[B', C]`` consistency targets, in the graph.
         logits_adv: ``[M*B', C]`` train-mode logits of the adversarial images, noise-major. Rows of masked-out
-            images are ignored (their gradient is exactly zero; they must be finite); None when no image is masked in.
+            images are ignored (their gradient is exactly zero; they must be finite); None when no image is masked in
+            (checked: a read of ``masked_in`` on the host, only then).
         masked_in: ``[B']`` bool, all M copies of image i non-hallucinated.
         num_noises: M.
         lbd: lambda, the weight of the masked adversarial loss.

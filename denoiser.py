@@ -269,7 +269,7 @@ class DiffusionDenoiser(nn.Module):
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         tau_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32
-        tau = torch.tensor(self.model_timestep(t), dtype=tau_dtype, device=x_t.device)  # one embedding, broadcast
+        tau = torch.full((), self.model_timestep(t), dtype=tau_dtype, device=x_t.device)  # one embedding, broadcast
         eps_hat = self.unet(x_in, tau)[:, :3].to(x_t.dtype)
         x0 = (math.sqrt(1.0 / abar) * x_t - math.sqrt(1.0 / abar - 1) * eps_hat).clamp(-1.0, 1.0)
         return ((x0 + 1) / 2).to(x_noisy.dtype)
@@ -296,7 +296,7 @@ class DiffusionDenoiser(nn.Module):
         """
         abar = float(self._alphas_cumprod[s])
         tau_dtype = torch.float64 if x_s.dtype == torch.float64 else torch.float32
-        tau = torch.tensor(self.model_timestep(s), dtype=tau_dtype, device=x_s.device)
+        tau = torch.full((), self.model_timestep(s), dtype=tau_dtype, device=x_s.device)  # a fill, no host copy
         x_in = x_s.to(self.unet.dtype)
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,8 @@ step) and ``checkpoint-<epoch>.pth.tar`` after epoch 1, every 5th and the last (
 every ``--ckpt_every_steps`` and when ``--max_steps`` stops the run), written atomically, each with
 ``<checkpoint>.sha256`` (verified whenever it is loaded). A checkpoint holds the
 model (timm state dict, LoRA unmerged), optimizer, scaler, epoch/step position and every rank's RNG states;
-``--resume`` continues from it exactly (see the README, "Outputs, checkpoints, resume", for the one caveat).
+``--resume`` continues from it exactly (on the CPU bit for bit; where it holds: docs/USAGE.md, "Exactness").
+SIGTERM / SIGINT stop the run after the current optimizer step with ``checkpoint-step<N>.pth.tar`` (exit 143 / 130).
 """
 from __future__ import annotations
 

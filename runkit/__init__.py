@@ -10,6 +10,7 @@ or multi-GPU run behaves the same way everywhere. Nothing here is part of FT-CAD
 * :mod:`runkit.rng`: seeding the global RNGs, their states for checkpoints (every rank's).
 * :mod:`runkit.resume`: resuming a run from its output folder (newest checkpoint, the run's configuration), and a
   log from its rows (``--resume`` checked against the sidecar, or ``--overwrite``).
+* :mod:`runkit.stops`: SIGTERM/SIGINT as a request to stop at the next safe point (a checkpoint, then exit).
 * :mod:`runkit.distributed`: ``torchrun`` set-up (``DistInfo``, ``init_distributed``, ``barrier``).
 * :mod:`runkit.logs`: the one reader/writer of tab-separated logs (complete lines, rows, appending).
 * :mod:`runkit.parts`: ``torchrun`` rank parts ``<outfile>.rank<r>`` and their merge.

@@ -288,3 +288,49 @@ def test_objective_without_masked_in_images_skips_the_attack():
     assert clf.modes == [True]  # only the logits of the denoised images
     assert (madv == 0).all() and not correct.all(0).any()
     loss.backward()
+
+
+def test_attack_direction_under_fp16_autocast_matches_fp32():
+    """The paper's CIFAR-10 shape: 32x32 images resized to 224 for a ViT/16 (a small random one here, its head
+    scaled down so that the per-pixel gradients are as small as a trained ViT-B's, below fp16's normal range). The
+    attack's gradient under fp16 autocast points where the fp32 one does (loss scaling, per sample), and the attack
+    moves the images the same way; without the scaling the direction is lost (so this test can fail)."""
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cadis import _kl, attack_gradient
+    from classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        vit.head.weight *= 1e-3
+    classifier = ImageClassifier(vit, 224, (0.5,) * 3, (0.5,) * 3).eval()
+    M, B = 2, 2
+    clean = torch.rand(B, 3, 32, 32)
+    denoised = (clean + 0.05 * torch.randn_like(clean)).clamp(0, 1).repeat(M, 1, 1, 1)
+    clean = clean.repeat(M, 1, 1, 1)
+    with torch.no_grad():
+        p_bar = 0.5 * F.softmax(classifier(denoised), -1).view(M, B, -1).mean(0) + 0.5 * torch.eye(10)[:B]
+
+    def cosine(a, b):
+        return F.cosine_similarity(a.flatten(1), b.flatten(1))
+
+    def run(fn, fp16: bool):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16), torch.enable_grad():
+            return fn()
+
+    g32, g16 = (run(lambda: attack_gradient(classifier, clean, denoised - clean, p_bar, M), fp16)
+                for fp16 in (False, True))
+    assert g32.abs().mean() < 1e-6  # per 32-px pixel; at 224 px ~50x smaller
+    assert cosine(g32, g16).min() >= 0.999
+
+    def unscaled():
+        eta = (denoised - clean).requires_grad_(True)
+        log_q = F.log_softmax(classifier(clean + eta).float(), -1).view(M, B, -1)
+        return torch.autograd.grad(_kl(p_bar, log_q).sum() / M, [eta])[0]
+    assert cosine(g32, run(unscaled, True)).min() < 0.99
+
+    moved = [run(lambda: denoised_attack(classifier, clean, denoised, p_bar, M, 0.125, 1), fp16) - denoised
+             for fp16 in (False, True)]
+    assert cosine(moved[0], moved[1]).min() >= 0.999

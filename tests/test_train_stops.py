@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import _args, tiny_models  # noqa: F401 - the fixture
 from torch.utils.data import Subset
 
 import train
 import training
-from test_train import _args, tiny_models  # noqa: F401 - the fixture
 
 STEPS_PER_EPOCH = 4  # 48 training images / batch 8 = 6 batches = 12 micro-steps (M = 2) = 4 steps of 3
 EPOCHS = 3
@@ -218,3 +218,39 @@ def test_augmentations_depend_on_the_image_and_epoch_only():
     assert torch.equal(torch.get_rng_state(), before)  # the training RNG untouched
     shifted = [not torch.equal(training.SeededItems(items.dataset, 0, e)[5][0], first[0]) for e in range(2, 12)]
     assert any(shifted)  # other epochs, other shifts
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint(tiny_models, tmp_path):  # noqa: F811
+    """A Slurm requeue's SIGTERM reaches torchrun, which forwards it to its workers: the two ranks agree on the step,
+    write one checkpoint there and exit; the resumed 2-process run equals the uninterrupted one."""
+    import subprocess
+    import sys
+    import time
+
+    from test_train import REPO, _torchrun
+
+    extra = ("--max_steps", "8", "--no_test", "--no_tensorboard", "--num-steps", "1")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _torchrun(_args(tiny_models, ref, *extra))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *_args(tiny_models, out, *extra)], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            (out / "log_steps.txt").exists() and len(_rows(out / "log_steps.txt")) >= 3):  # steps 1 and 2 done
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    stops = sorted(out.glob("checkpoint-step*.pth.tar"))
+    assert len(stops) == 1 and "SIGTERM: stopping after this optimizer step" in output, output[-3000:]
+    ckpt = _load(stops[0])
+    assert 2 <= ckpt["step"] < 8 and len(ckpt["rng"]) == 2, output[-3000:]
+    _torchrun(_args(tiny_models, out, *extra, "--resume", "auto"))
+    a, b = _load(ref / "checkpoint-step8.pth.tar"), _load(out / "checkpoint-step8.pth.tar")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][name]) for name, v in state.items())
+    assert (ref / "log_steps.txt").read_text() == (out / "log_steps.txt").read_text()
