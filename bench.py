@@ -56,6 +56,7 @@ from core import (PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, NoiseSt
                   noise_and_denoise)
 from denoiser import DiffusionDenoiser, build_denoiser, default_checkpoint_path, load_denoiser
 from fast import agreement, channels_last_default, fast_model, prepare_inference_
+from pool import run_each, run_pool
 from presets import CIFAR10, DIGITS, IMAGENET, N0, Preset
 from reference import ReferenceDenoisedClassifier, ReferenceFinetuneStep, eager_attention, reference_sample_noise
 from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cpu_model, cuda_math,
@@ -341,8 +342,8 @@ def bench_config(name: str, device: torch.device, opts: BenchOptions, log: Calla
                                   opts.ft_images or dflt["ft_images"], opts.ft_iters, opts.seed, log)
     extras = {}
     if opts.modes:
-        extras["modes"] = bench_modes(name, models, sigma, device, opts.modes[0], opts.modes[1], dflt["batch_size"],
-                                       opts.seed)
+        batch = opts.batch_size if isinstance(opts.batch_size, int) else dflt["batch_size"]
+        extras["modes"] = bench_modes(name, models, sigma, device, opts.modes[0], opts.modes[1], batch, opts.seed)
     if opts.heads:
         extras["heads"] = bench_heads(name, models, sigma, device, opts.heads, dflt["batch_size"], iters)
     return {
@@ -441,34 +442,44 @@ def bench_certify(name: str, denoiser: DiffusionDenoiser, classifier: ImageClass
 # Fewer samples and one denoising pass for several classifiers: certify.py's modes
 # ---------------------------------------------------------------------------------------------------------------
 
-# certify.py's modes: (--sequential, --skip_wrong)
-MODES = {"fixed": (False, False), "sequential": (True, False), "skip_wrong": (False, True), "both": (True, True)}
+# certify.py's modes: (--sequential, --skip_wrong, the pool of images in flight; without it --no_pool)
+MODES = {"fixed": (False, False, False), "sequential": (True, False, False), "sequential_pool": (True, False, True),
+         "skip_wrong": (False, True, False), "both": (True, True, False), "both_pool": (True, True, True)}
 
 
 def bench_modes(name: str, models: Dict[str, Any], sigma: float, device: torch.device, N: int, images: int,
                 batch_size: int, seed: int, alpha: float = 0.001) -> Dict[str, Any]:
-    """certify.py's four modes (fixed N, --sequential, --skip_wrong, both) on ``images`` test images, fp32, through
-    ``certification.certify_method``: estimation samples per image, seconds per image (selection included) and certified
-    accuracy at the default sequential radii (meaningful with trained weights only, i.e. digits)."""
+    """certify.py's modes (:data:`MODES`: fixed N, --sequential, --skip_wrong, both; one image after the other, as
+    with --no_pool, or in the pool of images in flight) on ``images`` test images, fp32, through
+    ``certification.certify_method`` and the drivers of :mod:`pool`: estimation samples per image, wall seconds per
+    image (selection included), the mean forward-pass batch, certified accuracy at the default sequential radii
+    (meaningful with trained weights only, i.e. digits), and for a pool mode whether its results equal those of the
+    same mode one image after the other."""
     num_classes = CONFIGS[name].preset.num_classes
     smooth = Smooth(DenoisedClassifier(models["denoiser"], models["classifier"], sigma).eval(), num_classes, sigma)
     radii = default_sequential_radii(name, sigma, N, alpha)
-    x, y = test_images(name, images, device)
-    result: Dict[str, Any] = {"N": N, "N0": N0, "images": images, "alpha": alpha, "radii": radii}
-    for mode, (sequential, skip_wrong) in MODES.items():
-        used, seconds, hits = [], 0.0, np.zeros(len(radii))
+    x, labels = test_images(name, images, device)
+    y = [int(label) for label in labels]
+    result: Dict[str, Any] = {"N": N, "N0": N0, "images": images, "alpha": alpha, "radii": radii,
+                              "batch_size": batch_size}
+    outcomes: Dict[tuple, list] = {}
+    for mode, (sequential, skip_wrong, pooled) in MODES.items():
         method = certify_method(smooth, N0, N, alpha, batch_size, radii if sequential else None, skip_wrong)
-        for i in range(images):
-            label = int(y[i])
-            _sync(device)
-            t0 = time.perf_counter()
-            [(prediction, radius, n)] = method.compute(x[i], image_generator(seed, i), label)
-            _sync(device)
-            seconds += time.perf_counter() - t0
-            used.append(n)
-            hits += [prediction == label and radius >= r for r in radii]
-        result[mode] = {"samples_per_image": float(np.mean(used)), "sec_per_image": seconds / images,
-                        "certified_accuracy": (hits / images).tolist()}
+        computations = ((i, method.steps(x[i], image_generator(seed, i), y[i])) for i in range(images))
+        smooth.passes = smooth.samples = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        done = dict((i, r) for i, [r], _ in (run_pool if pooled else run_each)(smooth, computations, batch_size))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        rows = [done[i] for i in range(images)]  # (prediction, radius, n) per image
+        hits = np.array([[int(p == y[i] and r >= radius) for radius in radii] for i, (p, r, _) in enumerate(rows)])
+        result[mode] = {"samples_per_image": float(np.mean([n for _, _, n in rows])), "sec_per_image": seconds / images,
+                        "pool": pooled, "mean_forward_batch": smooth.samples / max(smooth.passes, 1),
+                        "certified_accuracy": hits.mean(0).tolist()}
+        if pooled:
+            result[mode]["same_results_as_one_by_one"] = rows == outcomes[(sequential, skip_wrong)]
+        outcomes.setdefault((sequential, skip_wrong), rows)
     return result
 
 
@@ -502,11 +513,14 @@ def format_modes_and_heads(name: str, record: Dict[str, Any]) -> List[str]:
     if modes:
         lines += ["", f"{name}: certify.py modes, fp32, {modes['images']} images, N0 {modes['N0']}, N {modes['N']}, "
                       f"radii {modes['radii']}",
-                  f"{'mode':<12}{'samples/img':>12}{'s/img':>9}  certified accuracy at the radii"]
+                  f"{'mode':<16}{'samples/img':>12}{'s/img':>9}{'batch':>8}  certified accuracy at the radii"]
         for mode in MODES:
             m = modes[mode]
-            lines.append(f"{mode:<12}{m['samples_per_image']:>12.0f}{m['sec_per_image']:>9.2f}  "
-                         + " ".join(f"{a:.2f}" for a in m["certified_accuracy"]))
+            lines.append(f"{mode:<16}{m['samples_per_image']:>12.0f}{m['sec_per_image']:>9.3f}"
+                         f"{m['mean_forward_batch']:>8.0f}  " + " ".join(f"{a:.2f}" for a in m["certified_accuracy"])
+                         + ("" if m.get("same_results_as_one_by_one", True) else "  (results differ: a bug)"))
+        lines.append(f"(batch: the mean forward pass, of --batch_size {modes['batch_size']}; *_pool: the images in "
+                     "flight of certify.py's default, the others one after the other as with --no_pool)")
     heads = record.get("heads")
     if heads:
         lines.append(f"{name}: {heads['K']} classifiers, one denoising pass: {heads['sec_per_sample_K'] * 1e3:.1f} ms/"
@@ -698,8 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier_ckpt", default=None,
                    help="classifier weights (timm/HF/train.py file, as certify.py) of the (single) configuration")
     p.add_argument("--modes", type=int, nargs=2, default=None, metavar=("N", "IMAGES"),
-                   help="also run certify.py's modes (fixed N, --sequential, --skip_wrong, both) with N samples on "
-                        "IMAGES test images, fp32 (meaningful with trained weights: digits)")
+                   help="also run certify.py's modes (fixed N, --sequential, --skip_wrong, both; one image after the "
+                        "other and, for the sequential ones, the pool of images in flight) with N samples on IMAGES "
+                        "test images, fp32, at --batch_size (a number; else the configuration's default): samples "
+                        "and seconds per image, the mean forward batch (meaningful with trained weights: digits)")
     p.add_argument("--heads", type=int, default=0, metavar="K",
                    help="also time K classifiers after one denoising pass against one (certify.py with several "
                         "classifiers), fp32")

@@ -29,11 +29,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Optional, Sequence, TextIO, Type
+from typing import Any, Callable, Container, Iterator, Optional, Sequence, TextIO, Type
 
 import torch
 
-from core import NOISE_BLOCK, ClassifierStack, DenoisedClassifier, Smooth, draw_key, image_generator
+from core import (NOISE_BLOCK, PHASE_ESTIMATION, ClassifierStack, DenoisedClassifier, NoiseStream, SampleRange, Smooth,
+                  Steps, draw_key, image_generator)
+from pool import run_each, run_pool
 from presets import ALPHA, DATASETS, N0, PRESETS, per_dataset
 from runkit.cli import check_number
 from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_math, device_model, resolve_device,
@@ -43,12 +45,13 @@ from runkit.errors import UserError
 from runkit.files import check_output, file_fingerprint, output_folder, remove_stale_temporary_files
 from runkit.locks import job_run_lock, lock_path
 from runkit.logs import ABSTAIN, LogRow, PredictRow, Row, SampledRow, idx_list, read_log
+from runkit.memory import AUTO, largest_batch, parse_batch_size
 from runkit.parts import appending_parts, merge_rank_parts, rank_share
 from runkit.progress import DEFAULT_INTERVAL, Progress
 from runkit.resume import add_device_model, check_device_model, check_outputs, parse_override, prepare_outputs
 from runkit.shards import Shard, encode_indices, merge_shard_logs, parse_shard, shard_path
 from runkit.sidecars import sidecar_path
-from sequential import default_sequential_radii, estimate_sequential
+from sequential import default_sequential_radii, estimate_sequential_steps
 
 LOG_FORMAT = 1
 # the defaults by dataset (N, --subset, --skip, --arch) are the paper's protocol, presets.Preset (METHOD §4)
@@ -65,6 +68,8 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the radii of the summary printe
 SEQUENTIAL_RADIUS = ("the radius at the stop: a valid certificate, but below the fixed-N radius, so the log's ACR "
                      "is a lower bound (ACR≥)")
 FSYNC_SECONDS = 60.0
+DEFAULT_BATCH_SIZE = 1000  # --batch_size off CUDA (on CUDA: auto)
+AUTO_HEADROOM = 16  # --batch_size auto leaves 1/16 of the largest batch that fits free (noise blocks in flight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ class RunOptions:
     max: Optional[int]
     N0: Optional[int]  # None: the method draws no selection samples (PREDICT)
     N: Optional[int]
-    batch_size: int
+    batch_size: Optional[int | str]  # a size, or "auto" (resolve_options; build_smoothed searches it)
     alpha: float
     arch: Optional[str]
     finetuned_path: Optional[list[str]]
@@ -96,6 +101,7 @@ class RunOptions:
     device: Optional[str]
     precision: str
     compile: bool
+    no_pool: Optional[bool]
     fast: bool
     noise_block: int
     resume: bool
@@ -171,7 +177,10 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "(torchrun's own parser takes --max for an abbreviation of its --max-restarts)")
     p.add_argument("--N", type=int, default=None,
                    help=f"estimation samples (default: {per_dataset('N')})")
-    p.add_argument("--batch_size", type=int, default=1000, help="base-classifier batch (does not change the log)")
+    p.add_argument("--batch_size", default=None, metavar="B|auto",
+                   help="samples per forward pass of f o D (does not change the log): a number, or auto = the largest "
+                        "batch that fits in CUDA memory, found once per run (default on CUDA; elsewhere the default is "
+                        f"{DEFAULT_BATCH_SIZE}); a pass that runs out of memory is retried in halves")
     p.add_argument("--alpha", type=float, default=ALPHA, help=f"failure probability (default {ALPHA})")
 
 
@@ -222,8 +231,11 @@ def _add_compute_arguments(p: argparse.ArgumentParser) -> None:
                         "weights stored in that dtype, channels_last UNet); implied by --precision bf16/fp16 "
                         "and --compile")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and the classifier (each batch size compiles once, tens of seconds; "
-                        "worth it for N in the thousands; see README, Performance)")
+                   help="torch.compile the UNet and the classifier (tens of seconds; worth it for N in the thousands; "
+                        "see README, Performance); every forward pass is padded to the batch size: one shape")
+    p.add_argument("--no_pool", action="store_true",
+                   help="certify the images one after the other (the same rows): by default many images are in flight "
+                        "and their noise samples fill every forward pass up to --batch_size")
     p.add_argument("--noise_block", type=int, default=NOISE_BLOCK,
                    help=f"noise samples per seeded block (default {NOISE_BLOCK}; part of the configuration)")
 
@@ -265,9 +277,10 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     check_number("--alpha", opts.alpha, 0, 1, low_open=True, high_open=True)
     check_number("--dist_timeout", opts.dist_timeout, 0, low_open=True)
     check_number("--log_interval", opts.log_interval, 0, low_open=True)
-    for flag in ("N0", "N", "batch_size", "skip", "noise_block"):
+    for flag in ("N0", "N", "skip", "noise_block"):
         if getattr(opts, flag) is not None and getattr(opts, flag) <= 0:
             raise UserError(f"--{flag} {getattr(opts, flag)}: must be a positive integer")
+    opts.batch_size = parse_batch_size(opts.batch_size)
     if opts.seed < 0:
         raise UserError(f"--seed {opts.seed}: must be >= 0")
     if opts.max is not None and opts.max < 0:
@@ -295,7 +308,10 @@ def resolve_options(opts: RunOptions) -> RunOptions:
     opts.input_norm = opts.input_norms[0]
     for outfile in opts.outfile:
         check_output(outfile, "--outfile")
-    opts.precision = resolve_precision(opts.precision, resolve_device(opts.device))  # auto: bf16 where native
+    device = resolve_device(opts.device)
+    opts.precision = resolve_precision(opts.precision, device)  # auto: bf16 where native
+    if opts.batch_size is None or (opts.batch_size == AUTO and device.type != "cuda"):
+        opts.batch_size = AUTO if device.type == "cuda" else DEFAULT_BATCH_SIZE  # auto searches CUDA memory only
     opts.shard_of = parse_shard(opts.shard) if opts.shard is not None else None
     parse_override(opts.override)
     return opts
@@ -426,13 +442,22 @@ def run_config(opts: RunOptions, k: int = 0) -> dict[str, Any]:
 class Method:
     """What a run computes for one image and how each result becomes a log row.
 
-    ``compute(x, generator, label)`` returns one result per classifier (log) for image x, whose noise comes from
-    ``generator``; ``to_row(idx, label, result, seconds)`` the row of type ``row_type`` of one result.
+    ``steps(x, generator, label)`` is the computation (:data:`core.Steps`) of image x, whose noise comes from
+    ``generator``, returning one result per classifier (log); ``to_row(idx, label, result, seconds)`` the row of type
+    ``row_type`` of one result. ``smoothed`` counts the samples in forward passes of at most ``batch_size``, of many
+    images at once with ``pool`` (:func:`pool.run_pool`; the same results).
     """
 
     row_type: Type[LogRow]
-    compute: Callable[[torch.Tensor, torch.Generator, int], list[Any]]
+    steps: Callable[[torch.Tensor, torch.Generator, int], Steps]
     to_row: Callable[[int, int, Any, float], LogRow]
+    smoothed: Smooth
+    batch_size: int
+    pool: bool = True  # many images in flight per forward pass (pool.run_pool), else one after the other
+
+    def compute(self, x: torch.Tensor, generator: torch.Generator, label: int) -> list[Any]:
+        """The results of image x alone (:meth:`core.Smooth.run_steps`)."""
+        return self.smoothed.run_steps(self.steps(x, generator, label), self.batch_size)
 
 
 def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: int,
@@ -456,18 +481,18 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
     """
     row_type = certify_row_type(radii, skip_wrong)
 
-    def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[tuple[int, float, int]]:
+    def steps(x: torch.Tensor, generator: torch.Generator, label: int) -> Steps:
         key = draw_key(generator)
-        cAHat = smoothed.select(x, n0, batch_size, key)
+        cAHat = yield from smoothed.select_steps(x, n0, key)
         # the label-aware early exit: a wrong guess is written as (guess, radius 0) without estimation
         skipped = [(c, 0.0, 0) for c in cAHat]
         estimated = [not skip_wrong or c == label for c in cAHat]
         if not any(estimated):
             return skipped
         if radii is None:
-            results = [(c, r, n) for c, r in smoothed.estimate(x, cAHat, n, alpha, batch_size, key)]
+            results = [(c, r, n) for c, r in (yield from smoothed.estimate_steps(x, cAHat, n, alpha, key))]
         else:
-            results = estimate_sequential(smoothed, x, cAHat, n, alpha, batch_size, radii, key, active=estimated)
+            results = yield from estimate_sequential_steps(smoothed, x, cAHat, n, alpha, radii, key, active=estimated)
         return [result if keep else skip for result, keep, skip in zip(results, estimated, skipped)]
 
     def to_row(idx: int, label: int, result: tuple[int, float, int], seconds: float) -> Row:
@@ -475,7 +500,7 @@ def certify_method(smoothed: Smooth, n0: int, n: int, alpha: float, batch_size: 
         values = (idx, label, int(prediction), float(radius), int(prediction == label), seconds)
         return SampledRow(*values, int(used)) if row_type is SampledRow else Row(*values)
 
-    return Method(row_type, compute, to_row)
+    return Method(row_type, steps, to_row, smoothed, batch_size)
 
 
 def certify_row_type(radii: Optional[Sequence[float]], skip_wrong: bool) -> Type[Row]:
@@ -497,13 +522,13 @@ def predict_method(smoothed: Smooth, n: int, alpha: float, batch_size: int) -> M
         alpha: the failure probability.
         batch_size: the base-classifier batch.
     """
-    def compute(x: torch.Tensor, generator: torch.Generator, label: int) -> list[int]:
-        return [smoothed.predict(x, n, alpha, batch_size, generator=generator)]
+    def steps(x: torch.Tensor, generator: torch.Generator, label: int) -> Steps:
+        return [(yield from smoothed.predict_steps(x, n, alpha, generator))]
 
     def to_row(idx: int, label: int, prediction: int, seconds: float) -> PredictRow:
         return PredictRow(idx, label, int(prediction), int(prediction == label), seconds)
 
-    return Method(PredictRow, compute, to_row)
+    return Method(PredictRow, steps, to_row, smoothed, batch_size)
 
 
 def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequence[TextIO], seed: int,
@@ -513,9 +538,10 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
     result of the method) as soon as it is known (fsync at least every :data:`FSYNC_SECONDS`).
 
     Image idx's noise is seeded by (seed, idx) (:func:`core.image_generator`), so a row does not depend on which
-    process computes it, in which order, or with which batch size. ``written[k]`` (resuming several logs): the idx
-    that log k already holds, not written again. ``done`` (rows written earlier) only feeds the progress bar's
-    running figures. Returns the new rows of the first log.
+    process computes it, in which order, or with which batch size; with ``method.pool`` the images finish, and their
+    rows are written, in another order than ``indices`` (the logs' readers and merges sort by idx). ``written[k]``
+    (resuming several logs): the idx that log k already holds, not written again. ``done`` (rows written earlier)
+    only feeds the progress bar's running figures. Returns the new rows of the first log.
 
     Args:
         method: what to compute per image (:func:`certify_method`, :func:`predict_method`).
@@ -532,15 +558,17 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
     written = list(written) or [()] * len(logs)
     rows: list[LogRow] = []
     last_sync = time.monotonic()
-    bar = Progress(indices, unit="img", enabled=progress, interval=log_interval)
-    for idx in bar:
-        x, label = dataset[idx]
-        x, label = x.to(device), int(label)
-        t0 = time.perf_counter()
-        results = method.compute(x, image_generator(seed, idx), label)
-        seconds = time.perf_counter() - t0
+    bar = Progress(total=len(indices), unit="img", enabled=progress, interval=log_interval)
+
+    def computations() -> Iterator[tuple[tuple[int, int], Steps]]:  # each image loaded when its computation starts
+        for idx in indices:
+            x, label = dataset[idx]
+            yield (int(idx), int(label)), method.steps(x.to(device), image_generator(seed, idx), int(label))
+
+    drive = run_pool if method.pool else run_each
+    for (idx, label), results, seconds in drive(method.smoothed, computations(), method.batch_size):
         for k, (out, result) in enumerate(zip(logs, results)):
-            row = method.to_row(int(idx), label, result, seconds)
+            row = method.to_row(idx, label, result, seconds)
             if idx not in written[k]:
                 out.write(row.line())
                 out.flush()
@@ -550,8 +578,10 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
             for out in logs:
                 os.fsync(out.fileno())
             last_sync = time.monotonic()
+        bar.update(1)
         if progress:
             bar.set_postfix(_running_figures([*done, *rows]), refresh=False)
+    bar.close()
     return rows
 
 
@@ -605,7 +635,8 @@ def build_base_classifier(dataset: str, arch: str, classifier_ckpt: Optional[str
 
 
 def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
-    """The smoothed classifier of a run: f o D, sped up by :mod:`fast` when the options ask for it.
+    """The smoothed classifier of a run: f o D, sped up by :mod:`fast` when the options ask for it; ``--batch_size
+    auto`` becomes a size here (:func:`auto_batch_size`).
 
     Args:
         opts: resolved options.
@@ -617,13 +648,45 @@ def build_smoothed(opts: RunOptions, device: torch.device) -> Smooth:
     flags = [classifier_flag(opts, k) for k in range(len(opts.classifiers))]  # what a classifier's errors name
     model = build_base_classifier(opts.dataset, opts.arch, opts.classifiers, opts.denoiser_ckpt, opts.sigma,
                                   num_classes, device, opts.input_norms, bool(opts.multistep), flags)
+    smoothed = Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block,
+                      per_sample_generators=bool(opts.multistep),  # multi-step denoising: chains seeded per sample
+                      fixed_batch=bool(opts.compile))  # one shape: the compiled networks compile once
     if opts.use_fast:
-        from fast import compile_for_inference_, prepare_inference_
+        from fast import prepare_inference_
         prepare_inference_(model, opts.precision, opts.channels_last)  # bf16/fp16: weights in that dtype
-        if opts.compile:
-            compile_for_inference_(model)
-    return Smooth(model, num_classes, opts.sigma, precision=opts.precision, noise_block=opts.noise_block,
-                  per_sample_generators=bool(opts.multistep))  # multi-step denoising: chains seeded per sample
+    if opts.batch_size == AUTO:  # on the eager networks: compiled ones would compile a graph for every size tried
+        opts.batch_size = auto_batch_size(smoothed, opts, device)
+    if opts.compile:
+        from fast import compile_for_inference_
+        compile_for_inference_(model)
+    return smoothed
+
+
+def auto_batch_size(smoothed: Smooth, opts: RunOptions, device: torch.device) -> int:
+    """``--batch_size auto``: the largest forward pass of f o D (at most max(N, N0) samples) that fits on the CUDA
+    ``device`` (:func:`runkit.memory.largest_batch`, on an image of the dataset's size), less 1/:data:`AUTO_HEADROOM`
+    for the noise blocks of the images in flight. A pass that runs out of memory later is retried in halves all the
+    same (:meth:`core.Smooth.count_ranges`).
+
+    Args:
+        smoothed: the smoothed classifier (its networks not compiled yet).
+        opts: resolved options (dataset, N, N0).
+        device: the CUDA device.
+    """
+    size = PRESETS[opts.dataset].image_size
+    x = torch.zeros(3, size, size, device=device)
+
+    def attempt(b: int) -> None:  # one pass, no retry in halves (that would hide the failure)
+        with torch.inference_mode():
+            smoothed.count_pass([SampleRange(NoiseStream(x, 0, PHASE_ESTIMATION, smoothed.noise_block, b), 0, b)], b)
+
+    best = largest_batch(attempt, device, max(opts.N or 1, opts.N0 or 1), start=16)
+    smoothed.passes = smoothed.samples = 0  # the search's passes are not the run's
+    if not best:
+        raise UserError(f"--batch_size auto: not even one sample of f o D fits in the memory of {device}")
+    print(f"--batch_size auto: {best - best // AUTO_HEADROOM} samples per forward pass on {device} (the largest "
+          f"that fits: {best})", file=sys.stderr)
+    return best - best // AUTO_HEADROOM
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -786,6 +849,7 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
     mixed = [opts.resume and bool(existing) and check_device_model(o, model, opts.override)
              for o, (existing, _) in zip(outfiles, checked)]
     method = make_method(build_smoothed(opts, dist_info.device), opts)  # a missing file: UserError, here
+    method = dataclasses.replace(method, pool=not opts.no_pool)
     barrier()
     if dist_info.is_main:
         info = {"argv": list(argv), "batch_size": opts.batch_size, "world_size": dist_info.world_size,
@@ -809,7 +873,20 @@ def _run_locked(opts: RunOptions, outfiles: list[Path], configs: list[dict[str, 
             print(summary(outfile, config, len(rows) - len(done), time.perf_counter() - start))
         else:
             print(f"{outfile}: no images selected (--max_images {opts.max}, --skip {opts.skip})")
+    if method.smoothed.passes:
+        print(forward_passes(method, dist_info.world_size))
     return logs
+
+
+def forward_passes(method: Method, world_size: int = 1) -> str:
+    """The summary's line on the forward passes of this run (of rank 0): how full they were on average."""
+    smoothed = method.smoothed
+    mean = smoothed.samples / smoothed.passes
+    return (f"  forward passes{' (rank 0)' if world_size > 1 else ''}: {smoothed.passes}, mean batch {mean:.1f} "
+            f"samples = {mean / method.batch_size:.1%} of --batch_size {method.batch_size} "
+            f"({'pool of images in flight' if method.pool else 'one image at a time, --no_pool'}"
+            + (f"; halved {smoothed.fitting.halvings}x after running out of memory" if smoothed.fitting.halvings
+               else "") + ")")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ in :mod:`sequential`, the FT-CADIS fine-tuning objective in :mod:`cadis`.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Generator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from scipy.stats import binomtest, norm
 from runkit.devices import autocast
 from runkit.errors import UserError
 from runkit.logs import ABSTAIN
+from runkit.memory import BatchSize, run_in_batches
 
 # Samples per independently seeded noise block. Part of a certification log's configuration: the noise (hence the
 # log) depends on it, never on the batch size.
@@ -187,6 +189,26 @@ class NoiseStream:
         return sample_generators(self.key, self.phase, start, stop - start, self.x.device)
 
 
+@dataclass(frozen=True)
+class SampleRange:
+    """Samples ``start .. stop - 1`` of a noise stream (of the image ``stream.x``): what a computation asks to have
+    counted."""
+
+    stream: NoiseStream
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+# A computation over noise samples, one image's CERTIFY or PREDICT: a generator that yields the sample ranges it needs
+# counted, is sent each one's class counts [K x num_classes] (on the device), and returns its result. Who counts
+# decides the forward passes: Smooth.run_steps one image at a time, pool.run_pool many images' ranges per pass.
+Steps = Generator[SampleRange, torch.Tensor, Any]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The bound, the radius and the counts
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,14 +238,21 @@ def certificate(cAHat: int, pABar: float, sigma: float) -> tuple[int, float]:
 
 
 def tally(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class counts [K x num_classes] of predictions [B x K] (K heads): counts[k, c] = #{b: predictions[b, k] = c}.
+    """Class counts [K x num_classes] of predictions [B x K] (K heads): counts[k, c] = #{b: predictions[b, k] = c}."""
+    return tally_groups(predictions, num_classes, [len(predictions)])[0]
 
-    ``index_add_`` rather than ``bincount``: CUDA's bincount reads max/min back to the host (a sync per batch).
-    """
-    heads = predictions.shape[1]
-    flat = (predictions + num_classes * torch.arange(heads, device=predictions.device)).flatten()
-    counts = torch.zeros(heads * num_classes, dtype=torch.long, device=predictions.device)
-    return counts.index_add_(0, flat, torch.ones_like(flat)).view(heads, num_classes)
+
+def tally_groups(predictions: torch.Tensor, num_classes: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Class counts [G x K x num_classes] of predictions [B x K] cut into G consecutive groups of ``sizes`` rows
+    (sum = B): counts[g, k, c] = #{b in group g: predictions[b, k] = c}. One ``index_add_``, no host sync (CUDA's
+    ``bincount`` reads max/min back to the host)."""
+    device, heads = predictions.device, predictions.shape[1]
+    flat = predictions + num_classes * torch.arange(heads, device=device)
+    if len(sizes) > 1:
+        group = torch.cat([torch.full((size,), g, dtype=torch.long, device=device) for g, size in enumerate(sizes)])
+        flat = flat + heads * num_classes * group[:, None]
+    counts = torch.zeros(len(sizes) * heads * num_classes, dtype=torch.long, device=device)
+    return counts.index_add_(0, flat.flatten(), torch.ones_like(flat.flatten())).view(len(sizes), heads, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ class Smooth:
     ABSTAIN = ABSTAIN
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, precision: str = "fp32",
-                 noise_block: int = NOISE_BLOCK, per_sample_generators: bool = False):
+                 noise_block: int = NOISE_BLOCK, per_sample_generators: bool = False, fixed_batch: bool = False):
         """
         :param base_classifier: maps noisy images [B x C x H x W] to logits [B x num_classes] (K heads:
             [B x K x num_classes])
@@ -255,6 +284,8 @@ class Smooth:
         :param noise_block: samples per independently seeded noise block
         :param per_sample_generators: call ``base_classifier(x_noisy, generators)`` with one generator per sample
             (:func:`sample_generators`; multi-step denoising's posterior noise)
+        :param fixed_batch: every forward pass has exactly the batch size (a short one padded with copies of its
+            first sample, whose predictions are dropped): one shape, so a compiled base classifier compiles once
         """
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -266,6 +297,11 @@ class Smooth:
         self.precision = precision
         self.noise_block = noise_block
         self.per_sample_generators = per_sample_generators
+        self.fixed_batch = fixed_batch
+        # the most samples of one forward pass: halved for the rest of the run when the device runs out of memory
+        self.fitting = BatchSize(sys.maxsize)
+        self.passes = 0  # forward passes so far, and the samples they counted (padding left out)
+        self.samples = 0
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
                 generator: Optional[torch.Generator] = None) -> tuple[int, float]:
@@ -297,16 +333,22 @@ class Smooth:
     def select(self, x: torch.Tensor, n0: int, batch_size: int, key: int) -> list[int]:
         """CERTIFY's selection: each head's guess cAHat at the top class, the most frequent one among the n0
         selection samples of the call ``key`` (ties: the lowest class)."""
-        stream = NoiseStream(x, key, PHASE_SELECTION, self.noise_block, n0)
-        counts_selection = self.counts(x, 0, n0, stream, batch_size)
+        return self.run_steps(self.select_steps(x, n0, key), batch_size)
+
+    def select_steps(self, x: torch.Tensor, n0: int, key: int) -> Steps:
+        """:meth:`select` as :data:`Steps`."""
+        counts_selection = yield SampleRange(NoiseStream(x, key, PHASE_SELECTION, self.noise_block, n0), 0, n0)
         return [int(c) for c in counts_selection.argmax(1).cpu()]
 
     def estimate(self, x: torch.Tensor, cAHat: Sequence[int], n: int, alpha: float, batch_size: int, key: int
                  ) -> list[tuple[int, float]]:
         """CERTIFY's estimation: with nA the count of each head's cAHat among the n estimation samples of the call
         ``key``, pABar = CP_lower(nA, n, alpha) and (cAHat, sigma Phi^-1(pABar)), or (ABSTAIN, 0.0) below 1/2."""
-        stream = NoiseStream(x, key, PHASE_ESTIMATION, self.noise_block, n)
-        counts_estimation = self.counts(x, 0, n, stream, batch_size).cpu()
+        return self.run_steps(self.estimate_steps(x, cAHat, n, alpha, key), batch_size)
+
+    def estimate_steps(self, x: torch.Tensor, cAHat: Sequence[int], n: int, alpha: float, key: int) -> Steps:
+        """:meth:`estimate` as :data:`Steps`."""
+        counts_estimation = (yield SampleRange(NoiseStream(x, key, PHASE_ESTIMATION, self.noise_block, n), 0, n)).cpu()
         nA = [int(counts_estimation[head, c]) for head, c in enumerate(cAHat)]
         pABar = [float(clopper_pearson_lower(a, n, alpha)) for a in nA]
         return [certificate(c, p, self.sigma) for c, p in zip(cAHat, pABar)]
@@ -327,8 +369,13 @@ class Smooth:
         :param generator: CPU generator from which this call's noise is seeded (default: torch's global RNG)
         :return: the predicted class, or ABSTAIN
         """
+        return self.run_steps(self.predict_steps(x, n, alpha, generator), batch_size)
+
+    def predict_steps(self, x: torch.Tensor, n: int, alpha: float, generator: Optional[torch.Generator] = None
+                      ) -> Steps:
+        """:meth:`predict` as :data:`Steps`."""
         stream = NoiseStream(x, draw_key(generator), PHASE_PREDICTION, self.noise_block, n)
-        counts = self.counts(x, 0, n, stream, batch_size).cpu().numpy()
+        counts = (yield SampleRange(stream, 0, n)).cpu().numpy()
         if len(counts) != 1:
             raise ValueError("predict takes a single-head base classifier (logits [B x num_classes])")
         top2 = np.argsort(-counts[0], kind="stable")[:2]
@@ -337,9 +384,21 @@ class Smooth:
             return Smooth.ABSTAIN
         return int(top2[0])
 
+    def run_steps(self, steps: Steps, batch_size: int) -> Any:
+        """Run the computation ``steps`` (:data:`Steps`) of one image to its end, counting each range it asks for
+        with :meth:`counts`, and return its result."""
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self.counts(request.stream.x, request.start, request.stop, request.stream,
+                                                 batch_size))
+        except StopIteration as end:
+            return end.value
+
     def counts(self, x: torch.Tensor, start: int, stop: int, stream: NoiseStream, batch_size: int) -> torch.Tensor:
         """Class counts [K x num_classes] of f(x + sigma * noise_i) over samples i = start .. stop - 1 (stop > start)
-        of ``stream``, in batches of <= batch_size; K = 1 for logits [B x num_classes]. On x's device.
+        of ``stream`` (whose image is x), in batches of <= batch_size; K = 1 for logits [B x num_classes]. On x's
+        device.
 
         The samples depend only on the stream and their indices: counting a range in pieces (and, with
         ``per_sample_generators``, multi-step denoising too) gives the same counts whatever the batches.
@@ -347,23 +406,61 @@ class Smooth:
         are counted on the device, batch by batch, and read once at the end (one host sync per call, where every
         caller reads the counts next; none per batch).
         """
-        self.base_classifier.eval()
-        counts, non_finite = None, torch.zeros((), dtype=torch.long, device=x.device)
-        with torch.inference_mode():
-            for s in range(start, stop, batch_size):
-                e = min(stop, s + batch_size)
-                generators = stream.generators(s, e) if self.per_sample_generators else None
-                logits = self.logits(x + self.sigma * stream.take(s, e), generators)
-                non_finite += (~torch.isfinite(logits)).flatten(1).any(1).sum()
-                batch = tally(logits.argmax(-1), self.num_classes)
-                counts = batch if counts is None else counts + batch
-        if counts is None:
+        if stream.x is not x:
+            raise ValueError("counts: x must be the stream's image")
+        if stop <= start:
             raise ValueError(f"empty sample range {start} .. {stop - 1}")
-        if int(non_finite):
+        return self.count_ranges([SampleRange(stream, start, stop)], batch_size)[0]
+
+    def count_ranges(self, ranges: Sequence[SampleRange], batch_size: int) -> list[torch.Tensor]:
+        """Class counts [K x num_classes] of each of ``ranges`` (of one or several images' streams), their samples
+        concatenated in order into forward passes of at most ``batch_size`` samples, each range's rows tallied
+        apart. On the device; the samples with a NaN/inf logit (:class:`NonFiniteLogitsError`) are counted there too
+        and read once at the end (one host sync per call, none per pass).
+
+        A pass that runs out of device memory is computed again in halves, and no later pass is larger
+        (:func:`runkit.memory.run_in_batches`; only a single sample that does not fit is an error): the counts are
+        the same whatever the passes.
+        """
+        self.base_classifier.eval()
+        ends = np.cumsum([0] + [r.size for r in ranges])
+        totals: list[Optional[torch.Tensor]] = [None] * len(ranges)
+        non_finite = [torch.zeros((), dtype=torch.long, device=ranges[0].stream.x.device)]
+
+        def count(start: int, stop: int) -> None:  # samples start .. stop - 1 of the concatenation
+            parts = [(i, SampleRange(r.stream, r.start + max(start - ends[i], 0),
+                                     r.start + min(stop, ends[i + 1]) - ends[i]))
+                     for i, r in enumerate(ranges) if ends[i] < stop and ends[i + 1] > start]
+            found, bad = self.count_pass([part for _, part in parts], min(batch_size, self.fitting.size))
+            added = [c if totals[i] is None else totals[i] + c for (i, _), c in zip(parts, found)]
+            non_finite[0] = non_finite[0] + bad  # kept, like the counts, only once the whole pass has succeeded
+            for (i, _), c in zip(parts, added):
+                totals[i] = c
+
+        with torch.inference_mode():
+            run_in_batches(int(ends[-1]), self.fitting, count, ranges[0].stream.x.device, largest=batch_size)
+        if int(non_finite[0]):
             raise NonFiniteLogitsError(f"the base classifier returned non-finite logits (NaN or inf) on "
-                                       f"{int(non_finite)} noise samples of an image: its weights hold NaN/inf, or "
+                                       f"{int(non_finite[0])} noise samples: its weights hold NaN/inf, or "
                                        f"{self.precision} overflows; argmax over them would certify garbage")
-        return counts
+        return totals  # type: ignore[return-value]
+
+    def count_pass(self, ranges: Sequence[SampleRange], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass over the samples of ``ranges`` (with ``fixed_batch``, padded to ``size``): the class
+        counts [len(ranges) x K x num_classes] of each range, and the number of samples with a non-finite logit."""
+        inputs = [r.stream.x + self.sigma * r.stream.take(r.start, r.stop) for r in ranges]
+        x_noisy = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        generators = ([g for r in ranges for g in r.stream.generators(r.start, r.stop)]
+                      if self.per_sample_generators else None)
+        real = len(x_noisy)
+        if self.fixed_batch and real < size:  # copies of the first sample, dropped below
+            x_noisy = torch.cat([x_noisy, x_noisy[:1].expand(size - real, *x_noisy.shape[1:])])
+            if generators is not None:
+                generators += [torch.Generator(device=x_noisy.device) for _ in range(size - real)]
+        logits = self.logits(x_noisy, generators)[:real]
+        self.passes, self.samples = self.passes + 1, self.samples + real
+        non_finite = (~torch.isfinite(logits)).flatten(1).any(1).sum()
+        return tally_groups(logits.argmax(-1), self.num_classes, [r.size for r in ranges]), non_finite
 
     def logits(self, x_noisy: torch.Tensor, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
         """Each head's logits f(x_noisy) [B x K x num_classes] (autocast ``precision``); ``generators``: one per

@@ -4,8 +4,8 @@ Cohen's selection (:meth:`core.Smooth.select`), then estimation read from one st
 (:meth:`core.Smooth.counts`) up to growing checkpoints n_1 < ... < n_K = n_max, stopping as soon as the requested
 radii are decided. The plan (:func:`sequential_plan`: checkpoints and levels), one checkpoint's decision
 (:func:`sequential_step`), the estimation through a :class:`core.Smooth` (:func:`estimate_sequential`,
-:func:`certify_sequential`) and a model-free simulator with the same rules (:func:`simulate_certify`). Design and
-measurements: docs/SEQUENTIAL.md.
+:func:`certify_sequential`; as :data:`core.Steps`, :func:`estimate_sequential_steps`) and a model-free simulator
+with the same rules (:func:`simulate_certify`). Design and measurements: docs/SEQUENTIAL.md.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from core import ABSTAIN, PHASE_ESTIMATION, NoiseStream, Smooth, certificate, clopper_pearson_lower, draw_key, radius
+from core import (ABSTAIN, PHASE_ESTIMATION, NoiseStream, SampleRange, Smooth, Steps, certificate,
+                  clopper_pearson_lower, draw_key, radius)
 from presets import CIFAR10, PRESETS
 
 # The plan measured best on Cohen's CIFAR-10 logs (scripts/sequential_savings.py, docs/SEQUENTIAL.md): checkpoints
@@ -162,9 +163,6 @@ def estimate_sequential(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n
     """The estimation of :func:`certify_sequential` for each head of ``smooth`` (guess ``cAHat[k]``), until every
     head has stopped; each head's count of samples is its own stop, its result the one it would get alone.
 
-    The estimation stream has full blocks (``NoiseStream`` without a length): a prefix does not depend on where
-    the checkpoints cut it.
-
     Args:
         smooth, x, n_max, alpha, batch_size, radii: as for :func:`certify_sequential`.
         cAHat: each head's selection guess (:meth:`core.Smooth.select` of the call ``key``).
@@ -174,41 +172,64 @@ def estimate_sequential(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n
     Returns:
         per head: (cAHat or ABSTAIN, radius, estimation samples used).
     """
+    return smooth.run_steps(estimate_sequential_steps(smooth, x, cAHat, n_max, alpha, radii, key, active), batch_size)
+
+
+def estimate_sequential_steps(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n_max: int, alpha: float,
+                              radii: Sequence[float], key: int, active: Optional[Sequence[bool]] = None) -> Steps:
+    """:func:`estimate_sequential` as :data:`core.Steps`: it asks for samples n_{k-1} .. n_k - 1 of the estimation
+    stream at each checkpoint k. That stream has full blocks (``NoiseStream`` without a length): a prefix does not
+    depend on where the checkpoints cut it."""
     plan = sequential_plan(n_max, alpha, radii, smooth.sigma)
     stream = NoiseStream(x, key, PHASE_ESTIMATION, smooth.noise_block)
     heads, counts, start = np.arange(len(cAHat)), 0, 0
-
-    def nA_at(n: int, _active: np.ndarray) -> np.ndarray:  # every head's count of its guess among samples 0 .. n - 1
-        nonlocal counts, start
-        counts, start = counts + smooth.counts(x, start, n, stream, batch_size), n
-        return counts.cpu().numpy()[heads, cAHat]
-
-    active = np.ones(len(cAHat), dtype=bool) if active is None else np.array(active, dtype=bool)
-    lower, used = run_sequential(plan, active, nA_at)
+    run = SequentialRun(plan, np.ones(len(cAHat), dtype=bool) if active is None else np.array(active, dtype=bool))
+    while (n := run.next_checkpoint()) is not None:  # every head's count of its guess among samples 0 .. n - 1
+        counts, start = counts + (yield SampleRange(stream, start, n)), n
+        run.update(counts.cpu().numpy()[heads, cAHat])
     return [certificate(c, float(pABar), smooth.sigma) + (int(n),) if n else (c, 0.0, 0)
-            for c, pABar, n in zip(cAHat, lower, used)]
+            for c, pABar, n in zip(cAHat, run.lower, run.used)]
+
+
+class SequentialRun:
+    """The checkpoints of ``plan`` for m images (or heads), one at a time, until each has stopped.
+
+    ``lower``: pABar at the stop (so far) [m]; ``used``: the samples at the stop [m] (0 for those never active);
+    ``active``: [m] bool, the images still running (updated in place).
+    """
+
+    def __init__(self, plan: SequentialPlan, active: np.ndarray):
+        self.plan, self.active, self.k = plan, active, 0
+        self.lower, self.used = np.zeros(len(active)), np.zeros(len(active), dtype=int)
+
+    def next_checkpoint(self) -> Optional[int]:
+        """n_k of the next checkpoint, or None once every image has stopped."""
+        return self.plan.checkpoints[self.k] if self.active.any() else None
+
+    def update(self, nA: np.ndarray) -> None:
+        """The decision of checkpoint k (:func:`sequential_step`) from the [m] counts nA after n_k samples (read only
+        where active)."""
+        index = np.flatnonzero(self.active)
+        self.lower[index], stop = sequential_step(self.plan, self.k, nA[index], self.lower[index])
+        self.used[index[stop]] = self.plan.checkpoints[self.k]
+        self.active[index[stop]] = False
+        self.k += 1
 
 
 def run_sequential(plan: SequentialPlan, active: np.ndarray, nA_at: Callable[[int, np.ndarray], np.ndarray]
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The checkpoints of ``plan`` for m images (or heads) until each has stopped: (pABar at the stop [m], samples
-    used [m]; 0 for those never ``active``).
+    """The checkpoints of ``plan`` for m images (or heads) until each has stopped (:class:`SequentialRun`): (pABar
+    at the stop [m], samples used [m]; 0 for those never ``active``).
 
     Args:
         plan: the plan.
         active: [m] bool, the images to run; updated in place (False once stopped).
         nA_at: ``nA_at(n_k, active)`` gives the [m] counts nA after n_k samples (read only where active).
     """
-    lower, used = np.zeros(len(active)), np.zeros(len(active), dtype=int)
-    for k, n in enumerate(plan.checkpoints):
-        if not active.any():
-            break
-        nA = nA_at(n, active)
-        index = np.flatnonzero(active)
-        lower[index], stop = sequential_step(plan, k, nA[index], lower[index])
-        used[index[stop]] = n
-        active[index[stop]] = False
-    return lower, used
+    run = SequentialRun(plan, active)
+    while (n := run.next_checkpoint()) is not None:
+        run.update(nA_at(n, active))
+    return run.lower, run.used
 
 
 def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float, rng: np.random.Generator,

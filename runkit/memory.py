@@ -105,21 +105,23 @@ class BatchSize:
         self.size, self.halvings = min(self.size, failed // 2), self.halvings + 1
 
 
-def run_in_batches(total: int, batch: BatchSize, run: Callable[[int, int], None], device: torch.device) -> None:
-    """``run(s, e)`` for consecutive ranges s .. e - 1 covering 0 .. total - 1, each of at most ``batch.size``
-    items. A range that runs out of device memory is given up (``run`` must only keep what a range returns once it
-    has finished), the memory freed, ``batch`` halved, and the range computed again in smaller pieces; only a
-    batch of 1 that does not fit is an error (:meth:`BatchSize.halve`).
+def run_in_batches(total: int, batch: BatchSize, run: Callable[[int, int], None], device: torch.device,
+                   largest: Optional[int] = None) -> None:
+    """``run(s, e)`` for consecutive ranges s .. e - 1 covering 0 .. total - 1, each of at most ``batch.size`` (and
+    ``largest``) items. A range that runs out of device memory is given up (``run`` must only keep what a range
+    returns once it has finished), the memory freed, ``batch`` halved, and the range computed again in smaller
+    pieces; only a batch of 1 that does not fit is an error (:meth:`BatchSize.halve`).
 
     Args:
         total: the number of items.
         batch: the batch size (shared by every call of a run, so that a halving lasts).
         run: computes items s .. e - 1 and keeps their result.
         device: where ``run`` computes.
+        largest: the most items of a range, whatever ``batch.size``.
     """
     start = 0
     while start < total:
-        stop = min(total, start + batch.size)
+        stop = min(total, start + min(batch.size, largest or batch.size))
         message = out_of_memory(lambda s=start, e=stop: run(s, e), device)
         if message is None:
             start = stop

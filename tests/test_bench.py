@@ -285,13 +285,20 @@ def test_modes_and_several_classifiers_on_the_digits_models():
     device = torch.device("cpu")
     models = bench.build_models("digits", device, "auto")
     with torch_threads(1):
-        modes = bench.bench_modes("digits", models, 0.5, device, N=200, images=3, batch_size=100, seed=1)
+        modes = bench.bench_modes("digits", models, 0.5, device, N=200, images=3, batch_size=128, seed=1)
         heads = bench.bench_heads("digits", models, 0.5, device, K=2, batch_size=16, iters=1)
     assert modes["fixed"]["samples_per_image"] == 200
     assert modes["sequential"]["samples_per_image"] < 200
     assert modes["skip_wrong"]["certified_accuracy"] == modes["fixed"]["certified_accuracy"]
     assert modes["both"]["certified_accuracy"] == modes["sequential"]["certified_accuracy"]
     assert modes["both"]["samples_per_image"] <= modes["sequential"]["samples_per_image"]
+    for mode in ("sequential", "both"):  # the pool: the same results, fuller forward passes
+        pooled, alone = modes[mode + "_pool"], modes[mode]
+        assert pooled["same_results_as_one_by_one"] is True and pooled["pool"] and not alone["pool"]
+        assert pooled["samples_per_image"] == alone["samples_per_image"]
+        assert pooled["certified_accuracy"] == alone["certified_accuracy"]
+        assert alone["mean_forward_batch"] <= pooled["mean_forward_batch"] <= 128
+    assert modes["sequential"]["mean_forward_batch"] < modes["sequential_pool"]["mean_forward_batch"]
     assert heads["K"] == 2 and heads["sec_per_sample_K"] > 0 and heads["sec_per_sample_single"] > 0
     lines = bench.format_modes_and_heads("digits", {"modes": modes, "heads": heads})
     assert any(line.startswith("sequential") for line in lines) and "2 classifiers" in lines[-1]

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from runkit.errors import UserError
-from runkit.memory import (BatchSize, is_out_of_memory, largest_batch, out_of_memory, parse_batch_size,
-                           run_in_batches)
+from runkit.memory import BatchSize, is_out_of_memory, largest_batch, out_of_memory, parse_batch_size, run_in_batches
 
 CPU = torch.device("cpu")
 
