@@ -29,6 +29,7 @@ import pandas as pd
 
 from presets import DATASETS
 from runkit.errors import UserError
+from runkit.files import atomic_save_figure
 from runkit.logs import (ABSTAIN, LogWarning, complete_lines, expand_logs, is_log,  # noqa: F401 (re-exported)
                          read_log)
 from runkit.sidecars import read_sidecar, sidecar_path
@@ -509,8 +510,7 @@ def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    atomic_save_figure(fig, path, dpi=150)
     return fig
 
 
@@ -892,5 +892,5 @@ def plot_training_curves(run_dir: str | Path, outputs: Sequence[str | Path]) -> 
     fig.suptitle(f"training curves: {run_dir}")
     fig.tight_layout()
     for out in outputs:
-        fig.savefig(check_plot_path(out), dpi=120)
+        atomic_save_figure(fig, check_plot_path(out), dpi=120)
     return {t: [f"{name}:{col}" for name, col in v] for t, v in panels.items()}

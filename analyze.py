@@ -34,6 +34,7 @@ from cohen_analysis import (Accuracy, ApproximateAccuracy, HighProbAccuracy, Lin
 from presets import DATASETS
 from published import PublishedTable, load_tables, matching_rows
 from runkit.errors import UserError
+from runkit.files import atomic_write_text
 
 # Cohen et al.'s analysis API (and FT-CADIS's ACR table), re-exported for scripts written against their analyze.py
 __all__ = ["Accuracy", "ApproximateAccuracy", "HighProbAccuracy", "Line", "plot_certified_accuracy",
@@ -248,8 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame | dict[str, list[
         table, text = _plain_text(args, dfs, labels, radii, high_prob, matches)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        atomic_write_text(out, text)
         print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

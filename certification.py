@@ -42,7 +42,8 @@ from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, cuda_ma
                             resolve_precision)
 from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
-from runkit.files import check_output, file_fingerprint, output_folder, remove_stale_temporary_files
+from runkit.files import (check_output, file_fingerprint, output_folder, remove_stale_temporary_files, write_failures,
+                          writing)
 from runkit.locks import job_run_lock, lock_path
 from runkit.logs import ABSTAIN, LogRow, PredictRow, Row, SampledRow, idx_list, read_log
 from runkit.memory import AUTO, largest_batch, parse_batch_size
@@ -570,13 +571,15 @@ def run_dataset(method: Method, dataset: Any, indices: Sequence[int], logs: Sequ
         for k, (out, result) in enumerate(zip(logs, results)):
             row = method.to_row(idx, label, result, seconds)
             if idx not in written[k]:
-                out.write(row.line())
-                out.flush()
+                with writing(out.name):
+                    out.write(row.line())
+                    out.flush()
             if k == 0:
                 rows.append(row)
         if time.monotonic() - last_sync > FSYNC_SECONDS:
             for out in logs:
-                os.fsync(out.fileno())
+                with writing(out.name):
+                    os.fsync(out.fileno())
             last_sync = time.monotonic()
         bar.update(1)
         if progress:
@@ -816,7 +819,7 @@ def run(opts: RunOptions, row_type: Type[LogRow], make_method: Callable[[Smooth,
     configs = [run_config(opts, k) for k in range(len(outfiles))]
     dist_info = init_distributed(opts.device, opts.dist_timeout)
     try:
-        with contextlib.ExitStack() as stack:
+        with write_failures("rerun the same command with --resume"), contextlib.ExitStack() as stack:
             stack.enter_context(cuda_math(opts.tf32, opts.cudnn_benchmark))
             for outfile in outfiles:
                 stack.enter_context(output_folder(outfile.parent))

@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
+import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -46,11 +49,13 @@ from runkit.devices import (DEFAULT_TF32, PRECISION_CHOICES, TF32_MODES, autocas
                             resolve_device, resolve_precision)
 from runkit.distributed import DEFAULT_DIST_TIMEOUT_MINUTES, DistInfo, barrier, cleanup_distributed, init_distributed
 from runkit.errors import UserError
-from runkit.files import atomic_torch_save, atomic_write_text, check_fingerprint, check_output, file_fingerprint
+from runkit.files import (atomic_torch_save, atomic_write_text, check_changeable, check_fingerprint, check_output,
+                          file_fingerprint, write_failures, writing)
 from runkit.locks import locked_output_folder
 from runkit.logs import complete_lines
 from runkit.progress import DEFAULT_INTERVAL, Progress
-from runkit.resume import newest_checkpoint, read_run_checkpoint, refuse_existing_run, resumed_config
+from runkit.resume import (flags_not_at_default, newest_checkpoint, read_run_checkpoint, refuse_existing_run,
+                           resumed_config)
 from runkit.rng import gather_rng_states, seed_everything, set_rng_state
 from runkit.stops import RunStopped, StopRequest
 
@@ -114,7 +119,8 @@ class TrainConfig:
     (:attr:`presets.Preset.train`) are what ``train_cifar10.sh`` / ``train_imagenet.sh`` pass.
     """
 
-    dataset: str = field(metadata={"help": ", ".join(DATASETS)})
+    dataset: Optional[str] = config_field(
+        None, f"{', '.join(DATASETS)}; required for a new run (a --resume takes the run's)")
     arch: Optional[str] = config_field(
         None, f"classifier architecture (default by dataset: {per_dataset('arch')}; or any timm model name)")
     ft_method: str = paper_default("ft_method", "full fine-tuning or LoRA on q/v",
@@ -322,22 +328,26 @@ def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, resume=cfg.load_from, load_from=None)
 
 
-# flags a --resume may change freely (left out: their defaults): where and how the run executes, not what it
-# computes. The checkpoint files (RESUME_PATHS; left out: the run's) may move, their content is checked
-# (fingerprints). --epochs may grow: the cosine lr and weight-decay schedules then stretch over the new total from the
-# current position on. Every other flag given must equal the run's value, or be named by --override.
+# flags a --resume may change freely: where and how the run executes, not what it computes; left out, those of
+# RESUME_KEPT keep the run's values, the others (where and until when this invocation runs) take their defaults. The
+# checkpoint files (RESUME_PATHS; left out: the run's) may move, their content is checked (fingerprints). --epochs may
+# grow: the cosine lr and weight-decay schedules then stretch over the new total from the current position on. Every
+# other flag given must equal the run's value, or be named by --override.
 RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "dist_timeout", "cudnn_benchmark",
                                 "workers", "progress", "log_interval",
                                 "log_every", "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test",
                                 "test_per_class", "load_from", "tensorboard", "local_rank"})
 RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
+# what the run writes (its test pass, curves, step log, checkpoints) and how it loads its data
+RESUME_KEPT = frozenset({"no_test", "test_per_class", "tensorboard", "log_every", "ckpt_every_steps", "workers"})
 
 
 def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str, Any]) -> TrainConfig:
     """The configuration of a resumed run: the run's own (recorded in its checkpoint), with the flags given now
     (:func:`runkit.resume.resumed_config`): flags left out take the run's values; a flag given with a value that
     changes what the run computes (sigma, lbd, M, eps, lr, schedule, seed, precision, ...: everything but
-    :data:`RESUME_OPERATIONAL`) is refused unless ``--override`` names it; ``--epochs`` may grow.
+    :data:`RESUME_OPERATIONAL`) is refused unless ``--override`` names it; ``--epochs`` may grow. Of the operational
+    flags, those of :data:`RESUME_KEPT` left out are the run's too; the others are this invocation's.
 
     Args:
         config: the flags of this invocation.
@@ -345,8 +355,10 @@ def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str
         ckpt: the checkpoint of ``--resume``.
     """
     recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration, else the flags
-    return resumed_config(config, given, recorded, resolve_config, RESUME_OPERATIONAL, RESUME_PATHS,
-                          may_grow=("epochs",))
+    merged = resumed_config(config, given, recorded, resolve_config, RESUME_OPERATIONAL, RESUME_PATHS,
+                            may_grow=("epochs",))
+    given = flags_not_at_default(config) if given is None else given
+    return dataclasses.replace(merged, **{k: recorded[k] for k in RESUME_KEPT - given if k in recorded})
 
 
 def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
@@ -488,7 +500,7 @@ def clip_grad_per_param(parameters: Sequence[torch.Tensor], max_norm: float) -> 
 
 def _append(path: Path, header: str, row: str) -> None:
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         if new:
             f.write(header + "\n")
         f.write(row + "\n")
@@ -1137,8 +1149,8 @@ def read_steps(run: Run, bar: Any) -> None:
                 "--precision fp32/bf16.")
         if run.info.is_main and (p.step % run.cfg.log_every == 0 or p.step == run.cfg.max_steps):
             log_step(run, p, m, bar)
-        if run.writer is not None:
-            write_step_scalars(run, p, m, row[-1], images_per_s if p is pending[-1] else None)
+        tensorboard(run, functools.partial(write_step_scalars, run, p, m, row[-1],
+                                           images_per_s if p is pending[-1] else None))
     run.clock = time.perf_counter()
 
 
@@ -1165,12 +1177,60 @@ TB_STEP_TAGS = ("train/loss", "train/sce", "train/madv", "train/acc", "train/mas
 
 def open_tensorboard(run: Run) -> None:
     """Rank 0 (unless ``--no_tensorboard``): a ``SummaryWriter`` on the outdir. A resumed run purges the events
-    its previous run wrote after the resumed step (TensorBoard hides them), so no step is shown twice."""
+    its previous run wrote after the resumed step (TensorBoard hides them), so no step is shown twice. The curves are
+    not worth the run: a failure to write them (a full disk) warns once and training goes on (:func:`tensorboard`)."""
     if not (run.cfg.tensorboard and run.info.is_main):
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    run.writer = SummaryWriter(log_dir=str(run.out), purge_step=run.step + 1 if run.cfg.resume else None)
+    threading.excepthook = _quiet_event_writer_thread(threading.excepthook)
+    try:
+        run.writer = SummaryWriter(log_dir=str(run.out), purge_step=run.step + 1 if run.cfg.resume else None)
+    except Exception as err:  # noqa: BLE001 - whatever it raises, the run goes on without TensorBoard
+        _tensorboard_failed(run, err)
+
+
+def tensorboard(run: Run, call: Callable[[], Any]) -> None:
+    """``call()``, a write of ``run.writer``, while TensorBoard writes; when it fails, one warning, and the run goes
+    on without TensorBoard (its text logs hold the same curves).
+
+    Args:
+        run: the run.
+        call: what to do with ``run.writer``.
+    """
+    if run.writer is None:
+        return
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - whatever the event writer raises (its thread's OSError), the run goes on
+        _tensorboard_failed(run, err)
+
+
+def _tensorboard_failed(run: Run, err: Exception) -> None:
+    writer, run.writer = run.writer, None
+    print(f"warning: TensorBoard: cannot write its event file in {run.out} ({err}); training goes on without "
+          "TensorBoard curves (log_steps.txt and log.txt hold them)", file=sys.stderr)
+    with contextlib.suppress(Exception):
+        if writer is not None:
+            writer.close()
+
+
+def close_tensorboard(run: Run) -> None:
+    """Close the run's ``SummaryWriter`` (:func:`tensorboard`: a failure warns) and its thread's error handling."""
+    if run.writer is not None:
+        tensorboard(run, run.writer.close)
+    run.writer = None
+    threading.excepthook = getattr(threading.excepthook, "previous", threading.excepthook)
+
+
+def _quiet_event_writer_thread(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``threading.excepthook`` less the error of TensorBoard's event-writer thread, which TensorBoard raises again in
+    the training thread at the next scalar (where :func:`tensorboard` warns): no traceback from the thread."""
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+    hook.previous = previous  # type: ignore[attr-defined]
+    return hook
 
 
 def write_step_scalars(run: Run, record: StepRecord, m: Metrics, grad_norm: float,
@@ -1236,8 +1296,7 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) 
         if counts is None:
             stop_on_request(run, epoch, result.micro, sums)
         test_acc = counts[0] / max(counts[1], 1)
-        if run.writer is not None:
-            run.writer.add_scalar("test/acc", test_acc, run.step)
+        tensorboard(run, lambda: run.writer.add_scalar("test/acc", test_acc, run.step))
     stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
              "train_madv": avg.madv, "train_acc": avg.acc, "masked_in": avg.masked_in, "test_acc": test_acc,
              "time": time.time() - epoch_start}
@@ -1261,6 +1320,10 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+NO_DATASET = "--dataset: required for a new run (--resume CKPT or --resume auto takes the run's)"
+RESUME_ADVICE = "rerun the same command with --resume auto (it continues from the newest checkpoint)"
+
+
 def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, Any]:
     """Run FT-CADIS fine-tuning. Returns the last epoch's stats, ``checkpoint`` (the last one written) and
     ``classifier``.
@@ -1278,10 +1341,16 @@ def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, An
         raise UserError("--resume auto: needs --outdir (the folder whose newest checkpoint it continues)")
     if config.override and not config.resume:
         raise UserError(f"--override {config.override}: only with --resume (a new run takes any flag)")
-    out = Path(resolve_config(config).outdir)  # every flag and the output folder checked before anything runs
+    if config.dataset is None and not config.resume:
+        raise UserError(NO_DATASET)
+    # every flag and the output folder checked before anything runs (a --resume without --dataset: with any dataset's
+    # defaults until its checkpoint is read; no check depends on them)
+    out = Path(resolve_config(config if config.dataset else dataclasses.replace(config, dataset=DATASETS[0])).outdir)
+    for name in RUN_LOGS:  # (appended to, cut back on resume)
+        check_changeable(out / name, f"--outdir {out}: ")
     info = init_distributed(config.device, config.dist_timeout)
     try:
-        with locked_output_folder(out, f"--outdir {out}", info.is_main, RUN_FILES):
+        with write_failures(RESUME_ADVICE), locked_output_folder(out, f"--outdir {out}", info.is_main, RUN_FILES):
             config, cfg, ckpt = _resumed(config, given, out, info)
             with cuda_math(cfg.tf32, cfg.cudnn_benchmark):  # a resumed run: its recorded --tf32
                 return _train(cfg, dataclasses.asdict(config), ckpt, info)
@@ -1297,6 +1366,8 @@ def _resumed(config: TrainConfig, given: Optional[set[str]], out: Path, info: Di
     resume = config.resume
     if resume == "auto":
         resume = newest_checkpoint(out)
+        if resume is None and config.dataset is None:  # (a fresh start: before the logs are dropped)
+            raise UserError(NO_DATASET)
         if resume is None and info.is_main:
             for name in RUN_LOGS:
                 (out / name).unlink(missing_ok=True)
@@ -1332,8 +1403,7 @@ def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]
                 if result.stopped:
                     break
     finally:
-        if run.writer is not None:
-            run.writer.close()
+        close_tensorboard(run)
     if info.is_main and run.last_ckpt is not None:
         print(f"last checkpoint: {run.last_ckpt}")
     return {**stats, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "classifier": run.classifier}

@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from runkit.errors import RunWarning, UserError
+from runkit.errors import RunWarning, UserError, is_write_failure, write_failure
 
 if TYPE_CHECKING:
     import argparse
@@ -40,7 +40,8 @@ def exit_on_interrupt(name: str) -> None:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into ``error: <message>`` and exit status 2, a Ctrl-C
+    """Run a script's ``main`` and turn a :class:`UserError` (and a failed write:
+    :func:`runkit.errors.is_write_failure`) into ``error: <message>`` and exit status 2, a Ctrl-C
     (``KeyboardInterrupt``, which unwinds ``main``'s ``finally`` blocks: locks released, files closed) into
     ``interrupted`` and exit status 130; a :class:`RunWarning` is shown as one line ``warning: <message>``."""
     if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # from here on, Python's KeyboardInterrupt
@@ -66,6 +67,11 @@ def _run_main(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seq
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # an output the library did not report itself (a full disk, ...): one line too
+        if not is_write_failure(err):
+            raise
+        print(f"error: {write_failure(err, 'run it again')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Files a run writes and reads: atomic writes with the modes of a plain ``open``, temporary files a killed writer
-left, content fingerprints, and the checks of output locations before any work starts."""
+"""Files a run writes and reads: atomic writes with the modes of a plain ``open``, failed writes named and reported as
+one line (:func:`writing`, :func:`write_failures`), temporary files a killed writer left, regular-file checks, content
+fingerprints, and the checks of output locations before any work starts."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from runkit.errors import UserError
+from runkit.errors import UserError, WriteError, is_write_failure, write_failure
 
 
 def process_umask() -> int:
@@ -39,23 +40,58 @@ def _atomic_file(path: str | os.PathLike, mode: str, **open_kwargs: Any) -> Iter
     (``mkstemp`` alone creates 0600, unreadable to the colleagues the umask admits).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            file_mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            file_mode = 0o666 & ~process_umask()
-        os.fchmod(fd, file_mode)
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            try:
+                file_mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                file_mode = 0o666 & ~process_umask()
+            os.fchmod(fd, file_mode)
+            with os.fdopen(fd, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """An ``OSError`` raised inside the block, which writes ``path``, becomes a
+    :class:`~runkit.errors.WriteError` naming ``path`` (what :func:`write_failures` reports).
+
+    Args:
+        path: the output written inside the block.
+    """
+    try:
+        yield
+    except WriteError:
         raise
+    except OSError as err:
+        raise WriteError(err.errno, err.strerror or str(err), os.fspath(path)) from err
+
+
+@contextlib.contextmanager
+def write_failures(advice: str) -> Iterator[None]:
+    """A failed write inside the block (:func:`runkit.errors.is_write_failure`: a full disk, an unwritable file)
+    becomes one :class:`UserError`, ``cannot write <file>: <why>; the files written before it are complete: free
+    space, then <advice>`` (:func:`runkit.errors.write_failure`). Every writer of a run writes atomically or
+    appends whole rows, so what was written before the failure is complete.
+
+    Args:
+        advice: what to run once the cause is gone, e.g. ``"rerun the same command with --resume"``.
+    """
+    try:
+        yield
+    except OSError as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(err, advice) from None
 
 
 def remove_stale_temporary_files(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
@@ -98,10 +134,25 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     path = Path(path)
     record = content_hash_path(path)
-    record.unlink(missing_ok=True)
+    with writing(record):
+        record.unlink(missing_ok=True)
     with _atomic_file(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch reports a failed write as "unexpected pos" (inline_container.cc)
+            cause = _os_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
     atomic_write_text(record, f"{sha256_of(path)}  {path.name}\n")  # the format of sha256sum (-c checks it)
+
+
+def _os_error_in(err: BaseException) -> Optional[OSError]:
+    """The ``OSError`` that caused ``err`` (its ``__cause__`` or ``__context__`` chain), None when there is none."""
+    seen = err
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def content_hash_path(path: str | os.PathLike) -> Path:
@@ -134,6 +185,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to a temporary file beside ``path``, fsync, rename: never a half-written file."""
     with _atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """``fig.savefig`` (matplotlib; the format from the suffix) to a temporary file beside ``path``, then rename: a
+    failed write leaves the previous figure whole."""
+    with _atomic_file(path, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or None, **savefig_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +325,32 @@ def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> Pa
         raise UserError(f"{flag} {path}: is a folder; name a file")
     if not folder:
         check_regular_file(p, flag)
+    if not folder:
+        check_changeable(p, f"{flag} ")
     if not folder and p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{flag} {path}: not writable (permission denied); choose another {flag}")
     _check_creatable_under(p if folder else p.parent, flag, path)
     return p
+
+
+def check_changeable(path: str | os.PathLike, what: str = "") -> None:
+    """Refuse, before any work, an existing output a run will change (append to, cut back, replace, remove) that no
+    write may change: append-only or immutable (``chattr +a`` / ``+i``, which even root cannot write through), or
+    read-only. Checked by opening it for reading and writing, which changes nothing; a missing ``path`` passes.
+
+    Args:
+        path: the file (a regular one: :func:`check_regular_file` first).
+        what: the start of the error, e.g. ``"--outfile "`` (the path follows).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as err:
+        raise UserError(f"{what}{path}: cannot be written ({err.strerror}): a file that is append-only or immutable "
+                        "(chattr +a / +i; lsattr shows it) or read-only cannot be continued; make it writable "
+                        "(chattr -a -i), or write elsewhere") from None
+    os.close(fd)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from runkit.errors import UserError
-from runkit.files import process_umask
+from runkit.files import process_umask, writing
 
 _HELD_LOCKS: dict = {}  # (st_dev, st_ino) of lock files this process holds -> path (POSIX locks ignore own process)
 
@@ -99,9 +99,10 @@ def run_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
     _HELD_LOCKS[key] = path
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv)}
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps(info) + "\n").encode())
     try:
+        with writing(path):  # (a full disk: the lock file is removed again below)
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -27,19 +27,20 @@ This module imports neither torch nor the models: analysis starts fast.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence, TextIO, Type, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, TextIO, Type, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from runkit.errors import RunWarning, UserError
-from runkit.files import check_regular_file
+from runkit.files import check_regular_file, writing
 
 ABSTAIN = -1  # the class a smoothed classifier returns when it abstains
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -467,8 +468,12 @@ def idx_list(idx: Sequence[int], shown: int = 20) -> str:
     return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
 
 
-def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
-    """Open a log or part for appending rows: drop a half-written last line, write the header if new.
+@contextlib.contextmanager
+def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> Iterator[TextIO]:
+    """A log or part open for appending rows, for the block: a half-written last line dropped, the header written if
+    new. A failed write (:func:`runkit.files.writing`: a :class:`~runkit.errors.WriteError` naming ``path``) is not
+    hidden by the close after it, which retries the write; what was written before stays (a row cut short is the
+    half-written last line a resume drops).
 
     Args:
         path: the log or part.
@@ -477,13 +482,22 @@ def open_for_append(path: Path, row_type: Type[LogRow] = Row) -> TextIO:
     with warnings.catch_warnings():  # (what the rows hold was reported when they were read for the resume)
         warnings.simplefilter("ignore", LogWarning)
         length = read_rows(path, row_type)[1] if path.is_file() else 0
-    log = open(path, "r+" if path.is_file() else "w", encoding="utf-8")
-    log.truncate(length)
-    log.seek(length)
-    if length == 0:
-        log.write(row_type.header() + "\n")
-        log.flush()
-    return log
+    with writing(path):
+        log = open(path, "r+" if path.is_file() else "w", encoding="utf-8")
+    try:
+        with writing(path):
+            log.truncate(length)
+            log.seek(length)
+            if length == 0:
+                log.write(row_type.header() + "\n")
+                log.flush()
+        yield log
+    except BaseException:
+        with contextlib.suppress(OSError):
+            log.close()
+        raise
+    with writing(path):
+        log.close()
 
 
 def format_log(rows: Sequence[LogRow], row_type: Type[LogRow] = Row) -> str:

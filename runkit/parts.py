@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Container, Iterator, Optional, Sequence, TextIO, Type
 
 from runkit.distributed import DistInfo, barrier
-from runkit.files import atomic_write_text
+from runkit.files import atomic_write_text, writing
 from runkit.errors import UserError
 from runkit.logs import (RESULT_COLUMNS, LogRow, LogWarning, R, Row, format_log, numbered_siblings,
                          open_for_append, read_rows)
@@ -80,7 +80,8 @@ def merge_parts(outfile: Path, row_type: Type[R] = Row) -> list[R]:  # type: ign
     if parts or not outfile.is_file() or outfile.read_text(encoding="utf-8") != text:
         atomic_write_text(outfile, text)
     for part in parts:
-        part.unlink()
+        with writing(part):
+            part.unlink()
     return rows
 
 
@@ -110,7 +111,8 @@ def appending_parts(outfiles: Sequence[Path], row_type: Type[LogRow], dist_info:
         logs = [stack.enter_context(open_for_append(t, row_type)) for t in targets]
         yield logs
         for log in logs:
-            os.fsync(log.fileno())
+            with writing(log.name):
+                os.fsync(log.fileno())
 
 
 def merge_rank_parts(outfiles: Sequence[Path], row_type: Type[R], dist_info: DistInfo) -> Optional[list[list[R]]]:

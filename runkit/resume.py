@@ -11,7 +11,7 @@ from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence,
 from runkit import checkpoints
 from runkit.devices import describe_device_model, stream_difference
 from runkit.errors import UserError
-from runkit.files import check_fingerprint
+from runkit.files import check_changeable, check_fingerprint, check_regular_file, writing
 from runkit.logs import LogRow, Row
 from runkit.parts import existing_parts, read_done
 from runkit.sidecars import read_sidecar, sidecar_path, write_sidecar
@@ -207,7 +207,8 @@ def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite
                   files: Optional[dict[str, tuple[str, str]]] = None) -> tuple[list[Path], dict[int, LogRow]]:
     """Read-only checks before anything is written: (existing output files, rows already done).
 
-    An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``.
+    An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``, and must be a
+    regular file the run may change (:func:`runkit.files.check_changeable`: not append-only or immutable).
 
     Args:
         outfile: the log.
@@ -221,6 +222,9 @@ def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite
     if existing and not (resume or overwrite):
         raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
                         "--overwrite to replace it")
+    for path in existing:  # (appended to, cut back, replaced or removed below: each must be changeable)
+        check_regular_file(path, f"--outfile {outfile}:")
+        check_changeable(path, f"--outfile {outfile}: ")
     if resume and existing:
         check_resume(outfile, config, resume_keys, defaults, files=files)
     return existing, (read_done(outfile, row_type) if resume else {})
@@ -238,7 +242,8 @@ def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, co
     """
     if overwrite:
         for path in existing:
-            path.unlink()
+            with writing(path):
+                path.unlink()
     outfile.parent.mkdir(parents=True, exist_ok=True)
     if not sidecar_path(outfile).is_file():
         write_sidecar(outfile, config, info)

@@ -18,7 +18,7 @@ from typing import Any, Container, Mapping, NamedTuple, Optional, Sequence, Type
 
 from runkit.devices import describe_device_model, stream_difference
 from runkit.errors import UserError
-from runkit.files import atomic_write_text, check_regular_file
+from runkit.files import atomic_write_text, check_regular_file, write_failures
 from runkit.locks import lock_path, run_lock
 from runkit.logs import LogRow, format_log, idx_list, numbered_siblings
 from runkit.parts import read_done
@@ -287,7 +287,7 @@ def _shard_rows(outfile: Path, shards: dict[int, Path], s: int, selected: Sequen
 def _write_merged(outfile: Path, merged: Merged, row_type: Type[LogRow], info: dict[str, Any]) -> None:
     """Write the merged log (refusing to replace a different one) and its sidecar."""
     text = format_log(merged.rows, row_type)
-    with run_lock(lock_path(outfile), f"--merge {outfile}"):
+    with write_failures(f"rerun --merge {outfile}"), run_lock(lock_path(outfile), f"--merge {outfile}"):
         if outfile.exists() and outfile.read_text(encoding="utf-8", errors="replace") != text:
             raise UserError(f"--merge {outfile}: it already exists with other rows; move it away to merge again")
         atomic_write_text(outfile, text)

@@ -4,7 +4,8 @@ Ctrl-C while a script imports its libraries.
 In-process (pytest):
 
 * :func:`small_tmpfs`: a tmpfs of a few hundred KiB mounted on a folder (needs root and a kernel that lets this
-  process mount; yields None where mounting is refused, and the caller falls back to :func:`write_faults`), and
+  process mount; yields None where mounting is refused, or with ``FT_CADIS_NO_TMPFS=1``, and the caller falls back
+  to :func:`write_faults`), and
   :func:`fill` to leave only so many bytes of it free.
 * :func:`write_faults`: every write into files whose name matches a glob, from the k-th on, raises
   ``OSError(errno)`` (a disk that is full from then on). It covers ``open``/``io.open``/``os.fdopen`` file
@@ -46,8 +47,9 @@ def small_tmpfs(folder: Path, size_kib: int = 256) -> Iterator[Optional[Path]]:
     process may not mount one (not root, or a container that forbids it). Unmounted at the end (lazily if busy)."""
     folder.mkdir(parents=True, exist_ok=True)
     cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", str(folder)]
-    try:
-        mounted = subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    try:  # (FT_CADIS_NO_TMPFS=1: as where mounting is refused, to run the callers' fallback)
+        mounted = not os.environ.get("FT_CADIS_NO_TMPFS") and subprocess.run(cmd, capture_output=True,
+                                                                              timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         mounted = False
     try:

@@ -8,6 +8,7 @@ Runs on the shipped digits models (``models/``), without the denoiser where it i
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,32 @@ def _one_error(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("warning")]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     return lines[0]
+
+
+@contextlib.contextmanager
+def _rank_0_of_2():
+    """certification runs as rank 0 of 2 processes inside the block (the other rank's part never comes)."""
+    import certification
+    from runkit.distributed import DistInfo
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(certification, "init_distributed", lambda *a, **k: DistInfo(0, 2, 0, torch.device("cpu")))
+        mp.setattr(certification, "barrier", lambda: None)
+        yield
+
+
+def _error_line(main, argv, capsys) -> str:
+    """Run a CLI's ``main`` as its script does; assert exit status 2, exactly one ``error:`` line (other lines, such
+    as ``resuming ...``, may come before it) and no traceback; return the error line."""
+    from runkit.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 def _run(argv: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -110,6 +138,293 @@ def test_resume_refuses_a_log_with_an_impossible_radius_before_any_work(referenc
     before = files_of(tmp_path)
     line = cli_error(certify.main, certify_args(out, "--resume"))
     assert f"{out}: line 3 has radius {float(radius)}" in line, line
+    assert files_of(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _assert_prefix(log: Path, reference: Path, at_least: int = 0) -> int:
+    """``log`` holds the first rows of ``reference`` (a last line cut short aside); returns how many."""
+    rows = _rows(log)
+    assert len(rows) >= at_least and rows == _rows(reference)[:len(rows)], (rows, _rows(reference))
+    return len(rows)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_certifying_fresh_and_on_resume_loses_nothing(tmp_path, capsys):
+    """A real tmpfs that fills up: a fresh run stops after the rows that fit, a --resume on the still full disk
+    stops too, and once space is freed a --resume completes the log as an uninterrupted run writes it. (Where this
+    process may not mount a tmpfs, the same is asserted through an injected ENOSPC.)"""
+    import certify
+    images = 150  # about 5 KiB of rows: more than the one page the full disk leaves for the log
+    reference = tmp_path / "reference" / "log.tsv"
+    certify.main(certify_args(reference, images=images))
+    with faults.small_tmpfs(tmp_path / "disk") as disk:
+        if disk is None:
+            warnings.warn("mounting a tmpfs is refused here: the full disk is an injected ENOSPC", stacklevel=1)
+            disk = tmp_path / "disk"
+        out = disk / "log.tsv"
+        with contextlib.ExitStack() as stack:
+            if disk.is_mount():  # room for the lock file, the sidecar and one page of rows
+                filler = faults.fill(disk, leave=3 * faults.PAGE)
+            else:
+                filler = None
+                stack.enter_context(faults.write_faults("log.tsv", k=40))
+            line = _error_line(certify.main, certify_args(out, images=images), capsys)
+        assert f"cannot write {out}: No space left on device" in line and "free space, then" in line, line
+        assert "--resume" in line, line
+        done = _assert_prefix(out, reference, at_least=30)
+        assert done < images
+        with contextlib.ExitStack() as stack:
+            if filler is None:
+                stack.enter_context(faults.write_faults("log.tsv", k=2))
+            line = _error_line(certify.main, certify_args(out, "--resume", images=images), capsys)
+        assert f"cannot write {out}: No space left on device" in line and "--resume" in line, line
+        _assert_prefix(out, reference, at_least=done)
+        if filler is not None:
+            filler.unlink()
+        certify.main(certify_args(out, "--resume", images=images))
+        assert _rows(out) == _rows(reference)
+        assert sorted(p.name for p in disk.iterdir()) == ["log.tsv", "log.tsv.json"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_train_saves_a_checkpoint_keeps_the_earlier_ones(tmp_path, cli_error):
+    """train.py on a tmpfs that has room for one checkpoint: the second fails as one line, the first is intact, no
+    temporary file is left, and once space is freed --resume auto completes the run. (Injected ENOSPC where a tmpfs
+    cannot be mounted.)"""
+    import train
+    args = ("--max_steps", "2", "--ckpt_every_steps", "1", "--no_test", "--no_tensorboard")
+    with faults.small_tmpfs(tmp_path / "disk", size_kib=8 << 10) as disk:
+        if disk is None:
+            warnings.warn("mounting a tmpfs is refused here: the full disk is an injected ENOSPC", stacklevel=1)
+            disk = tmp_path / "disk"
+        out = disk / "run"
+        train.main(train_args(out, "--max_steps", "1", "--no_test", "--no_tensorboard"))
+        first = (out / "checkpoint-step1.pth.tar").read_bytes()
+        with contextlib.ExitStack() as stack:
+            if disk.is_mount():
+                filler = faults.fill(disk, leave=len(first) // 2)
+            else:
+                filler = None
+                stack.enter_context(faults.write_faults(".checkpoint-step2.pth.tar.????????.tmp", k=3))
+            line = cli_error(train.main, train_args(out, *args, "--resume", "auto"))
+        assert f"cannot write {out / 'checkpoint-step2.pth.tar'}: No space left on device" in line, line
+        assert "free space, then" in line and "--resume" in line, line
+        assert (out / "checkpoint-step1.pth.tar").read_bytes() == first
+        assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+        if filler is not None:
+            filler.unlink()
+        result = train.main(train_args(out, *args, "--resume", "auto"))
+        assert result["step"] == 2 and (out / "checkpoint-step2.pth.tar").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An OSError at the k-th write of each writer: one line, exit 2, the files written before intact, and the advised
+# command completes the work
+# ---------------------------------------------------------------------------------------------------------------
+
+
+CERTIFY_WRITERS = {  # name -> (file name glob, k, extra flags, as rank 0 of 2 processes, the file named)
+    "log (fresh)": ("log.tsv", 3, (), False, "log.tsv"),
+    "log (resume)": ("log.tsv", 1, ("--resume",), False, "log.tsv"),
+    "sidecar": (".log.tsv.json.*.tmp", 1, (), False, "log.tsv.json"),
+    "lock": ("log.tsv.lock", 1, (), False, "log.tsv.lock"),
+    "rank part": ("log.tsv.rank0", 2, (), True, "log.tsv.rank0"),
+    "merge of the rank parts": (".log.tsv.????????.tmp", 1, (), True, "log.tsv"),
+    "shard": ("log.tsv.shard1of2", 2, ("--shard", "1/2"), False, "log.tsv.shard1of2"),
+}
+
+
+@pytest.mark.parametrize("writer", list(CERTIFY_WRITERS))
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_a_write_error_of_a_certification_writer_is_one_line_and_loses_nothing(writer, code, reference, tmp_path,
+                                                                              capsys, files_of):
+    import certify
+    match, k, extra, two, named = CERTIFY_WRITERS[writer]
+    out = tmp_path / "log.tsv"
+    if "--resume" in extra:
+        certify.main(certify_args(out, images=3))
+    before = files_of(tmp_path)
+    with _rank_0_of_2() if two else contextlib.nullcontext(), faults.write_faults(match, k, code) as failed:
+        line = _error_line(certify.main, certify_args(out, *extra), capsys)
+    assert failed.failed, f"no write into {match}"
+    assert f"cannot write {tmp_path / named}: {os.strerror(code)}" in line, line
+    assert ("free space, then" in line) == (code != errno.EIO) and "--resume" in line, line
+    after = files_of(tmp_path)
+    for path, content in before.items():  # what was there is intact (appended to at most)
+        assert after[path].startswith(content), path
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "log.tsv.lock").exists()
+    if "--shard" in extra:
+        certify.main(certify_args(out, "--resume", *extra))
+        certify.main(certify_args(out, "--shard", "0/2"))
+        certify.main(["--merge", str(out)])
+    else:  # (a 2-process run resumed by one process)
+        certify.main(certify_args(out, "--resume"))
+    assert _rows(out) == _rows(reference)
+
+
+@pytest.mark.parametrize("match, named", [(".log.tsv.????????.tmp", "log.tsv"),
+                                          (".log.tsv.json.*.tmp", "log.tsv.json")])
+def test_a_write_error_while_merging_shards_keeps_the_shards(match, named, reference, tmp_path, cli_error, files_of):
+    import certify
+    out = tmp_path / "log.tsv"
+    for k in range(2):
+        certify.main(certify_args(out, "--shard", f"{k}/2"))
+    before = files_of(tmp_path)
+    with faults.write_faults(match) as failed:
+        line = cli_error(certify.main, ["--merge", str(out)])
+    assert failed.failed and f"cannot write {tmp_path / named}: No space left" in line, line
+    assert "free space, then" in line and "--merge" in line, line
+    after = files_of(tmp_path)
+    assert {p: after[p] for p in before} == before and not list(tmp_path.glob(".*.tmp"))
+    certify.main(["--merge", str(out)])
+    assert _rows(out) == _rows(reference)
+
+
+TRAIN_WRITERS = {  # name -> (file name glob, k)
+    "checkpoint": (".checkpoint-step2.pth.tar.????????.tmp", 2),
+    "step log": ("log_steps.txt", 2),
+    "epoch log": ("log.txt", 1),
+}
+
+
+@pytest.mark.parametrize("writer", list(TRAIN_WRITERS))
+def test_a_write_error_of_a_train_writer_is_one_line_and_resume_completes(writer, tmp_path, cli_error):
+    import train
+    match, k = TRAIN_WRITERS[writer]
+    out = tmp_path / "run"
+    args = train_args(out, "--max_steps", "3", "--ckpt_every_steps", "1", "--no_test", "--no_tensorboard")
+    with faults.write_faults(match, k) as failed:
+        line = cli_error(train.main, args)
+    assert failed.failed and "cannot write" in line and "No space left on device" in line, line
+    assert "free space, then" in line and "--resume" in line, line
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    for ckpt in out.glob("checkpoint-*.pth.tar"):
+        torch.load(ckpt, map_location="cpu", weights_only=True)  # complete
+    result = train.main(args + ["--resume", "auto"])
+    assert result["step"] == 3
+
+
+def test_tensorboard_failing_to_write_warns_once_and_training_goes_on(tmp_path, capsys):
+    import train
+    out = tmp_path / "run"
+    with faults.write_faults("events.out.tfevents.*", k=2) as failed:
+        result = train.main(train_args(out, "--max_steps", "3", "--no_test"))
+    assert failed.failed and result["step"] == 3 and (out / "checkpoint-step3.pth.tar").is_file()
+    err = capsys.readouterr().err
+    assert err.count("warning: TensorBoard") == 1 and "No space left on device" in err, err
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "table.md"), ("--plot", "plot.png")])
+def test_a_write_error_of_an_analyze_output_keeps_the_previous_file(flag, name, reference, tmp_path, cli_error):
+    import analyze
+    target = tmp_path / name
+    analyze.main([str(reference), flag, str(target)])
+    previous = target.read_bytes()
+    with faults.write_faults(name) as failed, faults.write_faults(f".{name}.*.tmp") as failed_tmp:
+        line = cli_error(analyze.main, [str(reference), flag, str(target)])
+    assert failed.failed or failed_tmp.failed
+    assert f"cannot write {target}" in line and "free space, then" in line, line
+    assert target.read_bytes() == previous and not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Append-only or immutable outputs (chattr +a / +i) are refused before the models load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _attribute(path: Path, flag: str):
+    """``chattr +<flag> path`` for the block (True), or False where this file system or process may not set it (or
+    with ``FT_CADIS_NO_CHATTR=1``, to run the fallback)."""
+    try:
+        done = not os.environ.get("FT_CADIS_NO_CHATTR") and subprocess.run(
+            ["chattr", f"+{flag}", str(path)], capture_output=True).returncode == 0
+    except OSError:
+        done = False
+    try:
+        yield done
+    finally:
+        if done:
+            subprocess.run(["chattr", f"-{flag}", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def _protected(path: Path, flag: str):
+    """``path`` append-only (``a``) or immutable (``i``) for the block: by chattr where allowed, else an injected
+    ``PermissionError`` when it is opened for writing other than appending (``a``) or at all (``i``)."""
+    with _attribute(path, flag) as done:
+        if done:
+            yield
+            return
+        warnings.warn(f"chattr +{flag} is not available here: the protection is an injected PermissionError",
+                      stacklevel=1)
+        real_os_open, real_open = os.open, open
+        banned = os.O_WRONLY | os.O_RDWR
+
+        def refused(file, flags) -> bool:
+            try:
+                same = os.path.realpath(os.fsdecode(file)) == os.path.realpath(path)
+            except TypeError:
+                return False
+            return same and bool(flags & banned) and (flag == "i" or not flags & os.O_APPEND)
+
+        def os_open(file, flags, *args, **kwargs):
+            if refused(file, flags):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fsdecode(file))
+            return real_os_open(file, flags, *args, **kwargs)
+
+        def open_(file, mode="r", *args, **kwargs):
+            flags = (os.O_RDWR if "+" in mode else os.O_WRONLY if any(c in mode for c in "wax") else 0) | \
+                    (os.O_APPEND if "a" in mode else 0)
+            if refused(file, flags):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fsdecode(file))
+            return real_open(file, mode, *args, **kwargs)
+        import builtins
+        import io
+        with pytest.MonkeyPatch.context() as mp:
+            for owner, name, value in ((os, "open", os_open), (builtins, "open", open_), (io, "open", open_)):
+                mp.setattr(owner, name, value)
+            yield
+
+
+@pytest.mark.parametrize("flag", ["a", "i"])
+@pytest.mark.parametrize("name", ["log.tsv", "log.tsv.rank1"])
+def test_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(flag, name, reference, tmp_path,
+                                                                              cli_error, files_of, no_models):
+    import certify
+    out = tmp_path / "log.tsv"
+    for p in (reference, reference.with_name("log.tsv.json")):
+        shutil.copy(p, tmp_path / p.name)
+    lines = reference.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))
+    if name != "log.tsv":
+        (tmp_path / name).write_text(lines[0] + lines[4])
+    before = files_of(tmp_path)
+    with _protected(tmp_path / name, flag):
+        line = cli_error(certify.main, certify_args(out, "--resume"))
+    assert f"{tmp_path / name}: cannot be written" in line and "append-only or immutable" in line, line
+    assert files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag", ["a", "i"])
+@pytest.mark.parametrize("name", ["log_steps.txt", "log.txt"])
+def test_train_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(flag, name, tmp_path, cli_error,
+                                                                                    files_of, monkeypatch):
+    import train
+    import training
+    out = tmp_path / "run"
+    train.main(train_args(out, "--max_steps", "1", "--no_test", "--no_tensorboard"))
+    before = files_of(tmp_path)
+    monkeypatch.setattr(training, "build_run", lambda *a, **k: pytest.fail("the models were loaded"))
+    with _protected(out / name, flag):
+        line = cli_error(train.main, train_args(out, "--max_steps", "2", "--resume", "auto", "--no_test",
+                                                "--no_tensorboard"))
+    assert f"{out / name}: cannot be written" in line and "append-only or immutable" in line, line
     assert files_of(tmp_path) == before
 
 
@@ -177,7 +492,8 @@ def _deadline(seconds: float):
 def test_a_fifo_given_for_a_file_is_refused_at_once(script, flag, fifo, tmp_path, cli_error):
     import certify
     import train
-    argv = certify_args(tmp_path / "log.tsv") if script == "certify" else train_args(tmp_path / "run", "--max_steps", "1")
+    argv = (certify_args(tmp_path / "log.tsv") if script == "certify"
+            else train_args(tmp_path / "run", "--max_steps", "1"))
     if flag in argv:
         argv[argv.index(flag) + 1] = str(fifo)
     else:
@@ -210,6 +526,40 @@ def test_a_folder_or_fifo_given_as_a_checkpoint_is_named_as_such(kind, fifo, tmp
     expected = "a FIFO" if kind == "fifo" else "a folder"
     assert str(err.value) == f"--load_from {path}: is {expected}, not a regular file", err.value
     assert "not found" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py --resume takes the run's flags
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _epoch_rows(out: Path) -> list[list[str]]:
+    return [line.split("\t") for line in (out / "log.txt").read_text().splitlines()[1:]]
+
+
+def test_train_resume_without_dataset_takes_the_runs_flags(tmp_path):
+    """A requeue script's resume names only the checkpoint (and where to run): --dataset and the flags of what the
+    run writes (--no_test, --no_tensorboard, --test_per_class, --log_every, --ckpt_every_steps) are the run's."""
+    import train
+    out = tmp_path / "run"
+    train.main(train_args(out, "--max_steps", "1", "--no_test", "--no_tensorboard", "--log_every", "2"))
+    assert _epoch_rows(out)[0][9] == "nan"
+    train.main(["--resume", str(out / "checkpoint-step1.pth.tar"), "--max_steps", "4", "--device", "cpu"])
+    assert [row[9] for row in _epoch_rows(out)] == ["nan"]  # still no test pass
+    assert not list(out.glob("*tfevents*"))
+    steps = [line.split("\t")[0] for line in (out / "log_steps.txt").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "4"]  # --log_every 2 kept (and each run's last step; --log_every 10: 1 and 4)
+    config = torch.load(out / "checkpoint-step4.pth.tar", map_location="cpu", weights_only=True)["config"]
+    assert (config["no_test"], config["tensorboard"], config["log_every"], config["workers"]) == (True, False, 2, 0)
+
+
+def test_train_without_dataset_and_without_resume_is_one_line(tmp_path, cli_error, files_of):
+    import train
+    argv = train_args(tmp_path / "run", "--max_steps", "1")
+    del argv[:2]
+    line = cli_error(train.main, argv)
+    assert "--dataset" in line and "--resume" in line, line
+    assert files_of(tmp_path) == {} and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
