@@ -410,13 +410,24 @@ class Smooth:
             raise ValueError("counts: x must be the stream's image")
         if stop <= start:
             raise ValueError(f"empty sample range {start} .. {stop - 1}")
-        return self.count_ranges([SampleRange(stream, start, stop)], batch_size)[0]
+        [counts], [non_finite] = self.count_ranges([SampleRange(stream, start, stop)], batch_size)
+        self.check_finite(non_finite)
+        return counts
 
-    def count_ranges(self, ranges: Sequence[SampleRange], batch_size: int) -> list[torch.Tensor]:
+    def check_finite(self, non_finite: torch.Tensor) -> None:
+        """A :class:`NonFiniteLogitsError` when ``non_finite`` (samples with a NaN/inf logit) is not 0: the one host
+        sync of a count, made where the counts are read next anyway."""
+        if int(non_finite):
+            raise NonFiniteLogitsError(f"the base classifier returned non-finite logits (NaN or inf) on "
+                                       f"{int(non_finite)} noise samples of an image: its weights hold NaN/inf, or "
+                                       f"{self.precision} overflows; argmax over them would certify garbage")
+
+    def count_ranges(self, ranges: Sequence[SampleRange], batch_size: int
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Class counts [K x num_classes] of each of ``ranges`` (of one or several images' streams), their samples
         concatenated in order into forward passes of at most ``batch_size`` samples, each range's rows tallied
-        apart. On the device; the samples with a NaN/inf logit (:class:`NonFiniteLogitsError`) are counted there too
-        and read once at the end (one host sync per call, none per pass).
+        apart, and each range's number of samples with a NaN/inf logit (for :meth:`check_finite`). On the device,
+        no host sync.
 
         A pass that runs out of device memory is computed again in halves, and no later pass is larger
         (:func:`runkit.memory.run_in_batches`; only a single sample that does not fit is an error): the counts are
@@ -424,30 +435,25 @@ class Smooth:
         """
         self.base_classifier.eval()
         ends = np.cumsum([0] + [r.size for r in ranges])
-        totals: list[Optional[torch.Tensor]] = [None] * len(ranges)
-        non_finite = [torch.zeros((), dtype=torch.long, device=ranges[0].stream.x.device)]
+        totals: list[Optional[torch.Tensor]] = [None] * len(ranges)  # per range: [K + 1, C], the last row non-finite
 
         def count(start: int, stop: int) -> None:  # samples start .. stop - 1 of the concatenation
             parts = [(i, SampleRange(r.stream, r.start + max(start - ends[i], 0),
                                      r.start + min(stop, ends[i + 1]) - ends[i]))
                      for i, r in enumerate(ranges) if ends[i] < stop and ends[i + 1] > start]
-            found, bad = self.count_pass([part for _, part in parts], min(batch_size, self.fitting.size))
+            found = self.count_pass([part for _, part in parts], min(batch_size, self.fitting.size))
             added = [c if totals[i] is None else totals[i] + c for (i, _), c in zip(parts, found)]
-            non_finite[0] = non_finite[0] + bad  # kept, like the counts, only once the whole pass has succeeded
-            for (i, _), c in zip(parts, added):
+            for (i, _), c in zip(parts, added):  # kept only once the whole pass has succeeded
                 totals[i] = c
 
         with torch.inference_mode():
             run_in_batches(int(ends[-1]), self.fitting, count, ranges[0].stream.x.device, largest=batch_size)
-        if int(non_finite[0]):
-            raise NonFiniteLogitsError(f"the base classifier returned non-finite logits (NaN or inf) on "
-                                       f"{int(non_finite[0])} noise samples: its weights hold NaN/inf, or "
-                                       f"{self.precision} overflows; argmax over them would certify garbage")
-        return totals  # type: ignore[return-value]
+        return [t[:-1] for t in totals], [t[-1, 1] for t in totals]  # type: ignore[index]
 
-    def count_pass(self, ranges: Sequence[SampleRange], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def count_pass(self, ranges: Sequence[SampleRange], size: int) -> torch.Tensor:
         """One forward pass over the samples of ``ranges`` (with ``fixed_batch``, padded to ``size``): the class
-        counts [len(ranges) x K x num_classes] of each range, and the number of samples with a non-finite logit."""
+        counts [len(ranges) x (K + 1) x num_classes] of each range, the last row counting the samples with a
+        non-finite logit (in its column 1: tallied as a head whose class is 1 for such a sample, 0 otherwise)."""
         inputs = [r.stream.x + self.sigma * r.stream.take(r.start, r.stop) for r in ranges]
         x_noisy = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         generators = ([g for r in ranges for g in r.stream.generators(r.start, r.stop)]
@@ -459,8 +465,9 @@ class Smooth:
                 generators += [torch.Generator(device=x_noisy.device) for _ in range(size - real)]
         logits = self.logits(x_noisy, generators)[:real]
         self.passes, self.samples = self.passes + 1, self.samples + real
-        non_finite = (~torch.isfinite(logits)).flatten(1).any(1).sum()
-        return tally_groups(logits.argmax(-1), self.num_classes, [r.size for r in ranges]), non_finite
+        non_finite = (~torch.isfinite(logits)).flatten(1).any(1).long()
+        predictions = torch.cat([logits.argmax(-1), non_finite[:, None]], 1)
+        return tally_groups(predictions, self.num_classes, [r.size for r in ranges])
 
     def logits(self, x_noisy: torch.Tensor, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
         """Each head's logits f(x_noisy) [B x K x num_classes] (autocast ``precision``); ``generators``: one per

@@ -40,6 +40,7 @@ class Flight:
     request: Optional[SampleRange] = None
     done: int = 0  # samples of the request counted so far
     counts: Optional[torch.Tensor] = None
+    non_finite: Optional[torch.Tensor] = None  # of those samples, how many had a NaN/inf logit
     seconds: float = 0.0  # its share of the passes it was in
     result: Any = None
 
@@ -57,7 +58,7 @@ class Flight:
             return True
         if self.request.size <= 0:
             raise ValueError(f"empty sample range {self.request.start} .. {self.request.stop - 1}")
-        self.done, self.counts = 0, None
+        self.done, self.counts, self.non_finite = 0, None, None
         return False
 
 
@@ -84,12 +85,15 @@ def run_pool(smooth: Smooth, computations: Computations, batch_size: int) -> Ite
         if not flights and not finished:
             return
         pieces = fill(flights, size)
-        counts = smooth.count_ranges([piece for _, piece in pieces], size) if pieces else []
-        for (flight, piece), c in zip(pieces, counts):
+        counts, non_finite = smooth.count_ranges([piece for _, piece in pieces], size) if pieces else ([], [])
+        for (flight, piece), c, bad in zip(pieces, counts, non_finite):
             flight.counts = c if flight.counts is None else flight.counts + c
+            flight.non_finite = bad if flight.non_finite is None else flight.non_finite + bad
             flight.done += piece.size
-            if not flight.remaining and flight.advance(flight.counts):
-                finished.append(flight)
+            if not flight.remaining:  # (the range's counts are read next: no sync before)
+                smooth.check_finite(flight.non_finite)
+                if flight.advance(flight.counts):
+                    finished.append(flight)
         now, total = time.perf_counter(), sum(piece.size for _, piece in pieces)
         for flight, piece in pieces:
             flight.seconds += (now - last) * piece.size / total

@@ -73,6 +73,23 @@ def test_the_pool_fills_the_forward_passes_at_the_papers_n_and_changes_no_result
     assert plain.samples / plain.passes < 0.6 * 1000
 
 
+class NaNOnBrightImages(Brightness):
+    """Brightness, but NaN logits for every sample of an image brighter than 0.9."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return torch.where(x.mean((1, 2, 3))[:, None] > 0.9, float("nan"), logits)
+
+
+def test_the_pool_refuses_non_finite_logits_of_any_image():
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (0.6, 0.7, 1.3, 0.6)])  # the third one's are NaN
+    smooth = Smooth(NaNOnBrightImages(), 10, 0.25)
+    method = certify_method(smooth, 100, 1000, 0.001, 256, [0.0, 0.25])
+    computations = ((i, method.steps(x, image_generator(5, i), 0)) for i, x in enumerate(images))
+    with pytest.raises(core.NonFiniteLogitsError, match="non-finite logits"):
+        list(pool.run_pool(smooth, computations, 256))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # certify.py: the pool is the default; --no_pool gives the same rows
 # ---------------------------------------------------------------------------------------------------------------
