@@ -188,7 +188,9 @@ def test_compile_for_inference_compiles_both_networks(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", spy)
-    monkeypatch.setattr(inductor_config, "freezing", False)  # restored after the test
+    # torch's process-wide flag is off by default and must stay so (monkeypatching a torch config module breaks
+    # its later reads in this process: the attribute vanishes on undo)
+    assert not inductor_config.freezing
     plain = _digits_model()
     model = fast.compile_for_inference_(copy.deepcopy(plain))
     assert set(compiled) == {"UNetModel", "ImageClassifier"} and not inductor_config.freezing
