@@ -3,6 +3,7 @@ computes.
 
 torch is imported lazily so that light scripts (analyze.py) start fast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # what the CLIs' --precision accepts; see resolve_precision
 
 
-def resolve_device(device: Optional[str] = None, flag: str = "--device") -> "torch.device":
+def resolve_device(device: Optional[str] = None, flag: str = "--device") -> torch.device:
     """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise the named device, checked to exist here.
 
     Args:
@@ -41,9 +42,12 @@ def resolve_device(device: Optional[str] = None, flag: str = "--device") -> "tor
         dev = torch.device(device)
     except RuntimeError as err:
         raise UserError(f"{flag} {device}: unknown device ({err})") from None
-    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
-                 "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
-                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
     if dev.type not in available:
         raise UserError(f"{flag} {device}: not a device this program runs on; use cpu, cuda[:N], mps or xpu")
     if not available[dev.type]():
@@ -53,7 +57,7 @@ def resolve_device(device: Optional[str] = None, flag: str = "--device") -> "tor
     return dev
 
 
-def precision_dtype(precision: str) -> "torch.dtype":
+def precision_dtype(precision: str) -> torch.dtype:
     """Map ``fp32``/``bf16``/``fp16`` to a torch dtype."""
     import torch
 
@@ -64,9 +68,21 @@ def precision_dtype(precision: str) -> "torch.dtype":
 
 
 # values of oneDNN's ONEDNN_MAX_CPU_ISA that still allow its native bf16 kernels (AVX512-BF16, AMX)
-ONEDNN_ISAS_WITH_BF16 = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
-                                   "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
-                                   "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"})
+ONEDNN_ISAS_WITH_BF16 = frozenset(
+    {
+        "ALL",
+        "DEFAULT",
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX10_1_512",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+    }
+)
 
 
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -93,7 +109,7 @@ def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def native_bf16(device: "torch.device") -> bool:
+def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: CUDA with bf16 support (Ampere+), or :func:`cpu_has_native_bf16`."""
     import torch
 
@@ -105,7 +121,7 @@ def native_bf16(device: "torch.device") -> bool:
     return False
 
 
-def matmul_rate(dtype: "torch.dtype", size: int = 256, repeats: int = 3) -> float:
+def matmul_rate(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
     """GFLOP/s of one size x size matrix product in ``dtype`` on the CPU (best of ``repeats``): a quick probe."""
     import torch
 
@@ -116,13 +132,13 @@ def matmul_rate(dtype: "torch.dtype", size: int = 256, repeats: int = 3) -> floa
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / max(best, 1e-9) / 1e9
+    return 2 * size**3 / max(best, 1e-9) / 1e9
 
 
 _WARNED: set = set()
 
 
-def resolve_precision(precision: str, device: "torch.device", flag: str = "--precision") -> str:
+def resolve_precision(precision: str, device: torch.device, flag: str = "--precision") -> str:
     """The autocast precision a run uses: ``auto`` -> bf16 where ``device`` computes it natively (:func:`native_bf16`),
     else fp16 on CUDA, else fp32. An explicit bf16 on a CPU without native bf16 is kept, with one warning per process
     stating the measured cost (a 256-cube matmul probe, bf16 against fp32); on a CUDA GPU without native bf16
@@ -144,18 +160,24 @@ def resolve_precision(precision: str, device: "torch.device", flag: str = "--pre
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device) and "bf16-cuda" not in _WARNED:
         _WARNED.add("bf16-cuda")
-        warnings.warn(f"{flag} bf16: {torch.cuda.get_device_name(device)} has no native bf16 (CUDA before Ampere); "
-                      "torch emulates it, slower than fp16; use --precision auto (fp16 here)", stacklevel=2)
+        warnings.warn(
+            f"{flag} bf16: {torch.cuda.get_device_name(device)} has no native bf16 (CUDA before Ampere); "
+            "torch emulates it, slower than fp16; use --precision auto (fp16 here)",
+            stacklevel=2,
+        )
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and "bf16" not in _WARNED:
         _WARNED.add("bf16")
         slow, fast = matmul_rate(torch.bfloat16), matmul_rate(torch.float32)
-        warnings.warn(f"{flag} bf16: this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); a bf16 matmul ran "
-                      f"at {slow:.1f} GFLOP/s against {fast:.1f} in fp32 here, so bf16 is likely slower than fp32; "
-                      "use --precision auto (fp32 here)", stacklevel=2)
+        warnings.warn(
+            f"{flag} bf16: this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); a bf16 matmul ran "
+            f"at {slow:.1f} GFLOP/s against {fast:.1f} in fp32 here, so bf16 is likely slower than fp32; "
+            "use --precision auto (fp32 here)",
+            stacklevel=2,
+        )
     return precision
 
 
-def autocast(device: "torch.device", precision: str = "fp32") -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """Autocast context for ``precision`` on ``device``; a no-op for fp32 (results are then exact fp32)."""
     import torch
 
@@ -214,7 +236,7 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
     return platform.processor() or "unknown"
 
 
-def device_model(device: "torch.device") -> dict[str, Any]:
+def device_model(device: torch.device) -> dict[str, Any]:
     """What ``device`` is, as a sidecar records it: CUDA: ``name``, ``sm_count`` (streaming multiprocessors) and
     ``capability``; CPU: ``name`` (:func:`cpu_model`); others: the type only.
 
@@ -230,8 +252,12 @@ def device_model(device: "torch.device") -> dict[str, Any]:
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": props.name, "sm_count": int(props.multi_processor_count),
-                "capability": f"{props.major}.{props.minor}"}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "sm_count": int(props.multi_processor_count),
+            "capability": f"{props.major}.{props.minor}",
+        }
     if device.type == "cpu":
         return {"type": "cpu", "name": cpu_model()}
     return {"type": device.type}
@@ -253,8 +279,12 @@ def stream_difference(a: dict[str, Any], b: dict[str, Any]) -> Optional[str]:
     """
     if a.get("type") != b.get("type"):
         return "the CPU and CUDA generators give different streams"
-    if a.get("type") == "cuda" and "name" in a and "name" in b and (
-            (a["name"], a.get("sm_count")) != (b["name"], b.get("sm_count"))):
+    if (
+        a.get("type") == "cuda"
+        and "name" in a
+        and "name" in b
+        and ((a["name"], a.get("sm_count")) != (b["name"], b.get("sm_count")))
+    ):
         return "CUDA's randn depends on the GPU model: its launch grid follows the SM count"
     return None
 

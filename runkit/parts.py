@@ -2,6 +2,7 @@
 merges the parts into one idx-sorted log at the end (:func:`merge_parts`); with one process the log itself is the
 only part. A log and its parts are read together (:func:`read_done`), so a resumed run skips what any rank wrote.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +12,19 @@ from pathlib import Path
 from typing import Container, Iterator, Optional, Sequence, TextIO, Type
 
 from runkit.distributed import DistInfo, barrier
-from runkit.files import atomic_write_text, writing
 from runkit.errors import UserError
-from runkit.logs import (RESULT_COLUMNS, LogRow, LogWarning, R, Row, format_log, numbered_siblings,
-                         open_for_append, read_rows)
+from runkit.files import atomic_write_text, writing
+from runkit.logs import (
+    RESULT_COLUMNS,
+    LogRow,
+    LogWarning,
+    R,
+    Row,
+    format_log,
+    numbered_siblings,
+    open_for_append,
+    read_rows,
+)
 
 
 def part_path(outfile: Path, rank: int) -> Path:
@@ -49,16 +59,22 @@ def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: 
             continue
         for idx, row in read_rows(path, row_type)[0].items():
             if idx in done and _result(done[idx]) != _result(row):
-                raise UserError(f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
-                                "runs); keep one of them")
+                raise UserError(
+                    f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
+                    "runs); keep one of them"
+                )
             if idx in done:
                 repeated.append(idx)
             else:
                 done[idx], found[idx] = row, path
     if repeated:
-        warnings.warn(f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
-                      f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
-                      f"{', ...' if len(repeated) > 5 else ''})", LogWarning, stacklevel=2)
+        warnings.warn(
+            f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
+            f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
+            f"{', ...' if len(repeated) > 5 else ''})",
+            LogWarning,
+            stacklevel=2,
+        )
     return done
 
 
@@ -93,7 +109,7 @@ def rank_share(indices: Sequence[int], dones: Sequence[Container[int]], dist_inf
         dones: per log, the idx it already holds.
         dist_info: this process's rank and world size.
     """
-    return [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
+    return [i for i in indices if any(i not in done for done in dones)][dist_info.rank :: dist_info.world_size]
 
 
 @contextlib.contextmanager
