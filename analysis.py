@@ -16,7 +16,6 @@ Metrics on a log of n rows (abstentions, ``predict == -1``, count as wrong):
 
 The command line is ``analyze.py``; this module is its library (importable without torch).
 """
-
 from __future__ import annotations
 
 import math
@@ -151,10 +150,8 @@ def check_sigma(sigma: float, where: str) -> float:
 
 def _radii(df: pd.DataFrame, what: str) -> np.ndarray:
     if df.attrs.get("kind") == "predict" or df["radius"].isna().all():
-        raise UserError(
-            f"{df.attrs.get('path', 'log')}: a PREDICT log (no radius column) has no {what}; "
-            f"only clean accuracy and abstention rate"
-        )
+        raise UserError(f"{df.attrs.get('path', 'log')}: a PREDICT log (no radius column) has no {what}; "
+                        f"only clean accuracy and abstention rate")
     return df["radius"].to_numpy()
 
 
@@ -189,9 +186,8 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray) ->
     return ((radius[None, :] >= r[:, None]) & correct[None, :]).mean(axis=1)
 
 
-def high_prob_certified_accuracy(
-    df: pd.DataFrame, radii: Sequence[float] | np.ndarray, alpha: float, rho: float
-) -> np.ndarray:
+def high_prob_certified_accuracy(df: pd.DataFrame, radii: Sequence[float] | np.ndarray, alpha: float,
+                                 rho: float) -> np.ndarray:
     """Cohen et al.'s bound, holding with probability >= 1 - rho over the draw of the n test points:
     acc(r) - alpha - sqrt(alpha (1 - alpha) log(1/rho) / n) - log(1/rho) / (3n).
 
@@ -205,7 +201,8 @@ def high_prob_certified_accuracy(
         raise UserError(f"--high-prob {alpha} {rho}: ALPHA and RHO must lie in (0, 1)")
     n = len(df)
     log_term = math.log(1 / rho)
-    return certified_accuracy(df, radii) - alpha - math.sqrt(alpha * (1 - alpha) * log_term / n) - log_term / (3 * n)
+    return (certified_accuracy(df, radii) - alpha - math.sqrt(alpha * (1 - alpha) * log_term / n)
+            - log_term / (3 * n))
 
 
 def acr(df: pd.DataFrame) -> float:
@@ -262,13 +259,8 @@ def radius_names(radii: np.ndarray) -> list[str]:
     return [f"{r:.{decimals}f}" for r in radii]
 
 
-def summary_table(
-    dfs: Sequence[pd.DataFrame],
-    labels: Sequence[str],
-    radii: np.ndarray,
-    high_prob: Optional[tuple[float, float]] = None,
-    with_envelope: bool = False,
-) -> pd.DataFrame:
+def summary_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], radii: np.ndarray,
+                  high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False) -> pd.DataFrame:
     """One row per log: certified accuracy at each radius (approximate, or Cohen's high-probability bound with
     ``high_prob = (alpha, rho)``), ACR, clean accuracy, abstention rate, n; and, when a log has the column ``n``
     (certify.py --sequential / --skip_wrong), samples/img, its mean. A sequential CERTIFY log's ACR is a lower bound
@@ -289,7 +281,8 @@ def summary_table(
         row = dict.fromkeys(names, np.nan)
         row.update(ACR=np.nan, clean=clean_accuracy(df), abstain=abstention_rate(df), n=len(df))
         if df.attrs.get("kind") != "predict":
-            acc = high_prob_certified_accuracy(df, radii, *high_prob) if high_prob else certified_accuracy(df, radii)
+            acc = (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
+                   else certified_accuracy(df, radii))
             row.update(zip(names, acc))
             row[ACR_BOUND if is_sequential(df.attrs.get("path")) else "ACR"] = acr(df)
         if "n" in df.columns:  # certify.py --sequential / --skip_wrong: the estimation samples of each image
@@ -299,11 +292,8 @@ def summary_table(
     stats = ["ACR", *([ACR_BOUND] if any(ACR_BOUND in row for row in rows) else []), *STAT_COLUMNS[1:]]
     table = pd.DataFrame(rows, index=pd.Index(list(labels), name="log"), columns=[*names, *stats, *samples])
     if with_envelope:
-        curves = [
-            table.loc[lab, names].to_numpy(dtype=np.float64)
-            for lab, df in zip(labels, dfs)
-            if df.attrs.get("kind") != "predict"
-        ]
+        curves = [table.loc[lab, names].to_numpy(dtype=np.float64)
+                  for lab, df in zip(labels, dfs) if df.attrs.get("kind") != "predict"]
         if not curves:
             raise UserError("--envelope: needs at least one CERTIFY log (with a radius column)")
         best = dict.fromkeys(table.columns, np.nan)
@@ -337,23 +327,16 @@ def _cell(col: str, value: float) -> str:
 
 def _caption(table: pd.DataFrame, stats: bool = True) -> str:
     hp = table.attrs.get("high_prob")
-    kind = (
-        f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})"
-        if hp
-        else "approximate certified accuracy"
-    )
+    kind = (f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})" if hp
+            else "approximate certified accuracy")
     samples = f"; {SAMPLES_COLUMN} = mean estimation samples per image" if SAMPLES_COLUMN in table.columns else ""
-    return (
-        f"{kind} at l2 radius r; ACR = average certified radius"
-        + (f"; {BOUND_NOTE}" if ACR_BOUND in table.columns else "")
-        + ("; clean = smoothed-classifier accuracy; abstain = abstention rate" + samples if stats else "")
-    )
+    return f"{kind} at l2 radius r; ACR = average certified radius" + (
+        f"; {BOUND_NOTE}" if ACR_BOUND in table.columns else "") + (
+        "; clean = smoothed-classifier accuracy; abstain = abstention rate" + samples if stats else "")
 
 
-BOUND_NOTE = (
-    "ACR≥ = a lower bound on ACR (sequential CERTIFY: its radius column is the radius at the stop, below "
-    "the fixed-N radius)"
-)
+BOUND_NOTE = ("ACR≥ = a lower bound on ACR (sequential CERTIFY: its radius column is the radius at the stop, below "
+              "the fixed-N radius)")
 
 
 def format_text(table: pd.DataFrame) -> str:
@@ -383,12 +366,11 @@ def aligned_text(caption: str, header: list[str], body: list[list[str]], left: i
 def format_markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table; the best value of each column in bold."""
     mask = best_mask(table)
-    out = ["| log | " + " | ".join(table.columns) + " |", "|:---|" + "---:|" * len(table.columns)]
+    out = ["| log | " + " | ".join(table.columns) + " |",
+           "|:---|" + "---:|" * len(table.columns)]
     for lab in table.index:
-        cells = [
-            f"**{_cell(c, table.loc[lab, c])}**" if mask.loc[lab, c] else _cell(c, table.loc[lab, c])
-            for c in table.columns
-        ]
+        cells = [f"**{_cell(c, table.loc[lab, c])}**" if mask.loc[lab, c] else _cell(c, table.loc[lab, c])
+                 for c in table.columns]
         out.append(f"| {markdown_escape(str(lab))} | " + " | ".join(cells) + " |")
     return f"{_caption(table)}\n\n" + "\n".join(out) + "\n"
 
@@ -398,27 +380,10 @@ def markdown_escape(text: str) -> str:
     return " ".join(text.replace("|", r"\|").splitlines()) if text else text
 
 
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "σ": r"$\sigma$",
-    "ℓ": r"$\ell$",
-    "α": r"$\alpha$",
-    "ρ": r"$\rho$",
-    "λ": r"$\lambda$",
-    "ε": r"$\epsilon$",
-    "∈": r"$\in$",
-    "≥": r"$\geq$",
-    "Δ": r"$\Delta$",
-}
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "σ": r"$\sigma$", "ℓ": r"$\ell$", "α": r"$\alpha$", "ρ": r"$\rho$", "λ": r"$\lambda$",
+                  "ε": r"$\epsilon$", "∈": r"$\in$", "≥": r"$\geq$", "Δ": r"$\Delta$"}
 
 
 def latex_escape(text: str) -> str:
@@ -432,17 +397,10 @@ def format_latex(table: pd.DataFrame) -> str:
     k = len(table.attrs["radius_columns"])
     out = [f"% {_caption(table, stats=False)} (analyze.py)", r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule"]
     if k:
-        out += [
-            " & \\multicolumn{"
-            + str(k)
-            + "}{c}{Certified accuracy at $\\ell_2$ radius $r$}"
-            + " &" * (len(cols) - k)
-            + " \\\\",
-            "\\cmidrule(lr){2-" + str(k + 1) + "}",
-        ]
-    out.append(
-        "Model & " + " & ".join(["$r = " + c + "$" for c in cols[:k]] + [latex_escape(c) for c in cols[k:]]) + r" \\"
-    )
+        out += [" & \\multicolumn{" + str(k) + "}{c}{Certified accuracy at $\\ell_2$ radius $r$}"
+                + " &" * (len(cols) - k) + " \\\\", "\\cmidrule(lr){2-" + str(k + 1) + "}"]
+    out.append("Model & " + " & ".join(["$r = " + c + "$" for c in cols[:k]] + [latex_escape(c) for c in cols[k:]])
+               + r" \\")
     out.append(r"\midrule")
     for lab in table.index:
         if table.attrs.get("envelope") and lab == ENVELOPE_LABEL:
@@ -496,27 +454,18 @@ def check_outputs_are_not_inputs(outputs: dict[str, Optional[str | Path]], input
     for k, (flag, out) in enumerate(given):
         for log in map(Path, inputs):
             if same(out, log):
-                raise UserError(
-                    f"{flag} {out}: is one of the logs read ({log}); writing there would replace it, "
-                    f"choose another {flag}"
-                )
-        for other_flag, other in given[k + 1 :]:
+                raise UserError(f"{flag} {out}: is one of the logs read ({log}); writing there would replace it, "
+                                f"choose another {flag}")
+        for other_flag, other in given[k + 1:]:
             if same(out, other):
                 raise UserError(f"{flag} and {other_flag} name the same file {out}; give two different files")
         check_output(out, flag)
 
 
-def plot_curves(
-    path: str | Path,
-    dfs: Sequence[pd.DataFrame],
-    labels: Sequence[str],
-    start: float,
-    stop: float,
-    high_prob: Optional[tuple[float, float]] = None,
-    with_envelope: bool = False,
-    title: Optional[str] = None,
-    markers: Sequence[tuple[int, str, Sequence[float], Sequence[float]]] = (),
-) -> Figure:
+def plot_curves(path: str | Path, dfs: Sequence[pd.DataFrame], labels: Sequence[str],
+                start: float, stop: float, high_prob: Optional[tuple[float, float]] = None,
+                with_envelope: bool = False, title: Optional[str] = None,
+                markers: Sequence[tuple[int, str, Sequence[float], Sequence[float]]] = ()) -> Figure:
     """Certified accuracy vs l2 radius on [start, stop], one line per CERTIFY log (PNG or PDF by suffix),
     optionally with the envelope (best over the logs) as a dashed black line, and published points as markers in
     the colour of the log they are compared with. Headless (Agg/PDF canvases).
@@ -542,10 +491,8 @@ def plot_curves(
         raise UserError(f"--plot {path}: needs at least one CERTIFY log (with a radius column)")
     stop = stop if stop > start else start + 1.0
     grid = np.round(np.linspace(start, stop, 801), 10)
-    curves = [
-        high_prob_certified_accuracy(df, grid, *high_prob) if high_prob else certified_accuracy(df, grid)
-        for _, df, _ in pairs
-    ]
+    curves = [high_prob_certified_accuracy(df, grid, *high_prob) if high_prob else certified_accuracy(df, grid)
+              for _, df, _ in pairs]
 
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
@@ -577,7 +524,6 @@ def plot_curves(
 # sigma in {...}": at each radius the highest certified accuracy any of the method's sigmas reaches, with the clean
 # accuracy of the sigma that reaches it in parentheses).
 
-
 def envelope_label(sigmas: Sequence[float]) -> str:
     """The envelope group's name, e.g. ``best of σ ∈ {0.25, 0.50, 1.00}``."""
     return "best of σ ∈ {" + ", ".join(f"{s:.2f}" for s in sorted(set(sigmas))) + "}"
@@ -595,15 +541,9 @@ def _best_of_sigma(acc: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.n
     return best, np.where(tied, clean[:, None], -np.inf).max(axis=0)
 
 
-def paper_table(
-    dfs: Sequence[pd.DataFrame],
-    labels: Sequence[str],
-    sigmas: Sequence[float],
-    radii: np.ndarray,
-    high_prob: Optional[tuple[float, float]] = None,
-    with_envelope: bool = False,
-    published: Sequence[PublishedCells] = (),
-) -> pd.DataFrame:
+def paper_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], sigmas: Sequence[float], radii: np.ndarray,
+                high_prob: Optional[tuple[float, float]] = None, with_envelope: bool = False,
+                published: Sequence[PublishedCells] = ()) -> pd.DataFrame:
     """The paper's table: index (sigma group, method), columns ACR then certified accuracy in percent at each radius.
 
     Args:
@@ -632,9 +572,8 @@ def paper_table(
         for method in methods:
             if (sigma, method) in pairs:
                 df = dfs[pairs.index((sigma, method))]
-                acc = 100 * (
-                    high_prob_certified_accuracy(df, radii, *high_prob) if high_prob else certified_accuracy(df, radii)
-                )
+                acc = 100 * (high_prob_certified_accuracy(df, radii, *high_prob) if high_prob
+                             else certified_accuracy(df, radii))
                 curves.setdefault(method, []).append((acc, 100 * clean_accuracy(df)))
                 rows.append([acr(df), *acc])
                 index.append((f"{sigma:.2f}", method))
@@ -649,23 +588,15 @@ def paper_table(
     clean_of_best = pd.DataFrame(columns=names, dtype=float)
     if with_envelope:
         for method in methods:
-            best, clean_of_best.loc[method] = _best_of_sigma(
-                np.vstack([c[0] for c in curves[method]]), np.array([c[1] for c in curves[method]])
-            )
+            best, clean_of_best.loc[method] = _best_of_sigma(np.vstack([c[0] for c in curves[method]]),
+                                                             np.array([c[1] for c in curves[method]]))
             rows.append([np.nan, *best])
             index.append((envelope_label(sigmas), method))
-    table = pd.DataFrame(
-        rows, index=pd.MultiIndex.from_tuples(index, names=["sigma", "method"]), columns=["ACR", *names]
-    )
-    table.attrs.update(
-        radius_columns=names,
-        high_prob=high_prob,
-        envelope=with_envelope,
-        decimals=decimals,
-        clean_of_best=clean_of_best,
-        acr_lower_bound=bounds,
-        published=sorted({ref.source for ref in published}),
-    )
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["sigma", "method"]),
+                         columns=["ACR", *names])
+    table.attrs.update(radius_columns=names, high_prob=high_prob, envelope=with_envelope, decimals=decimals,
+                       clean_of_best=clean_of_best, acr_lower_bound=bounds,
+                       published=sorted({ref.source for ref in published}))
     return table
 
 
@@ -699,28 +630,21 @@ def paper_bold(table: pd.DataFrame) -> pd.DataFrame:
 
 def _paper_caption(table: pd.DataFrame) -> str:
     hp = table.attrs.get("high_prob")
-    kind = (
-        f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})"
-        if hp
-        else "Approximate certified accuracy"
-    )
+    kind = (f"Cohen's high-probability certified accuracy (alpha={hp[0]:g}, rho={hp[1]:g})" if hp
+            else "Approximate certified accuracy")
     text = f"{kind} (%) at l2 radius r and ACR; best of each column in bold"
     if table.attrs.get("envelope"):
         text += "; best of sigma: the highest accuracy over sigma, (clean accuracy of that sigma)"
     if table.attrs.get("acr_lower_bound"):
         text += "; ≥ before an ACR: a lower bound (sequential CERTIFY: the radius column is the radius at the stop)"
     if table.attrs.get("published"):
-        text += (
-            "; (published): as the table writes it, from "
-            + ", ".join(f"tables/{name}.json" for name in table.attrs["published"])
-            + ", never bold"
-        )
+        text += ("; (published): as the table writes it, from " + ", ".join(
+            f"tables/{name}.json" for name in table.attrs["published"]) + ", never bold")
     return text
 
 
-def _paper_cells(
-    table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str], missing: str, geq: str
-) -> list[tuple[str, str, list[str]]]:
+def _paper_cells(table: pd.DataFrame, bold: tuple[str, str], sup: tuple[str, str], missing: str,
+                 geq: str) -> list[tuple[str, str, list[str]]]:
     """(group, shown on its first row only, method, cells) per row; ``bold``/``sup`` wrap bold values and the clean
     accuracies of the envelope rows; ``missing`` stands for a value that does not apply, ``geq`` precedes an ACR that
     is a lower bound."""
@@ -755,14 +679,11 @@ def format_paper_markdown(table: pd.DataFrame) -> str:
 def format_paper_latex(table: pd.DataFrame) -> str:
     """:func:`paper_table` as a booktabs ``tabular`` (a rule between sigma groups)."""
     k = len(table.attrs["radius_columns"])
-    out = [
-        f"% {_paper_caption(table)} (analyze.py --style paper)",
-        r"\begin{tabular}{llc" + "c" * k + "}",
-        r"\toprule",
-        " & & & \\multicolumn{" + str(k) + "}{c}{Certified accuracy (\\%) at $\\ell_2$ radius $r$} \\\\",
-        "\\cmidrule(lr){4-" + str(k + 3) + "}",
-        "$\\sigma$ & Method & ACR & " + " & ".join(f"${c}$" for c in table.attrs["radius_columns"]) + r" \\",
-    ]
+    out = [f"% {_paper_caption(table)} (analyze.py --style paper)", r"\begin{tabular}{llc" + "c" * k + "}",
+           r"\toprule",
+           " & & & \\multicolumn{" + str(k) + "}{c}{Certified accuracy (\\%) at $\\ell_2$ radius $r$} \\\\",
+           "\\cmidrule(lr){4-" + str(k + 3) + "}",
+           "$\\sigma$ & Method & ACR & " + " & ".join(f"${c}$" for c in table.attrs["radius_columns"]) + r" \\"]
     for group, method, cells in _paper_cells(table, (r"\textbf{", "}"), ("$^{(", ")}$"), "--", r"$\geq$"):
         if group:
             out.append(r"\midrule")
@@ -798,20 +719,14 @@ class PublishedCells:
 def published_cells(table, row, radii: np.ndarray) -> PublishedCells:
     """A :class:`published.PublishedRow` of ``table`` (a :class:`published.PublishedTable`) on ``radii``."""
     acc = [table.at(row, r) for r in radii]
-    return PublishedCells(
-        row.sigma,
-        f"{row.method} (published)",
-        np.array([np.nan if a is None else 100 * a for a in acc]),
-        np.nan if row.acr is None else row.acr,
-        table.points_decimals(),
-        table.acr_decimals,
-        table.name,
-    )
+    return PublishedCells(row.sigma, f"{row.method} (published)",
+                          np.array([np.nan if a is None else 100 * a for a in acc]),
+                          np.nan if row.acr is None else row.acr, table.points_decimals(), table.acr_decimals,
+                          table.name)
 
 
-def comparison_table(
-    dfs: Sequence[pd.DataFrame], labels: Sequence[str], matches: Sequence[Sequence[tuple]], radii: np.ndarray
-) -> pd.DataFrame:
+def comparison_table(dfs: Sequence[pd.DataFrame], labels: Sequence[str], matches: Sequence[Sequence[tuple]],
+                     radii: np.ndarray) -> pd.DataFrame:
     """Index (log, source), columns the radii (certified accuracy in %) and ACR: per log with published rows, its
     row ``yours``, each published row, and ``Δ <table>``: ours rounded as the table writes its values, minus the
     table's, in points (ACR: in radius units; none for a sequential log's ACR, a lower bound).
@@ -837,9 +752,8 @@ def comparison_table(
             rows += [[*ref.accuracy, ref.acr], [*np.round(rounded - ref.accuracy, 10), acr_delta]]
             index += [(label, f"{row.method}, σ={row.sigma:.2f} [{table.name}]"), (label, f"Δ {table.name}")]
             styles += [("published", ref.decimals, ref.acr_decimals, False), ("delta", 1, ref.acr_decimals, False)]
-    table = pd.DataFrame(
-        rows, index=pd.MultiIndex.from_tuples(index, names=["log", "source"]), columns=[*radius_names(radii), "ACR"]
-    )
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["log", "source"]),
+                         columns=[*radius_names(radii), "ACR"])
     table.attrs.update(styles=styles)
     return table
 
@@ -851,11 +765,8 @@ def _comparison_cells(table: pd.DataFrame, geq: str, missing: str) -> list[list[
         cells = []
         for col, value in values.items():
             places = acr_decimals if col == "ACR" else decimals
-            text = (
-                missing
-                if math.isnan(value)
-                else (f"{value + 0.0:+.{places}f}" if kind == "delta" else f"{value:.{places}f}")
-            )
+            text = missing if math.isnan(value) else (f"{value + 0.0:+.{places}f}" if kind == "delta"
+                                                      else f"{value:.{places}f}")
             cells.append(geq + text if bound and col == "ACR" else text)
         out.append([log if log != previous else "", source, *cells])
         previous = log
@@ -863,11 +774,9 @@ def _comparison_cells(table: pd.DataFrame, geq: str, missing: str) -> list[list[
 
 
 def _comparison_caption(table: pd.DataFrame) -> str:
-    text = (
-        "Beside the published rows of the same dataset and σ: approximate certified accuracy (%) at l2 radius r "
-        "and ACR; Δ = yours, written as the table writes its values, minus the published value, in points "
-        "(ACR: in radius units)"
-    )
+    text = ("Beside the published rows of the same dataset and σ: approximate certified accuracy (%) at l2 radius r "
+            "and ACR; Δ = yours, written as the table writes its values, minus the published value, in points "
+            "(ACR: in radius units)")
     return text + (f"; {BOUND_NOTE}" if any(style[3] for style in table.attrs["styles"]) else "")
 
 
@@ -877,19 +786,15 @@ def format_comparison(table: pd.DataFrame, fmt: str) -> str:
         return table.to_csv(float_format="%.10g")
     cols = list(table.columns)
     if fmt == "table":
-        return aligned_text(
-            _comparison_caption(table), ["log", "source", *cols], _comparison_cells(table, "≥", "-"), left=2
-        )
+        return aligned_text(_comparison_caption(table), ["log", "source", *cols],
+                            _comparison_cells(table, "≥", "-"), left=2)
     if fmt == "markdown":
         lines = ["| log | source | " + " | ".join(cols) + " |", "|:---|:---|" + "---:|" * len(cols)]
-        lines += ["| " + " | ".join(map(markdown_escape, cells)) + " |" for cells in _comparison_cells(table, "≥", "-")]
+        lines += ["| " + " | ".join(map(markdown_escape, cells)) + " |"
+                  for cells in _comparison_cells(table, "≥", "-")]
         return f"{_comparison_caption(table)}\n\n" + "\n".join(lines) + "\n"
-    out = [
-        f"% {_comparison_caption(table)} (analyze.py --compare)",
-        r"\begin{tabular}{ll" + "c" * len(cols) + "}",
-        r"\toprule",
-        "Log & Source & " + " & ".join([f"$r = {c}$" for c in cols[:-1]] + ["ACR"]) + r" \\",
-    ]
+    out = [f"% {_comparison_caption(table)} (analyze.py --compare)", r"\begin{tabular}{ll" + "c" * len(cols) + "}",
+           r"\toprule", "Log & Source & " + " & ".join([f"$r = {c}$" for c in cols[:-1]] + ["ACR"]) + r" \\"]
     for log, source, *cells in _comparison_cells(table, r"$\geq$", "--"):
         out += [r"\midrule"] if log else []
         out.append(f"{latex_escape(log)} & {latex_escape(source)} & " + " & ".join(cells) + r" \\")
@@ -905,13 +810,8 @@ def format_comparison(table: pd.DataFrame, fmt: str) -> str:
 
 TRAIN_LOGS = ("log_steps.txt", "log.txt")
 # panel title -> what a column name contains to go there (first match wins); other columns get a panel each
-TRAIN_PANELS = {
-    "loss and its parts": ("loss", "sce", "madv"),
-    "accuracy": ("acc",),
-    "masked-in share": ("masked",),
-    "learning rate": ("lr",),
-    "weight decay": ("wd",),
-}
+TRAIN_PANELS = {"loss and its parts": ("loss", "sce", "madv"), "accuracy": ("acc",), "masked-in share": ("masked",),
+                "learning rate": ("lr",), "weight decay": ("wd",)}
 _NOT_PLOTTED = ("step", "epoch", "time")
 
 
@@ -985,7 +885,8 @@ def plot_training_curves(run_dir: str | Path, outputs: Sequence[str | Path]) -> 
         for name, col in series:
             df = logs[name]
             style = dict(marker="o", linestyle="--") if name == "log.txt" else dict(linewidth=1.2)
-            ax.plot(df["step"], df[col], label=f"{col} ({'per epoch' if name == 'log.txt' else 'per step'})", **style)
+            ax.plot(df["step"], df[col], label=f"{col} ({'per epoch' if name == 'log.txt' else 'per step'})",
+                    **style)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

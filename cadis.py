@@ -6,7 +6,6 @@ shared with certification); then :func:`non_hallucinated` (2), :func:`selective_
 and :func:`cadis_objective` (forward, attack, loss). The attack radius is on the [0, 1] pixel scale inside the code;
 :func:`eps_pixels` converts the ``--eps`` flag (the paper's units) once.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -55,15 +54,12 @@ def non_hallucinated(logits_denoised: torch.Tensor, targets: torch.Tensor, num_n
     """
     M = num_noises
     if logits_denoised.shape[0] != M * targets.shape[0]:
-        raise ValueError(
-            f"expected {M} x {targets.shape[0]} rows of logits (noise-major), got {logits_denoised.shape[0]}"
-        )
+        raise ValueError(f"expected {M} x {targets.shape[0]} rows of logits (noise-major), got {logits_denoised.shape[0]}")
     return logits_denoised.detach().argmax(-1).view(M, -1) == targets
 
 
-def selective_ce(
-    logits_denoised: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor, warm_start: bool = True
-) -> torch.Tensor:
+def selective_ce(logits_denoised: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor,
+                 warm_start: bool = True) -> torch.Tensor:
     """Step 3: L_SCE,i = (1/M) sum_j 1[non-hallucinated_ij] CE(z_ij, y_i), per image ``[B']``.
 
     Warm start: an image with no non-hallucinated copy counts its lowest-CE copy instead (the divisor stays M).
@@ -98,9 +94,8 @@ def consistency_target(logits_denoised: torch.Tensor, num_noises: int) -> torch.
 ATTACK_GRADIENT_BITS = 6  # the logits' gradient of each sample is scaled to a largest entry in [2^5, 2^6)
 
 
-def attack_gradient(
-    classifier: nn.Module, clean: torch.Tensor, eta: torch.Tensor, target: torch.Tensor, num_noises: int
-) -> torch.Tensor:
+def attack_gradient(classifier: nn.Module, clean: torch.Tensor, eta: torch.Tensor, target: torch.Tensor,
+                    num_noises: int) -> torch.Tensor:
     """g = d loss / d eta of the attack's loss, loss = sum_i (1/M) sum_j KL(p_bar_i || softmax f(clean_ij + eta_ij)),
     in float32.
 
@@ -204,17 +199,9 @@ def _frozen_eval(classifier: nn.Module) -> Iterator[None]:
         classifier.train(was_training)
 
 
-def adversarial_logits(
-    classifier: nn.Module,
-    clean: torch.Tensor,
-    denoised: torch.Tensor,
-    p_bar: torch.Tensor,
-    masked_in: torch.Tensor,
-    num_noises: int,
-    eps: float,
-    steps: int,
-    masked_only: bool = True,
-) -> Optional[torch.Tensor]:
+def adversarial_logits(classifier: nn.Module, clean: torch.Tensor, denoised: torch.Tensor, p_bar: torch.Tensor,
+                       masked_in: torch.Tensor, num_noises: int, eps: float, steps: int,
+                       masked_only: bool = True) -> Optional[torch.Tensor]:
     """The train-mode logits z^adv_ij = f(x_i + eta_ij) of :func:`denoised_attack`'s images, ``[M*B', C]``.
 
     With ``masked_only`` the attack and the forward run only for the K images whose M copies are all
@@ -241,23 +228,13 @@ def adversarial_logits(
         return None
     images = torch.nonzero_static(masked_in, size=k).squeeze(1)  # [K], in order
     rows = (torch.arange(M, device=images.device)[:, None] * masked_in.shape[0] + images).flatten()  # noise-major
-    logits = classifier(
-        denoised_attack(
-            classifier,
-            clean.index_select(0, rows),
-            denoised.index_select(0, rows),
-            p_bar.index_select(0, images),
-            M,
-            eps,
-            steps,
-        )
-    )
+    logits = classifier(denoised_attack(classifier, clean.index_select(0, rows), denoised.index_select(0, rows),
+                                        p_bar.index_select(0, images), M, eps, steps))
     return logits.new_zeros((clean.shape[0], logits.shape[-1])).index_copy(0, rows, logits)
 
 
-def masked_adversarial_loss(
-    p_bar: torch.Tensor, logits_adv: Optional[torch.Tensor], masked_in: torch.Tensor, num_noises: int, lbd: float
-) -> torch.Tensor:
+def masked_adversarial_loss(p_bar: torch.Tensor, logits_adv: Optional[torch.Tensor], masked_in: torch.Tensor,
+                            num_noises: int, lbd: float) -> torch.Tensor:
     """Step 6: L_MAdv,i = lbd * 1[all M copies of image i non-hallucinated] * max_j KL(p_bar_i || softmax(z^adv_ij)).
 
     Returns the per-image ``[B']`` terms, in p_bar's dtype.
@@ -350,7 +327,6 @@ def cadis_objective(
     correct = non_hallucinated(logits, targets, M)
     p_bar = consistency_target(logits, M)
     logits_adv = adversarial_logits(classifier, clean, denoised, p_bar, correct.all(0), M, eps, steps, masked_only)
-    loss, loss_sce, loss_madv = cadis_loss(
-        logits, logits_adv, targets, M, lbd, warm_start, correct=correct, p_bar=p_bar
-    )
+    loss, loss_sce, loss_madv = cadis_loss(logits, logits_adv, targets, M, lbd, warm_start, correct=correct,
+                                           p_bar=p_bar)
     return loss, loss_sce, loss_madv, correct

@@ -29,7 +29,6 @@ used. Several classifiers (``--off-the-shelf --finetuned_path A B``) share every
     sbatch --array=0-7 --wrap "python certify.py ... --outfile logs/in.tsv --shard auto --resume"
     python certify.py --merge logs/in.tsv
 """
-
 from __future__ import annotations
 
 import sys

@@ -24,7 +24,6 @@ three layouts (:func:`convert_upstream_state_dict`): Hugging Face ViT keys (CIFA
 (ImageNet full fine-tuning) and timm keys under ``lora_vit.`` with the paper's LoRA modules (ImageNet LoRA, scale
 alpha // r).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -63,28 +62,13 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # The fields of the paper's CIFAR-10 checkpoint config.json that fix the architecture (fixtures/hf_vit/README.md §5).
 CIFAR10_HF_CONFIG: Dict[str, Any] = dict(
-    model_type="vit",
-    image_size=224,
-    patch_size=16,
-    num_channels=3,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    hidden_act="gelu",
-    layer_norm_eps=1e-12,
-    qkv_bias=True,
+    model_type="vit", image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12,
+    num_attention_heads=12, intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True,
     num_labels=10,
 )
 # The embedded digits demo: 16x16 inputs, 4x4 patches (16 tokens + CLS), ~0.2 M parameters.
 DIGITS_VIT_KWARGS: Dict[str, Any] = dict(
-    img_size=16,
-    patch_size=4,
-    embed_dim=64,
-    depth=4,
-    num_heads=4,
-    mlp_ratio=4.0,
-    num_classes=10,
+    img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -104,12 +88,12 @@ class ImageClassifier(nn.Module):
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        input_size: Union[int, Sequence[int]],
-        mean: Sequence[float],
-        std: Sequence[float],
-        input_norm: Optional[str] = None,
+            self,
+            model: nn.Module,
+            input_size: Union[int, Sequence[int]],
+            mean: Sequence[float],
+            std: Sequence[float],
+            input_norm: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -138,10 +122,8 @@ class ImageClassifier(nn.Module):
         return self.model(x)
 
     def extra_repr(self) -> str:
-        return (
-            f"input_size={self.input_size}, input_norm={self.input_norm}, mean={self.mean.flatten().tolist()}, "
-            f"std={self.std.flatten().tolist()}"
-        )
+        return (f"input_size={self.input_size}, input_norm={self.input_norm}, mean={self.mean.flatten().tolist()}, "
+                f"std={self.std.flatten().tolist()}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,9 +250,7 @@ def vit_kwargs_from_hf_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_vit_from_hf_config(
-    config: Dict[str, Any],
-    drop_path: float = 0.0,
-    num_classes: Optional[int] = None,
+        config: Dict[str, Any], drop_path: float = 0.0, num_classes: Optional[int] = None,
 ) -> VisionTransformer:
     """A timm ``VisionTransformer`` with the structure of a ``transformers`` ViT config (randomly initialised)."""
     kwargs = vit_kwargs_from_hf_config(config)
@@ -334,11 +314,9 @@ def upstream_layout(state_dict: StateDict) -> str:
         return "hf_vit"
     if any(k.startswith(_TIMM_VIT_KEYS) for k in state_dict):
         return "timm"
-    raise UserError(
-        f"a checkpoint of the paper's code (keys under {UPSTREAM_PREFIX!r}) in a layout not recognised: "
-        f"keys {_few([UPSTREAM_PREFIX + k for k in state_dict])}; known: classifier.vit.* (Hugging Face "
-        "ViT), classifier.blocks.* (timm), classifier.lora_vit.* (timm with LoRA)"
-    )
+    raise UserError(f"a checkpoint of the paper's code (keys under {UPSTREAM_PREFIX!r}) in a layout not recognised: "
+                    f"keys {_few([UPSTREAM_PREFIX + k for k in state_dict])}; known: classifier.vit.* (Hugging Face "
+                    "ViT), classifier.blocks.* (timm), classifier.lora_vit.* (timm with LoRA)")
 
 
 def convert_upstream_lora(state_dict: StateDict, lora_alpha: float = 4.0) -> StateDict:
@@ -420,14 +398,8 @@ class LoRAQKV(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_q_A.shape[0]}"
 
 
-def _merge_qkv(
-    weight: torch.Tensor,
-    q_A: torch.Tensor,
-    q_B: torch.Tensor,
-    v_A: torch.Tensor,
-    v_B: torch.Tensor,
-    scaling: torch.Tensor | float,
-) -> torch.Tensor:
+def _merge_qkv(weight: torch.Tensor, q_A: torch.Tensor, q_B: torch.Tensor, v_A: torch.Tensor, v_B: torch.Tensor,
+               scaling: torch.Tensor | float) -> torch.Tensor:
     """W + [s B_q A_q; 0; s B_v A_v] (computed in float64, returned in W's dtype)."""
     s = scaling.to(torch.float64) if torch.is_tensor(scaling) else float(scaling)
     delta_q = (q_B.to(torch.float64) @ q_A.to(torch.float64)) * s
@@ -472,13 +444,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     net = _timm_model(model)
     for name, mod in list(net.named_modules()):
         if isinstance(mod, LoRAQKV):
-            linear = nn.Linear(
-                mod.in_features,
-                mod.out_features,
-                bias=mod.bias is not None,
-                device=mod.weight.device,
-                dtype=mod.weight.dtype,
-            )
+            linear = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                               device=mod.weight.device, dtype=mod.weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(mod.merged_weight())
                 if mod.bias is not None:
@@ -526,10 +493,10 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
 
 
 def param_groups_lrd(
-    model: nn.Module,
-    weight_decay: float = 0.05,
-    layer_decay: float = 0.75,
-    no_weight_decay_list: Iterable[str] = (),
+        model: nn.Module,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.75,
+        no_weight_decay_list: Iterable[str] = (),
 ) -> List[Dict[str, Any]]:
     """AdamW parameter groups with layer-wise lr decay (METHOD §3), trainable parameters only.
 
@@ -547,10 +514,8 @@ def param_groups_lrd(
         decay = not (p.ndim == 1 or name.endswith(".bias") or name in no_wd)
         layer = layer_id_for_vit(name, num_layers) if num_layers else 0
         scale = layer_decay ** (num_layers + 1 - layer) if num_layers else 1.0
-        group = groups.setdefault(
-            (layer, decay),
-            {"params": [], "lr_scale": scale, "weight_decay": weight_decay if decay else 0.0, "layer_id": layer},
-        )
+        group = groups.setdefault((layer, decay), {
+            "params": [], "lr_scale": scale, "weight_decay": weight_decay if decay else 0.0, "layer_id": layer})
         group["params"].append(p)
     return list(groups.values())
 
@@ -590,9 +555,8 @@ def read_checkpoint(path: PathLike, flag: str = "--classifier_ckpt") -> Tuple[St
         info["input_norm"] = recorded_norm
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and obj.get("arch") is not None:
         info["arch"] = str(obj["arch"])
-    state_dict = checkpoints.state_dict_of(
-        obj, path, flag, "a dict of tensors, or a train.py checkpoint with 'state_dict'"
-    )
+    state_dict = checkpoints.state_dict_of(obj, path, flag,
+                                           "a dict of tensors, or a train.py checkpoint with 'state_dict'")
     return state_dict, info
 
 
@@ -659,18 +623,15 @@ def load_timm_state_dict(model: nn.Module, state_dict: StateDict, source: str = 
 
 def _pretrained_error(what: str, err: BaseException) -> UserError:
     msg = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
-    return UserError(
-        f"could not download the pretrained weights of {what} ({msg}); download them on a machine with "
-        'internet (README: "Getting the paper\'s classifiers onto an offline machine") and pass the file '
-        "with --classifier_ckpt"
-    )
+    return UserError(f"could not download the pretrained weights of {what} ({msg}); download them on a machine with "
+                     "internet (README: \"Getting the paper's classifiers onto an offline machine\") and pass the file "
+                     "with --classifier_ckpt")
 
 
 def _download_hf_checkpoint(repo: str) -> Path:
     """The weights file of a Hugging Face model repository (via the hub cache; an error offline)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
-
     for filename in HF_WEIGHT_FILES[::-1]:  # pytorch_model.bin first: the paper's repository has no safetensors on main
         try:
             return Path(hf_hub_download(repo, filename))
@@ -687,13 +648,8 @@ def _data_config(model: nn.Module) -> Tuple[Tuple[int, int], Tuple[float, ...], 
 
 
 def _build(
-    arch: str,
-    num_classes: Optional[int],
-    pretrained: bool,
-    drop_path: float,
-    info: Dict[str, Any],
-    flag: str = "--classifier_ckpt",
-) -> Tuple[nn.Module, Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
+        arch: str, num_classes: Optional[int], pretrained: bool, drop_path: float, info: Dict[str, Any],
+        flag: str = "--classifier_ckpt") -> Tuple[nn.Module, Tuple[int, int], Tuple[float, ...], Tuple[float, ...]]:
     """(timm model, input size, mean, std) for ``arch``; pretrained weights only where ``pretrained``; errors name
     ``flag`` as the flag of the weights file."""
     half = (0.5, 0.5, 0.5)
@@ -706,10 +662,8 @@ def _build(
     if arch == "hf_vit":
         config = info.get("hf_config")
         if config is None:
-            raise UserError(
-                f"--arch hf_vit needs {flag} pointing to a Hugging Face folder (or a weights file) "
-                "with its config.json beside it"
-            )
+            raise UserError(f"--arch hf_vit needs {flag} pointing to a Hugging Face folder (or a weights file) "
+                            "with its config.json beside it")
         model = build_vit_from_hf_config(config, drop_path, num_classes)
         pre = info.get("hf_preprocessor") or {}
         size = int(config.get("image_size", 224))
@@ -717,10 +671,8 @@ def _build(
     name = IMAGENET_TIMM_NAME if arch == "imagenet_vit_base" else arch
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(ARCHS) + timm.list_models(), n=4)
-        raise UserError(
-            f"--arch {arch}: unknown architecture; use one of {', '.join(ARCHS)} or a timm model name"
-            + (f" (close: {', '.join(close)})" if close else "")
-        )
+        raise UserError(f"--arch {arch}: unknown architecture; use one of {', '.join(ARCHS)} or a timm model name"
+                        + (f" (close: {', '.join(close)})" if close else ""))
     kwargs: Dict[str, Any] = {"drop_path_rate": drop_path} if drop_path else {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -736,18 +688,18 @@ def _build(
 
 
 def get_architecture(
-    arch: str,
-    num_classes: Optional[int] = None,
-    pretrained: bool = False,
-    checkpoint: Optional[PathLike] = None,
-    ft_method: str = "full",
-    lora_rank: int = 4,
-    lora_alpha: float = 4.0,
-    drop_path: float = 0.0,
-    device: Optional[Union[str, torch.device]] = None,
-    input_norm: Optional[str] = None,
-    attn_drop_rate: float = 0.0,
-    checkpoint_flag: str = "--classifier_ckpt",
+        arch: str,
+        num_classes: Optional[int] = None,
+        pretrained: bool = False,
+        checkpoint: Optional[PathLike] = None,
+        ft_method: str = "full",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        drop_path: float = 0.0,
+        device: Optional[Union[str, torch.device]] = None,
+        input_norm: Optional[str] = None,
+        attn_drop_rate: float = 0.0,
+        checkpoint_flag: str = "--classifier_ckpt",
 ) -> ImageClassifier:
     """Build the classifier ``arch`` (see module docstring) as an :class:`ImageClassifier`.
 
@@ -779,9 +731,8 @@ def get_architecture(
     norm = resolve_input_norm(arch, input_norm, info.get("input_norm"), checkpoint)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model, input_size, mean, std = _build(
-            arch, num_classes, pretrained and checkpoint is None, drop_path, info, checkpoint_flag
-        )
+        model, input_size, mean, std = _build(arch, num_classes, pretrained and checkpoint is None, drop_path, info,
+                                              checkpoint_flag)
     if state_dict is not None:
         _load_weights(model, state_dict, ft_method, lora_alpha, f"{checkpoint_flag} {info.get('path', checkpoint)}")
     if ft_method == "lora" and not any(isinstance(m, LoRAQKV) for m in model.modules()):
@@ -810,9 +761,8 @@ def _check_build_options(ft_method: str, num_classes: Optional[int], drop_path: 
     return ft_method
 
 
-def _read_for_arch(
-    arch: str, checkpoint: Optional[PathLike], lora_alpha: float, flag: str
-) -> Tuple[Optional[StateDict], Dict[str, Any]]:
+def _read_for_arch(arch: str, checkpoint: Optional[PathLike], lora_alpha: float,
+                   flag: str) -> Tuple[Optional[StateDict], Dict[str, Any]]:
     """(timm state dict, info) of ``checkpoint`` for ``arch`` ((None, {}) without one); errors name ``flag``."""
     if checkpoint is None:
         return None, {}
@@ -837,9 +787,8 @@ def _default_checkpoint(arch: str, checkpoint: Optional[PathLike], pretrained: b
     """The weights file behind ``pretrained`` where it is a file (digits: shipped; CIFAR-10: the HF hub download)."""
     if checkpoint is None and pretrained and arch == "digits_vit_tiny":
         if not DIGITS_CHECKPOINT.is_file():
-            raise UserError(
-                f"{DIGITS_CHECKPOINT} not found; retrain the demo models (see README) or pass --classifier_ckpt"
-            )
+            raise UserError(f"{DIGITS_CHECKPOINT} not found; retrain the demo models (see README) "
+                            "or pass --classifier_ckpt")
         return DIGITS_CHECKPOINT
     if checkpoint is None and pretrained and arch == "cifar10_vit_base":
         return _download_hf_checkpoint(CIFAR10_HF_REPO)
@@ -858,7 +807,6 @@ def pretrained_weights_file(arch: str) -> Optional[Path]:
         return DIGITS_CHECKPOINT
     if arch == "cifar10_vit_base":
         from huggingface_hub import try_to_load_from_cache
-
         for filename in HF_WEIGHT_FILES[::-1]:  # the order of _download_hf_checkpoint
             cached = try_to_load_from_cache(CIFAR10_HF_REPO, filename)
             if isinstance(cached, str):
@@ -866,9 +814,8 @@ def pretrained_weights_file(arch: str) -> Optional[Path]:
     return None
 
 
-def resolve_input_norm(
-    arch: str, requested: Optional[str], recorded: Optional[str], checkpoint: Optional[PathLike] = None
-) -> str:
+def resolve_input_norm(arch: str, requested: Optional[str], recorded: Optional[str],
+                       checkpoint: Optional[PathLike] = None) -> str:
     """The classifier's input convention: ``requested`` (the --input_norm flag), else the checkpoint's ``recorded``
     one, else the architecture's default (:data:`DEFAULT_INPUT_NORM`, ``model`` when not listed).
 
@@ -881,10 +828,8 @@ def resolve_input_norm(
     if requested is not None and requested not in INPUT_NORMS:
         raise UserError(f"--input_norm {requested!r}: choose one of {', '.join(INPUT_NORMS)}")
     if requested is not None and recorded is not None and requested != recorded:
-        raise UserError(
-            f"--input_norm {requested} contradicts {checkpoint}, which was trained with --input_norm "
-            f"{recorded}; drop the flag (the checkpoint's convention is used)"
-        )
+        raise UserError(f"--input_norm {requested} contradicts {checkpoint}, which was trained with --input_norm "
+                        f"{recorded}; drop the flag (the checkpoint's convention is used)")
     return requested or recorded or DEFAULT_INPUT_NORM.get(arch, "model")
 
 
@@ -902,10 +847,8 @@ def set_attention_dropout(model: nn.Module, rate: float) -> List[float]:
     net = _timm_model(model)
     drops = [getattr(getattr(block, "attn", None), "attn_drop", None) for block in getattr(net, "blocks", [])]
     if not drops or not all(isinstance(d, nn.Dropout) for d in drops):
-        raise UserError(
-            f"--attn_drop_rate needs a ViT whose blocks have attn.attn_drop (a timm VisionTransformer), "
-            f"not {type(net).__name__}; use --drop_path (stochastic depth) instead"
-        )
+        raise UserError(f"--attn_drop_rate needs a ViT whose blocks have attn.attn_drop (a timm VisionTransformer), "
+                        f"not {type(net).__name__}; use --drop_path (stochastic depth) instead")
     probabilities = [float(p) for p in torch.linspace(0, rate, len(drops))]
     for dropout, p in zip(drops, probabilities):
         dropout.p = p
@@ -915,16 +858,11 @@ def set_attention_dropout(model: nn.Module, rate: float) -> List[float]:
 def _check_cifar10_hf_config(config: Dict[str, Any], checkpoint: PathLike, flag: str = "--classifier_ckpt") -> None:
     """The config.json beside an HF checkpoint (given by ``flag``) must describe the ViT-B/16 that
     ``cifar10_vit_base`` builds."""
-    wrong = [
-        f"{k}={config[k]!r} (expected {v!r})"
-        for k, v in CIFAR10_HF_CONFIG.items()
-        if k in config and k != "num_labels" and config[k] != v
-    ]
+    wrong = [f"{k}={config[k]!r} (expected {v!r})" for k, v in CIFAR10_HF_CONFIG.items()
+             if k in config and k != "num_labels" and config[k] != v]
     if wrong:
-        raise UserError(
-            f"{flag} {checkpoint}: its config.json is not the paper's ViT-B/16 "
-            f"({', '.join(wrong[:3])}); use --arch hf_vit to build the model from its config.json"
-        )
+        raise UserError(f"{flag} {checkpoint}: its config.json is not the paper's ViT-B/16 "
+                        f"({', '.join(wrong[:3])}); use --arch hf_vit to build the model from its config.json")
 
 
 def _head_size(arch: str, state_dict: StateDict) -> Optional[int]:

@@ -4,7 +4,6 @@ Same names, signatures and output files as Cohen's, so scripts written against i
 re-exports them: ``from analyze import *``); each is a thin layer over :mod:`analysis` (any log variant
 :func:`runkit.logs.read_log` accepts; radii grids without ``np.arange``'s float overshoot). Importable without torch.
 """
-
 from __future__ import annotations
 
 import warnings
@@ -25,17 +24,9 @@ from analysis import (
 from runkit.errors import UserError
 from runkit.logs import read_log
 
-__all__ = [
-    "Accuracy",
-    "ApproximateAccuracy",
-    "HighProbAccuracy",
-    "Line",
-    "plot_certified_accuracy",
-    "smallplot_certified_accuracy",
-    "latex_table_certified_accuracy",
-    "markdown_table_certified_accuracy",
-    "latex_table_certified_accuracy_acr",
-]
+__all__ = ["Accuracy", "ApproximateAccuracy", "HighProbAccuracy", "Line", "plot_certified_accuracy",
+           "smallplot_certified_accuracy", "latex_table_certified_accuracy", "markdown_table_certified_accuracy",
+           "latex_table_certified_accuracy_acr"]
 
 
 class Accuracy:
@@ -67,12 +58,9 @@ class ApproximateAccuracy(Accuracy):
         """ACR = (1/n) sum_i correct_i * radius_i of the log; for a sequential CERTIFY log (radii at the stop) a lower
         bound on the fixed-N ACR, with a :class:`analysis.LowerBoundWarning`."""
         if is_sequential(self.data_file_path):
-            warnings.warn(
-                f"{self.data_file_path}: a sequential CERTIFY log (its sidecar says so): the radius column "
-                f"is the radius at the stop, so this ACR is a lower bound on the fixed-N ACR",
-                LowerBoundWarning,
-                stacklevel=2,
-            )
+            warnings.warn(f"{self.data_file_path}: a sequential CERTIFY log (its sidecar says so): the radius column "
+                          f"is the radius at the stop, so this ACR is a lower bound on the fixed-N ACR",
+                          LowerBoundWarning, stacklevel=2)
         return acr(read_log(self.data_file_path))
 
 
@@ -135,9 +123,8 @@ def _draw_lines(ax, lines: Sequence[Line], max_radius: float, radius_step: float
     ax.set_xlim((0, max_radius))
 
 
-def plot_certified_accuracy(
-    outfile: str, title: str, max_radius: float, lines: list[Line], radius_step: float = 0.01
-) -> None:
+def plot_certified_accuracy(outfile: str, title: str, max_radius: float, lines: list[Line],
+                            radius_step: float = 0.01) -> None:
     """Cohen's plot: certified accuracy vs radius on [0, max_radius], one curve per line; writes
     ``outfile + ".pdf"`` (without title) and ``outfile + ".png"`` (with title, 300 dpi).
 
@@ -165,9 +152,8 @@ def plot_certified_accuracy(
     fig.savefig(f"{path}.png", dpi=300)
 
 
-def smallplot_certified_accuracy(
-    outfile: str, title: str, max_radius: float, methods: list[Line], radius_step: float = 0.01, xticks: float = 0.5
-) -> None:
+def smallplot_certified_accuracy(outfile: str, title: str, max_radius: float, methods: list[Line],
+                                 radius_step: float = 0.01, xticks: float = 0.5) -> None:
     """Cohen's small plot (large fonts, ticks every ``xticks``): writes ``outfile + ".pdf"``; ``title`` is unused,
     as in Cohen's.
 
@@ -194,9 +180,8 @@ def smallplot_certified_accuracy(
     fig.savefig(f"{_open_out(outfile)}.pdf")
 
 
-def latex_table_certified_accuracy(
-    outfile: str, radius_start: float, radius_stop: float, radius_step: float, methods: list[Line]
-) -> None:
+def latex_table_certified_accuracy(outfile: str, radius_start: float, radius_stop: float, radius_step: float,
+                                   methods: list[Line]) -> None:
     """Cohen's LaTeX table rows: a header ``& $r = 0.25$...``, ``\\midrule``, one row per method with accuracies to
     2 decimals, the best of each column (the first, on ties) in ``\\textbf``.
 
@@ -205,9 +190,8 @@ def latex_table_certified_accuracy(
         radius_start, radius_stop, radius_step: the radii (stop included).
         methods: the rows (:class:`Line`).
     """
-    radii = _cohen_radii(
-        "latex_table_certified_accuracy(radius_start, radius_stop, radius_step)", radius_start, radius_stop, radius_step
-    )
+    radii = _cohen_radii("latex_table_certified_accuracy(radius_start, radius_stop, radius_step)",
+                         radius_start, radius_stop, radius_step)
     acc = _cohen_accuracies(methods, radii)
     best = acc.argmax(axis=0)
     out = ["".join(f"& $r = {r:.3}$" for r in radii) + "\\\\\n", "\\midrule\n"]
@@ -217,17 +201,12 @@ def latex_table_certified_accuracy(
     _open_out(outfile).write_text("".join(out))
 
 
-def markdown_table_certified_accuracy(
-    outfile: str, radius_start: float, radius_stop: float, radius_step: float, methods: list[Line]
-) -> None:
+def markdown_table_certified_accuracy(outfile: str, radius_start: float, radius_stop: float, radius_step: float,
+                                      methods: list[Line]) -> None:
     """Cohen's Markdown table (as in his README): accuracies to 2 decimals, the best of each column marked
     ``<b>*</b>``. Arguments as :func:`latex_table_certified_accuracy`."""
-    radii = _cohen_radii(
-        "markdown_table_certified_accuracy(radius_start, radius_stop, radius_step)",
-        radius_start,
-        radius_stop,
-        radius_step,
-    )
+    radii = _cohen_radii("markdown_table_certified_accuracy(radius_start, radius_stop, radius_step)",
+                         radius_start, radius_stop, radius_step)
     acc = _cohen_accuracies(methods, radii)
     best = acc.argmax(axis=0)
     out = ["|  | " + "".join(f"r = {r:.3} |" for r in radii) + "\n", "| --- | " + " --- |" * len(radii) + "\n"]
@@ -237,28 +216,21 @@ def markdown_table_certified_accuracy(
     _open_out(outfile).write_text("".join(out))
 
 
-def latex_table_certified_accuracy_acr(
-    outfile: str, radius_start: float, radius_stop: float, radius_step: float, methods: list[Line]
-) -> None:
+def latex_table_certified_accuracy_acr(outfile: str, radius_start: float, radius_stop: float, radius_step: float,
+                                       methods: list[Line]) -> None:
     """FT-CADIS's LaTeX table rows with ACR: ``& ACR & $r = ...$``, ``\\midrule``, one row per method with its ACR
     (3 decimals) and certified accuracy in percent (1 decimal). Two fixes over the FT-CADIS code: each row gets its
     own method's ACR (theirs writes the last method's on every row), and the header starts with ``&`` so its
     columns line up with the rows. Arguments as :func:`latex_table_certified_accuracy`; every method's quantity
     needs ``.acr()`` (:class:`ApproximateAccuracy`)."""
-    radii = _cohen_radii(
-        "latex_table_certified_accuracy_acr(radius_start, radius_stop, radius_step)",
-        radius_start,
-        radius_stop,
-        radius_step,
-    )
+    radii = _cohen_radii("latex_table_certified_accuracy_acr(radius_start, radius_stop, radius_step)",
+                         radius_start, radius_stop, radius_step)
     acc = _cohen_accuracies(methods, radii)
     out = ["& ACR " + "".join(f"& $r = {r:.3}$" for r in radii) + "\\\\\n", "\\midrule\n"]
     for i, method in enumerate(methods):
         if not hasattr(method.quantity, "acr"):
-            raise UserError(
-                f"latex_table_certified_accuracy_acr: the line {method.legend!r} has no ACR "
-                f"({type(method.quantity).__name__}); use ApproximateAccuracy"
-            )
+            raise UserError(f"latex_table_certified_accuracy_acr: the line {method.legend!r} has no ACR "
+                            f"({type(method.quantity).__name__}); use ApproximateAccuracy")
         cells = "".join(f" & {100 * a:.1f}" for a in acc[i])
         out.append(f"{method.legend} & {method.quantity.acr():.3f}{cells}\\\\\n")
     _open_out(outfile).write_text("".join(out))

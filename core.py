@@ -6,7 +6,6 @@ classifiers sharing D with :class:`ClassifierStack`) and the smoothed classifier
 (selection, estimation, prediction) reads its own :class:`NoiseStream` of seeded blocks. Sequential CERTIFY is
 in :mod:`sequential`, the FT-CADIS fine-tuning objective in :mod:`cadis`.
 """
-
 from __future__ import annotations
 
 import sys
@@ -42,13 +41,8 @@ class NonFiniteLogitsError(UserError):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def noise_and_denoise(
-    denoiser: Optional[nn.Module],
-    x: torch.Tensor,
-    t_star: Optional[int],
-    sigma: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
+def noise_and_denoise(denoiser: Optional[nn.Module], x: torch.Tensor, t_star: Optional[int], sigma: float = 0.0,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """x_hat = D(x + delta), delta ~ N(0, sigma^2 I), one-shot at t_star, no gradient through D.
 
     The one place where images are noised and denoised for the classifier: :class:`DenoisedClassifier` (whose input
@@ -134,9 +128,8 @@ def sample_generators(key: int, phase: int, start: int, count: int, device: torc
     """Generators for samples ``start .. start + count - 1`` of phase ``phase`` of a call whose key is ``key``, one per
     sample (seeded by (key, phase, sample, "chain")): the posterior noise of multi-step denoising, independent of the
     batch a sample falls in and of the smoothing noise's blocks."""
-    return [
-        torch.Generator(device=device).manual_seed(_seed(key, phase, i, CHAIN_TAG)) for i in range(start, start + count)
-    ]
+    return [torch.Generator(device=device).manual_seed(_seed(key, phase, i, CHAIN_TAG))
+            for i in range(start, start + count)]
 
 
 def image_generator(seed: int, idx: int) -> torch.Generator:
@@ -178,21 +171,15 @@ class NoiseStream:
             size = self.noise_block
             rows = size if self.length is None else min(size, self.length - b * size)
             g = torch.Generator(device=self.x.device).manual_seed(block_seed(self.key, self.phase, b))
-            self.blocks[b] = torch.randn(
-                (rows, *self.x.shape),
-                generator=g,
-                device=self.x.device,
-                dtype=torch.promote_types(self.x.dtype, torch.float32),
-            )
+            self.blocks[b] = torch.randn((rows, *self.x.shape), generator=g, device=self.x.device,
+                                         dtype=torch.promote_types(self.x.dtype, torch.float32))
         return self.blocks[b]
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         """Samples ``start .. stop - 1`` [stop - start x C x H x W], cut from the seeded blocks."""
         size = self.noise_block
-        parts = [
-            self.block(b)[max(start - b * size, 0) : stop - b * size]
-            for b in range(start // size, (stop - 1) // size + 1)
-        ]
+        parts = [self.block(b)[max(start - b * size, 0): stop - b * size]
+                 for b in range(start // size, (stop - 1) // size + 1)]
         for b in [b for b in self.blocks if b < stop // size]:  # no later range reads them
             del self.blocks[b]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -286,16 +273,8 @@ class Smooth:
     # to abstain, Smooth returns this int (runkit.logs.ABSTAIN)
     ABSTAIN = ABSTAIN
 
-    def __init__(
-        self,
-        base_classifier: nn.Module,
-        num_classes: int,
-        sigma: float,
-        precision: str = "fp32",
-        noise_block: int = NOISE_BLOCK,
-        per_sample_generators: bool = False,
-        fixed_batch: bool = False,
-    ):
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, precision: str = "fp32",
+                 noise_block: int = NOISE_BLOCK, per_sample_generators: bool = False, fixed_batch: bool = False):
         """
         :param base_classifier: maps noisy images [B x C x H x W] to logits [B x num_classes] (K heads:
             [B x K x num_classes])
@@ -324,15 +303,8 @@ class Smooth:
         self.passes = 0  # forward passes so far, and the samples they counted (padding left out)
         self.samples = 0
 
-    def certify(
-        self,
-        x: torch.Tensor,
-        n0: int,
-        n: int,
-        alpha: float,
-        batch_size: int,
-        generator: Optional[torch.Generator] = None,
-    ) -> tuple[int, float]:
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> tuple[int, float]:
         """Monte Carlo algorithm for certifying that g's prediction around x is constant within some L2 radius.
 
         With probability at least 1 - alpha over the noise, the class returned by this method equals g(x), and g's
@@ -368,9 +340,8 @@ class Smooth:
         counts_selection = yield SampleRange(NoiseStream(x, key, PHASE_SELECTION, self.noise_block, n0), 0, n0)
         return [int(c) for c in counts_selection.argmax(1).cpu()]
 
-    def estimate(
-        self, x: torch.Tensor, cAHat: Sequence[int], n: int, alpha: float, batch_size: int, key: int
-    ) -> list[tuple[int, float]]:
+    def estimate(self, x: torch.Tensor, cAHat: Sequence[int], n: int, alpha: float, batch_size: int, key: int
+                 ) -> list[tuple[int, float]]:
         """CERTIFY's estimation: with nA the count of each head's cAHat among the n estimation samples of the call
         ``key``, pABar = CP_lower(nA, n, alpha) and (cAHat, sigma Phi^-1(pABar)), or (ABSTAIN, 0.0) below 1/2."""
         return self.run_steps(self.estimate_steps(x, cAHat, n, alpha, key), batch_size)
@@ -382,9 +353,8 @@ class Smooth:
         pABar = [float(clopper_pearson_lower(a, n, alpha)) for a in nA]
         return [certificate(c, p, self.sigma) for c, p in zip(cAHat, pABar)]
 
-    def predict(
-        self, x: torch.Tensor, n: int, alpha: float, batch_size: int, generator: Optional[torch.Generator] = None
-    ) -> int:
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> int:
         """Monte Carlo algorithm for evaluating the prediction of g at x. With probability at least 1 - alpha, the
         class returned by this method equals g(x).
 
@@ -401,9 +371,8 @@ class Smooth:
         """
         return self.run_steps(self.predict_steps(x, n, alpha, generator), batch_size)
 
-    def predict_steps(
-        self, x: torch.Tensor, n: int, alpha: float, generator: Optional[torch.Generator] = None
-    ) -> Steps:
+    def predict_steps(self, x: torch.Tensor, n: int, alpha: float, generator: Optional[torch.Generator] = None
+                      ) -> Steps:
         """:meth:`predict` as :data:`Steps`."""
         stream = NoiseStream(x, draw_key(generator), PHASE_PREDICTION, self.noise_block, n)
         counts = (yield SampleRange(stream, 0, n)).cpu().numpy()
@@ -421,9 +390,8 @@ class Smooth:
         try:
             request = next(steps)
             while True:
-                request = steps.send(
-                    self.counts(request.stream.x, request.start, request.stop, request.stream, batch_size)
-                )
+                request = steps.send(self.counts(request.stream.x, request.start, request.stop, request.stream,
+                                                 batch_size))
         except StopIteration as end:
             return end.value
 
@@ -450,15 +418,12 @@ class Smooth:
         """A :class:`NonFiniteLogitsError` when ``non_finite`` (samples with a NaN/inf logit) is not 0: the one host
         sync of a count, made where the counts are read next anyway."""
         if int(non_finite):
-            raise NonFiniteLogitsError(
-                f"the base classifier returned non-finite logits (NaN or inf) on "
-                f"{int(non_finite)} noise samples of an image: its weights hold NaN/inf, or "
-                f"{self.precision} overflows; argmax over them would certify garbage"
-            )
+            raise NonFiniteLogitsError(f"the base classifier returned non-finite logits (NaN or inf) on "
+                                       f"{int(non_finite)} noise samples of an image: its weights hold NaN/inf, or "
+                                       f"{self.precision} overflows; argmax over them would certify garbage")
 
-    def count_ranges(
-        self, ranges: Sequence[SampleRange], batch_size: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def count_ranges(self, ranges: Sequence[SampleRange], batch_size: int
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Class counts [K x num_classes] of each of ``ranges`` (of one or several images' streams), their samples
         concatenated in order into forward passes of at most ``batch_size`` samples, each range's rows tallied
         apart, and each range's number of samples with a NaN/inf logit (for :meth:`check_finite`). On the device,
@@ -473,16 +438,9 @@ class Smooth:
         totals: list[Optional[torch.Tensor]] = [None] * len(ranges)  # per range: [K + 1, C], the last row non-finite
 
         def count(start: int, stop: int) -> None:  # samples start .. stop - 1 of the concatenation
-            parts = [
-                (
-                    i,
-                    SampleRange(
-                        r.stream, r.start + max(start - ends[i], 0), r.start + min(stop, ends[i + 1]) - ends[i]
-                    ),
-                )
-                for i, r in enumerate(ranges)
-                if ends[i] < stop and ends[i + 1] > start
-            ]
+            parts = [(i, SampleRange(r.stream, r.start + max(start - ends[i], 0),
+                                     r.start + min(stop, ends[i + 1]) - ends[i]))
+                     for i, r in enumerate(ranges) if ends[i] < stop and ends[i + 1] > start]
             found = self.count_pass([part for _, part in parts], min(batch_size, self.fitting.size))
             added = [c if totals[i] is None else totals[i] + c for (i, _), c in zip(parts, found)]
             for (i, _), c in zip(parts, added):  # kept only once the whole pass has succeeded
@@ -498,9 +456,8 @@ class Smooth:
         non-finite logit (in its column 1: tallied as a head whose class is 1 for such a sample, 0 otherwise)."""
         inputs = [r.stream.x + self.sigma * r.stream.take(r.start, r.stop) for r in ranges]
         x_noisy = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        generators = (
-            [g for r in ranges for g in r.stream.generators(r.start, r.stop)] if self.per_sample_generators else None
-        )
+        generators = ([g for r in ranges for g in r.stream.generators(r.start, r.stop)]
+                      if self.per_sample_generators else None)
         real = len(x_noisy)
         if self.fixed_batch and real < size:  # copies of the first sample, dropped below
             x_noisy = torch.cat([x_noisy, x_noisy[:1].expand(size - real, *x_noisy.shape[1:])])
@@ -516,7 +473,8 @@ class Smooth:
         """Each head's logits f(x_noisy) [B x K x num_classes] (autocast ``precision``); ``generators``: one per
         sample, passed to the base classifier as its second argument."""
         with autocast(x_noisy.device, self.precision):
-            logits = self.base_classifier(x_noisy) if generators is None else self.base_classifier(x_noisy, generators)
+            logits = (self.base_classifier(x_noisy) if generators is None
+                      else self.base_classifier(x_noisy, generators))
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the base classifier gives {logits.shape[-1]} logits, expected {self.num_classes}")
         return logits.reshape(len(x_noisy), -1, self.num_classes)

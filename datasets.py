@@ -9,7 +9,6 @@
 * ``digits``: ``sklearn.datasets.load_digits`` (1,797 8x8 images, values 0..16 -> /16), bilinearly upsampled to
   16x16, grey repeated to 3 channels; a fixed stratified split of 36 test images per class (1,437 train / 360 test).
 """
-
 from __future__ import annotations
 
 import functools
@@ -61,11 +60,11 @@ def dataset_image_size(name: str) -> int:
 
 
 def get_dataset(
-    name: str,
-    split: str,
-    data_dir: Optional[str | os.PathLike] = None,
-    download: bool = False,
-    augment: Optional[bool] = None,
+        name: str,
+        split: str,
+        data_dir: Optional[str | os.PathLike] = None,
+        download: bool = False,
+        augment: Optional[bool] = None,
 ) -> Dataset:
     """Dataset ``name`` (``cifar10``, ``imagenet``, ``digits``), split ``train`` or ``test`` (``val`` = ``test``).
 
@@ -99,15 +98,12 @@ def _cifar10(split: str, data_dir: Optional[str | os.PathLike], download: bool, 
         return tv_datasets.CIFAR10(str(root), train=split == "train", download=download, transform=transform)
     except RuntimeError as err:
         if download:
-            raise UserError(
-                f"CIFAR-10: download to {root} failed ({err}); download cifar-10-python.tar.gz from "
-                "https://www.cs.toronto.edu/~kriz/cifar.html and extract it there"
-            ) from None
-        raise UserError(
-            f"CIFAR-10 not found in {root} (expects {root}/cifar-10-batches-py); pass --data_dir or set "
-            f"$CIFAR10_DIR to the folder that holds it, or download it with "
-            f"`python -c \"import datasets; datasets.get_dataset('cifar10', 'test', download=True)\"`"
-        ) from None
+            raise UserError(f"CIFAR-10: download to {root} failed ({err}); download cifar-10-python.tar.gz from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html and extract it there") from None
+        raise UserError(f"CIFAR-10 not found in {root} (expects {root}/cifar-10-batches-py); pass --data_dir or set "
+                        f"$CIFAR10_DIR to the folder that holds it, or download it with "
+                        f"`python -c \"import datasets; datasets.get_dataset('cifar10', 'test', download=True)\"`"
+                        ) from None
     except OSError as err:
         raise UserError(f"CIFAR-10 in {root}: {err}") from None
 
@@ -115,20 +111,15 @@ def _cifar10(split: str, data_dir: Optional[str | os.PathLike], download: bool, 
 def _imagenet(split: str, data_dir: Optional[str | os.PathLike], augment: bool) -> Dataset:
     root = _data_root("imagenet", data_dir, None)
     if root is None:
-        raise UserError(
-            "ImageNet: pass --data_dir or set $IMAGENET_DIR (or $IMAGENET_LOC_ENV) to a folder with "
-            "train/ and val/ (class sub-folders, val prepared with valprep.sh)"
-        )
+        raise UserError("ImageNet: pass --data_dir or set $IMAGENET_DIR (or $IMAGENET_LOC_ENV) to a folder with "
+                        "train/ and val/ (class sub-folders, val prepared with valprep.sh)")
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
-        raise UserError(
-            f"ImageNet: {folder} not found; --data_dir / $IMAGENET_DIR / $IMAGENET_LOC_ENV must hold "
-            "train/ and val/ with one sub-folder per class (val prepared with valprep.sh)"
-        )
+        raise UserError(f"ImageNet: {folder} not found; --data_dir / $IMAGENET_DIR / $IMAGENET_LOC_ENV must hold "
+                        "train/ and val/ with one sub-folder per class (val prepared with valprep.sh)")
     if augment:
-        transform = transforms.Compose(
-            [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-        )
+        transform = transforms.Compose([
+            transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     else:
         transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
     try:
@@ -186,13 +177,13 @@ def paper_imagenet_subset(targets: Sequence[int], seed: int = 0, num_classes: in
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def digits_split(
-    labels: Sequence[int], test_per_class: int = DIGITS_TEST_PER_CLASS, seed: int = DIGITS_SPLIT_SEED
-) -> Tuple[np.ndarray, np.ndarray]:
+def digits_split(labels: Sequence[int], test_per_class: int = DIGITS_TEST_PER_CLASS,
+                 seed: int = DIGITS_SPLIT_SEED) -> Tuple[np.ndarray, np.ndarray]:
     """Fixed stratified split -> (train indices, test indices), both sorted: ``test_per_class`` per class."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in np.unique(labels)])
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class]
+                           for c in np.unique(labels)])
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, np.sort(test)
 
@@ -205,7 +196,6 @@ def load_digits_images(size: int = DIGITS_SIZE) -> Tuple[torch.Tensor, torch.Ten
     8x8 values 0..16 -> /16, then bilinear upsampling (align_corners=False), clamped to [0, 1].
     """
     from sklearn.datasets import load_digits
-
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
     if size != x.shape[-1]:

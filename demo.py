@@ -17,7 +17,6 @@ Everything goes under ``--outdir`` (default ``demo_output/``); a second run repl
     python demo.py                      # sigma 0.5, 100 test images, N0 = 50, N = 250, 3 epochs of FT-CADIS
     python demo.py --quick              # a much shorter run (the test's)
 """
-
 from __future__ import annotations
 
 import argparse
@@ -50,21 +49,9 @@ CLASSIFIER_CKPT = DIGITS_CHECKPOINT  # the shipped models/digits_vit_tiny.pt
 MARKER = ".ft_cadis_demo"  # marks an output folder as the demo's own, so a rerun may replace what is in it
 LOCK = lock_path(".", is_dir=True).name  # the run lock inside --outdir (held while a demo writes there)
 OFF_THE_SHELF, FT_CADIS = "off-the-shelf", "FT-CADIS"
-OUTPUTS = (
-    "off_the_shelf.tsv",
-    "off_the_shelf.tsv.json",
-    "ft_cadis.tsv",
-    "ft_cadis.tsv.json",
-    "table.txt",
-    "table.md",
-    "table.csv",
-    "certified_accuracy.png",
-    "summary.json",
-    "ft_cadis",
-    "ft_cadis_sequential.tsv",
-    "ft_cadis_sequential.tsv.json",
-    "table_sequential.txt",
-)
+OUTPUTS = ("off_the_shelf.tsv", "off_the_shelf.tsv.json", "ft_cadis.tsv", "ft_cadis.tsv.json", "table.txt",
+           "table.md", "table.csv", "certified_accuracy.png", "summary.json", "ft_cadis", "ft_cadis_sequential.tsv",
+           "ft_cadis_sequential.tsv.json", "table_sequential.txt")
 RADIUS_STEP = 0.25  # the table's radii: 0, 0.25, ... up to the largest radius N samples can certify
 # --quick: the shortened end-to-end run of tests/test_demo.py
 QUICK = dict(N0=10, N=40, max_images=10, epochs=1, max_steps=6, batch_size=200)
@@ -80,15 +67,12 @@ def prepare_outdir(outdir: Path) -> None:
         raise UserError(f"--outdir {outdir}: exists and is not a folder; choose another --outdir")
     if outdir.is_dir() and any(p.name != LOCK for p in outdir.iterdir()):
         if not (outdir / MARKER).is_file():
-            raise UserError(
-                f"--outdir {outdir}: exists, is not empty and was not written by demo.py; choose another "
-                "--outdir (or empty it)"
-            )
+            raise UserError(f"--outdir {outdir}: exists, is not empty and was not written by demo.py; choose another "
+                            "--outdir (or empty it)")
         old = [outdir / name for name in OUTPUTS if (outdir / name).exists()]
         if old:
-            print(
-                f"note: replacing the previous demo outputs in {outdir}/ ({', '.join(p.name for p in old)})", flush=True
-            )
+            print(f"note: replacing the previous demo outputs in {outdir}/ ({', '.join(p.name for p in old)})",
+                  flush=True)
         for path in old:
             _remove_training_outputs(path) if path.is_dir() else path.unlink()
     outdir.mkdir(parents=True, exist_ok=True)
@@ -108,41 +92,28 @@ def _remove_training_outputs(folder: Path) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="End-to-end FT-CADIS demo on scikit-learn's digits (CPU, minutes): "
-        "certify the off-the-shelf classifier, fine-tune it with FT-CADIS, "
-        "certify again, compare.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description="End-to-end FT-CADIS demo on scikit-learn's digits (CPU, minutes): "
+                                            "certify the off-the-shelf classifier, fine-tune it with FT-CADIS, "
+                                            "certify again, compare.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sigma", type=float, default=0.5, help="noise level of smoothing and of the fine-tuning")
     p.add_argument("--N", type=int, default=None, help="estimation samples per image (default 250; --quick 40)")
     p.add_argument("--N0", type=int, default=None, help="selection samples per image (default 50; --quick 10)")
     p.add_argument("--alpha", type=float, default=DIGITS.alpha, help="failure probability of each certificate")
-    p.add_argument(
-        "--max_images",
-        type=int,
-        default=None,
-        help="certify this many test images (every 360/max_images-th of the 360; default 100; --quick 10)",
-    )
-    p.add_argument(
-        "--epochs", type=int, default=None, help="FT-CADIS epochs over the 1,437 train images (default 3; --quick 1)"
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="stop FT-CADIS after this many optimizer steps (default: all epochs; --quick 6)",
-    )
+    p.add_argument("--max_images", type=int, default=None,
+                   help="certify this many test images (every 360/max_images-th of the 360; default 100; --quick 10)")
+    p.add_argument("--epochs", type=int, default=None, help="FT-CADIS epochs over the 1,437 train images "
+                                                            "(default 3; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="stop FT-CADIS after this many optimizer steps "
+                                                           "(default: all epochs; --quick 6)")
     p.add_argument("--num_noises", type=int, default=DIGITS.train.num_noises, help="M, noises per image in FT-CADIS")
     p.add_argument("--lbd", type=float, default=DIGITS.train.lbd, help="lambda, weight of the masked adversarial loss")
     p.add_argument("--blr", type=float, default=1e-2, help="FT-CADIS base lr (lr = blr x effective batch / 256)")
-    p.add_argument(
-        "--batch", type=int, default=DIGITS.train.batch, help="FT-CADIS images per loader batch (split into M chunks)"
-    )
+    p.add_argument("--batch", type=int, default=DIGITS.train.batch,
+                   help="FT-CADIS images per loader batch (split into M chunks)")
     p.add_argument("--batch_size", type=int, default=None, help="certification batch (default 1000; --quick 200)")
-    p.add_argument(
-        "--outdir", default="demo_output", help="output folder (the demo's earlier outputs in it are replaced)"
-    )
+    p.add_argument("--outdir", default="demo_output", help="output folder (the demo's earlier outputs in it are "
+                                                           "replaced)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the certification noise and of the fine-tuning")
@@ -157,14 +128,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults (normal or ``--quick``) and check the values."""
     normal = dict(N0=50, N=250, max_images=100, epochs=3, max_steps=None, batch_size=1000)
     defaults = QUICK if args.quick else normal
-    for key, flag in (
-        ("N0", "N0"),
-        ("N", "N"),
-        ("max_images", "max_images"),
-        ("epochs", "epochs"),
-        ("max_steps", "steps"),
-        ("batch_size", "batch_size"),
-    ):
+    for key, flag in (("N0", "N0"), ("N", "N"), ("max_images", "max_images"), ("epochs", "epochs"),
+                      ("max_steps", "steps"), ("batch_size", "batch_size")):
         if getattr(args, flag) is None:
             setattr(args, flag, defaults[key])
     args.max_steps = args.steps
@@ -183,45 +148,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     check_output(args.outdir, "--outdir", folder=True)
     for flag, path in (("--denoiser_ckpt", args.denoiser_ckpt), ("--classifier_ckpt", args.classifier_ckpt)):
         if not Path(path).is_file():
-            raise UserError(
-                f"{flag} {path}: not found; the demo models ship in models/ (re-create them with "
-                "python scripts/train_demo_models.py)"
-            )
+            raise UserError(f"{flag} {path}: not found; the demo models ship in models/ (re-create them with "
+                            "python scripts/train_demo_models.py)")
     return args
 
 
 def certify_args(args: argparse.Namespace, outfile: Path, skip: int, weights: list[str]) -> list[str]:
     """certify.py's command line for one of the two certifications (identical but for the classifier)."""
-    argv = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        str(args.sigma),
-        "--outfile",
-        str(outfile),
-        "--N0",
-        str(args.N0),
-        "--N",
-        str(args.N),
-        "--alpha",
-        str(args.alpha),
-        "--skip",
-        str(skip),
-        "--max_images",
-        str(args.max_images),
-        "--batch_size",
-        str(args.batch_size),
-        "--seed",
-        str(args.seed),
-        "--denoiser_ckpt",
-        args.denoiser_ckpt,
-        "--device",
-        args.device,
-        "--precision",
-        "fp32",
-        "--overwrite",
-        *weights,
-    ]  # (reproducible on any CPU)
+    argv = ["--dataset", "digits", "--sigma", str(args.sigma), "--outfile", str(outfile), "--N0", str(args.N0),
+            "--N", str(args.N), "--alpha", str(args.alpha), "--skip", str(skip), "--max_images", str(args.max_images),
+            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--denoiser_ckpt", args.denoiser_ckpt,
+            "--device", args.device, "--precision", "fp32", "--overwrite", *weights]  # (reproducible on any CPU)
     return argv + (["--no_progress"] if args.no_progress else [])
 
 
@@ -238,25 +175,11 @@ def fine_tune(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:
     from training import NonFiniteLossError, TrainConfig, train
 
     config = TrainConfig(
-        dataset="digits",
-        classifier_ckpt=args.classifier_ckpt,
-        denoiser_ckpt=args.denoiser_ckpt,
-        train_noise_sd=args.sigma,
-        epochs=args.epochs,
-        warmup_epochs=min(1.0, args.epochs / 3),
-        batch=args.batch,
-        num_noises=args.num_noises,
-        lbd=args.lbd,
-        blr=args.blr,
-        drop_path=0.1,
-        workers=0,
-        seed=args.seed,
-        device=args.device,
-        precision="fp32",
-        outdir=str(outdir),
-        max_steps=args.max_steps or None,
-        progress=not args.no_progress,
-    )
+        dataset="digits", classifier_ckpt=args.classifier_ckpt, denoiser_ckpt=args.denoiser_ckpt,
+        train_noise_sd=args.sigma, epochs=args.epochs, warmup_epochs=min(1.0, args.epochs / 3), batch=args.batch,
+        num_noises=args.num_noises, lbd=args.lbd, blr=args.blr, drop_path=0.1, workers=0, seed=args.seed,
+        device=args.device, precision="fp32", outdir=str(outdir), max_steps=args.max_steps or None,
+        progress=not args.no_progress)
     try:
         return train(config)
     except NonFiniteLossError as err:  # as train.py: one line, exit status 1
@@ -264,9 +187,8 @@ def fine_tune(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:
         raise SystemExit(1) from None
 
 
-def write_tables(
-    paths: Sequence[Path], labels: Sequence[str], radii: Sequence[float], outputs: Sequence[tuple[str, Optional[Path]]]
-) -> Any:
+def write_tables(paths: Sequence[Path], labels: Sequence[str], radii: Sequence[float],
+                 outputs: Sequence[tuple[str, Optional[Path]]]) -> Any:
     """analyze.py's table of the logs ``paths`` at ``radii`` in each (format, file) of ``outputs`` (file None:
     standard output); returns the table (:func:`analysis.summary_table`)."""
     from analysis import FORMATTERS, read_log, summary_table
@@ -282,9 +204,8 @@ def write_tables(
     return table
 
 
-def compare_sequential(
-    fixed_log: Path, sequential_log: Path, radii: Sequence[float], N: int, out: Path
-) -> dict[str, Any]:
+def compare_sequential(fixed_log: Path, sequential_log: Path, radii: Sequence[float], N: int, out: Path
+                       ) -> dict[str, Any]:
     """Print (and write to ``out``) the fine-tuned classifier's table under fixed-N and sequential CERTIFY, with the
     estimation samples per image of each; returns them."""
     from runkit.logs import read_log
@@ -293,13 +214,11 @@ def compare_sequential(
     print(f"\n{FT_CADIS} under fixed-N and sequential CERTIFY (certify.py --sequential; same guarantee):")
     table = write_tables([fixed_log, sequential_log], labels, radii, [("table", out), ("table", None)])
     samples = float(read_log(sequential_log)["n"].mean())
-    print(
-        f"estimation samples per image: fixed N {N}, sequential {samples:.0f} ({N / samples:.1f}x fewer)\n"
-        "sequential CERTIFY's radius column is the radius at the stop: a valid certificate, but below the "
-        "fixed-N radius, so its ACR is only a lower bound (column ACR≥); compare certified accuracy at the radii "
-        "it decided",
-        flush=True,
-    )
+    print(f"estimation samples per image: fixed N {N}, sequential {samples:.0f} ({N / samples:.1f}x fewer)\n"
+          "sequential CERTIFY's radius column is the radius at the stop: a valid certificate, but below the "
+          "fixed-N radius, so its ACR is only a lower bound (column ACR≥); compare certified accuracy at the radii "
+          "it decided",
+          flush=True)
     values = {col: float(table.iloc[1][col]) for col in table.columns if col != "samples/img"}
     return {"samples_per_image": samples, "N": N, "table": {k: v for k, v in values.items() if not math.isnan(v)}}
 
@@ -336,21 +255,14 @@ def announce(args: argparse.Namespace, outdir: Path, skip: int) -> tuple[float, 
     """
     from sequential import max_certifiable_radius
 
-    print(
-        f"FT-CADIS demo on scikit-learn digits (16x16): sigma={args.sigma}, {args.max_images} test images "
-        f"(dataset indices 0, {skip}, {2 * skip}, ...), N0={args.N0}, N={args.N}, alpha={args.alpha}; "
-        f"FT-CADIS {args.epochs} epoch(s)"
-        + (f", at most {args.max_steps} steps" if args.max_steps else "")
-        + f"; {torch.get_num_threads()} CPU thread(s), device {args.device}; outputs in {outdir}/",
-        flush=True,
-    )
+    print(f"FT-CADIS demo on scikit-learn digits (16x16): sigma={args.sigma}, {args.max_images} test images "
+          f"(dataset indices 0, {skip}, {2 * skip}, ...), N0={args.N0}, N={args.N}, alpha={args.alpha}; "
+          f"FT-CADIS {args.epochs} epoch(s)" + (f", at most {args.max_steps} steps" if args.max_steps else "")
+          + f"; {torch.get_num_threads()} CPU thread(s), device {args.device}; outputs in {outdir}/", flush=True)
     r_max = max_certifiable_radius(args.sigma, args.N, args.alpha)
     r_stop = max(RADIUS_STEP, math.floor(r_max / RADIUS_STEP + 1e-9) * RADIUS_STEP)
-    print(
-        f"with N={args.N} and alpha={args.alpha} no certified radius can exceed sigma * Phi^-1(alpha^(1/N)) = "
-        f"{r_max:.3f}; the table shows radii 0 to {r_stop:g}",
-        flush=True,
-    )
+    print(f"with N={args.N} and alpha={args.alpha} no certified radius can exceed sigma * Phi^-1(alpha^(1/N)) = "
+          f"{r_max:.3f}; the table shows radii 0 to {r_stop:g}", flush=True)
     return r_max, r_stop
 
 
@@ -390,59 +302,28 @@ def run_stages(args: argparse.Namespace, outdir: Path, skip: int) -> dict[str, A
     radii = analysis.radius_grid(0.0, r_stop, RADIUS_STEP)
     plot = outdir / "certified_accuracy.png"
     title = f"digits, sigma={args.sigma}, N={args.N}, {args.max_images} images"
-    table = write_tables(
-        logs,
-        labels,
-        radii,
-        [
-            ("markdown", outdir / "table.md"),
-            ("csv", outdir / "table.csv"),
-            ("table", outdir / "table.txt"),
-            ("table", None),
-        ],
-    )
+    table = write_tables(logs, labels, radii, [("markdown", outdir / "table.md"), ("csv", outdir / "table.csv"),
+                                               ("table", outdir / "table.txt"), ("table", None)])
     # the curves run on to the largest certifiable radius (the table stops at the last multiple of 0.25)
-    analysis.plot_curves(
-        plot,
-        [analysis.read_log(off_log), analysis.read_log(ft_log)],
-        [OFF_THE_SHELF, FT_CADIS],
-        0.0,
-        r_max,
-        title=title,
-    )
+    analysis.plot_curves(plot, [analysis.read_log(off_log), analysis.read_log(ft_log)], [OFF_THE_SHELF, FT_CADIS],
+                         0.0, r_max, title=title)
     print(f"wrote {plot}", file=sys.stderr)
     sequential = compare_sequential(ft_log, seq_log, radii, args.N, outdir / "table_sequential.txt")
     timings["total"] = time.perf_counter() - start
 
     summary = {
-        "sigma": args.sigma,
-        "N0": args.N0,
-        "N": args.N,
-        "alpha": args.alpha,
-        "images": args.max_images,
-        "skip": skip,
-        "max_certifiable_radius": r_max,
-        "radii": list(table.attrs["radius_columns"]),
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "num_noises": args.num_noises,
-        "lbd": args.lbd,
-        "blr": args.blr,
-        "batch": args.batch,
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-        "checkpoint": str(checkpoint),
-        "fine_tune_test_acc": result.get("test_acc"),
+        "sigma": args.sigma, "N0": args.N0, "N": args.N, "alpha": args.alpha, "images": args.max_images, "skip": skip,
+        "max_certifiable_radius": r_max, "radii": list(table.attrs["radius_columns"]),
+        "epochs": args.epochs, "max_steps": args.max_steps, "num_noises": args.num_noises, "lbd": args.lbd,
+        "blr": args.blr, "batch": args.batch, "threads": torch.get_num_threads(), "device": args.device,
+        "checkpoint": str(checkpoint), "fine_tune_test_acc": result.get("test_acc"),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "table": {label: {col: float(table.loc[label, col]) for col in table.columns} for label in table.index},
         "sequential": sequential,
     }
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"\ndemo finished in {timings['total']:.0f} s: table in {outdir / 'table.md'}, plot {plot}, "
-        f"logs {off_log.name} / {ft_log.name}, fine-tuning run {ft_dir}/",
-        flush=True,
-    )
+    print(f"\ndemo finished in {timings['total']:.0f} s: table in {outdir / 'table.md'}, plot {plot}, "
+          f"logs {off_log.name} / {ft_log.name}, fine-tuning run {ft_dir}/", flush=True)
     return summary
 
 

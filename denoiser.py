@@ -12,7 +12,6 @@ chain t*, ..., 0, sampling the posterior with the learned variance at each step 
 ``load_denoiser("cifar10" | "imagenet", path)`` builds the paper's configuration (the OpenAI improved-/guided-
 diffusion checkpoints) and loads the official file strictly; ``"digits"`` is the small model of the embedded demo.
 """
-
 from __future__ import annotations
 
 import math
@@ -30,15 +29,8 @@ from runkit.files import check_regular_file
 from unet import UNetModel
 
 __all__ = [
-    "DENOISER_CONFIGS",
-    "DiffusionDenoiser",
-    "build_unet",
-    "create_denoiser",
-    "build_denoiser",
-    "load_denoiser",
-    "get_named_beta_schedule",
-    "schedule_timestep",
-    "default_checkpoint_path",
+    "DENOISER_CONFIGS", "DiffusionDenoiser", "build_unet", "create_denoiser", "build_denoiser", "load_denoiser",
+    "get_named_beta_schedule", "schedule_timestep", "default_checkpoint_path",
 ]
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -54,96 +46,40 @@ _CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
 }
 # create_model_and_diffusion kwargs that configure the diffusion rather than the UNet.
-_DIFFUSION_KWARGS = (
-    "diffusion_steps",
-    "noise_schedule",
-    "rescale_timesteps",
-    "timestep_respacing",
-    "predict_xstart",
-    "sigma_small",
-    "use_kl",
-    "rescale_learned_sigmas",
-)
+_DIFFUSION_KWARGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "timestep_respacing", "predict_xstart",
+                     "sigma_small", "use_kl", "rescale_learned_sigmas")
 
 # The UNet and schedule of each configuration; a dataset's preset names its configuration (presets.Preset.denoiser).
 DENOISER_CONFIGS: dict[str, dict[str, Any]] = {
     # openai/improved-diffusion, L_hybrid, cosine schedule (DDS cifar10/DRM.py).
     "cifar10": {
         "kwargs": dict(
-            image_size=32,
-            num_channels=128,
-            num_res_blocks=3,
-            num_heads=4,
-            num_heads_upsample=-1,
-            attention_resolutions="16,8",
-            dropout=0.3,
-            learn_sigma=True,
-            sigma_small=False,
-            class_cond=False,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-            timestep_respacing="",
-            use_kl=False,
-            predict_xstart=False,
-            rescale_timesteps=True,
-            rescale_learned_sigmas=True,
-            use_checkpoint=False,
-            use_scale_shift_norm=True,
-        ),
+            image_size=32, num_channels=128, num_res_blocks=3, num_heads=4, num_heads_upsample=-1,
+            attention_resolutions="16,8", dropout=0.3, learn_sigma=True, sigma_small=False, class_cond=False,
+            diffusion_steps=4000, noise_schedule="cosine", timestep_respacing="", use_kl=False, predict_xstart=False,
+            rescale_timesteps=True, rescale_learned_sigmas=True, use_checkpoint=False, use_scale_shift_norm=True),
         "checkpoint": "cifar10_uncond_50M_500K.pt",
         "url": "https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_50M_500K.pt",
     },
     # openai/guided-diffusion 256x256 unconditional, linear schedule (DDS imagenet/DRM.py).
     "imagenet": {
         "kwargs": dict(
-            image_size=256,
-            num_channels=256,
-            num_res_blocks=2,
-            num_heads=4,
-            num_heads_upsample=-1,
-            num_head_channels=64,
-            attention_resolutions="32,16,8",
-            channel_mult="",
-            dropout=0.0,
-            class_cond=False,
-            use_checkpoint=False,
-            use_scale_shift_norm=True,
-            resblock_updown=True,
-            use_fp16=False,
-            use_new_attention_order=False,
-            learn_sigma=True,
-            diffusion_steps=1000,
-            noise_schedule="linear",
-            timestep_respacing="",
-            use_kl=False,
-            predict_xstart=False,
-            rescale_timesteps=False,
-            rescale_learned_sigmas=False,
-        ),
+            image_size=256, num_channels=256, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+            num_head_channels=64, attention_resolutions="32,16,8", channel_mult="", dropout=0.0, class_cond=False,
+            use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=True, use_fp16=False,
+            use_new_attention_order=False, learn_sigma=True, diffusion_steps=1000, noise_schedule="linear",
+            timestep_respacing="", use_kl=False, predict_xstart=False, rescale_timesteps=False,
+            rescale_learned_sigmas=False),
         "checkpoint": "256x256_diffusion_uncond.pt",
         "url": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
     },
     # The embedded demo's small denoiser (16 px digits), trained by the demo; CIFAR-10-like schedule.
     "digits": {
         "kwargs": dict(
-            image_size=16,
-            num_channels=32,
-            num_res_blocks=1,
-            channel_mult="1,2,2",
-            num_heads=4,
-            num_heads_upsample=-1,
-            attention_resolutions="8",
-            dropout=0.0,
-            learn_sigma=True,
-            class_cond=False,
-            use_checkpoint=False,
-            use_scale_shift_norm=True,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-            timestep_respacing="",
-            predict_xstart=False,
-            rescale_timesteps=True,
-        ),
+            image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", num_heads=4, num_heads_upsample=-1,
+            attention_resolutions="8", dropout=0.0, learn_sigma=True, class_cond=False, use_checkpoint=False,
+            use_scale_shift_norm=True, diffusion_steps=4000, noise_schedule="cosine", timestep_respacing="",
+            predict_xstart=False, rescale_timesteps=True),
         "checkpoint": "digits_denoiser.pt",
         "url": None,
     },
@@ -160,17 +96,10 @@ def get_named_beta_schedule(noise_schedule: str, diffusion_steps: int) -> np.nda
         scale = 1000 / diffusion_steps
         return np.linspace(scale * 0.0001, scale * 0.02, diffusion_steps, dtype=np.float64)
     if noise_schedule == "cosine":
-
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return np.array(
-            [
-                min(1 - alpha_bar((i + 1) / diffusion_steps) / alpha_bar(i / diffusion_steps), 0.999)
-                for i in range(diffusion_steps)
-            ],
-            dtype=np.float64,
-        )
+        return np.array([min(1 - alpha_bar((i + 1) / diffusion_steps) / alpha_bar(i / diffusion_steps), 0.999)
+                         for i in range(diffusion_steps)], dtype=np.float64)
     raise UserError(f"unknown noise_schedule {noise_schedule!r}; choose 'linear' or 'cosine'")
 
 
@@ -192,10 +121,8 @@ def first_timestep(ratio: np.ndarray, sigma: float, noise_schedule: str) -> int:
         raise UserError(f"sigma must be > 0 for denoised smoothing (got {sigma})")
     hits = np.flatnonzero(ratio[1:] >= 2 * sigma)
     if hits.size == 0:
-        raise UserError(
-            f"sigma={sigma} is beyond the largest noise level of this {len(ratio)}-step "
-            f"{noise_schedule} schedule (max sigma {float(ratio[-1]) / 2:.4g}); use a smaller sigma"
-        )
+        raise UserError(f"sigma={sigma} is beyond the largest noise level of this {len(ratio)}-step "
+                        f"{noise_schedule} schedule (max sigma {float(ratio[-1]) / 2:.4g}); use a smaller sigma")
     return int(hits[0]) + 1
 
 
@@ -213,22 +140,22 @@ def schedule_timestep(name: str, sigma: float) -> int:
 
 
 def build_unet(
-    image_size: int = 64,
-    num_channels: int = 128,
-    num_res_blocks: int = 2,
-    num_heads: int = 4,
-    num_head_channels: int = -1,
-    num_heads_upsample: int = -1,
-    attention_resolutions: str | tuple[int, ...] = "16,8",
-    channel_mult: str | tuple[float, ...] = "",
-    dropout: float = 0.0,
-    learn_sigma: bool = False,
-    class_cond: bool = False,
-    use_checkpoint: bool = False,
-    use_scale_shift_norm: bool = True,
-    resblock_updown: bool = False,
-    use_fp16: bool = False,
-    use_new_attention_order: bool = False,
+        image_size: int = 64,
+        num_channels: int = 128,
+        num_res_blocks: int = 2,
+        num_heads: int = 4,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        attention_resolutions: str | tuple[int, ...] = "16,8",
+        channel_mult: str | tuple[float, ...] = "",
+        dropout: float = 0.0,
+        learn_sigma: bool = False,
+        class_cond: bool = False,
+        use_checkpoint: bool = False,
+        use_scale_shift_norm: bool = True,
+        resblock_updown: bool = False,
+        use_fp16: bool = False,
+        use_new_attention_order: bool = False,
 ) -> UNetModel:
     """``create_model`` of improved-/guided-diffusion, with their kwarg names and defaults.
 
@@ -240,10 +167,8 @@ def build_unet(
     del use_fp16
     if channel_mult in ("", None, ()):
         if image_size not in _CHANNEL_MULT:
-            raise UserError(
-                f"no default channel_mult for image_size={image_size} "
-                f"(known: {sorted(_CHANNEL_MULT)}); pass channel_mult, e.g. '1,2,2'"
-            )
+            raise UserError(f"no default channel_mult for image_size={image_size} "
+                            f"(known: {sorted(_CHANNEL_MULT)}); pass channel_mult, e.g. '1,2,2'")
         mult = _CHANNEL_MULT[image_size]
     else:
         mult = tuple(int(m) for m in channel_mult.split(",")) if isinstance(channel_mult, str) else tuple(channel_mult)
@@ -280,12 +205,12 @@ class DiffusionDenoiser(nn.Module):
     alphas_cumprod: torch.Tensor
 
     def __init__(
-        self,
-        unet: UNetModel,
-        noise_schedule: str = "cosine",
-        diffusion_steps: int = 4000,
-        rescale_timesteps: bool = True,
-        channels_last: bool = False,
+            self,
+            unet: UNetModel,
+            noise_schedule: str = "cosine",
+            diffusion_steps: int = 4000,
+            rescale_timesteps: bool = True,
+            channels_last: bool = False,
     ):
         super().__init__()
         self.unet = unet
@@ -327,10 +252,8 @@ class DiffusionDenoiser(nn.Module):
             raise UserError(f"denoiser expects images [B, {self.unet.in_channels}, H, W], got {list(x_noisy.shape)}")
         f = self.unet.downsample_factor
         if x_noisy.shape[-2] % f or x_noisy.shape[-1] % f:
-            raise UserError(
-                f"denoiser input size {x_noisy.shape[-2]}x{x_noisy.shape[-1]} is not a multiple of {f} "
-                f"(the UNet downsamples by {f}); resize or crop the images"
-            )
+            raise UserError(f"denoiser input size {x_noisy.shape[-2]}x{x_noisy.shape[-1]} is not a multiple of {f} "
+                            f"(the UNet downsamples by {f}); resize or crop the images")
 
     def denoise(self, x_noisy: torch.Tensor, t: int) -> torch.Tensor:
         """One-shot denoise of x_noisy = x + δ ([B, 3, H, W], pixel scale, unclipped) at timestep t (an int).
@@ -354,8 +277,8 @@ class DiffusionDenoiser(nn.Module):
     def posterior_coefficients(self, s: int) -> tuple[float, float, float, float]:
         """(c1, c2, log β̃_s, log β_s) of the reverse step at s (float64, upstream ``GaussianDiffusion``'s arrays):
 
-        μ = c1·x̂0 + c2·x_s,  c1 = β_s·sqrt(ᾱ_{s−1})/(1 − ᾱ_s),  c2 = (1 − ᾱ_{s−1})·sqrt(α_s)/(1 − ᾱ_s),
-        β̃_s = β_s·(1 − ᾱ_{s−1})/(1 − ᾱ_s)  (ᾱ_{−1} = 1; the log uses β̃_1 at s = 0, as upstream's "clipped" log).
+            μ = c1·x̂0 + c2·x_s,  c1 = β_s·sqrt(ᾱ_{s−1})/(1 − ᾱ_s),  c2 = (1 − ᾱ_{s−1})·sqrt(α_s)/(1 − ᾱ_s),
+            β̃_s = β_s·(1 − ᾱ_{s−1})/(1 − ᾱ_s)  (ᾱ_{−1} = 1; the log uses β̃_1 at s = 0, as upstream's "clipped" log).
         """
         abar = self._alphas_cumprod
         abar_prev = np.append(1.0, abar[:-1])
@@ -388,9 +311,8 @@ class DiffusionDenoiser(nn.Module):
         log_var = frac * log_beta + (1.0 - frac) * log_post_var
         return mean + torch.exp(0.5 * log_var) * noise
 
-    def denoise_multistep(
-        self, x_noisy: torch.Tensor, t: int, generators: Optional[Sequence[torch.Generator]] = None
-    ) -> torch.Tensor:
+    def denoise_multistep(self, x_noisy: torch.Tensor, t: int,
+                          generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
         """Multi-step denoise of x_noisy = x + δ (the paper's ``multistep=True``): x_t = sqrt(ᾱ_t)·(2(x + δ) − 1),
         then x_{s−1} = :meth:`reverse_step` (x_s, s) for s = t, t − 1, ..., 0; returns (x_{−1} + 1)/2.
 
@@ -406,10 +328,8 @@ class DiffusionDenoiser(nn.Module):
         """
         self._check_input(x_noisy, t)
         if self.unet.out_channels != 6:
-            raise UserError(
-                "multi-step denoising samples with the learned variance: it needs a learn_sigma UNet "
-                "(6 output channels)"
-            )
+            raise UserError("multi-step denoising samples with the learned variance: it needs a learn_sigma UNet "
+                            "(6 output channels)")
         if generators is not None and len(generators) != len(x_noisy):
             raise ValueError(f"{len(generators)} generators for {len(x_noisy)} images")
         sqrt_abar = math.sqrt(float(self._alphas_cumprod[t]))
@@ -420,7 +340,8 @@ class DiffusionDenoiser(nn.Module):
             if s > 0 and generators is None:
                 noise = torch.randn(x.shape, device=x.device, dtype=dtype)
             elif s > 0:
-                noise = torch.stack([torch.randn(shape, generator=g, device=x.device, dtype=dtype) for g in generators])
+                noise = torch.stack([torch.randn(shape, generator=g, device=x.device, dtype=dtype)
+                                     for g in generators])
             x = self.reverse_step(x, s, noise)
         return (x + 1.0) / 2.0
 
@@ -443,10 +364,8 @@ def create_denoiser(channels_last: bool = False, **kwargs: Any) -> DiffusionDeno
     """
     diff = {k: kwargs.pop(k) for k in _DIFFUSION_KWARGS if k in kwargs}
     if diff.get("timestep_respacing") not in (None, ""):
-        raise UserError(
-            f"timestep_respacing={diff['timestep_respacing']!r} is not supported (one-shot denoising "
-            "uses the full schedule); use ''"
-        )
+        raise UserError(f"timestep_respacing={diff['timestep_respacing']!r} is not supported (one-shot denoising "
+                        "uses the full schedule); use ''")
     if diff.get("predict_xstart", False):
         raise UserError("predict_xstart=True is not supported: the denoiser expects an ε-prediction model")
     try:
@@ -480,12 +399,12 @@ def _missing_file_hint(name: str) -> str:
 
 
 def load_denoiser(
-    name: str,
-    checkpoint_path: Optional[str | Path] = None,
-    device: Optional[str | torch.device] = None,
-    dtype: torch.dtype | str = torch.float32,
-    channels_last: bool = False,
-    flag: str = "--denoiser_ckpt",
+        name: str,
+        checkpoint_path: Optional[str | Path] = None,
+        device: Optional[str | torch.device] = None,
+        dtype: torch.dtype | str = torch.float32,
+        channels_last: bool = False,
+        flag: str = "--denoiser_ckpt",
 ) -> DiffusionDenoiser:
     """Build the named configuration and load its checkpoint strictly (:mod:`checkpoints`, ``weights_only``).
 
@@ -500,18 +419,12 @@ def load_denoiser(
     if isinstance(dtype, str):
         dtype = precision_dtype(dtype)
     dev = resolve_device(None if device is None else str(device))
-    sd, _ = checkpoints.read_state_dict(
-        path,
-        flag,
-        prefixes=(checkpoints.DDP_PREFIX, "unet."),
-        mmap=True,
-        expected="the official .pt file or model.state_dict()",
-    )
+    sd, _ = checkpoints.read_state_dict(path, flag, prefixes=(checkpoints.DDP_PREFIX, "unet."), mmap=True,
+                                        expected="the official .pt file or model.state_dict()")
     with torch.device("meta"):  # no random init, no double memory: the checkpoint's tensors are assigned
         denoiser = create_denoiser(**cfg["kwargs"])
-    checkpoints.check_state_dict(
-        denoiser.unet.state_dict(), sd, f"{flag} {path}", f"the {name!r} UNet", f"wrong checkpoint for {name!r}?"
-    )
+    checkpoints.check_state_dict(denoiser.unet.state_dict(), sd, f"{flag} {path}", f"the {name!r} UNet",
+                                 f"wrong checkpoint for {name!r}?")
     denoiser.unet.load_state_dict(sd, strict=True, assign=True)
     denoiser.to(device=dev)  # also re-creates the float64 schedule buffer (off the meta device)
     denoiser.unet.to(dtype=dtype)

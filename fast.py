@@ -15,7 +15,6 @@ frozen denoiser of ``train.py`` ask for them explicitly:
 
 :func:`prepare_inference_` applies all but compile. Each step dispatches on the real module types.
 """
-
 from __future__ import annotations
 
 import copy
@@ -187,9 +186,8 @@ def enable_class_token_forward_(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare_inference_(
-    model: nn.Module, precision: str, channels_last: Optional[bool] = None, class_token: bool = True
-) -> nn.Module:
+def prepare_inference_(model: nn.Module, precision: str, channels_last: Optional[bool] = None,
+                       class_token: bool = True) -> nn.Module:
     """The fast path of ``model`` (e.g. a :class:`core.DenoisedClassifier`, or a denoiser alone), in place.
 
     Args:
@@ -235,7 +233,6 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
     options: Optional[dict] = None
     if param is not None and param.device.type == "cpu":
         from torch._inductor import list_mode_options
-
         options = {**(list_mode_options(mode) if mode else {}), "freezing": True}
         mode = None  # torch.compile takes a mode or options, not both
     networks = [model.classifier] if model.denoiser is None else [model.denoiser.unet, model.classifier]
@@ -249,15 +246,8 @@ def compile_for_inference_(model: DenoisedClassifier, mode: Optional[str] = None
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def fast_model(
-    denoiser: Optional[DiffusionDenoiser],
-    classifier: nn.Module,
-    sigma: float,
-    precision: str,
-    channels_last: bool,
-    compile: bool,
-    compile_mode: Optional[str],
-) -> DenoisedClassifier:
+def fast_model(denoiser: Optional[DiffusionDenoiser], classifier: nn.Module, sigma: float, precision: str,
+               channels_last: bool, compile: bool, compile_mode: Optional[str]) -> DenoisedClassifier:
     """The fast path's f o D, on copies: :func:`fast.prepare_inference_` (Linear/Conv weights stored in the
     autocast dtype, UNet channels_last), and with ``compile`` both networks compiled in place.
 
@@ -277,17 +267,9 @@ def fast_model(
     return model
 
 
-def agreement(
-    denoiser_fp32: DiffusionDenoiser,
-    classifier: ImageClassifier,
-    fast: DenoisedClassifier,
-    precision: str,
-    sigma: float,
-    images: torch.Tensor,
-    per_image: int,
-    batch_size: int,
-    seed: int,
-) -> Dict[str, float]:
+def agreement(denoiser_fp32: DiffusionDenoiser, classifier: ImageClassifier, fast: DenoisedClassifier,
+              precision: str, sigma: float, images: torch.Tensor, per_image: int, batch_size: int,
+              seed: int) -> Dict[str, float]:
     """Share of samples whose class under ``fast`` (autocast ``precision``) equals the fp32 class on the same noise
     x + sigma·δ, with the logit error beside it: ``margin_median`` (fp32 top-1 minus top-2 logit) against
     ``logit_max_abs_diff``; ``decided_agreement`` counts only samples with margin > 2·max|Δlogit| (must be 1).

@@ -8,7 +8,6 @@ sample ranges, oldest image first (:meth:`core.Smooth.count_ranges`). Every imag
 seeded noise streams, so every result is the one it gets alone (:func:`run_each`, one image after the other): only
 the order in which the images finish changes. ``certify.py`` and ``predict.py`` run the pool unless ``--no_pool``.
 """
-
 from __future__ import annotations
 
 import time

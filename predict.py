@@ -14,7 +14,6 @@ work is done by ``certification.py``.
     python predict.py --dataset cifar10 --sigma 0.25 --finetuned_path runs/ckpt.pt --N 1000 --outfile logs/p.tsv
     python analyze.py logs/p.tsv          # accuracy and abstention rate
 """
-
 from __future__ import annotations
 
 import argparse
@@ -31,11 +30,9 @@ from runkit.shards import merge_request
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Predict with a denoised-smoothed classifier (Cohen et al. PREDICT, "
-        "abstaining when unsure); writes a tab-separated log "
-        "'idx label predict correct time'."
-    )
+    p = argparse.ArgumentParser(description="Predict with a denoised-smoothed classifier (Cohen et al. PREDICT, "
+                                            "abstaining when unsure); writes a tab-separated log "
+                                            "'idx label predict correct time'.")
     return add_run_arguments(p)
 
 
@@ -46,12 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[PredictRow]]:
     if merge is not None:
         return merge_shards(merge.outfile, (PredictRow,), merge.override)  # type: ignore[return-value]
     opts = resolve_options(RunOptions.from_namespace(get_parser().parse_args(argv)))
-    logs = run(
-        opts,
-        PredictRow,
-        lambda smoothed, o: predict_method(smoothed, o.N, o.alpha, o.batch_size),
-        list(sys.argv if argv is None else argv),
-    )
+    logs = run(opts, PredictRow, lambda smoothed, o: predict_method(smoothed, o.N, o.alpha, o.batch_size),
+               list(sys.argv if argv is None else argv))
     return logs if logs is None or len(logs) > 1 else logs[0]  # type: ignore[return-value]
 
 

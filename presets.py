@@ -12,7 +12,6 @@ their settings through the launchers, whose flags ``tests/test_presets.py`` chec
 except lambda: ``--lbd`` left out is the dataset's :attr:`TrainPreset.lbd` (CIFAR-10 4.0, ImageNet 2.0, digits 1.0).
 ``digits`` is the embedded demo's data set; it has no paper values, its training preset is train.py's defaults.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -55,26 +54,9 @@ class TrainPreset:
 # The defaults of the paper's train.py (its argparse) that our train.py keeps; ours differ in use_fp16 (off: --precision
 # auto decides) and warm_start (on; the paper's launchers always pass it).
 TRAIN_DEFAULTS = TrainPreset(
-    ft_method="full",
-    epochs=30,
-    warmup_epochs=3.0,
-    blr=1e-3,
-    batch=32,
-    accum_iter=1,
-    num_noises=4,
-    lbd=1.0,
-    eps=64.0,
-    num_steps=4,
-    weight_decay=0.04,
-    weight_decay_end=0.4,
-    layer_decay=0.65,
-    drop_path=0.2,
-    attn_drop_rate=0.0,
-    clip_grad=0.3,
-    noise_sd=0.25,
-    use_fp16=False,
-    warm_start=True,
-)
+    ft_method="full", epochs=30, warmup_epochs=3.0, blr=1e-3, batch=32, accum_iter=1, num_noises=4, lbd=1.0,
+    eps=64.0, num_steps=4, weight_decay=0.04, weight_decay_end=0.4, layer_decay=0.65, drop_path=0.2,
+    attn_drop_rate=0.0, clip_grad=0.3, noise_sd=0.25, use_fp16=False, warm_start=True)
 
 
 @dataclass(frozen=True)
@@ -114,71 +96,24 @@ class Preset:
         """t* of the one-shot denoiser at ``sigma``: the smallest t >= 1 with sqrt((1 - abar_t)/abar_t) >= 2 sigma
         on this dataset's denoiser schedule (METHOD §1; ``denoiser.schedule_timestep``)."""
         from denoiser import schedule_timestep
-
         return schedule_timestep(self.denoiser, sigma)
 
 
 CIFAR10 = Preset(
-    name="cifar10",
-    num_classes=10,
-    image_size=32,
-    arch="cifar10_vit_base",
-    denoiser="cifar10",
-    N=100_000,
-    subset="skip",
-    skip=1,
-    table_radii=(0.25, 0.5, 0.75, 1.0),
-    test_per_class=100,
-    train=dataclasses.replace(
-        TRAIN_DEFAULTS, blr=1e-4, accum_iter=4, lbd=4.0, drop_path=0.0, attn_drop_rate=0.2, noise_sd=1.0, use_fp16=True
-    ),
-)
+    name="cifar10", num_classes=10, image_size=32, arch="cifar10_vit_base", denoiser="cifar10", N=100_000,
+    subset="skip", skip=1, table_radii=(0.25, 0.5, 0.75, 1.0), test_per_class=100,
+    train=dataclasses.replace(TRAIN_DEFAULTS, blr=1e-4, accum_iter=4, lbd=4.0, drop_path=0.0, attn_drop_rate=0.2,
+                              noise_sd=1.0, use_fp16=True))
 IMAGENET = Preset(
-    name="imagenet",
-    num_classes=1000,
-    image_size=224,
-    arch="imagenet_vit_base",
-    denoiser="imagenet",
-    N=10_000,
-    subset="paper",
-    skip=50,
-    table_radii=(0.5, 1.0, 1.5, 2.0, 3.0),
-    test_per_class=5,
-    train=TrainPreset(
-        ft_method="lora",
-        epochs=10,
-        warmup_epochs=1.0,
-        blr=4e-4,
-        batch=16,
-        accum_iter=4,
-        num_noises=2,
-        lbd=2.0,
-        eps=64.0,
-        num_steps=1,
-        weight_decay=0.01,
-        weight_decay_end=0.1,
-        layer_decay=0.9,
-        drop_path=0.0,
-        attn_drop_rate=0.0,
-        clip_grad=1.0,
-        noise_sd=1.0,
-        use_fp16=True,
-        warm_start=True,
-    ),
-)
+    name="imagenet", num_classes=1000, image_size=224, arch="imagenet_vit_base", denoiser="imagenet", N=10_000,
+    subset="paper", skip=50, table_radii=(0.5, 1.0, 1.5, 2.0, 3.0), test_per_class=5,
+    train=TrainPreset(ft_method="lora", epochs=10, warmup_epochs=1.0, blr=4e-4, batch=16, accum_iter=4, num_noises=2,
+                      lbd=2.0, eps=64.0, num_steps=1, weight_decay=0.01, weight_decay_end=0.1, layer_decay=0.9,
+                      drop_path=0.0, attn_drop_rate=0.0, clip_grad=1.0, noise_sd=1.0, use_fp16=True,
+                      warm_start=True))
 DIGITS = Preset(
-    name="digits",
-    num_classes=10,
-    image_size=16,
-    arch="digits_vit_tiny",
-    denoiser="digits",
-    N=10_000,
-    subset="skip",
-    skip=1,
-    table_radii=(0.25, 0.5, 0.75, 1.0),
-    test_per_class=0,
-    train=TRAIN_DEFAULTS,
-)
+    name="digits", num_classes=10, image_size=16, arch="digits_vit_tiny", denoiser="digits", N=10_000,
+    subset="skip", skip=1, table_radii=(0.25, 0.5, 0.75, 1.0), test_per_class=0, train=TRAIN_DEFAULTS)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (CIFAR10, IMAGENET, DIGITS)}
 DATASETS: tuple[str, ...] = tuple(PRESETS)
@@ -190,10 +125,8 @@ def per_dataset(field: str) -> str:
     Args:
         field: a :class:`Preset` attribute (``train.lbd`` reads a :class:`TrainPreset` one).
     """
-
     def value(p: object) -> object:
         for part in field.split("."):
             p = getattr(p, part)
         return p
-
     return ", ".join(f"{name} {value(p)}" for name, p in PRESETS.items())

@@ -12,7 +12,6 @@ table the numbers come from, and the table number where it is known):
 writes it (:meth:`PublishedTable.rounded`), so a published number and ours from the same experiment differ by 0.0
 points. :func:`load_tables` checks every file (:func:`check_table`); importable without torch.
 """
-
 from __future__ import annotations
 
 import json
@@ -94,7 +93,7 @@ def _check_rows(path: Path, data: dict[str, Any], radii: tuple[float, ...]) -> t
         if any(later > earlier + 1e-9 for earlier, later in zip(acc, acc[1:])):
             raise _fail(path, f"row {k}: certified accuracy grows with the radius")
         if data["acr"] != (acr is not None) or (acr is not None and not (math.isfinite(acr) and acr >= 0)):
-            raise _fail(path, f'row {k}: an ACR >= 0 is needed exactly where the table has "acr": true')
+            raise _fail(path, f"row {k}: an ACR >= 0 is needed exactly where the table has \"acr\": true")
         sigma = float(row["sigma"])
         if not (math.isfinite(sigma) and sigma > 0):
             raise _fail(path, f"row {k}: sigma {sigma} is not a noise level")
@@ -120,20 +119,11 @@ def check_table(path: Path, data: Any) -> PublishedTable:
     radii = tuple(float(r) for r in data["radii"])
     if not radii or radii[0] < 0 or any(b <= a for a, b in zip(radii, radii[1:])):
         raise _fail(path, f"radii must increase from >= 0, got {list(radii)}")
-    return PublishedTable(
-        name=data["name"],
-        paper=data["paper"],
-        source=data["source"],
-        table=None if data["table"] is None else str(data["table"]),
-        dataset=data["dataset"],
-        split=data["split"],
-        scale=data["scale"],
-        decimals=data["decimals"],
-        radii=radii,
-        has_acr=bool(data["acr"]),
-        acr_decimals=int(data.get("acr_decimals", 3)),
-        rows=_check_rows(path, data, radii),
-    )
+    return PublishedTable(name=data["name"], paper=data["paper"], source=data["source"],
+                          table=None if data["table"] is None else str(data["table"]), dataset=data["dataset"],
+                          split=data["split"], scale=data["scale"], decimals=data["decimals"], radii=radii,
+                          has_acr=bool(data["acr"]), acr_decimals=int(data.get("acr_decimals", 3)),
+                          rows=_check_rows(path, data, radii))
 
 
 def load_tables(folder: Path = TABLES) -> list[PublishedTable]:
@@ -152,9 +142,8 @@ def load_tables(folder: Path = TABLES) -> list[PublishedTable]:
     return tables
 
 
-def matching_rows(
-    tables: Sequence[PublishedTable], dataset: str, sigma: float, split: Optional[str] = None
-) -> list[tuple[PublishedTable, PublishedRow]]:
+def matching_rows(tables: Sequence[PublishedTable], dataset: str, sigma: float,
+                  split: Optional[str] = None) -> list[tuple[PublishedTable, PublishedRow]]:
     """The published rows of ``dataset`` at noise level ``sigma`` (and ``split``, where known), table by table.
 
     Args:
@@ -163,10 +152,5 @@ def matching_rows(
         sigma: the log's sigma.
         split: the log's split; None: any.
     """
-    return [
-        (t, row)
-        for t in tables
-        if t.dataset == dataset and split in (None, t.split)
-        for row in t.rows
-        if math.isclose(row.sigma, sigma, rel_tol=0, abs_tol=1e-9)
-    ]
+    return [(t, row) for t in tables if t.dataset == dataset and split in (None, t.split)
+            for row in t.rows if math.isclose(row.sigma, sigma, rel_tol=0, abs_tol=1e-9)]

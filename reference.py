@@ -12,7 +12,6 @@ et al. (2019), and one FT-CADIS fine-tuning step as the paper's code runs it.
 
 ``bench.py`` times our paths against it; the tests use it as an oracle (the same function computed with more work).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -69,14 +68,11 @@ class ReferenceDiffusion:
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         s, d = x_start.shape, x_start.dtype
-        return (
-            _extract(self.sqrt_alphas_cumprod, t, s, d) * x_start
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, s, d) * noise
-        )
+        return (_extract(self.sqrt_alphas_cumprod, t, s, d) * x_start
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, s, d) * noise)
 
-    def p_mean_variance(
-        self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
+    def p_mean_variance(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        t: torch.Tensor) -> Dict[str, torch.Tensor]:
         s, d = x.shape, x.dtype
         tau = t.to(d) * (1000.0 / self.num_timesteps) if self.rescale_timesteps else t
         model_output, model_var_values = torch.split(model(x, tau), x.shape[1], dim=1)
@@ -84,31 +80,20 @@ class ReferenceDiffusion:
         max_log = _extract(self.log_betas, t, s, d)
         frac = (model_var_values + 1) / 2
         model_log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = (
-            _extract(self.sqrt_recip_alphas_cumprod, t, s, d) * x
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, s, d) * model_output
-        ).clamp(-1, 1)
-        mean = (
-            _extract(self.posterior_mean_coef1, t, s, d) * pred_xstart
-            + _extract(self.posterior_mean_coef2, t, s, d) * x
-        )
-        return {
-            "mean": mean,
-            "variance": torch.exp(model_log_variance),
-            "log_variance": model_log_variance,
-            "pred_xstart": pred_xstart,
-        }
+        pred_xstart = (_extract(self.sqrt_recip_alphas_cumprod, t, s, d) * x
+                       - _extract(self.sqrt_recipm1_alphas_cumprod, t, s, d) * model_output).clamp(-1, 1)
+        mean = (_extract(self.posterior_mean_coef1, t, s, d) * pred_xstart
+                + _extract(self.posterior_mean_coef2, t, s, d) * x)
+        return {"mean": mean, "variance": torch.exp(model_log_variance), "log_variance": model_log_variance,
+                "pred_xstart": pred_xstart}
 
-    def p_sample(
-        self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
+    def p_sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 t: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = self.p_mean_variance(model, x, t)
         noise = torch.randn_like(x)
         nonzero_mask = (t != 0).to(x.dtype).view(-1, *([1] * (len(x.shape) - 1)))
-        return {
-            "sample": out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise,
-            "pred_xstart": out["pred_xstart"],
-        }
+        return {"sample": out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise,
+                "pred_xstart": out["pred_xstart"]}
 
 
 class ReferenceDenoisedClassifier(nn.Module):
@@ -142,9 +127,8 @@ def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
     return counts
 
 
-def reference_sample_noise(
-    model: nn.Module, x: torch.Tensor, num: int, batch_size: int, num_classes: int
-) -> np.ndarray:
+def reference_sample_noise(model: nn.Module, x: torch.Tensor, num: int, batch_size: int, num_classes: int
+                           ) -> np.ndarray:
     """Cohen's ``Smooth._sample_noise`` as DDS runs it: the clean image repeated, noised inside the model, the
     predictions copied to the host and counted in Python, batch by batch."""
     with torch.no_grad():
@@ -162,7 +146,6 @@ def reference_sample_noise(
 def eager_attention() -> Any:
     """Scaled dot-product attention as the upstream code writes it (matmul, softmax, matmul): SDPA's math backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 
@@ -202,16 +185,8 @@ class ReferenceFinetuneStep:
 
     masked_only = False  # attack every image
 
-    def __init__(
-        self,
-        classifier: ImageClassifier,
-        denoiser: DiffusionDenoiser,
-        sigma: float,
-        settings: TrainPreset,
-        precision: str,
-        device: torch.device,
-        lr: float = 1e-5,
-    ):
+    def __init__(self, classifier: ImageClassifier, denoiser: DiffusionDenoiser, sigma: float, settings: TrainPreset,
+                 precision: str, device: torch.device, lr: float = 1e-5):
         self.classifier = classifier.train()
         self.sigma, self.t_star = sigma, denoiser.timestep_for_sigma(sigma)
         self.M, self.lbd, self.steps = settings.num_noises, settings.lbd, settings.num_steps
@@ -247,17 +222,8 @@ class ReferenceFinetuneStep:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             denoised = self.denoise(clean)
-            loss, _, _, correct = cadis_objective(
-                self.classifier,
-                clean,
-                denoised,
-                targets,
-                self.M,
-                self.lbd,
-                self.eps_pixels,
-                self.steps,
-                masked_only=self.masked_only,
-            )
+            loss, _, _, correct = cadis_objective(self.classifier, clean, denoised, targets, self.M, self.lbd,
+                                                  self.eps_pixels, self.steps, masked_only=self.masked_only)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         self.clip()

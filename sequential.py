@@ -7,7 +7,6 @@ radii are decided. The plan (:func:`sequential_plan`: checkpoints and levels), o
 :func:`certify_sequential`; as :data:`core.Steps`, :func:`estimate_sequential_steps`) and a model-free simulator
 with the same rules (:func:`simulate_certify`). Design and measurements: docs/SEQUENTIAL.md.
 """
-
 from __future__ import annotations
 
 import math
@@ -82,16 +81,10 @@ class SequentialPlan:
         return self.checkpoints[-1]
 
 
-def sequential_plan(
-    n_max: int,
-    alpha: float,
-    radii: Sequence[float],
-    sigma: float,
-    first: int = SEQUENTIAL_FIRST,
-    ratio: float = SEQUENTIAL_RATIO,
-    final_share: float = SEQUENTIAL_FINAL_SHARE,
-    futility_alpha: float = FUTILITY_ALPHA,
-) -> SequentialPlan:
+def sequential_plan(n_max: int, alpha: float, radii: Sequence[float], sigma: float,
+                    first: int = SEQUENTIAL_FIRST, ratio: float = SEQUENTIAL_RATIO,
+                    final_share: float = SEQUENTIAL_FINAL_SHARE, futility_alpha: float = FUTILITY_ALPHA
+                    ) -> SequentialPlan:
     """The union-bound plan: alpha_K = final_share * alpha at n_K = n_max, (1 - final_share) * alpha / (K - 1) at
     each earlier checkpoint (all of alpha at n_max when K = 1).
 
@@ -113,9 +106,8 @@ def sequential_plan(
     return SequentialPlan(tuple(checkpoints), tuple(alphas), tuple(thresholds), futility_alpha)
 
 
-def sequential_step(
-    plan: SequentialPlan, k: int, nA: np.ndarray, lower_so_far: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def sequential_step(plan: SequentialPlan, k: int, nA: np.ndarray, lower_so_far: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """One checkpoint of sequential CERTIFY, vectorized over images: ``(pABar, stop)`` after nA successes of n_k.
 
     pABar_k = max(pABar_{k-1}, CP_lower(nA, n_k, alpha_k)) (the running maximum: still inside the union bound).
@@ -136,16 +128,8 @@ def sequential_step(
     return lower, ~above.any(1) | (projected < next_threshold)
 
 
-def certify_sequential(
-    smooth: Smooth,
-    x: torch.Tensor,
-    n0: int,
-    n_max: int,
-    alpha: float,
-    batch_size: int,
-    radii: Sequence[float],
-    generator: Optional[torch.Generator] = None,
-) -> tuple[int, float, int]:
+def certify_sequential(smooth: Smooth, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+                       radii: Sequence[float], generator: Optional[torch.Generator] = None) -> tuple[int, float, int]:
     """Sequential CERTIFY: Cohen's selection, then estimation that stops as soon as the requested radii are decided.
 
     Selection as in :meth:`core.Smooth.certify` (cAHat from n0 separate samples). Estimation draws the fresh samples
@@ -183,17 +167,9 @@ def certify_sequential(
     return estimate_sequential(smooth, x, cAHat, n_max, alpha, batch_size, radii, key)[0]
 
 
-def estimate_sequential(
-    smooth: Smooth,
-    x: torch.Tensor,
-    cAHat: Sequence[int],
-    n_max: int,
-    alpha: float,
-    batch_size: int,
-    radii: Sequence[float],
-    key: int,
-    active: Optional[Sequence[bool]] = None,
-) -> list[tuple[int, float, int]]:
+def estimate_sequential(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n_max: int, alpha: float,
+                        batch_size: int, radii: Sequence[float], key: int, active: Optional[Sequence[bool]] = None
+                        ) -> list[tuple[int, float, int]]:
     """The estimation of :func:`certify_sequential` for each head of ``smooth`` (guess ``cAHat[k]``), until every
     head has stopped; each head's count of samples is its own stop, its result the one it would get alone.
 
@@ -209,16 +185,8 @@ def estimate_sequential(
     return smooth.run_steps(estimate_sequential_steps(smooth, x, cAHat, n_max, alpha, radii, key, active), batch_size)
 
 
-def estimate_sequential_steps(
-    smooth: Smooth,
-    x: torch.Tensor,
-    cAHat: Sequence[int],
-    n_max: int,
-    alpha: float,
-    radii: Sequence[float],
-    key: int,
-    active: Optional[Sequence[bool]] = None,
-) -> Steps:
+def estimate_sequential_steps(smooth: Smooth, x: torch.Tensor, cAHat: Sequence[int], n_max: int, alpha: float,
+                              radii: Sequence[float], key: int, active: Optional[Sequence[bool]] = None) -> Steps:
     """:func:`estimate_sequential` as :data:`core.Steps`: it asks for samples n_{k-1} .. n_k - 1 of the estimation
     stream at each checkpoint k. That stream has full blocks (``NoiseStream`` without a length): a prefix does not
     depend on where the checkpoints cut it."""
@@ -229,10 +197,8 @@ def estimate_sequential_steps(
     while (n := run.next_checkpoint()) is not None:  # every head's count of its guess among samples 0 .. n - 1
         counts, start = counts + (yield SampleRange(stream, start, n)), n
         run.update(counts.cpu().numpy()[heads, cAHat])
-    return [
-        certificate(c, float(pABar), smooth.sigma) + (int(n),) if n else (c, 0.0, 0)
-        for c, pABar, n in zip(cAHat, run.lower, run.used)
-    ]
+    return [certificate(c, float(pABar), smooth.sigma) + (int(n),) if n else (c, 0.0, 0)
+            for c, pABar, n in zip(cAHat, run.lower, run.used)]
 
 
 class SequentialRun:
@@ -260,9 +226,8 @@ class SequentialRun:
         self.k += 1
 
 
-def run_sequential(
-    plan: SequentialPlan, active: np.ndarray, nA_at: Callable[[int, np.ndarray], np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
+def run_sequential(plan: SequentialPlan, active: np.ndarray, nA_at: Callable[[int, np.ndarray], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoints of ``plan`` for m images (or heads) until each has stopped (:class:`SequentialRun`): (pABar
     at the stop [m], samples used [m]; 0 for those never ``active``).
 
@@ -277,17 +242,9 @@ def run_sequential(
     return run.lower, run.used
 
 
-def simulate_certify(
-    pA: np.ndarray,
-    n0: int,
-    n: int,
-    alpha: float,
-    sigma: float,
-    rng: np.random.Generator,
-    radii: Optional[Sequence[float]] = None,
-    num_classes: int = 10,
-    label_is_top: Optional[np.ndarray] = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def simulate_certify(pA: np.ndarray, n0: int, n: int, alpha: float, sigma: float, rng: np.random.Generator,
+                     radii: Optional[Sequence[float]] = None, num_classes: int = 10,
+                     label_is_top: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CERTIFY (``radii`` None) or sequential CERTIFY of images whose pA is known, without a model: vectorized.
 
     Image i's base classifier returns class 0 with probability pA[i] and each of the other num_classes - 1 classes
@@ -326,9 +283,8 @@ def simulate_certify(
     return prediction, R, used
 
 
-def _simulate_sequential(
-    p: np.ndarray, plan: SequentialPlan, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _simulate_sequential(p: np.ndarray, plan: SequentialPlan, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """pABar at the stop and the samples used, for images whose P[f = cAHat] is ``p``."""
     nA, start = np.zeros(len(p)), 0
 

@@ -14,7 +14,6 @@ model (timm state dict, LoRA unmerged), optimizer, scaler, epoch/step position a
 ``--resume`` continues from it exactly (on the CPU bit for bit; where it holds: docs/USAGE.md, "Exactness").
 SIGTERM / SIGINT stop the run after the current optimizer step with ``checkpoint-step<N>.pth.tar`` (exit 143 / 130).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -33,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     """train.py's flags: one per :class:`training.TrainConfig` field."""
     parser = argparse.ArgumentParser(
         description="FT-CADIS fine-tuning of an off-the-shelf classifier on denoised images (run under torchrun for "
-        "several GPUs/processes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+                    "several GPUs/processes).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(parser)
     return parser
 

@@ -17,7 +17,6 @@ The story of a run, in the order of :func:`train`:
 
 Effective batch = batch x accum_iter x world_size / M; lr = blr x effective batch / 256 unless ``lr`` is given.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -142,12 +141,11 @@ class TrainConfig:
     """
 
     dataset: Optional[str] = config_field(
-        None, f"{', '.join(DATASETS)}; required for a new run (a --resume takes the run's)"
-    )
+        None, f"{', '.join(DATASETS)}; required for a new run (a --resume takes the run's)")
     arch: Optional[str] = config_field(
-        None, f"classifier architecture (default by dataset: {per_dataset('arch')}; or any timm model name)"
-    )
-    ft_method: str = paper_default("ft_method", "full fine-tuning or LoRA on q/v", choices=("full", "full-ft", "lora"))
+        None, f"classifier architecture (default by dataset: {per_dataset('arch')}; or any timm model name)")
+    ft_method: str = paper_default("ft_method", "full fine-tuning or LoRA on q/v",
+                                   choices=("full", "full-ft", "lora"))
     epochs: int = paper_default("epochs", "epochs")
     warmup_epochs: float = paper_default("warmup_epochs", "epochs of linear lr warmup")
     batch: int = paper_default("batch", "images per loader batch and process (split into --num_noises chunks)")
@@ -158,132 +156,91 @@ class TrainConfig:
     train_noise_sd: float = paper_default("noise_sd", "sigma of the training noise (pixel scale [0, 1])")
     test_noise_sd: Optional[float] = config_field(None, "sigma of the per-epoch test accuracy (default: train's)")
     eps: float = paper_default(
-        "eps",
-        "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] pixels "
-        "(64 -> 0.25 on [-1, 1] = 0.125 pixels)",
-    )
+        "eps", "attack radius in the paper's units: eps/256 on the [-1, 1] scale = eps/512 on [0, 1] pixels "
+               "(64 -> 0.25 on [-1, 1] = 0.125 pixels)")
     num_steps: int = paper_default("num_steps", "attack steps", flags=("--num-steps", "--num_steps"))
     lbd: Optional[float] = config_field(
-        None,
-        f"lambda, the weight of the masked adversarial loss (default: the dataset's paper value, "
-        f"{per_dataset('train.lbd')})",
-    )
+        None, f"lambda, the weight of the masked adversarial loss (default: the dataset's paper value, "
+              f"{per_dataset('train.lbd')})")
     eps_double: bool = config_field(False, "double eps from epoch --warmup_eps on")
     warmup_eps: int = config_field(10000, "0-based epoch from which --eps_double applies")
     layer_decay: float = paper_default("layer_decay", "layer-wise lr decay")
     weight_decay: float = paper_default("weight_decay", "initial weight decay (cosine schedule)")
     weight_decay_end: Optional[float] = paper_default("weight_decay_end", "final weight decay")
     use_fp16: bool = paper_default(
-        "use_fp16",
-        "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
-        bool_value=True,
-    )
+        "use_fp16", "fp16 autocast with loss scaling (the paper's --use_fp16 true); same as --precision fp16",
+        bool_value=True)
     clip_grad: float = paper_default("clip_grad", "per-parameter gradient norm cap (0: off)")
     drop_path: float = paper_default("drop_path", "timm stochastic depth rate (per block, linearly increasing to this)")
     attn_drop_rate: float = paper_default(
-        "attn_drop_rate",
-        "the paper's CIFAR-10 regularizer: block i's attention-probability dropout linspace(0, R, "
-        "depth)[i] (what the paper's --drop_path did to its Hugging Face ViT; train_cifar10.sh "
-        "passes --attn_drop_rate 0.2 --drop_path 0)",
-    )
+        "attn_drop_rate", "the paper's CIFAR-10 regularizer: block i's attention-probability dropout linspace(0, R, "
+                          "depth)[i] (what the paper's --drop_path did to its Hugging Face ViT; train_cifar10.sh "
+                          "passes --attn_drop_rate 0.2 --drop_path 0)")
     input_norm: Optional[str] = config_field(
-        None,
-        "classifier input: paper = 2x - 1 (mean = std = 0.5), model = the model's own mean/std (default: the "
-        "checkpoint's, else paper for imagenet_vit_base, model otherwise); recorded in the checkpoints",
-        choices=("paper", "model"),
-    )
+        None, "classifier input: paper = 2x - 1 (mean = std = 0.5), model = the model's own mean/std (default: the "
+              "checkpoint's, else paper for imagenet_vit_base, model otherwise); recorded in the checkpoints",
+        choices=("paper", "model"))
     num_noises: int = paper_default("num_noises", "M, noises (denoised copies) per image")
     warm_start: bool = paper_default(
-        "warm_start",
-        "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)",
-        bool_value=True,
-    )
+        "warm_start", "count the lowest-CE copy of an image with no correct copy (--warm_start false: off)",
+        bool_value=True)
     resume: Optional[str] = config_field(
-        None,
-        "continue a run from its checkpoint (weights, optimizer, schedule position, RNG, configuration: flags "
-        "left out take the run's values); 'auto': the newest checkpoint in --outdir, or a fresh start when "
-        "there is none; the paper's form --resume --load_from CKPT works too",
-        metavar="CKPT",
-        nargs="?",
-        const="",
-    )
+        None, "continue a run from its checkpoint (weights, optimizer, schedule position, RNG, configuration: flags "
+              "left out take the run's values); 'auto': the newest checkpoint in --outdir, or a fresh start when "
+              "there is none; the paper's form --resume --load_from CKPT works too", metavar="CKPT", nargs="?",
+        const="")
     override: Optional[str] = config_field(
-        None,
-        "with --resume: comma-separated flags whose new values may change the run's meaning, e.g. --override "
-        "lr,train_noise_sd (else refused)",
-    )
+        None, "with --resume: comma-separated flags whose new values may change the run's meaning, e.g. --override "
+              "lr,train_noise_sd (else refused)")
     load_from: Optional[str] = config_field(
-        None, "start a new run from these classifier weights (a train.py checkpoint or a state dict)", metavar="CKPT"
-    )
+        None, "start a new run from these classifier weights (a train.py checkpoint or a state dict)", metavar="CKPT")
     local_rank: Optional[int] = config_field(
-        None,
-        "set by python -m torch.distributed.launch (the paper's launcher); ignored: the rank comes from the "
-        "environment (RANK, LOCAL_RANK)",
-        flags=("--local-rank", "--local_rank"),
-    )
+        None, "set by python -m torch.distributed.launch (the paper's launcher); ignored: the rank comes from the "
+              "environment (RANK, LOCAL_RANK)", flags=("--local-rank", "--local_rank"))
     seed: int = config_field(0, "seed (see training.run_seed; process r uses seed + r)")
     workers: int = config_field(4, "data loading workers per process")
     outdir: Optional[str] = config_field(
-        None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)"
-    )
+        None, "output folder (default: runs/ft-cadis/...; with --resume: the checkpoint's)")
     device: Optional[str] = config_field(
-        None, "cuda, cuda:1, cpu (default: cuda when available); under torchrun cuda:N gives local rank r cuda:N+r"
-    )
+        None, "cuda, cuda:1, cpu (default: cuda when available); under torchrun cuda:N gives local rank r cuda:N+r")
     dist_timeout: float = config_field(
-        DEFAULT_DIST_TIMEOUT_MINUTES,
-        "under torchrun: minutes the ranks wait for each other in a collective "
-        "(torch's own default, 10 minutes for NCCL, kills a run whose ranks drift apart)",
-    )
+        DEFAULT_DIST_TIMEOUT_MINUTES, "under torchrun: minutes the ranks wait for each other in a collective "
+                                      "(torch's own default, 10 minutes for NCCL, kills a run whose ranks drift apart)")
     precision: str = config_field(
-        "auto",
-        "autocast: auto = bf16 where the device computes it natively (CUDA Ampere+, CPUs with "
-        "AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 (exact), bf16 (no scaler), fp16",
-        choices=PRECISION_CHOICES,
-    )
+        "auto", "autocast: auto = bf16 where the device computes it natively (CUDA Ampere+, CPUs with "
+                "AVX512-BF16/AMX), else fp16 on CUDA, else fp32; fp32 (exact), bf16 (no scaler), fp16",
+        choices=PRECISION_CHOICES)
     tf32: str = config_field(
-        DEFAULT_TF32,
-        "fp32 work in TF32 on CUDA Ampere+: conv = the UNet's convolutions (torch's default, the "
-        "paper's), on = also matmuls, off = none (exact fp32); recorded in the checkpoints",
-        choices=tuple(TF32_MODES),
-    )
+        DEFAULT_TF32, "fp32 work in TF32 on CUDA Ampere+: conv = the UNet's convolutions (torch's default, the "
+                      "paper's), on = also matmuls, off = none (exact fp32); recorded in the checkpoints",
+        choices=tuple(TF32_MODES))
     cudnn_benchmark: bool = config_field(
-        False,
-        "let cuDNN time its convolution algorithms per shape (the paper's train.py does; the last bits may "
-        "then differ between processes, so a resume is not bit-exact; speed-up unmeasured)",
-    )
+        False, "let cuDNN time its convolution algorithms per shape (the paper's train.py does; the last bits may "
+               "then differ between processes, so a resume is not bit-exact; speed-up unmeasured)")
     denoiser_ckpt: Optional[str] = config_field(None, "diffusion checkpoint (default: models/<official file name>)")
     classifier_ckpt: Optional[str] = config_field(
-        None,
-        "off-the-shelf classifier weights (default: the architecture's pretrained weights; digits: "
-        "models/digits_vit_tiny.pt)",
-    )
+        None, "off-the-shelf classifier weights (default: the architecture's pretrained weights; digits: "
+              "models/digits_vit_tiny.pt)")
     data_dir: Optional[str] = config_field(None, "dataset root (else the dataset's environment variable)")
     download: bool = config_field(False, "download CIFAR-10 if missing")
     lora_rank: int = config_field(4, "LoRA rank")
     lora_alpha: float = config_field(4.0, "LoRA alpha")
     max_steps: Optional[int] = config_field(
-        None, "stop after this many optimizer steps in total (smoke runs); writes checkpoint-step<N>.pth.tar"
-    )
+        None, "stop after this many optimizer steps in total (smoke runs); writes checkpoint-step<N>.pth.tar")
     ckpt_every_steps: int = config_field(0, "also checkpoint every N optimizer steps (0: off)")
     log_every: int = config_field(10, "write log_steps.txt every N optimizer steps")
     test_per_class: Optional[int] = config_field(
-        None, f"test images per class for the per-epoch accuracy (default: {per_dataset('test_per_class')}; 0: all)"
-    )
+        None, f"test images per class for the per-epoch accuracy (default: {per_dataset('test_per_class')}; 0: all)")
     no_test: bool = config_field(False, "skip the per-epoch test accuracy")
     full_attack: bool = config_field(
-        False, "attack every image, not only the masked-in ones (same loss, slower; for comparison)"
-    )
+        False, "attack every image, not only the masked-in ones (same loss, slower; for comparison)")
     progress: bool = config_field(True, "no progress bar")
     log_interval: float = config_field(
-        DEFAULT_INTERVAL,
-        "when stderr is not a terminal (Slurm, nohup): one progress line every SECONDS instead of a redrawn bar",
-        metavar="SECONDS",
-    )
+        DEFAULT_INTERVAL, "when stderr is not a terminal (Slurm, nohup): one progress line every SECONDS instead of "
+                          "a redrawn bar", metavar="SECONDS")
     tensorboard: bool = config_field(
-        True,
-        "write no TensorBoard event files (by default rank 0 writes the training curves into --outdir; tags: "
-        "docs/USAGE.md)",
-    )
+        True, "write no TensorBoard event files (by default rank 0 writes the training curves into --outdir; tags: "
+              "docs/USAGE.md)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_type: type = TrainConfig) -> None:
@@ -326,50 +283,29 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if M < 1:
         raise UserError(f"--num_noises {M}: must be >= 1")
     if cfg.batch < 1 or cfg.batch % M:
-        raise UserError(
-            f"--batch {cfg.batch} is not divisible by --num_noises {M} (each batch is split into "
-            f"{M} chunks of batch/M images, each denoised under M noises); use a multiple of {M}"
-        )
-    for name, value, low in (
-        ("--accum_iter", cfg.accum_iter, 1),
-        ("--epochs", cfg.epochs, 1),
-        ("--num-steps", cfg.num_steps, 0),
-        ("--log_every", cfg.log_every, 1),
-        ("--ckpt_every_steps", cfg.ckpt_every_steps, 0),
-        ("--workers", cfg.workers, 0),
-    ):
+        raise UserError(f"--batch {cfg.batch} is not divisible by --num_noises {M} (each batch is split into "
+                        f"{M} chunks of batch/M images, each denoised under M noises); use a multiple of {M}")
+    for name, value, low in (("--accum_iter", cfg.accum_iter, 1), ("--epochs", cfg.epochs, 1),
+                             ("--num-steps", cfg.num_steps, 0), ("--log_every", cfg.log_every, 1),
+                             ("--ckpt_every_steps", cfg.ckpt_every_steps, 0), ("--workers", cfg.workers, 0)):
         if value < low:
             raise UserError(f"{name} {value}: must be >= {low}")
     if not cfg.log_interval > 0:
         raise UserError(f"--log_interval {cfg.log_interval}: must be > 0 (seconds)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"--max_steps {cfg.max_steps}: must be >= 1")
-    for name, value in (
-        ("--eps", cfg.eps),
-        ("--lbd", cfg.lbd),
-        ("--clip_grad", cfg.clip_grad),
-        ("--blr", cfg.blr),
-        ("--warmup_epochs", cfg.warmup_epochs),
-        ("--min_lr", cfg.min_lr),
-        ("--drop_path", cfg.drop_path),
-        ("--weight_decay", cfg.weight_decay),
-        ("--weight_decay_end", cfg.weight_decay_end),
-        ("--lora_alpha", cfg.lora_alpha),
-    ):
+    for name, value in (("--eps", cfg.eps), ("--lbd", cfg.lbd), ("--clip_grad", cfg.clip_grad), ("--blr", cfg.blr),
+                        ("--warmup_epochs", cfg.warmup_epochs), ("--min_lr", cfg.min_lr), ("--drop_path", cfg.drop_path),
+                        ("--weight_decay", cfg.weight_decay), ("--weight_decay_end", cfg.weight_decay_end),
+                        ("--lora_alpha", cfg.lora_alpha)):
         check_number(name, value, 0)
     check_number("--dist_timeout", cfg.dist_timeout, 0, low_open=True)
-    for name, value in (
-        ("--lr", cfg.lr),
-        ("--train_noise_sd", cfg.train_noise_sd),
-        ("--test_noise_sd", cfg.test_noise_sd),
-        ("--layer_decay", cfg.layer_decay),
-    ):
+    for name, value in (("--lr", cfg.lr), ("--train_noise_sd", cfg.train_noise_sd),
+                        ("--test_noise_sd", cfg.test_noise_sd), ("--layer_decay", cfg.layer_decay)):
         check_number(name, value, 0, low_open=True)
     if cfg.resume and cfg.load_from:
-        raise UserError(
-            "--resume continues a run (weights, optimizer, position); --load_from starts a new run from "
-            "weights: pass only one of them"
-        )
+        raise UserError("--resume continues a run (weights, optimizer, position); --load_from starts a new run from "
+                        "weights: pass only one of them")
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -393,30 +329,15 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     ft_method = "full" if cfg.ft_method == "full-ft" else cfg.ft_method
     outdir = cfg.outdir
     if outdir is None:
-        outdir = (
-            os.path.dirname(os.path.abspath(cfg.resume))
-            if cfg.resume
-            else os.path.join(
-                "runs",
-                "ft-cadis",
-                cfg.dataset,
-                ft_method,
-                f"noise_{cfg.train_noise_sd}",
-                f"lbd_{lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}",
-            )
-        )
+        outdir = (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else os.path.join(
+            "runs", "ft-cadis", cfg.dataset, ft_method, f"noise_{cfg.train_noise_sd}",
+            f"lbd_{lbd}_eps_{cfg.eps:g}_M{cfg.num_noises}_seed{cfg.seed}"))
     check_output(outdir, "--outdir", folder=True)
     return dataclasses.replace(
-        cfg,
-        precision=precision,
-        ft_method=ft_method,
-        arch=arch,
-        lbd=lbd,
-        outdir=outdir,
+        cfg, precision=precision, ft_method=ft_method, arch=arch, lbd=lbd, outdir=outdir,
         test_noise_sd=cfg.train_noise_sd if cfg.test_noise_sd is None else cfg.test_noise_sd,
         weight_decay_end=cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end,
-        test_per_class=preset.test_per_class if cfg.test_per_class is None else cfg.test_per_class,
-    )
+        test_per_class=preset.test_per_class if cfg.test_per_class is None else cfg.test_per_class)
 
 
 def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
@@ -433,29 +354,10 @@ def _paper_resume_form(cfg: TrainConfig) -> TrainConfig:
 # checkpoint files (RESUME_PATHS; left out: the run's) may move, their content is checked (fingerprints). --epochs may
 # grow: the cosine lr and weight-decay schedules then stretch over the new total from the current position on. Every
 # other flag given must equal the run's value, or be named by --override.
-RESUME_OPERATIONAL = frozenset(
-    {
-        "resume",
-        "override",
-        "outdir",
-        "device",
-        "dist_timeout",
-        "cudnn_benchmark",
-        "workers",
-        "progress",
-        "log_interval",
-        "log_every",
-        "ckpt_every_steps",
-        "max_steps",
-        "data_dir",
-        "download",
-        "no_test",
-        "test_per_class",
-        "load_from",
-        "tensorboard",
-        "local_rank",
-    }
-)
+RESUME_OPERATIONAL = frozenset({"resume", "override", "outdir", "device", "dist_timeout", "cudnn_benchmark",
+                                "workers", "progress", "log_interval",
+                                "log_every", "ckpt_every_steps", "max_steps", "data_dir", "download", "no_test",
+                                "test_per_class", "load_from", "tensorboard", "local_rank"})
 RESUME_PATHS = frozenset({"denoiser_ckpt", "classifier_ckpt"})
 # what the run writes (its test pass, curves, step log, checkpoints) and how it loads its data
 RESUME_KEPT = frozenset({"no_test", "test_per_class", "tensorboard", "log_every", "ckpt_every_steps", "workers"})
@@ -474,9 +376,8 @@ def resume_config(config: TrainConfig, given: Optional[set[str]], ckpt: Dict[str
         ckpt: the checkpoint of ``--resume``.
     """
     recorded = ckpt.get("config") or ckpt["args"]  # the resolved configuration, else the flags
-    merged = resumed_config(
-        config, given, recorded, resolve_config, RESUME_OPERATIONAL, RESUME_PATHS, may_grow=("epochs",)
-    )
+    merged = resumed_config(config, given, recorded, resolve_config, RESUME_OPERATIONAL, RESUME_PATHS,
+                            may_grow=("epochs",))
     given = flags_not_at_default(config) if given is None else given
     return dataclasses.replace(merged, **{k: recorded[k] for k in RESUME_KEPT - given if k in recorded})
 
@@ -488,11 +389,8 @@ def checkpoint_files(cfg: TrainConfig) -> Dict[str, tuple[str, str]]:
     from classifier import pretrained_weights_file
     from denoiser import default_checkpoint_path
 
-    files = {
-        "denoiser": ("--denoiser_ckpt", cfg.denoiser_ckpt or str(default_checkpoint_path(cfg.dataset))),
-        "classifier_ckpt": ("--classifier_ckpt", cfg.classifier_ckpt),
-        "load_from": ("--load_from", cfg.load_from),
-    }
+    files = {"denoiser": ("--denoiser_ckpt", cfg.denoiser_ckpt or str(default_checkpoint_path(cfg.dataset))),
+             "classifier_ckpt": ("--classifier_ckpt", cfg.classifier_ckpt), "load_from": ("--load_from", cfg.load_from)}
     if cfg.classifier_ckpt is None and cfg.load_from is None:
         pretrained = pretrained_weights_file(cfg.arch)
         files["pretrained"] = (f"--arch {cfg.arch} (pretrained weights)", pretrained and str(pretrained))
@@ -513,9 +411,8 @@ def check_resume_checkpoint(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]]) ->
         if ckpt.get(key) not in (None, value):
             raise UserError(f"--resume {cfg.resume}: the run used --{key} {ckpt[key]}, not {value}")
     if ckpt["args"].get("num_noises") not in (None, cfg.num_noises):
-        raise UserError(
-            f"--resume {cfg.resume}: the run used --num_noises {ckpt['args']['num_noises']}, not {cfg.num_noises}"
-        )
+        raise UserError(f"--resume {cfg.resume}: the run used --num_noises {ckpt['args']['num_noises']}, "
+                        f"not {cfg.num_noises}")
     recorded = ckpt.get("fingerprints") or {}
     for role, (flag, path) in checkpoint_files(cfg).items():
         check_fingerprint(path, recorded.get(role), flag, f"the run of --resume {cfg.resume}")
@@ -545,14 +442,9 @@ def run_seed(seed: int, purpose: str, rank: int = 0, epoch: int = 0, step: int =
         purpose: one of the names above.
         rank, epoch, step, index: where the seed is used.
     """
-    seeds = {
-        "process": seed + rank,
-        "resume": seed + rank + 1000 * step,
-        "sampler": seed,
-        "loader": seed * 100003 + epoch,
-        "test": seed,
-        "augment": ((seed * 100003 + epoch) * 2**24 + index) % 2**63,
-    }
+    seeds = {"process": seed + rank, "resume": seed + rank + 1000 * step, "sampler": seed,
+             "loader": seed * 100003 + epoch, "test": seed,
+             "augment": ((seed * 100003 + epoch) * 2**24 + index) % 2**63}
     if purpose not in seeds:
         raise ValueError(f"unknown seed purpose {purpose!r}; one of {', '.join(seeds)}")
     return seeds[purpose]
@@ -648,7 +540,6 @@ def _truncate_log(path: Path, max_step: int, before_epoch: Optional[int] = None)
 
     def kept(fields: list[str]) -> bool:
         return int(fields[step]) <= max_step and (before_epoch is None or int(fields[epoch]) < before_epoch)
-
     keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and kept(ln.split("\t"))]
     atomic_write_text(path, "\n".join(keep) + "\n")
 
@@ -660,13 +551,9 @@ def read_training_checkpoint(path: str, flag: str) -> Dict[str, Any]:
         path: the checkpoint file.
         flag: the flag that gave it (for errors).
     """
-    return read_run_checkpoint(
-        path,
-        flag,
-        ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args"),
-        "a train.py checkpoint",
-        "to start from other weights use --load_from or --classifier_ckpt",
-    )
+    return read_run_checkpoint(path, flag, ("state_dict", "optimizer", "epoch", "step", "micro", "rng", "args"),
+                               "a train.py checkpoint",
+                               "to start from other weights use --load_from or --classifier_ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,17 +611,9 @@ class SeededItems(Dataset):
 
 
 @torch.no_grad()
-def evaluate(
-    classifier: nn.Module,
-    denoiser: nn.Module,
-    loader: DataLoader,
-    sigma: float,
-    t_star: int,
-    device: torch.device,
-    precision: str,
-    seed: int,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Optional[tuple[int, int]]:
+def evaluate(classifier: nn.Module, denoiser: nn.Module, loader: DataLoader, sigma: float, t_star: int,
+             device: torch.device, precision: str, seed: int,
+             should_stop: Callable[[], bool] = lambda: False) -> Optional[tuple[int, int]]:
     """(correct, total) of argmax f(D(x + delta)) on this rank's share (summed over ranks when distributed).
 
     The training RNG is not touched (the noise has its own generator, the loader must have one: a ``DataLoader``
@@ -809,9 +688,8 @@ class Run:
     start_metrics: Optional[Metrics] = None  # a mid-epoch checkpoint's sums of its epoch so far
     fingerprints: Dict[str, str] = field(default_factory=dict)  # of checkpoint_files(cfg), saved in checkpoints
     pending: List[StepRecord] = field(default_factory=list)  # optimizer steps whose metrics were not read yet
-    stop: StopRequest = field(
-        default_factory=lambda: StopRequest("stopping after this optimizer step, with a checkpoint")
-    )  # SIGTERM / SIGINT while the epochs run
+    stop: StopRequest = field(default_factory=lambda: StopRequest(
+        "stopping after this optimizer step, with a checkpoint"))  # SIGTERM / SIGINT while the epochs run
 
     @property
     def dev(self) -> torch.device:
@@ -822,35 +700,19 @@ class Run:
         return self.info.world_size
 
 
-def _build_classifier(
-    cfg: TrainConfig,
-    checkpoint: Optional[str],
-    flag: str,
-    device: torch.device,
-    pretrained: bool = True,
-    input_norm: Optional[str] = None,
-) -> nn.Module:
+def _build_classifier(cfg: TrainConfig, checkpoint: Optional[str], flag: str, device: torch.device,
+                      pretrained: bool = True, input_norm: Optional[str] = None) -> nn.Module:
     """``get_architecture`` for ``cfg`` with weights from ``checkpoint`` (else the pretrained ones when
     ``pretrained``), input convention ``input_norm`` (else ``--input_norm``), its errors naming ``flag``."""
     from classifier import get_architecture
     from datasets import get_num_classes
-
     if checkpoint is not None and not Path(checkpoint).expanduser().exists():
         raise UserError(f"{flag} {checkpoint}: file not found")
-    return get_architecture(
-        cfg.arch,
-        num_classes=get_num_classes(cfg.dataset),
-        pretrained=pretrained and checkpoint is None,
-        checkpoint=checkpoint,
-        ft_method=cfg.ft_method,
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        drop_path=cfg.drop_path,
-        device=device,
-        input_norm=input_norm or cfg.input_norm,
-        attn_drop_rate=cfg.attn_drop_rate,
-        checkpoint_flag=flag,
-    )
+    return get_architecture(cfg.arch, num_classes=get_num_classes(cfg.dataset),
+                            pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
+                            ft_method=cfg.ft_method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                            drop_path=cfg.drop_path, device=device, input_norm=input_norm or cfg.input_norm,
+                            attn_drop_rate=cfg.attn_drop_rate, checkpoint_flag=flag)
 
 
 def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: torch.device) -> nn.Module:
@@ -872,19 +734,12 @@ def build_classifier(cfg: TrainConfig, ckpt: Optional[Dict[str, Any]], device: t
 
     if ckpt is not None:
         norm = resolve_input_norm(cfg.arch, cfg.input_norm, input_norm_record(ckpt), cfg.resume)
-        classifier = _build_classifier(
-            cfg,
-            cfg.classifier_ckpt if cfg.arch == "hf_vit" else None,
-            "--classifier_ckpt",
-            device,
-            pretrained=False,
-            input_norm=norm,
-        )
+        classifier = _build_classifier(cfg, cfg.classifier_ckpt if cfg.arch == "hf_vit" else None,
+                                       "--classifier_ckpt", device, pretrained=False, input_norm=norm)
         if cfg.ft_method == "lora" and not has_lora_keys(ckpt["state_dict"]):
             raise UserError(f"--resume {cfg.resume}: no LoRA weights in the checkpoint, but --ft_method lora")
-        load_timm_state_dict(
-            classifier, to_timm_state_dict(ckpt["state_dict"], cfg.lora_alpha), source=f"--resume {cfg.resume}"
-        )
+        load_timm_state_dict(classifier, to_timm_state_dict(ckpt["state_dict"], cfg.lora_alpha),
+                             source=f"--resume {cfg.resume}")
         return classifier
     if cfg.load_from is not None:
         return _build_classifier(cfg, cfg.load_from, "--load_from", device)
@@ -895,10 +750,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], pat
     """Load an optimizer state, keeping this machine's ``fused``/``foreach`` choice."""
     mine = optimizer.param_groups
     if len(state.get("param_groups", [])) != len(mine):
-        raise UserError(
-            f"--resume {path}: optimizer has {len(state.get('param_groups', []))} parameter groups, this "
-            f"model {len(mine)} (different --arch/--ft_method/--layer_decay setup?)"
-        )
+        raise UserError(f"--resume {path}: optimizer has {len(state.get('param_groups', []))} parameter groups, this "
+                        f"model {len(mine)} (different --arch/--ft_method/--layer_decay setup?)")
     for saved, cur in zip(state["param_groups"], mine):
         for key in ("fused", "foreach", "capturable"):
             if key in cur:
@@ -911,26 +764,19 @@ def _build_data(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     from datasets import get_dataset
 
     train_set = get_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
-    sampler = DistributedSampler(
-        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=run_seed(cfg.seed, "sampler")
-    )
+    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=run_seed(cfg.seed, "sampler"))
     iters = len(sampler) // cfg.batch
     if iters < 1:
-        raise UserError(
-            f"--batch {cfg.batch}: larger than this process's share of the training set ({len(sampler)} images)"
-        )
+        raise UserError(f"--batch {cfg.batch}: larger than this process's share of the training set "
+                        f"({len(sampler)} images)")
     test_loader = None
     if not cfg.no_test:
         test_set = get_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
-        test_idx = test_subset(test_set, cfg.test_per_class)[info.rank :: info.world_size]
-        test_loader = DataLoader(
-            Subset(test_set, test_idx),
-            batch_size=cfg.batch,
-            shuffle=False,
-            num_workers=cfg.workers,
-            pin_memory=info.device.type == "cuda",
-            generator=torch.Generator().manual_seed(run_seed(cfg.seed, "test")),
-        )
+        test_idx = test_subset(test_set, cfg.test_per_class)[info.rank::info.world_size]
+        test_loader = DataLoader(Subset(test_set, test_idx), batch_size=cfg.batch, shuffle=False,
+                                 num_workers=cfg.workers, pin_memory=info.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(run_seed(cfg.seed, "test")))
     return {"train_set": train_set, "sampler": sampler, "iters": iters, "test_loader": test_loader}
 
 
@@ -961,25 +807,13 @@ def build_run(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, A
     model: nn.Module = classifier
     if world > 1:
         model = DistributedDataParallel(classifier, device_ids=[dev.index] if dev.type == "cuda" else None)
-    run = Run(
-        cfg=cfg,
-        args=args,
-        info=info,
-        out=out,
-        classifier=classifier,
-        model=model,
-        denoiser=denoiser,
-        t_train=denoiser.timestep_for_sigma(cfg.train_noise_sd),
-        t_test=denoiser.timestep_for_sigma(cfg.test_noise_sd),
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
-        params=[p for g in groups for p in g["params"]],
-        **_build_data(cfg, info),
-        lr=lr,
-        eff_batch=eff_batch,
-        eps=eps_pixels(cfg.eps),
-        fingerprints={role: file_fingerprint(path, flag) for role, (flag, path) in checkpoint_files(cfg).items()},
-    )
+    run = Run(cfg=cfg, args=args, info=info, out=out, classifier=classifier, model=model, denoiser=denoiser,
+              t_train=denoiser.timestep_for_sigma(cfg.train_noise_sd),
+              t_test=denoiser.timestep_for_sigma(cfg.test_noise_sd), optimizer=optimizer,
+              scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
+              params=[p for g in groups for p in g["params"]], **_build_data(cfg, info), lr=lr,
+              eff_batch=eff_batch, eps=eps_pixels(cfg.eps),
+              fingerprints={role: file_fingerprint(path, flag) for role, (flag, path) in checkpoint_files(cfg).items()})
     if ckpt is not None:
         restore_position(run, ckpt)
     return run
@@ -1002,11 +836,9 @@ def restore_position(run: Run, ckpt: Dict[str, Any]) -> None:
     saved = ckpt["args"]
     same_layout = len(ckpt["rng"]) == run.world and saved.get("batch") == cfg.batch and saved.get("seed") == cfg.seed
     if run.start_micro and not same_layout:
-        raise UserError(
-            f"--resume {cfg.resume}: a mid-epoch checkpoint continues only with the same number of "
-            f"processes ({len(ckpt['rng'])}), --batch ({saved.get('batch')}) and --seed "
-            f"({saved.get('seed')})"
-        )
+        raise UserError(f"--resume {cfg.resume}: a mid-epoch checkpoint continues only with the same number of "
+                        f"processes ({len(ckpt['rng'])}), --batch ({saved.get('batch')}) and --seed "
+                        f"({saved.get('seed')})")
     if len(ckpt["rng"]) == run.world:
         set_rng_state(ckpt["rng"][run.info.rank], run.dev)
     else:
@@ -1035,21 +867,15 @@ def announce(run: Run) -> None:
     if not run.info.is_main:
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"FT-CADIS {cfg.dataset}/{cfg.arch} ({cfg.ft_method}): "
-        f"{count_parameters(run.classifier, trainable_only=True):,} trainable of "
-        f"{count_parameters(run.classifier):,} parameters; {run.world} process(es) on {run.dev.type}, "
-        f"{cfg.precision}"
-    )
-    print(
-        f"  sigma {cfg.train_noise_sd} (t*={run.t_train}), test sigma {cfg.test_noise_sd} (t*={run.t_test}); "
-        f"M={cfg.num_noises}, lbd={cfg.lbd}, eps={cfg.eps:g}/256 on [-1,1] = {run.eps:.4g} pixels, "
-        f"{cfg.num_steps} attack steps"
-    )
-    print(
-        f"  lr {run.lr:.3g} (effective batch {run.eff_batch}), {run.iters} iterations/epoch, from epoch "
-        f"{run.start_epoch + 1} step {run.step}" + (f", stopping at step {cfg.max_steps}" if cfg.max_steps else "")
-    )
+    print(f"FT-CADIS {cfg.dataset}/{cfg.arch} ({cfg.ft_method}): "
+          f"{count_parameters(run.classifier, trainable_only=True):,} trainable of "
+          f"{count_parameters(run.classifier):,} parameters; {run.world} process(es) on {run.dev.type}, "
+          f"{cfg.precision}")
+    print(f"  sigma {cfg.train_noise_sd} (t*={run.t_train}), test sigma {cfg.test_noise_sd} (t*={run.t_test}); "
+          f"M={cfg.num_noises}, lbd={cfg.lbd}, eps={cfg.eps:g}/256 on [-1,1] = {run.eps:.4g} pixels, "
+          f"{cfg.num_steps} attack steps")
+    print(f"  lr {run.lr:.3g} (effective batch {run.eff_batch}), {run.iters} iterations/epoch, from epoch "
+          f"{run.start_epoch + 1} step {run.step}" + (f", stopping at step {cfg.max_steps}" if cfg.max_steps else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1135,32 +961,15 @@ def micro_step(run: Run, clean: torch.Tensor, targets: torch.Tensor, eps: float,
         sync: the last micro-step before an optimizer step.
     """
     cfg, M = run.cfg, run.cfg.num_noises
-    with run.model.no_sync() if run.world > 1 and not sync else contextlib.nullcontext():
+    with (run.model.no_sync() if run.world > 1 and not sync else contextlib.nullcontext()):
         with autocast(run.dev, cfg.precision):
             denoised = noise_and_denoise(run.denoiser, clean, run.t_train, cfg.train_noise_sd)
             loss, loss_sce, loss_madv, correct = cadis_objective(
-                run.classifier,
-                clean,
-                denoised,
-                targets,
-                M,
-                cfg.lbd,
-                eps,
-                cfg.num_steps,
-                warm_start=cfg.warm_start,
-                masked_only=not cfg.full_attack,
-                forward_model=run.model,
-            )
+                run.classifier, clean, denoised, targets, M, cfg.lbd, eps, cfg.num_steps,
+                warm_start=cfg.warm_start, masked_only=not cfg.full_attack, forward_model=run.model)
         run.scaler.scale(loss / cfg.accum_iter).backward()
-    return torch.stack(
-        [
-            loss.detach().double(),
-            loss_sce.detach().double().mean(),
-            loss_madv.detach().double().mean(),
-            correct.double().mean(),
-            correct.all(0).double().mean(),
-        ]
-    )
+    return torch.stack([loss.detach().double(), loss_sce.detach().double().mean(), loss_madv.detach().double().mean(),
+                        correct.double().mean(), correct.all(0).double().mean()])
 
 
 def scheduled(run: Run, progress: float) -> tuple[float, float]:
@@ -1171,10 +980,8 @@ def scheduled(run: Run, progress: float) -> tuple[float, float]:
         progress: in epochs, fractional.
     """
     cfg = run.cfg
-    return (
-        lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs),
-        cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs),
-    )
+    return (lr_at(progress, run.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs),
+            cosine_at(progress, cfg.weight_decay, cfg.weight_decay_end, cfg.epochs))
 
 
 def start_accumulation(run: Run, progress: float) -> tuple[float, float]:
@@ -1222,7 +1029,7 @@ def _micro_batches(run: Run, loader: Iterator, first_batch: int, skip_micro: int
         for j in range(M):
             k = i * M + j
             if k >= skip_micro:
-                yield k, _progress(run, k), x[j * n : (j + 1) * n].repeat(M, 1, 1, 1), y[j * n : (j + 1) * n]
+                yield k, _progress(run, k), x[j * n:(j + 1) * n].repeat(M, 1, 1, 1), y[j * n:(j + 1) * n]
 
 
 @dataclass
@@ -1241,9 +1048,8 @@ def _resumed_epoch(run: Run, epoch: int, skip_micro: int) -> EpochResult:
     if not skip_micro:
         return EpochResult(MetricSums(run.dev), 0.0, 0.0, 0)
     last_start = (skip_micro - 1) // run.cfg.accum_iter * run.cfg.accum_iter  # of the last accumulation done
-    return EpochResult(
-        MetricSums(run.dev, run.start_metrics), *scheduled(run, epoch + _progress(run, last_start)), skip_micro
-    )
+    return EpochResult(MetricSums(run.dev, run.start_metrics), *scheduled(run, epoch + _progress(run, last_start)),
+                       skip_micro)
 
 
 def run_epoch(run: Run, epoch: int) -> EpochResult:
@@ -1261,28 +1067,15 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
     skip_micro = run.start_micro if epoch == run.start_epoch else 0
     first_batch = skip_micro // M
     run.sampler.set_epoch(epoch)
-    indices = list(run.sampler)[first_batch * cfg.batch : run.iters * cfg.batch]
-    loader = DataLoader(
-        Subset(SeededItems(run.train_set, cfg.seed, epoch), indices),
-        batch_size=cfg.batch,
-        shuffle=False,
-        drop_last=True,
-        num_workers=cfg.workers,
-        pin_memory=run.dev.type == "cuda",
-        generator=torch.Generator().manual_seed(run_seed(cfg.seed, "loader", epoch=epoch)),
-    )
+    indices = list(run.sampler)[first_batch * cfg.batch: run.iters * cfg.batch]
+    loader = DataLoader(Subset(SeededItems(run.train_set, cfg.seed, epoch), indices), batch_size=cfg.batch,
+                        shuffle=False, drop_last=True, num_workers=cfg.workers, pin_memory=run.dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(run_seed(cfg.seed, "loader", epoch=epoch)))
     eps = run.eps * (2.0 if cfg.eps_double and epoch >= cfg.warmup_eps else 1.0)
     run.model.train()
     result, window = _resumed_epoch(run, epoch, skip_micro), MetricSums(run.dev)
-    bar = Progress(
-        loader,
-        total=run.iters,
-        initial=first_batch,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        unit="batch",
-        enabled=cfg.progress and run.info.is_main,
-        interval=cfg.log_interval,
-    )
+    bar = Progress(loader, total=run.iters, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", enabled=cfg.progress and run.info.is_main, interval=cfg.log_interval)
     run.clock = time.perf_counter()
     for k, progress, clean, targets in _micro_batches(run, bar, first_batch, skip_micro):
         if k % cfg.accum_iter == 0:
@@ -1305,9 +1098,8 @@ def run_epoch(run: Run, epoch: int) -> EpochResult:
         if result.stopped:
             break
         if due:
-            run.last_ckpt = save_checkpoint(
-                run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro, result.metrics.read(run.world)
-            )
+            run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, result.micro,
+                                            result.metrics.read(run.world))
             run.clock = time.perf_counter()
     read_steps(run, bar)
     bar.close()
@@ -1335,32 +1127,18 @@ def save_checkpoint(run: Run, name: str, epoch_done: int, micro: int, metrics: O
     path = run.out / name
     if run.info.is_main:
         cfg = run.cfg
-        atomic_torch_save(
-            {
-                "epoch": epoch_done,
-                "step": run.step,
-                "micro": micro,
-                "arch": cfg.arch,
-                "dataset": cfg.dataset,
-                "ft_method": cfg.ft_method,
-                "input_norm": run.classifier.input_norm,
-                "state_dict": run.classifier.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                "rng": rngs,
-                "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},
-                "config": {
-                    k: v
-                    for k, v in dataclasses.asdict(cfg).items()
-                    if v is None or isinstance(v, (str, int, float, bool))
-                },
-                "fingerprints": run.fingerprints,
-                "world_size": run.world,
-                "device_model": device_model(run.dev),
-                "epoch_metrics": dataclasses.asdict(metrics) if metrics is not None and micro else None,
-            },
-            path,
-        )
+        atomic_torch_save({
+            "epoch": epoch_done, "step": run.step, "micro": micro, "arch": cfg.arch, "dataset": cfg.dataset,
+            "ft_method": cfg.ft_method, "input_norm": run.classifier.input_norm,
+            "state_dict": run.classifier.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs,
+            "args": {k: v for k, v in run.args.items() if v is None or isinstance(v, (str, int, float, bool))},
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                       if v is None or isinstance(v, (str, int, float, bool))},
+            "fingerprints": run.fingerprints, "world_size": run.world, "device_model": device_model(run.dev),
+            "epoch_metrics": dataclasses.asdict(metrics) if metrics is not None and micro else None,
+        }, path)
     return path
 
 
@@ -1387,20 +1165,18 @@ def read_steps(run: Run, bar: Any) -> None:
     rows = torch.cat([means, norms[:, None]], 1).tolist()  # the one host sync
     images_per_s = run.eff_batch * len(pending) / max(time.perf_counter() - run.clock, 1e-9)
     for p, row in zip(pending, rows):
-        m = Metrics(*row[: len(METRIC_NAMES)], count=1)
+        m = Metrics(*row[:len(METRIC_NAMES)], count=1)
         if not math.isfinite(m.loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({m.loss}) at epoch {p.epoch + 1}, step {p.step}; stopping (found at step "
                 f"{pending[-1].step}: the loss is checked every --log_every steps and before each checkpoint). "
                 f"Nothing was saved after it; the last good checkpoint is "
                 f"{run.last_ckpt if run.last_ckpt else '(none yet)'}. Try a lower --blr/--lr, --clip_grad, or "
-                "--precision fp32/bf16."
-            )
+                "--precision fp32/bf16.")
         if run.info.is_main and (p.step % run.cfg.log_every == 0 or p.step == run.cfg.max_steps):
             log_step(run, p, m, bar)
-        tensorboard(
-            run, functools.partial(write_step_scalars, run, p, m, row[-1], images_per_s if p is pending[-1] else None)
-        )
+        tensorboard(run, functools.partial(write_step_scalars, run, p, m, row[-1],
+                                           images_per_s if p is pending[-1] else None))
     run.clock = time.perf_counter()
 
 
@@ -1413,28 +1189,16 @@ def log_step(run: Run, record: StepRecord, m: Metrics, bar: Any) -> None:
         m: its metrics.
         bar: the progress bar.
     """
-    _append(
-        run.out / "log_steps.txt",
-        STEP_LOG_HEADER,
-        f"{record.step}\t{record.epoch + 1}\t{record.lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}"
-        f"\t{m.acc:.6f}\t{m.masked_in:.6f}",
-    )
+    _append(run.out / "log_steps.txt", STEP_LOG_HEADER,
+            f"{record.step}\t{record.epoch + 1}\t{record.lr:.6g}\t{m.loss:.8g}\t{m.sce:.8g}\t{m.madv:.8g}"
+            f"\t{m.acc:.6f}\t{m.masked_in:.6f}")
     bar.set_postfix(loss=f"{m.loss:.4f}", acc=f"{m.acc:.3f}", masked=f"{m.masked_in:.2f}", lr=f"{record.lr:.2e}")
 
 
 # TensorBoard scalars (rank 0, global step = optimizer steps done): per optimizer step the means over its
 # micro-steps (and processes), per epoch the denoised test accuracy.
-TB_STEP_TAGS = (
-    "train/loss",
-    "train/sce",
-    "train/madv",
-    "train/acc",
-    "train/masked_in",
-    "train/lr",
-    "train/weight_decay",
-    "train/grad_norm",
-    "train/images_per_s",
-)
+TB_STEP_TAGS = ("train/loss", "train/sce", "train/madv", "train/acc", "train/masked_in", "train/lr",
+                "train/weight_decay", "train/grad_norm", "train/images_per_s")
 
 
 def open_tensorboard(run: Run) -> None:
@@ -1470,11 +1234,8 @@ def tensorboard(run: Run, call: Callable[[], Any]) -> None:
 
 def _tensorboard_failed(run: Run, err: Exception) -> None:
     writer, run.writer = run.writer, None
-    print(
-        f"warning: TensorBoard: cannot write its event file in {run.out} ({err}); training goes on without "
-        "TensorBoard curves (log_steps.txt and log.txt hold them)",
-        file=sys.stderr,
-    )
+    print(f"warning: TensorBoard: cannot write its event file in {run.out} ({err}); training goes on without "
+          "TensorBoard curves (log_steps.txt and log.txt hold them)", file=sys.stderr)
     with contextlib.suppress(Exception):
         if writer is not None:
             writer.close()
@@ -1491,18 +1252,15 @@ def close_tensorboard(run: Run) -> None:
 def _quiet_event_writer_thread(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``threading.excepthook`` less the error of TensorBoard's event-writer thread, which TensorBoard raises again in
     the training thread at the next scalar (where :func:`tensorboard` warns): no traceback from the thread."""
-
     def hook(args: Any) -> None:
         if type(args.thread).__name__ != "_AsyncWriterThread":
             previous(args)
-
     hook.previous = previous  # type: ignore[attr-defined]
     return hook
 
 
-def write_step_scalars(
-    run: Run, record: StepRecord, m: Metrics, grad_norm: float, images_per_s: Optional[float]
-) -> None:
+def write_step_scalars(run: Run, record: StepRecord, m: Metrics, grad_norm: float,
+                       images_per_s: Optional[float]) -> None:
     """The scalars of :data:`TB_STEP_TAGS` for an optimizer step (images/s, at the steps where the metrics are read:
     clean images of the effective batch per second of wall time since the previous read, checkpoint writing
     excluded).
@@ -1514,17 +1272,8 @@ def write_step_scalars(
         grad_norm: the gradient norm before clipping (NaN: not measured).
         images_per_s: the throughput, or None.
     """
-    values = (
-        m.loss,
-        m.sce,
-        m.madv,
-        m.acc,
-        m.masked_in,
-        record.lr,
-        record.wd,
-        grad_norm if math.isfinite(grad_norm) else None,
-        images_per_s,
-    )
+    values = (m.loss, m.sce, m.madv, m.acc, m.masked_in, record.lr, record.wd,
+              grad_norm if math.isfinite(grad_norm) else None, images_per_s)
     for tag, value in zip(TB_STEP_TAGS, values):
         if value is not None:
             run.writer.add_scalar(tag, value, record.step)
@@ -1543,7 +1292,8 @@ def stop_on_request(run: Run, epoch: int, micro: int, sums: Metrics) -> None:
     """
     run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch, micro, sums)
     if run.info.is_main:
-        print(f"stopped at step {run.step}: {run.last_ckpt}; continue with --resume {run.last_ckpt} (or --resume auto)")
+        print(f"stopped at step {run.step}: {run.last_ckpt}; continue with --resume {run.last_ckpt} (or --resume "
+              "auto)")
     raise RunStopped(run.stop.signum or signal.SIGTERM, str(run.last_ckpt))
 
 
@@ -1561,63 +1311,33 @@ def finish_epoch(run: Run, epoch: int, result: EpochResult, epoch_start: float) 
     complete = result.micro >= run.iters * cfg.num_noises
     sums = result.metrics.read(run.world)
     if not math.isfinite(sums.loss):
-        raise NonFiniteLossError(
-            f"non-finite loss in epoch {epoch + 1}; stopping. Nothing was saved for this state; "
-            f"the last good checkpoint is {run.last_ckpt if run.last_ckpt else '(none yet)'}."
-        )
+        raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; stopping. Nothing was saved for this state; "
+                                 f"the last good checkpoint is {run.last_ckpt if run.last_ckpt else '(none yet)'}.")
     if result.stopped == "signal":
         stop_on_request(run, epoch, result.micro, sums)
     avg, test_acc = sums.mean(), float("nan")
     if run.test_loader is not None:
-        counts = evaluate(
-            run.classifier,
-            run.denoiser,
-            run.test_loader,
-            cfg.test_noise_sd,
-            run.t_test,
-            run.dev,
-            cfg.precision,
-            run_seed(cfg.seed, "test"),
-            should_stop=run.stop.requested,
-        )
+        counts = evaluate(run.classifier, run.denoiser, run.test_loader, cfg.test_noise_sd, run.t_test, run.dev,
+                          cfg.precision, run_seed(cfg.seed, "test"), should_stop=run.stop.requested)
         if counts is None:
             stop_on_request(run, epoch, result.micro, sums)
         test_acc = counts[0] / max(counts[1], 1)
         tensorboard(run, lambda: run.writer.add_scalar("test/acc", test_acc, run.step))
-    stats = {
-        "epoch": epoch + 1,
-        "step": run.step,
-        "lr": result.lr,
-        "train_loss": avg.loss,
-        "train_sce": avg.sce,
-        "train_madv": avg.madv,
-        "train_acc": avg.acc,
-        "masked_in": avg.masked_in,
-        "test_acc": test_acc,
-        "time": time.time() - epoch_start,
-    }
+    stats = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, "train_loss": avg.loss, "train_sce": avg.sce,
+             "train_madv": avg.madv, "train_acc": avg.acc, "masked_in": avg.masked_in, "test_acc": test_acc,
+             "time": time.time() - epoch_start}
     if run.info.is_main:
-        _append(
-            run.out / "log.txt",
-            LOG_HEADER,
-            f"{epoch + 1}\t{run.step}\t{result.lr:.6g}\t{result.wd:.6g}\t{avg.loss:.6g}\t{avg.sce:.6g}"
-            f"\t{avg.madv:.6g}\t{avg.acc:.4f}\t{avg.masked_in:.4f}\t{test_acc:.4f}\t{stats['time']:.1f}",
-        )
-        print(
-            f"epoch {epoch + 1}{'' if complete else ' (partial)'}: step {run.step}, loss {avg.loss:.4f} "
-            f"(sce {avg.sce:.4f}, madv {avg.madv:.4f}), train acc {avg.acc:.3f}, masked-in {avg.masked_in:.2f}, "
-            f"test acc {test_acc:.3f}, {stats['time']:.0f}s"
-        )
+        _append(run.out / "log.txt", LOG_HEADER,
+                f"{epoch + 1}\t{run.step}\t{result.lr:.6g}\t{result.wd:.6g}\t{avg.loss:.6g}\t{avg.sce:.6g}"
+                f"\t{avg.madv:.6g}\t{avg.acc:.4f}\t{avg.masked_in:.4f}\t{test_acc:.4f}\t{stats['time']:.1f}")
+        print(f"epoch {epoch + 1}{'' if complete else ' (partial)'}: step {run.step}, loss {avg.loss:.4f} "
+              f"(sce {avg.sce:.4f}, madv {avg.madv:.4f}), train acc {avg.acc:.3f}, masked-in {avg.masked_in:.2f}, "
+              f"test acc {test_acc:.3f}, {stats['time']:.0f}s")
     if complete and (epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs):
         run.last_ckpt = save_checkpoint(run, f"checkpoint-{epoch + 1}.pth.tar", epoch + 1, 0)
     if result.stopped:
-        run.last_ckpt = save_checkpoint(
-            run,
-            f"checkpoint-step{run.step}.pth.tar",
-            epoch + 1 if complete else epoch,
-            0 if complete else result.micro,
-            sums,
-        )
+        run.last_ckpt = save_checkpoint(run, f"checkpoint-step{run.step}.pth.tar", epoch + 1 if complete else epoch,
+                                        0 if complete else result.micro, sums)
     return stats
 
 
@@ -1664,9 +1384,8 @@ def train(config: TrainConfig, given: Optional[set[str]] = None) -> Dict[str, An
         cleanup_distributed()
 
 
-def _resumed(
-    config: TrainConfig, given: Optional[set[str]], out: Path, info: DistInfo
-) -> tuple[TrainConfig, TrainConfig, Optional[Dict[str, Any]]]:
+def _resumed(config: TrainConfig, given: Optional[set[str]], out: Path, info: DistInfo
+             ) -> tuple[TrainConfig, TrainConfig, Optional[Dict[str, Any]]]:
     """(flags, resolved configuration, checkpoint) of the run: with ``--resume`` the run's configuration; ``--resume
     auto`` continues the newest checkpoint in ``out``, or starts afresh (dropping the logs of a run that stopped
     before its first checkpoint) when there is none."""
@@ -1688,7 +1407,8 @@ def _resumed(
     return config, cfg, ckpt
 
 
-def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, args: Dict[str, Any], ckpt: Optional[Dict[str, Any]], info: DistInfo
+           ) -> Dict[str, Any]:
     """:func:`train` once the output folder is locked and the configuration final: build the run, the epochs."""
     run = build_run(cfg, args, ckpt, info)
     if cfg.max_steps is not None and run.step >= cfg.max_steps:

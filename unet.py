@@ -14,7 +14,6 @@ in float32 (float64 when the input is float64) and cast back, so the model also 
 Attention is :func:`attention` (``F.scaled_dot_product_attention``; the explicit form where fast.py asks for it):
 softmax(q·kᵀ/sqrt(d))·v is the same function upstream writes as softmax((q·d^-1/4)·(k·d^-1/4)ᵀ)·v. Tensors may be channels_last.
 """
-
 from __future__ import annotations
 
 import math
@@ -28,7 +27,8 @@ import torch.utils.checkpoint
 __all__ = ["UNetModel", "ResBlock", "AttentionBlock", "attention", "timestep_embedding"]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, explicit: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, explicit: bool = False
+              ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v over the last two dimensions: ``[..., T_q, d]``, ``[..., T, d]`` -> ``[..., T_q, d]``.
 
     ``F.scaled_dot_product_attention``; with ``explicit`` (chosen by the fast path, :mod:`fast`) the explicit
@@ -46,10 +46,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def timestep_embedding(
-    timesteps: torch.Tensor,
-    dim: int,
-    max_period: float = 10000.0,
-    dtype: torch.dtype = torch.float32,
+        timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Sinusoidal embedding [cos(t·f_i), sin(t·f_i)], f_i = max_period^(-i/half), i < half = dim // 2.
 
@@ -139,22 +136,21 @@ class ResBlock(TimestepBlock):
     """
 
     def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        dropout: float = 0.0,
-        out_channels: Optional[int] = None,
-        use_scale_shift_norm: bool = False,
-        up: bool = False,
-        down: bool = False,
+            self,
+            channels: int,
+            emb_channels: int,
+            dropout: float = 0.0,
+            out_channels: Optional[int] = None,
+            use_scale_shift_norm: bool = False,
+            up: bool = False,
+            down: bool = False,
     ):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
-        )
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -163,8 +159,7 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
-        )
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
@@ -204,11 +199,11 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        channels: int,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_new_attention_order: bool = False,
+            self,
+            channels: int,
+            num_heads: int = 1,
+            num_head_channels: int = -1,
+            use_new_attention_order: bool = False,
     ):
         super().__init__()
         self.channels = channels
@@ -216,9 +211,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(
-                    f"attention channels {channels} not divisible by num_head_channels {num_head_channels}"
-                )
+                raise ValueError(f"attention channels {channels} not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         if channels % self.num_heads:
             raise ValueError(f"attention channels {channels} not divisible by num_heads {self.num_heads}")
@@ -267,23 +260,23 @@ class UNetModel(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        num_classes: Optional[int] = None,
-        use_checkpoint: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
+            self,
+            in_channels: int,
+            model_channels: int,
+            out_channels: int,
+            num_res_blocks: int,
+            attention_resolutions: Sequence[int],
+            dropout: float = 0.0,
+            channel_mult: Sequence[float] = (1, 2, 4, 8),
+            conv_resample: bool = True,
+            num_classes: Optional[int] = None,
+            use_checkpoint: bool = False,
+            num_heads: int = 1,
+            num_head_channels: int = -1,
+            num_heads_upsample: int = -1,
+            use_scale_shift_norm: bool = False,
+            resblock_updown: bool = False,
+            use_new_attention_order: bool = False,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -306,37 +299,24 @@ class UNetModel(nn.Module):
         self.use_new_attention_order = use_new_attention_order
         self.time_embed_dim = time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
         input_ch = int(channel_mult[0] * model_channels)
         ch, input_block_chans, ds = self._build_input_blocks(input_ch)
         self.middle_block = TimestepEmbedSequential(
-            self._res_block(ch, ch), self._attn_block(ch, num_heads), self._res_block(ch, ch)
-        )
+            self._res_block(ch, ch), self._attn_block(ch, num_heads), self._res_block(ch, ch))
         ch = self._build_output_blocks(ch, input_block_chans, ds)
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
-        )
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
 
     def _res_block(self, ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-        return ResBlock(
-            ch_in,
-            self.time_embed_dim,
-            self.dropout,
-            out_channels=ch_out,
-            use_scale_shift_norm=self.use_scale_shift_norm,
-            **updown,
-        )
+        return ResBlock(ch_in, self.time_embed_dim, self.dropout, out_channels=ch_out,
+                        use_scale_shift_norm=self.use_scale_shift_norm, **updown)
 
     def _attn_block(self, ch: int, heads: int) -> AttentionBlock:
-        return AttentionBlock(
-            ch,
-            num_heads=heads,
-            num_head_channels=self.num_head_channels,
-            use_new_attention_order=self.use_new_attention_order,
-        )
+        return AttentionBlock(ch, num_heads=heads, num_head_channels=self.num_head_channels,
+                              use_new_attention_order=self.use_new_attention_order)
 
     def _build_input_blocks(self, ch: int) -> tuple[int, list[int], int]:
         """The encoder ``self.input_blocks`` from width ``ch``; returns (its last width, the width of each block's
@@ -353,11 +333,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(self.channel_mult) - 1:
-                down = (
-                    self._res_block(ch, ch, down=True)
-                    if self.resblock_updown
-                    else Downsample(ch, self.conv_resample, ch)
-                )
+                down = (self._res_block(ch, ch, down=True) if self.resblock_updown
+                        else Downsample(ch, self.conv_resample, ch))
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
@@ -374,11 +351,8 @@ class UNetModel(nn.Module):
                 if ds in self.attention_resolutions:
                     layers.append(self._attn_block(ch, self.num_heads_upsample))
                 if level and i == self.num_res_blocks:
-                    layers.append(
-                        self._res_block(ch, ch, up=True)
-                        if self.resblock_updown
-                        else Upsample(ch, self.conv_resample, ch)
-                    )
+                    layers.append(self._res_block(ch, ch, up=True) if self.resblock_updown
+                                  else Upsample(ch, self.conv_resample, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         return ch
@@ -399,10 +373,7 @@ class UNetModel(nn.Module):
         return module(h, emb)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor | float,
-        y: Optional[torch.Tensor] = None,
+            self, x: torch.Tensor, timesteps: torch.Tensor | float, y: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: [B, C_in, H, W] (diffusion scale); timesteps: [B] (or a scalar for all), possibly fractional.
 

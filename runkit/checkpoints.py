@@ -11,7 +11,6 @@
 What a state dict's keys mean (timm, Hugging Face, the paper's layouts) is decided by its users (``classifier.py``,
 ``denoiser.py``, ``training.py``).
 """
-
 from __future__ import annotations
 
 import pickle
@@ -35,10 +34,8 @@ def load_error_message(err: BaseException) -> str:
     ``weights_only=False`` (which would run whatever code the file carries)."""
     text = str(err)
     if isinstance(err, pickle.UnpicklingError) and "weights only" in text.lower():
-        return (
-            "refused: it holds pickled Python objects besides tensors, and loading those could run code from the "
-            "file; use a checkpoint saved as a state dict of tensors, from a source you trust"
-        )
+        return ("refused: it holds pickled Python objects besides tensors, and loading those could run code from the "
+                "file; use a checkpoint saved as a state dict of tensors, from a source you trust")
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text.strip() else type(err).__name__
 
 
@@ -63,7 +60,6 @@ def load(path: str | Path, flag: str, mmap: bool = False, verify: bool = True) -
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu")
         if mmap:
             try:
@@ -88,19 +84,12 @@ def check_content_hash(path: Path, flag: str) -> None:
     recorded = recorded_content_hash(path)
     record = content_hash_path(path).name
     if recorded is None:
-        warnings.warn(
-            f"{flag} {path}: no recorded content hash ({record} beside it, as train.py writes), so damaged "
-            "bytes in it would go unnoticed",
-            RunWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"{flag} {path}: no recorded content hash ({record} beside it, as train.py writes), so damaged "
+                      "bytes in it would go unnoticed", RunWarning, stacklevel=3)
     elif sha256_of(path) != recorded:
-        raise FileError(
-            path,
-            f"damaged: its bytes do not match the SHA-256 recorded in {record} (torch would load "
-            f"the damaged tensors); use an intact copy (or, for a file replaced on purpose, delete {record})",
-            flag,
-        )
+        raise FileError(path, f"damaged: its bytes do not match the SHA-256 recorded in {record} (torch would load "
+                        f"the damaged tensors); use an intact copy (or, for a file replaced on purpose, delete {record})",
+                        flag)
 
 
 def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict of tensors") -> StateDict:
@@ -118,11 +107,8 @@ def state_dict_of(obj: Any, path: str | Path, flag: str, expected: str = "a dict
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if (
-        not isinstance(obj, Mapping)
-        or not obj
-        or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-    ):
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         found = f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else "a dict without tensors"
         raise FileError(Path(path).expanduser(), f"not a state dict (found {found}; expected {expected})", flag)
     return dict(obj)
@@ -136,17 +122,12 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> StateDi
         prefix: e.g. :data:`DDP_PREFIX`.
     """
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
-def read_state_dict(
-    path: str | Path,
-    flag: str,
-    prefixes: Sequence[str] = (DDP_PREFIX,),
-    mmap: bool = False,
-    expected: str = "a dict of tensors",
-) -> tuple[StateDict, Any]:
+def read_state_dict(path: str | Path, flag: str, prefixes: Sequence[str] = (DDP_PREFIX,), mmap: bool = False,
+                    expected: str = "a dict of tensors") -> tuple[StateDict, Any]:
     """(the state dict in ``path`` with ``prefixes`` stripped in turn, the whole loaded object).
 
     Args:
@@ -161,9 +142,8 @@ def read_state_dict(
     return state_dict, obj
 
 
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str, target: str, hint: str
-) -> None:
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str,
+                     target: str, hint: str) -> None:
     """Refuse a state dict whose keys or shapes differ from a model's, in one line.
 
     Args:
@@ -180,22 +160,12 @@ def check_state_dict(
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     if missing or unexpected:
-        parts = [
-            f"{len(keys)} {what} keys (e.g. {', '.join(keys[:3])})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected))
-            if keys
-        ]
-        raise UserError(
-            f"{source}: does not fit {target}: {'; '.join(parts)}; expected {len(expected)} entries, "
-            f"the file has {len(given)} ({hint})"
-        )
-    wrong = [
-        f"{k} {list(given[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if tuple(given[k].shape) != tuple(v.shape)
-    ]
+        parts = [f"{len(keys)} {what} keys (e.g. {', '.join(keys[:3])})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise UserError(f"{source}: does not fit {target}: {'; '.join(parts)}; expected {len(expected)} entries, "
+                        f"the file has {len(given)} ({hint})")
+    wrong = [f"{k} {list(given[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+             if tuple(given[k].shape) != tuple(v.shape)]
     if wrong:
-        raise UserError(
-            f"{source}: does not fit {target}: {len(wrong)} tensors have the wrong shape (file vs model: "
-            f"{', '.join(wrong[:3])}) ({hint})"
-        )
+        raise UserError(f"{source}: does not fit {target}: {len(wrong)} tensors have the wrong shape (file vs model: "
+                        f"{', '.join(wrong[:3])}) ({hint})")

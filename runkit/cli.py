@@ -3,7 +3,6 @@ the script still imports its libraries), which flags were given, and number chec
 
 Imports nothing heavy: scripts import it before torch.
 """
-
 from __future__ import annotations
 
 import math
@@ -54,15 +53,12 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
 
 def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
     """``warnings.showwarning`` that writes a :class:`RunWarning` as ``warning: <message>``, others by ``show``."""
-
-    def showwarning(
-        message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Optional[str] = None
-    ) -> None:
+    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                    line: Optional[str] = None) -> None:
         if issubclass(category, RunWarning):
             print(f"warning: {message}", file=sys.stderr if file is None else file)
         else:
             show(message, category, filename, lineno, file, line)
-
     return showwarning
 
 
@@ -97,14 +93,8 @@ def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) 
     return {name for name, value in vars(namespace).items() if value is not unset}
 
 
-def check_number(
-    flag: str,
-    value: Optional[float],
-    low: Optional[float] = None,
-    high: Optional[float] = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
+def check_number(flag: str, value: Optional[float], low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
     """Refuse a flag value that is not a finite number in [low, high] (an end is excluded when ``*_open``).
 
     Args:
@@ -121,9 +111,8 @@ def check_number(
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        bounds = ([] if low is None else [f"{'>' if low_open else '>='} {low:g}"]) + (
-            [] if high is None else [f"{'<' if high_open else '<='} {high:g}"]
-        )
+        bounds = ([] if low is None else [f"{'>' if low_open else '>='} {low:g}"]) + \
+                 ([] if high is None else [f"{'<' if high_open else '<='} {high:g}"])
         wanted = "a finite number"
         if bounds:
             wanted += " " + " and ".join(bounds)

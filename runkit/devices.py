@@ -3,7 +3,6 @@ computes.
 
 torch is imported lazily so that light scripts (analyze.py) start fast.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -42,12 +41,9 @@ def resolve_device(device: Optional[str] = None, flag: str = "--device") -> torc
         dev = torch.device(device)
     except RuntimeError as err:
         raise UserError(f"{flag} {device}: unknown device ({err})") from None
-    available = {
-        "cpu": lambda: True,
-        "cuda": torch.cuda.is_available,
-        "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
-        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
-    }
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
     if dev.type not in available:
         raise UserError(f"{flag} {device}: not a device this program runs on; use cpu, cuda[:N], mps or xpu")
     if not available[dev.type]():
@@ -68,21 +64,9 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 # values of oneDNN's ONEDNN_MAX_CPU_ISA that still allow its native bf16 kernels (AVX512-BF16, AMX)
-ONEDNN_ISAS_WITH_BF16 = frozenset(
-    {
-        "ALL",
-        "DEFAULT",
-        "AVX512_CORE_BF16",
-        "AVX512_CORE_FP16",
-        "AVX10_1_512",
-        "AVX512_CORE_AMX",
-        "AVX512_CORE_AMX_FP16",
-        "AVX10_1_512_AMX",
-        "AVX10_1_512_AMX_FP16",
-        "AVX10_2_512",
-        "AVX10_2_512_AMX_2",
-    }
-)
+ONEDNN_ISAS_WITH_BF16 = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
+                                   "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
+                                   "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"})
 
 
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -132,7 +116,7 @@ def matmul_rate(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / max(best, 1e-9) / 1e9
+    return 2 * size ** 3 / max(best, 1e-9) / 1e9
 
 
 _WARNED: set = set()
@@ -160,20 +144,14 @@ def resolve_precision(precision: str, device: torch.device, flag: str = "--preci
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device) and "bf16-cuda" not in _WARNED:
         _WARNED.add("bf16-cuda")
-        warnings.warn(
-            f"{flag} bf16: {torch.cuda.get_device_name(device)} has no native bf16 (CUDA before Ampere); "
-            "torch emulates it, slower than fp16; use --precision auto (fp16 here)",
-            stacklevel=2,
-        )
+        warnings.warn(f"{flag} bf16: {torch.cuda.get_device_name(device)} has no native bf16 (CUDA before Ampere); "
+                      "torch emulates it, slower than fp16; use --precision auto (fp16 here)", stacklevel=2)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and "bf16" not in _WARNED:
         _WARNED.add("bf16")
         slow, fast = matmul_rate(torch.bfloat16), matmul_rate(torch.float32)
-        warnings.warn(
-            f"{flag} bf16: this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); a bf16 matmul ran "
-            f"at {slow:.1f} GFLOP/s against {fast:.1f} in fp32 here, so bf16 is likely slower than fp32; "
-            "use --precision auto (fp32 here)",
-            stacklevel=2,
-        )
+        warnings.warn(f"{flag} bf16: this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); a bf16 matmul ran "
+                      f"at {slow:.1f} GFLOP/s against {fast:.1f} in fp32 here, so bf16 is likely slower than fp32; "
+                      "use --precision auto (fp32 here)", stacklevel=2)
     return precision
 
 
@@ -252,12 +230,8 @@ def device_model(device: torch.device) -> dict[str, Any]:
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {
-            "type": "cuda",
-            "name": props.name,
-            "sm_count": int(props.multi_processor_count),
-            "capability": f"{props.major}.{props.minor}",
-        }
+        return {"type": "cuda", "name": props.name, "sm_count": int(props.multi_processor_count),
+                "capability": f"{props.major}.{props.minor}"}
     if device.type == "cpu":
         return {"type": "cpu", "name": cpu_model()}
     return {"type": device.type}
@@ -279,12 +253,8 @@ def stream_difference(a: dict[str, Any], b: dict[str, Any]) -> Optional[str]:
     """
     if a.get("type") != b.get("type"):
         return "the CPU and CUDA generators give different streams"
-    if (
-        a.get("type") == "cuda"
-        and "name" in a
-        and "name" in b
-        and ((a["name"], a.get("sm_count")) != (b["name"], b.get("sm_count")))
-    ):
+    if a.get("type") == "cuda" and "name" in a and "name" in b and (
+            (a["name"], a.get("sm_count")) != (b["name"], b.get("sm_count"))):
         return "CUDA's randn depends on the GPU model: its launch grid follows the SM count"
     return None
 

@@ -1,5 +1,4 @@
 """torch.distributed set-up for ``torchrun`` launches (a single process without them)."""
-
 from __future__ import annotations
 
 import datetime
@@ -38,7 +37,8 @@ DEFAULT_DIST_TIMEOUT_MINUTES = 24 * 60.0
 _HOST_GROUP: dict = {}  # the gloo group of :func:`any_rank` beside an NCCL default group, and the collectives' timeout
 
 
-def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES) -> DistInfo:
+def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES
+                     ) -> DistInfo:
     """Initialise torch.distributed from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     NCCL on CUDA (one GPU per local rank, :func:`local_cuda_index`), gloo on CPU. Without those variables: a single
@@ -65,9 +65,8 @@ def init_distributed(device: Optional[str] = None, timeout_minutes: float = DEFA
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def local_cuda_index(
-    first: Optional[int], flag_value: Optional[str] = None, environ: Mapping[str, str] = os.environ
-) -> int:
+def local_cuda_index(first: Optional[int], flag_value: Optional[str] = None,
+                     environ: Mapping[str, str] = os.environ) -> int:
     """The GPU of this process: ``first + LOCAL_RANK`` (``--device cuda`` = ``cuda:0``), so that under torchrun
     ``--device cuda:N`` gives the node's ranks the GPUs N, N+1, ..., N+LOCAL_WORLD_SIZE-1 (NCCL refuses two ranks on
     one GPU; ``CUDA_VISIBLE_DEVICES`` is the other way to choose them).
@@ -87,12 +86,10 @@ def local_cuda_index(
     local_world = int(environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
     count = torch.cuda.device_count()
     if first + max(local_world, local_rank + 1) > count:
-        raise UserError(
-            f"--device {flag_value or 'cuda'}: under torchrun local rank r uses cuda:{first}+r, but "
-            f"{local_world} local ranks from cuda:{first} need {first + local_world} GPUs and this node "
-            f"has {count}; use --device cuda (cuda:0 on), fewer processes (--nproc_per_node) or "
-            "CUDA_VISIBLE_DEVICES"
-        )
+        raise UserError(f"--device {flag_value or 'cuda'}: under torchrun local rank r uses cuda:{first}+r, but "
+                        f"{local_world} local ranks from cuda:{first} need {first + local_world} GPUs and this node "
+                        f"has {count}; use --device cuda (cuda:0 on), fewer processes (--nproc_per_node) or "
+                        "CUDA_VISIBLE_DEVICES")
     return first + local_rank
 
 

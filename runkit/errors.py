@@ -1,7 +1,6 @@
 """The user-facing errors (a problem with the user's input, printed by the CLIs as one ``error:`` line; an
 output that could not be written, a full disk, a quota, a protected file, which becomes one such line too) and
 warning (printed by the CLIs as one ``warning:`` line)."""
-
 from __future__ import annotations
 
 import errno
@@ -59,15 +58,8 @@ def write_failure(err: OSError, advice: str) -> UserError:
         advice: what to run once the cause is gone, e.g. ``"rerun the same command with --resume"``.
     """
     why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
-    fix = (
-        "free space"
-        if err.errno in _NO_SPACE
-        else "make it writable"
-        if err.errno in _NOT_WRITABLE
-        else "check the disk"
-    )
+    fix = ("free space" if err.errno in _NO_SPACE else "make it writable" if err.errno in _NOT_WRITABLE
+           else "check the disk")
     where: Optional[str] = os.fsdecode(err.filename) if err.filename is not None else None
-    return UserError(
-        f"cannot write {where or 'an output file'}: {why}; the files written before it are complete: "
-        f"{fix}, then {advice}"
-    )
+    return UserError(f"cannot write {where or 'an output file'}: {why}; the files written before it are complete: "
+                     f"{fix}, then {advice}")

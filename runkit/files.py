@@ -1,7 +1,6 @@
 """Files a run writes and reads: atomic writes with the modes of a plain ``open``, failed writes named and reported as
 one line (:func:`writing`, :func:`write_failures`), temporary files a killed writer left, regular-file checks, content
 fingerprints, and the checks of output locations before any work starts."""
-
 from __future__ import annotations
 
 import contextlib
@@ -199,13 +198,8 @@ def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any)
 # Regular files
 # ---------------------------------------------------------------------------------------------------------------
 
-_KINDS = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def check_regular_file(path: str | os.PathLike, flag: str = "", folder_ok: bool = False) -> bool:
@@ -285,10 +279,9 @@ def check_fingerprint(path: str | os.PathLike, recorded: Optional[str], flag: st
         where: what recorded it, e.g. ``"the log runs/a.tsv"``.
     """
     if recorded is not None and file_fingerprint(path, flag) != recorded:
-        raise UserError(
-            f"{flag} {path}: not the file {where} was written with (same name, other content); "
-            "resume with that very file, or start a new output"
-        )
+        raise UserError(f"{flag} {path}: not the file {where} was written with (same name, other content); "
+                        "resume with that very file, or start a new output")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,11 +347,9 @@ def check_changeable(path: str | os.PathLike, what: str = "") -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     except OSError as err:
-        raise UserError(
-            f"{what}{path}: cannot be written ({err.strerror}): a file that is append-only or immutable "
-            "(chattr +a / +i; lsattr shows it) or read-only cannot be continued; make it writable "
-            "(chattr -a -i), or write elsewhere"
-        ) from None
+        raise UserError(f"{what}{path}: cannot be written ({err.strerror}): a file that is append-only or immutable "
+                        "(chattr +a / +i; lsattr shows it) or read-only cannot be continued; make it writable "
+                        "(chattr -a -i), or write elsewhere") from None
     os.close(fd)
 
 

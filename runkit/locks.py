@@ -1,5 +1,4 @@
 """Run locks: one run at a time on one output (a POSIX lock the kernel releases however the holder exits)."""
-
 from __future__ import annotations
 
 import contextlib
@@ -88,27 +87,18 @@ def run_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
         fd = None if _held_here(path) else _try_lock(path)
     except OSError as err:  # e.g. a read-only folder
         if err.errno == errno.ELOOP:
-            raise UserError(
-                f"{what}: its lock file {path} is a symbolic link (to {os.readlink(path)}), which a run "
-                "never follows (it would overwrite the target); remove the link"
-            ) from None
-        raise UserError(
-            f"{what}: cannot create its lock file {path} ({err.strerror}); choose a writable location"
-        ) from None
+            raise UserError(f"{what}: its lock file {path} is a symbolic link (to {os.readlink(path)}), which a run "
+                            "never follows (it would overwrite the target); remove the link") from None
+        raise UserError(f"{what}: cannot create its lock file {path} ({err.strerror}); choose a writable location"
+                        ) from None
     if fd is None:
         holder = "this process" if _held_here(path) else _lock_holder(path)
-        raise UserError(
-            f"{what} is in use by {holder}: wait for that run to finish (or stop it); two runs on one "
-            f"output would mix their results (lock file {path})"
-        )
+        raise UserError(f"{what} is in use by {holder}: wait for that run to finish (or stop it); two runs on one "
+                        f"output would mix their results (lock file {path})")
     key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
     _HELD_LOCKS[key] = path
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-    }
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)}
     try:
         with writing(path):  # (a full disk: the lock file is removed again below)
             os.ftruncate(fd, 0)

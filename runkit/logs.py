@@ -25,7 +25,6 @@ Beside a log ``<outfile>`` live its configuration ``<outfile>.json`` (:mod:`runk
 independent shards (Slurm arrays) writes one log per shard, ``<outfile>.shard<k>of<s>`` (:mod:`runkit.shards`).
 This module imports neither torch nor the models: analysis starts fast.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -159,14 +158,8 @@ def _parse_correct(value: Any) -> int:
     return number
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "idx": _parse_int,
-    "label": _parse_int,
-    "predict": _parse_int,
-    "radius": float,
-    "correct": _parse_correct,
-    "time": _parse_time,
-}
+_PARSERS: dict[str, Callable[[Any], Any]] = {"idx": _parse_int, "label": _parse_int, "predict": _parse_int,
+                                             "radius": float, "correct": _parse_correct, "time": _parse_time}
 _BY_TYPE: dict[str, Callable[[Any], Any]] = {"int": _parse_int, "float": float, "str": str}
 
 
@@ -232,10 +225,8 @@ def parse_log(path: str | Path, text: str, strict: bool = False) -> Optional[Par
     names, sep = _split_header(lines[0][1])
     if "label" not in names or "predict" not in names:
         missing = ", ".join(c for c in ("label", "predict") if c not in names)
-        raise UserError(
-            f"{path}: not a certification log: no column {missing} in the first line "
-            f"{lines[0][1][:80]!r} (expected 'idx label predict radius correct time')"
-        )
+        raise UserError(f"{path}: not a certification log: no column {missing} in the first line "
+                        f"{lines[0][1][:80]!r} (expected 'idx label predict radius correct time')")
     if len(set(names)) != len(names):
         raise UserError(f"{path}: repeated column names in the header {lines[0][1]!r}")
     parsed = ParsedLog(path, lines[0][1], names, [], [])
@@ -251,11 +242,11 @@ def parse_log(path: str | Path, text: str, strict: bool = False) -> Optional[Par
         except ValueError as err:
             if not strict and k == len(body) - 1 and len(fields) <= len(names):
                 parsed.dropped = 1
-                warnings.warn(
-                    f"{path}: dropped the incomplete last line {num} ({line[:60]!r})", LogWarning, stacklevel=3
-                )
+                warnings.warn(f"{path}: dropped the incomplete last line {num} ({line[:60]!r})", LogWarning,
+                              stacklevel=3)
                 break
-            raise UserError(f"{path}: line {num} is malformed ({err}): {line[:80]!r}; repair or remove it") from None
+            raise UserError(f"{path}: line {num} is malformed ({err}): {line[:80]!r}; repair or remove it"
+                            ) from None
     return parsed
 
 
@@ -294,31 +285,24 @@ def read_log(path: str | Path) -> pd.DataFrame:
     label = np.asarray(cols["label"], dtype=np.int64)
     predict = np.asarray(cols["predict"], dtype=np.int64)
     correct = (predict == label) & (predict != ABSTAIN)
-    df = pd.DataFrame(
-        {
-            "idx": np.asarray(cols["idx"], dtype=np.int64) if "idx" in cols else np.arange(n, dtype=np.int64),
-            "label": label,
-            "predict": predict,
-            "radius": np.asarray(cols["radius"], dtype=np.float64) if "radius" in cols else np.full(n, np.nan),
-            "correct": correct,
-            "time": np.asarray(cols["time"], dtype=np.float64) if "time" in cols else np.full(n, np.nan),
-        }
-    )
+    df = pd.DataFrame({
+        "idx": np.asarray(cols["idx"], dtype=np.int64) if "idx" in cols else np.arange(n, dtype=np.int64),
+        "label": label,
+        "predict": predict,
+        "radius": np.asarray(cols["radius"], dtype=np.float64) if "radius" in cols else np.full(n, np.nan),
+        "correct": correct,
+        "time": np.asarray(cols["time"], dtype=np.float64) if "time" in cols else np.full(n, np.nan),
+    })
     for name in names:
         if name not in COLUMNS:
             df[name] = _as_number(cols[name])
-    df.attrs.update(
-        path=str(path),
-        kind="certify" if "radius" in cols else "predict",
-        dropped=parsed.dropped,
-        correct_column=_check_correct(path, cols.get("correct"), correct),
-    )
+    df.attrs.update(path=str(path), kind="certify" if "radius" in cols else "predict", dropped=parsed.dropped,
+                    correct_column=_check_correct(path, cols.get("correct"), correct))
     return df
 
 
-def _checked_rows(
-    path: Path, names: list[str], rows: list[list], line_numbers: list[int]
-) -> tuple[list[list], list[int]]:
+def _checked_rows(path: Path, names: list[str], rows: list[list], line_numbers: list[int]
+                  ) -> tuple[list[list], list[int]]:
     """Refuse impossible radii; drop repeated idx rows that repeat the same result, refuse conflicting ones.
 
     A certified radius is a finite number >= 0 (CERTIFY writes 0 for an abstention), so a NaN, infinite or negative
@@ -338,10 +322,8 @@ def _checked_rows(
         if idx is not None and row[idx] in first:
             num0, row0 = first[row[idx]]
             if [row0[i] for i in key] != [row[i] for i in key]:
-                raise UserError(
-                    f"{path}: lines {num0} and {num} both certify idx {row[idx]} with different "
-                    "results (the log mixes two runs); keep one of them"
-                )
+                raise UserError(f"{path}: lines {num0} and {num} both certify idx {row[idx]} with different "
+                                "results (the log mixes two runs); keep one of them")
             repeated.append(num)
             continue
         if idx is not None:
@@ -349,22 +331,17 @@ def _checked_rows(
         kept.append(row)
         kept_lines.append(num)
     if repeated:
-        warnings.warn(
-            f"{path}: skipped {len(repeated)} repeated row(s) of an idx already read with the same result "
-            f"(line(s) {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''})",
-            LogWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"{path}: skipped {len(repeated)} repeated row(s) of an idx already read with the same result "
+                      f"(line(s) {', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''})",
+                      LogWarning, stacklevel=3)
     return kept, kept_lines
 
 
 def _check_radius(path: Path, radius: float, num: int) -> None:
     """Refuse a radius that no certification gives (NaN, infinite, negative), naming the file and the line."""
     if not (math.isfinite(radius) and radius >= 0):
-        raise UserError(
-            f"{path}: line {num} has radius {radius}; a certified radius is a finite number >= 0 (the log "
-            "is corrupt: repair or remove that line)"
-        )
+        raise UserError(f"{path}: line {num} has radius {radius}; a certified radius is a finite number >= 0 (the log "
+                        "is corrupt: repair or remove that line)")
 
 
 def _check_correct(path: Path, written: Optional[list[int]], correct: np.ndarray) -> str:
@@ -381,11 +358,8 @@ def _check_correct(path: Path, written: Optional[list[int]], correct: np.ndarray
         bad = int((written != correct).sum())
     else:
         bad = int((steps != correct).sum())
-    warnings.warn(
-        f"{path}: the 'correct' column disagrees with predict == label on {bad} row(s); using predict == label",
-        LogWarning,
-        stacklevel=3,
-    )
+    warnings.warn(f"{path}: the 'correct' column disagrees with predict == label on {bad} row(s); "
+                  f"using predict == label", LogWarning, stacklevel=3)
     return "inconsistent"
 
 
@@ -410,15 +384,11 @@ def expand_logs(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                q
-                for q in p.rglob("*")
-                if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts) and is_log(q)
-            )
+            found = sorted(q for q in p.rglob("*") if q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts) and is_log(q))
             if not found:
-                raise UserError(
-                    f"{p}: directory holds no certification logs (files whose header has label and predict)"
-                )
+                raise UserError(f"{p}: directory holds no certification logs (files whose header has "
+                                f"label and predict)")
             out.extend(found)
         else:
             out.append(p)
@@ -472,10 +442,8 @@ def read_rows(path: Path, row_type: Type[R] = Row) -> tuple[dict[int, R], int]: 
     if parsed is None:
         return {}, 0
     if parsed.header != row_type.header():
-        raise UserError(
-            f"{path}: not a log of this kind (first line {parsed.header[:60]!r}, expected the header "
-            f"{row_type.header()!r}); move it away or use --overwrite"
-        )
+        raise UserError(f"{path}: not a log of this kind (first line {parsed.header[:60]!r}, expected the header "
+                        f"{row_type.header()!r}); move it away or use --overwrite")
     rows: dict[int, R] = {}
     for values in _checked_rows(path, parsed.names, parsed.rows, parsed.line_numbers)[0]:
         row = row_type.from_values(dict(zip(parsed.names, values)))
@@ -497,7 +465,7 @@ def idx_list(idx: Sequence[int], shown: int = 20) -> str:
     idx = sorted(idx)
     if len(idx) <= shown:
         return ", ".join(map(str, idx))
-    return ", ".join(map(str, idx[: shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
+    return ", ".join(map(str, idx[:shown - 1])) + f", ..., {idx[-1]} ({len(idx)} in all)"
 
 
 @contextlib.contextmanager
@@ -540,3 +508,5 @@ def format_log(rows: Sequence[LogRow], row_type: Type[LogRow] = Row) -> str:
         row_type: gives the header.
     """
     return row_type.header() + "\n" + "".join(r.line() for r in rows)
+
+

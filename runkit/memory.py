@@ -5,7 +5,6 @@ Certification's noise samples depend on their indices only, never on the forward
 (:class:`core.NoiseStream`), so a smaller batch changes no result: :func:`run_in_batches` retries a range that ran
 out of memory in halves, and :func:`largest_batch` may try batch sizes freely.
 """
-
 from __future__ import annotations
 
 import gc
@@ -24,8 +23,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is a device running out of memory: ``torch.OutOfMemoryError`` (which
     ``torch.cuda.OutOfMemoryError`` is), or a cuDNN/cuBLAS allocation failure."""
     return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and any(name in str(err) for name in ALLOCATION_FAILURES)
-    )
+        isinstance(err, RuntimeError) and any(name in str(err) for name in ALLOCATION_FAILURES))
 
 
 def free_cached_memory(device: torch.device, collect: bool = True) -> None:
@@ -64,9 +62,8 @@ def fits(attempt: Callable[[int], object], size: int, device: torch.device) -> b
     return fitted
 
 
-def largest_batch(
-    attempt: Callable[[int], object], device: torch.device, cap: int, start: int = 1, resolution: int = 8
-) -> int:
+def largest_batch(attempt: Callable[[int], object], device: torch.device, cap: int, start: int = 1,
+                  resolution: int = 8) -> int:
     """The largest batch b <= ``cap`` for which ``attempt(b)`` (one forward pass of b samples) fits in memory, within
     1/``resolution`` of it: doubling from ``start`` to the first failure, then bisecting; 0 when not even one
     sample fits.
@@ -103,16 +100,13 @@ class BatchSize:
         """After a pass of ``failed`` samples ran out of memory (``message``): at most half of it from now on; a
         :class:`runkit.errors.UserError` when it was a single sample."""
         if failed <= 1:
-            raise UserError(
-                f"{device}: out of memory even for a batch of 1 sample ({message}); free the device or "
-                "use one with more memory"
-            )
+            raise UserError(f"{device}: out of memory even for a batch of 1 sample ({message}); free the device or "
+                            "use one with more memory")
         self.size, self.halvings = min(self.size, failed // 2), self.halvings + 1
 
 
-def run_in_batches(
-    total: int, batch: BatchSize, run: Callable[[int, int], None], device: torch.device, largest: Optional[int] = None
-) -> None:
+def run_in_batches(total: int, batch: BatchSize, run: Callable[[int, int], None], device: torch.device,
+                   largest: Optional[int] = None) -> None:
     """``run(s, e)`` for consecutive ranges s .. e - 1 covering 0 .. total - 1, each of at most ``batch.size`` (and
     ``largest``) items. A range that runs out of device memory is given up (``run`` must only keep what a range
     returns once it has finished), the memory freed, ``batch`` halved, and the range computed again in smaller

@@ -2,7 +2,6 @@
 merges the parts into one idx-sorted log at the end (:func:`merge_parts`); with one process the log itself is the
 only part. A log and its parts are read together (:func:`read_done`), so a resumed run skips what any rank wrote.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -59,22 +58,16 @@ def read_done(outfile: Path, row_type: Type[R] = Row) -> dict[int, R]:  # type: 
             continue
         for idx, row in read_rows(path, row_type)[0].items():
             if idx in done and _result(done[idx]) != _result(row):
-                raise UserError(
-                    f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
-                    "runs); keep one of them"
-                )
+                raise UserError(f"{found[idx]} and {path} both hold idx {idx} with different results (they mix two "
+                                "runs); keep one of them")
             if idx in done:
                 repeated.append(idx)
             else:
                 done[idx], found[idx] = row, path
     if repeated:
-        warnings.warn(
-            f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
-            f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
-            f"{', ...' if len(repeated) > 5 else ''})",
-            LogWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"{outfile}: skipped {len(repeated)} repeated row(s) of an idx already read with the same "
+                      f"result in another part (idx {', '.join(map(str, repeated[:5]))}"
+                      f"{', ...' if len(repeated) > 5 else ''})", LogWarning, stacklevel=2)
     return done
 
 
@@ -109,7 +102,7 @@ def rank_share(indices: Sequence[int], dones: Sequence[Container[int]], dist_inf
         dones: per log, the idx it already holds.
         dist_info: this process's rank and world size.
     """
-    return [i for i in indices if any(i not in done for done in dones)][dist_info.rank :: dist_info.world_size]
+    return [i for i in indices if any(i not in done for done in dones)][dist_info.rank::dist_info.world_size]
 
 
 @contextlib.contextmanager

@@ -47,18 +47,10 @@ class Progress:
         clock: the time source (tests pass a fake one).
     """
 
-    def __init__(
-        self,
-        iterable: Optional[Iterable] = None,
-        total: Optional[int] = None,
-        desc: str = "",
-        unit: str = "it",
-        initial: int = 0,
-        interval: float = DEFAULT_INTERVAL,
-        stream: Optional[TextIO] = None,
-        enabled: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
+                 unit: str = "it", initial: int = 0, interval: float = DEFAULT_INTERVAL,
+                 stream: Optional[TextIO] = None, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
         self.iterable = iterable
         self.total = total if total is not None or iterable is None else len(iterable)  # type: ignore[arg-type]
         self.desc, self.unit, self.interval, self.clock = desc, unit, interval, clock
@@ -72,15 +64,8 @@ class Progress:
         if enabled and is_terminal(self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=self.total,
-                initial=initial,
-                desc=desc or None,
-                unit=unit,
-                dynamic_ncols=True,
-                leave=False,
-                file=self.stream,
-            )
+            self.bar = tqdm(total=self.total, initial=initial, desc=desc or None, unit=unit, dynamic_ncols=True,
+                            leave=False, file=self.stream)
 
     def __iter__(self) -> Iterator:
         for item in self.iterable or ():
@@ -106,10 +91,8 @@ class Progress:
         """The plain progress line: count, rate, ETA and the running figures."""
         elapsed = max(self.clock() - self.start, 1e-9)
         rate = (self.n - self.initial) / elapsed
-        parts = [
-            f"{self.n}/{self.total} {self.unit}" if self.total is not None else f"{self.n} {self.unit}",
-            f"{rate:.3g} {self.unit}/s",
-        ]
+        parts = [f"{self.n}/{self.total} {self.unit}" if self.total is not None else f"{self.n} {self.unit}",
+                 f"{rate:.3g} {self.unit}/s"]
         if self.total is not None and rate > 0:
             parts.append(f"ETA {format_seconds((self.total - self.n) / rate)}")
         parts += [f"{key} {value}" for key, value in self.postfix.items()]

@@ -2,7 +2,6 @@
 run, the configuration of the resumed run: the one recorded in its checkpoint, with the flags given now), and a log
 from the rows it holds (the read-only checks before a run writes anything: an existing log needs ``--resume``,
 checked against the configuration and the device models recorded beside it, or ``--overwrite``)."""
-
 from __future__ import annotations
 
 import dataclasses
@@ -57,16 +56,12 @@ def refuse_existing_run(out: Path, logs: Sequence[str]) -> None:
     """
     newest = newest_checkpoint(out)
     if newest:
-        raise UserError(
-            f"--outdir {out} already holds a run; continue it with --resume {newest} (its newest "
-            "checkpoint; or --resume auto) or pick another --outdir"
-        )
+        raise UserError(f"--outdir {out} already holds a run; continue it with --resume {newest} (its newest "
+                        "checkpoint; or --resume auto) or pick another --outdir")
     if any((out / name).exists() for name in logs):
-        raise UserError(
-            f"--outdir {out} holds the logs of a run that stopped before its first checkpoint, so there "
-            "is nothing to resume; start it over with --resume auto (which drops those logs) or pick "
-            "another --outdir"
-        )
+        raise UserError(f"--outdir {out} holds the logs of a run that stopped before its first checkpoint, so there "
+                        "is nothing to resume; start it over with --resume auto (which drops those logs) or pick "
+                        "another --outdir")
 
 
 OVERRIDES = ("device",)  # the checks of a resumed or merged log that --override may skip
@@ -86,9 +81,8 @@ def parse_override(text: Optional[str], flags: Optional[Collection[str]] = None)
     if unknown and flags is not None:
         raise UserError(f"--override {text}: no flag {', '.join('--' + n for n in unknown)}")
     if unknown:
-        raise UserError(
-            f"--override {text}: {', '.join(unknown)} cannot be overridden; choose from {', '.join(OVERRIDES)}"
-        )
+        raise UserError(f"--override {text}: {', '.join(unknown)} cannot be overridden; "
+                        f"choose from {', '.join(OVERRIDES)}")
     return names
 
 
@@ -104,15 +98,8 @@ def flags_not_at_default(config: Any) -> set[str]:
     return {f.name for f in fields if getattr(config, f.name) != getattr(defaults, f.name)} | required
 
 
-def resumed_config(
-    config: C,
-    given: Optional[set[str]],
-    recorded: Mapping[str, Any],
-    resolve: Callable[[C], C],
-    operational: Collection[str],
-    paths: Collection[str],
-    may_grow: Collection[str] = (),
-) -> C:
+def resumed_config(config: C, given: Optional[set[str]], recorded: Mapping[str, Any], resolve: Callable[[C], C],
+                  operational: Collection[str], paths: Collection[str], may_grow: Collection[str] = ()) -> C:
     """The configuration of a resumed run: the run's own (``recorded``), with the flags given now.
 
     Flags left out take the run's values; a flag given with a value that changes what the run computes (every field
@@ -131,9 +118,8 @@ def resumed_config(
     """
     given = flags_not_at_default(config) if given is None else given
     names = {f.name for f in dataclasses.fields(config)}
-    merged = dataclasses.replace(
-        config, **{k: v for k, v in recorded.items() if k in names and k not in given and k not in operational}
-    )
+    merged = dataclasses.replace(config, **{k: v for k, v in recorded.items()
+                                            if k in names and k not in given and k not in operational})
     resolved, overrides = resolve(merged), parse_override(config.override, names)
     changed = []
     for name in sorted((given & recorded.keys()) - set(operational) - set(paths) - overrides):
@@ -141,11 +127,9 @@ def resumed_config(
         if new != old and not (name in may_grow and new > old):
             changed.append(f"--{name} {new} (the run: {old})")
     if changed:
-        raise UserError(
-            f"--resume {config.resume}: {', '.join(changed)} would change the run; leave "
-            "these flags out to continue it as it was, or name them in --override to change them on "
-            "purpose"
-        )
+        raise UserError(f"--resume {config.resume}: {', '.join(changed)} would change the run; leave "
+                        "these flags out to continue it as it was, or name them in --override to change them on "
+                        "purpose")
     return merged
 
 
@@ -153,14 +137,8 @@ def resumed_config(
 # A log resumed from its rows: the checks before a run writes (certify.py, predict.py)
 # ---------------------------------------------------------------------------------------------------------------
 
-
-def check_resume(
-    outfile: Path,
-    config: dict[str, Any],
-    resume_keys: Sequence[str],
-    defaults: Mapping[str, Any],
-    files: Optional[dict[str, tuple[str, str]]] = None,
-) -> None:
+def check_resume(outfile: Path, config: dict[str, Any], resume_keys: Sequence[str], defaults: Mapping[str, Any],
+                 files: Optional[dict[str, tuple[str, str]]] = None) -> None:
     """Refuse to continue a log whose recorded configuration differs from this run's, or whose checkpoint files
     (``files``: role -> (flag, path)) now hold other content than recorded.
 
@@ -172,17 +150,14 @@ def check_resume(
         files: role -> (flag, path) of the checkpoint files whose content must match.
     """
     files = files or {}
-    recorded_config = read_sidecar(outfile, "--resume", "use another --outfile (or --overwrite to replace it)")[
-        "config"
-    ]
+    recorded_config = read_sidecar(outfile, "--resume",
+                                   "use another --outfile (or --overwrite to replace it)")["config"]
     recorded_fingerprints = recorded_config.get("fingerprints") or {}
     recorded = {k: recorded_config.get(k, defaults.get(k)) for k in resume_keys}
     diff = [f"{k}={recorded[k]!r} (now {config[k]!r})" for k in resume_keys if recorded[k] != config[k]]
     if diff:
-        raise UserError(
-            f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
-            "rerun with the recorded flags, or use another --outfile or --overwrite"
-        )
+        raise UserError(f"--resume: {outfile} was written with a different configuration: {', '.join(diff)}; "
+                        "rerun with the recorded flags, or use another --outfile or --overwrite")
     for role, (flag, path) in files.items():
         check_fingerprint(path, recorded_fingerprints.get(role), flag, f"the log {outfile}")
 
@@ -212,12 +187,10 @@ def check_device_model(outfile: Path, model: dict[str, Any], override: Optional[
             continue
         if "device" in parse_override(override):
             return True
-        raise UserError(
-            f"--resume: {outfile} was written on {describe_device_model(earlier)}, this run is on "
-            f"{describe_device_model(model)}, and one seed gives other noise there ({reason}): the log "
-            "would mix noise streams, its certificates valid but reproducible on no single device; resume "
-            "on the same device model, or pass --override device to accept that"
-        )
+        raise UserError(f"--resume: {outfile} was written on {describe_device_model(earlier)}, this run is on "
+                        f"{describe_device_model(model)}, and one seed gives other noise there ({reason}): the log "
+                        "would mix noise streams, its certificates valid but reproducible on no single device; resume "
+                        "on the same device model, or pass --override device to accept that")
     return False
 
 
@@ -229,16 +202,9 @@ def add_device_model(outfile: Path, model: dict[str, Any]) -> None:
         write_sidecar(outfile, recorded["config"], {**recorded.get("info", {}), "device_models": models + [model]})
 
 
-def check_outputs(
-    outfile: Path,
-    config: dict[str, Any],
-    resume: bool,
-    overwrite: bool,
-    resume_keys: Sequence[str],
-    defaults: Mapping[str, Any],
-    row_type: Type[LogRow] = Row,
-    files: Optional[dict[str, tuple[str, str]]] = None,
-) -> tuple[list[Path], dict[int, LogRow]]:
+def check_outputs(outfile: Path, config: dict[str, Any], resume: bool, overwrite: bool, resume_keys: Sequence[str],
+                  defaults: Mapping[str, Any], row_type: Type[LogRow] = Row,
+                  files: Optional[dict[str, tuple[str, str]]] = None) -> tuple[list[Path], dict[int, LogRow]]:
     """Read-only checks before anything is written: (existing output files, rows already done).
 
     An existing log, sidecar or part needs ``resume`` (checked against ``config``) or ``overwrite``, and must be a
@@ -254,10 +220,8 @@ def check_outputs(
     """
     existing = [p for p in [outfile, sidecar_path(outfile)] + existing_parts(outfile) if p.exists()]
     if existing and not (resume or overwrite):
-        raise UserError(
-            f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
-            "--overwrite to replace it"
-        )
+        raise UserError(f"--outfile {outfile}: {existing[0]} already exists; pass --resume to continue it or "
+                        "--overwrite to replace it")
     for path in existing:  # (appended to, cut back, replaced or removed below: each must be changeable)
         check_regular_file(path, f"--outfile {outfile}:")
         check_changeable(path, f"--outfile {outfile}: ")
@@ -266,9 +230,8 @@ def check_outputs(
     return existing, (read_done(outfile, row_type) if resume else {})
 
 
-def prepare_outputs(
-    outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any], info: dict[str, Any]
-) -> None:
+def prepare_outputs(outfile: Path, existing: Sequence[Path], overwrite: bool, config: dict[str, Any],
+                    info: dict[str, Any]) -> None:
     """Rank 0, before any row is written: remove what ``overwrite`` replaces, write the sidecar if absent.
 
     Args:

@@ -1,6 +1,5 @@
 """The global random number generators of a process: seeding them, and their states as ``weights_only``-loadable
 values, so that a checkpoint can hold every rank's state and a resumed run continue each stream where it stopped."""
-
 from __future__ import annotations
 
 import random
@@ -21,13 +20,8 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
     py_state = random.getstate()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": [
-            np_state[0],
-            torch.from_numpy(np_state[1].astype(np.int64)),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
     if device.type == "cuda":

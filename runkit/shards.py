@@ -4,7 +4,6 @@ log ``<outfile>.shard<k>of<s>`` (with its own sidecar, parts and lock), and thei
 A shard's sidecar records the images of the whole run (:func:`encode_indices`), so that :func:`merge_shard_logs`
 can check that every image is there, once, from shards of one configuration and of devices that draw one noise.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -35,7 +34,7 @@ class Shard:
     s: int
 
     def select(self, indices: Sequence[int]) -> list[int]:
-        return list(indices)[self.k :: self.s]
+        return list(indices)[self.k::self.s]
 
     def __str__(self) -> str:
         return f"{self.k}/{self.s}"
@@ -57,9 +56,8 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
     if text == "auto":
         missing = [name for name in SLURM_ARRAY if name not in environ]
         if missing:
-            raise UserError(
-                f"--shard auto: {' and '.join(missing)} not set (not a Slurm array task?); give --shard K/S instead"
-            )
+            raise UserError(f"--shard auto: {' and '.join(missing)} not set (not a Slurm array task?); "
+                            "give --shard K/S instead")
         try:
             task, count = int(environ[SLURM_ARRAY[0]]), int(environ[SLURM_ARRAY[1]])
             low, step = int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
@@ -110,10 +108,8 @@ def merge_request(argv: Sequence[str]) -> Optional[MergeRequest]:
     if known.merge is None:
         return None
     if rest:
-        raise UserError(
-            f"--merge {known.merge}: give it alone (got also {' '.join(rest)}); the configuration "
-            "comes from the shard logs"
-        )
+        raise UserError(f"--merge {known.merge}: give it alone (got also {' '.join(rest)}); the configuration "
+                        "comes from the shard logs")
     return MergeRequest(Path(known.merge), parse_override(known.override))
 
 
@@ -153,20 +149,15 @@ class Merged:
     shards: list[Path]
 
 
-def _shard_configs(
-    shards: dict[int, Path], split: int, keys: Sequence[str], defaults: Mapping[str, Any], mixed_devices: bool = False
-) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
+def _shard_configs(shards: dict[int, Path], split: int, keys: Sequence[str], defaults: Mapping[str, Any],
+                   mixed_devices: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
     """The shards' shared configuration and info (the most common one; its ``device_models``: those of every shard),
     and for each shard that differs, how (another device model too, unless ``mixed_devices``); ``split``: S."""
-    recorded = {
-        k: read_sidecar(p, "--merge", f"restore it, or redo that shard with --shard {k}/{split} --overwrite")
-        for k, p in shards.items()
-    }
+    recorded = {k: read_sidecar(p, "--merge", f"restore it, or redo that shard with --shard {k}/{split} --overwrite")
+                for k, p in shards.items()}
     names = (*keys, "selection")
-    values = {
-        k: [r["config"].get(key, defaults.get(key)) for key in keys] + [r.get("info", {}).get("selection")]
-        for k, r in recorded.items()
-    }
+    values = {k: [r["config"].get(key, defaults.get(key)) for key in keys]
+              + [r.get("info", {}).get("selection")] for k, r in recorded.items()}
     encoded = {k: tuple(json.dumps(v, sort_keys=True) for v in vals) for k, vals in values.items()}
     common = Counter(encoded.values()).most_common(1)[0][0]
     first = next(k for k in sorted(encoded) if encoded[k] == common)
@@ -174,11 +165,8 @@ def _shard_configs(
     foreign = {}
     for k, key in sorted(encoded.items()):
         if key != common:
-            diff = [
-                special.get(name) or f"{name}={values[k][i]!r} (the others {values[first][i]!r})"
-                for i, name in enumerate(names)
-                if key[i] != common[i]
-            ]
+            diff = [special.get(name) or f"{name}={values[k][i]!r} (the others {values[first][i]!r})"
+                    for i, name in enumerate(names) if key[i] != common[i]]
             foreign[k] = f"{shards[k].name} has a different configuration: {', '.join(diff)}"
     models = {k: recorded_device_models(r.get("info", {})) for k, r in recorded.items()}
     if not mixed_devices:
@@ -187,9 +175,8 @@ def _shard_configs(
     return recorded[first]["config"], {**recorded[first].get("info", {}), "device_models": union}, foreign
 
 
-def _other_device_models(
-    shards: dict[int, Path], models: dict[int, list[dict[str, Any]]], first: int, skip: Container[int]
-) -> dict[int, str]:
+def _other_device_models(shards: dict[int, Path], models: dict[int, list[dict[str, Any]]], first: int,
+                         skip: Container[int]) -> dict[int, str]:
     """For each shard (but ``skip``) whose device models draw other noise than those of shard ``first``
     (:func:`runkit.devices.stream_difference`), how."""
     found = {}
@@ -197,24 +184,17 @@ def _other_device_models(
         pairs = [(a, b, stream_difference(a, b)) for a in models[first] for b in models[k] if k not in skip]
         for a, b, reason in pairs:
             if reason:
-                found[k] = (
-                    f"{shards[k].name} ran on {describe_device_model(b)}, {shards[first].name} on "
-                    f"{describe_device_model(a)} ({reason}; rerun it there, or pass --override device to "
-                    "merge noise streams of different devices: certificates valid, reproducible on no single "
-                    "device)"
-                )
+                found[k] = (f"{shards[k].name} ran on {describe_device_model(b)}, {shards[first].name} on "
+                            f"{describe_device_model(a)} ({reason}; rerun it there, or pass --override device to "
+                            "merge noise streams of different devices: certificates valid, reproducible on no single "
+                            "device)")
                 break
     return found
 
 
-def merge_shard_logs(
-    outfile: Path,
-    row_types: Sequence[Type[LogRow]],
-    keys: Sequence[str],
-    defaults: Mapping[str, Any],
-    merged_by: Mapping[str, str],
-    override: Container[str] = (),
-) -> Merged:
+def merge_shard_logs(outfile: Path, row_types: Sequence[Type[LogRow]], keys: Sequence[str],
+                     defaults: Mapping[str, Any], merged_by: Mapping[str, str], override: Container[str] = ()
+                     ) -> Merged:
     """Merge the shard logs ``<outfile>.shard<k>of<s>`` (k = 0..s-1) into one idx-sorted ``outfile`` with its sidecar;
     their rows are of the one of ``row_types`` whose header the first shard log has.
 
@@ -234,24 +214,19 @@ def merge_shard_logs(
     """
     found = existing_shards(outfile)
     if not found:
-        raise UserError(
-            f"--merge {outfile}: no shard logs {outfile.name}.shard<K>of<S> beside it (written by --shard K/S)"
-        )
+        raise UserError(f"--merge {outfile}: no shard logs {outfile.name}.shard<K>of<S> beside it (written by "
+                        "--shard K/S)")
     splits = sorted({s for _, s, _ in found})
     if len(splits) > 1:
-        raise UserError(
-            f"--merge {outfile}: shard logs of {len(splits)} different splits "
-            f"({', '.join(p.name for _, _, p in found)}); keep those of one --shard K/S split"
-        )
+        raise UserError(f"--merge {outfile}: shard logs of {len(splits)} different splits "
+                        f"({', '.join(p.name for _, _, p in found)}); keep those of one --shard K/S split")
     s = splits[0]
     shards = {k: p for k, _, p in found}
     row_type = _shard_row_type(outfile, shards, row_types, merged_by)
     config, info, foreign = _shard_configs(shards, s, keys, defaults, "device" in override)
     if "selection" not in info:
-        raise UserError(
-            f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
-            "--shard K/S); rerun the shards"
-        )
+        raise UserError(f"--merge {outfile}: the shard sidecars do not record the images selected (not written by "
+                        "--shard K/S); rerun the shards")
     selected = decode_indices(info["selection"])
     rows, problems = _shard_rows(outfile, shards, s, selected, foreign, row_type)
     missing = sorted(set(selected) - set(rows))
@@ -262,9 +237,8 @@ def merge_shard_logs(
     return merged
 
 
-def _shard_row_type(
-    outfile: Path, shards: dict[int, Path], row_types: Sequence[Type[LogRow]], merged_by: Mapping[str, str]
-) -> Type[LogRow]:
+def _shard_row_type(outfile: Path, shards: dict[int, Path], row_types: Sequence[Type[LogRow]],
+                    merged_by: Mapping[str, str]) -> Type[LogRow]:
     """The one of ``row_types`` whose header every shard log has; a shard log of another kind (e.g. CERTIFY shards
     given to predict.py) is refused naming the script that wrote it, which merges it."""
     types = {t.header(): t for t in row_types}
@@ -275,28 +249,18 @@ def _shard_row_type(
             header = f.readline().rstrip("\r\n")
         if header not in types:
             writer = merged_by.get(header)
-            raise UserError(
-                f"--merge {outfile}: {path.name} is not a log of this kind (first line {header[:60]!r}, "
-                f"expected {' or '.join(map(repr, types))}); merge it with the script that wrote it"
-                + (f": {writer} --merge {outfile}" if writer else "")
-            )
+            raise UserError(f"--merge {outfile}: {path.name} is not a log of this kind (first line {header[:60]!r}, "
+                            f"expected {' or '.join(map(repr, types))}); merge it with the script that wrote it"
+                            + (f": {writer} --merge {outfile}" if writer else ""))
         found.add(header)
     if len(found) > 1:
-        raise UserError(
-            f"--merge {outfile}: the shard logs have different headers ({' and '.join(map(repr, found))})"
-            "; they are not the shards of one run"
-        )
+        raise UserError(f"--merge {outfile}: the shard logs have different headers ({' and '.join(map(repr, found))})"
+                        "; they are not the shards of one run")
     return types[found.pop()]
 
 
-def _shard_rows(
-    outfile: Path,
-    shards: dict[int, Path],
-    s: int,
-    selected: Sequence[int],
-    foreign: dict[int, str],
-    row_type: Type[LogRow],
-) -> tuple[dict[int, LogRow], list[str]]:
+def _shard_rows(outfile: Path, shards: dict[int, Path], s: int, selected: Sequence[int], foreign: dict[int, str],
+                row_type: Type[LogRow]) -> tuple[dict[int, LogRow], list[str]]:
     """The rows of the shard logs that hold their share (by idx), and what is wrong with the others."""
     rows: dict[int, LogRow] = {}
     problems = []
@@ -314,10 +278,8 @@ def _shard_rows(
             problems.append(f"{shards[k].name} holds idx outside its share: {idx_list(outside)}")
             continue
         if len(done) < len(share):
-            problems.append(
-                f"{shards[k].name} is incomplete ({len(done)} of {len(share)} images; continue it with "
-                f"--shard {k}/{s} --resume)"
-            )
+            problems.append(f"{shards[k].name} is incomplete ({len(done)} of {len(share)} images; continue it with "
+                            f"--shard {k}/{s} --resume)")
         rows.update(done)
     return rows, problems
 
@@ -329,10 +291,6 @@ def _write_merged(outfile: Path, merged: Merged, row_type: Type[LogRow], info: d
         if outfile.exists() and outfile.read_text(encoding="utf-8", errors="replace") != text:
             raise UserError(f"--merge {outfile}: it already exists with other rows; move it away to merge again")
         atomic_write_text(outfile, text)
-        merged_info = {
-            "merged_from": [p.name for p in merged.shards],
-            "selection": info["selection"],
-            "device_models": info["device_models"],
-            "merged": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        merged_info = {"merged_from": [p.name for p in merged.shards], "selection": info["selection"],
+                       "device_models": info["device_models"], "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_sidecar(outfile, {**merged.config, "shard": None}, merged_info)

@@ -1,6 +1,5 @@
 """The configuration beside an output: ``<outfile>.json``, ``{"config": ..., "info": ...}``: what determines the
 output's content (``config``, checked on resume) and what is only information about the run (``info``)."""
-
 from __future__ import annotations
 
 import json
@@ -39,10 +38,8 @@ def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
     """
     side, start = sidecar_path(outfile), f"{flag}: " if flag else ""
     if not check_regular_file(side, flag):
-        raise UserError(
-            f"{start}{outfile} has no configuration file {side.name} beside it, so it cannot be checked "
-            f"against this run; {advice}"
-        )
+        raise UserError(f"{start}{outfile} has no configuration file {side.name} beside it, so it cannot be checked "
+                        f"against this run; {advice}")
     try:
         recorded = json.loads(side.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -50,5 +47,5 @@ def read_sidecar(outfile: Path, flag: str, advice: str) -> dict[str, Any]:
     except ValueError as err:
         raise UserError(f"{start}{side} is corrupt (not valid JSON: {err}); {advice}") from None
     if not (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)):
-        raise UserError(f'{start}{side} is not a configuration file of this kind (no "config"); {advice}')
+        raise UserError(f"{start}{side} is not a configuration file of this kind (no \"config\"); {advice}")
     return recorded

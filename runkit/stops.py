@@ -5,7 +5,6 @@ The run checks :meth:`StopRequest.requested` (a collective) after each unit of w
 kind ends the process at once (its previous handler: SIGINT raises ``KeyboardInterrupt``, SIGTERM terminates).
 Writes being atomic, that loses only the work since the last checkpoint.
 """
-
 from __future__ import annotations
 
 import signal
@@ -62,9 +61,8 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        print(
-            f"{signal.Signals(signum).name}: {self.what} (send it again to stop at once)", file=sys.stderr, flush=True
-        )
+        print(f"{signal.Signals(signum).name}: {self.what} (send it again to stop at once)", file=sys.stderr,
+              flush=True)
 
     def requested(self) -> bool:
         """Whether a stop was requested on any rank (a collective when distributed: every rank calls it at the same

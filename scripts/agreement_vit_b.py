@@ -22,7 +22,6 @@ test accuracy, README "Performance"):
     python scripts/agreement_vit_b.py --img_size 224 --init runs/vit_b_digits.pt --checkpoint runs/vit_b_digits_224.pt \
         --epochs 3 --warmup_epochs 0 --lr 1e-4 --batch_size 32 --per_image 2 --compile --json runs/agreement_vit_b_224.json
 """
-
 from __future__ import annotations
 
 import argparse
@@ -63,7 +62,6 @@ def load_resampled(classifier: ImageClassifier, path: Path) -> None:
     """Load a ViT-B state dict saved by this script at any input size into ``classifier``; the position embedding
     (class token + g×g grid) is resampled bicubically to the classifier's grid (timm's ``resample_abs_pos_embed``)."""
     from timm.layers import resample_abs_pos_embed
-
     state = torch.load(path, map_location="cpu", weights_only=True)
     grid = classifier.model.patch_embed.grid_size
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=1)
@@ -71,15 +69,8 @@ def load_resampled(classifier: ImageClassifier, path: Path) -> None:
 
 
 @torch.no_grad()
-def denoised_accuracy_and_margin(
-    denoiser,
-    classifier: ImageClassifier,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    sigma: float,
-    seed: int,
-    batch_size: int = 256,
-) -> tuple[float, float]:
+def denoised_accuracy_and_margin(denoiser, classifier: ImageClassifier, x: torch.Tensor, y: torch.Tensor,
+                                 sigma: float, seed: int, batch_size: int = 256) -> tuple[float, float]:
     """fp32 accuracy of f(D(x + sigma·delta)) (one noise draw per image) and the median top-1/top-2 logit margin."""
     model = DenoisedClassifier(denoiser, classifier, sigma).eval()
     g = torch.Generator().manual_seed(seed)
@@ -95,20 +86,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak lr (default 1e-4; then cosine to 0)")
     p.add_argument("--warmup_epochs", type=int, default=3, help="linear lr warmup epochs (default 3)")
-    p.add_argument(
-        "--init",
-        default=None,
-        help="start training from this saved ViT-B (any --img_size; position embedding resampled)",
-    )
+    p.add_argument("--init", default=None,
+                   help="start training from this saved ViT-B (any --img_size; position embedding resampled)")
     p.add_argument("--sigma", type=float, default=0.25, help="noise level of the agreement check (default 0.25)")
     p.add_argument("--per_image", type=int, default=8, help="noise samples per test image")
     p.add_argument("--test_images", type=int, default=None, help="the first K test images (default: all 360)")
     p.add_argument("--compile", action="store_true", help="also check the compiled fast path")
-    p.add_argument(
-        "--checkpoint",
-        default="runs/vit_b_digits.pt",
-        help="the trained model: loaded when it exists, else trained and saved there",
-    )
+    p.add_argument("--checkpoint", default="runs/vit_b_digits.pt",
+                   help="the trained model: loaded when it exists, else trained and saved there")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -129,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     denoiser = load_denoiser("digits", device=device)  # the shipped, trained digits denoiser
     x_train, y_train = load_split("train")
     x_test, y_test = load_split("test")
-    x_test, y_test = x_test[: args.test_images], y_test[: args.test_images]
+    x_test, y_test = x_test[:args.test_images], y_test[:args.test_images]
     result: dict[str, Any] = {"img_size": args.img_size, "sigma": args.sigma, "torch": torch.__version__}
     with torch_threads(args.threads):
         result["threads"] = torch.get_num_threads()
@@ -137,33 +122,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         ckpt = Path(args.checkpoint)
         if ckpt.is_file():
             classifier.model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-            result["training"] = (
-                json.loads(ckpt.with_suffix(".json").read_text())
-                if ckpt.with_suffix(".json").is_file()
-                else {"loaded": str(ckpt)}
-            )
+            result["training"] = json.loads(ckpt.with_suffix(".json").read_text()) \
+                if ckpt.with_suffix(".json").is_file() else {"loaded": str(ckpt)}
             print(f"loaded {ckpt}", flush=True)
         else:
             if args.init is not None:
                 load_resampled(classifier, Path(args.init))
-            print(
-                f"training ViT-B/16 at {args.img_size} px on digits ({args.epochs} epochs"
-                f"{', from ' + args.init if args.init else ''})",
-                flush=True,
-            )
+            print(f"training ViT-B/16 at {args.img_size} px on digits ({args.epochs} epochs"
+                  f"{', from ' + args.init if args.init else ''})", flush=True)
             classifier, record = train_classifier(
-                x_train,
-                y_train,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                device=device,
-                classifier=classifier,
-                precision="bf16",
-                log_every=1,
-                warmup_epochs=args.warmup_epochs,
-            )
+                x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                device=device, classifier=classifier, precision="bf16", log_every=1,
+                warmup_epochs=args.warmup_epochs)
             record["init"] = args.init
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(classifier.model.state_dict(), ckpt)
@@ -172,30 +142,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         classifier = classifier.to(device).eval().requires_grad_(False)
         result["clean_accuracy"] = accuracy(classifier, x_test, y_test)
         result["denoised_accuracy"], result["margin_median"] = denoised_accuracy_and_margin(
-            denoiser, classifier, x_test, y_test, args.sigma, args.seed + 1
-        )
-        print(
-            f"test accuracy: clean {result['clean_accuracy']:.4f}, denoised at sigma {args.sigma} "
-            f"{result['denoised_accuracy']:.4f}; median logit margin {result['margin_median']:.2f}",
-            flush=True,
-        )
+            denoiser, classifier, x_test, y_test, args.sigma, args.seed + 1)
+        print(f"test accuracy: clean {result['clean_accuracy']:.4f}, denoised at sigma {args.sigma} "
+              f"{result['denoised_accuracy']:.4f}; median logit margin {result['margin_median']:.2f}", flush=True)
         result["agreement"] = {}
-        for compiled in [False, True] if args.compile else [False]:
+        for compiled in ([False, True] if args.compile else [False]):
             label = "bf16 compiled" if compiled else "bf16"
-            quick = fast.fast_model(
-                denoiser, classifier, args.sigma, "bf16", channels_last=True, compile=compiled, compile_mode=None
-            )
+            quick = fast.fast_model(denoiser, classifier, args.sigma, "bf16", channels_last=True, compile=compiled,
+                                    compile_mode=None)
             t0 = time.perf_counter()
-            stats = fast.agreement(
-                denoiser, classifier, quick, "bf16", args.sigma, x_test.to(device), args.per_image, 256, args.seed + 2
-            )
+            stats = fast.agreement(denoiser, classifier, quick, "bf16", args.sigma, x_test.to(device),
+                                    args.per_image, 256, args.seed + 2)
             stats["seconds"] = time.perf_counter() - t0
             result["agreement"][label] = stats
-            print(
-                f"agreement {label} vs fp32: {100 * stats['agreement']:.2f} % of {stats['samples']} samples; "
-                f"max |dlogit| {stats['logit_max_abs_diff']:.4f}, median margin {stats['margin_median']:.2f}",
-                flush=True,
-            )
+            print(f"agreement {label} vs fp32: {100 * stats['agreement']:.2f} % of {stats['samples']} samples; "
+                  f"max |dlogit| {stats['logit_max_abs_diff']:.4f}, median margin {stats['margin_median']:.2f}",
+                  flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -20,7 +20,6 @@ section's seconds are in the report). ``--device cpu`` runs sections 2-4 at size
     bash scripts/gpu_check.sh                      # -> runs/gpu_check/gpu_check.md
     bash scripts/gpu_check.sh --device cpu --outdir /tmp/gpu_check
 """
-
 from __future__ import annotations
 
 import argparse
@@ -92,17 +91,13 @@ def header(check: Check) -> list[str]:
         props = torch.cuda.get_device_properties(check.device)
         extra = f", {model['sm_count']} SMs, capability {model['capability']}, {props.total_memory / 2**30:.1f} GiB"
     cuda = f" (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})" if not check.cpu else ""
-    return [
-        "# GPU check",
-        "",
-        f"- device: {check.device} ({model.get('name', model['type'])}{extra}); native bf16: "
-        f"{'yes' if native_bf16(check.device) else 'no'}",
-        f"- torch {torch.__version__}{cuda}, python {platform.python_version()}, CPU "
-        f"{device_model(torch.device('cpu'))['name']}",
-        f"- the CLIs' TF32 default: --tf32 {DEFAULT_TF32} (cuDNN convolutions in TF32, matmuls in fp32)",
-        f"- started {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        "",
-    ]
+    return ["# GPU check", "",
+            f"- device: {check.device} ({model.get('name', model['type'])}{extra}); native bf16: "
+            f"{'yes' if native_bf16(check.device) else 'no'}",
+            f"- torch {torch.__version__}{cuda}, python {platform.python_version()}, CPU "
+            f"{device_model(torch.device('cpu'))['name']}",
+            f"- the CLIs' TF32 default: --tf32 {DEFAULT_TF32} (cuDNN convolutions in TF32, matmuls in fp32)",
+            f"- started {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
 
 
 def cuda_tests(check: Check) -> tuple[str, list[str]]:
@@ -112,12 +107,8 @@ def cuda_tests(check: Check) -> tuple[str, list[str]]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout.strip().splitlines()
-    lines = [
-        "    " + " ".join(cmd[2:]),
-        "",
-        *[f"- {line}" for line in out if line.startswith(("FAILED", "ERROR"))],
-        f"- {out[-1] if out else proc.stderr.strip()[-300:]}",
-    ]
+    lines = ["    " + " ".join(cmd[2:]), "", *[f"- {line}" for line in out if line.startswith(("FAILED", "ERROR"))],
+             f"- {out[-1] if out else proc.stderr.strip()[-300:]}"]
     return ("PASS" if proc.returncode == 0 else "FAIL"), lines
 
 
@@ -129,50 +120,14 @@ def train_resume(check: Check) -> tuple[str, list[str]]:
     """fp16 fine-tuning on digits: steps 1..S in one run, and 1..S/2 then ``--resume`` to S; both must agree."""
     steps = 4 if check.cpu else 8
     out = check.outdir / "train"
-    base = [
-        "--dataset",
-        "digits",
-        "--device",
-        str(check.device),
-        "--precision",
-        "fp16",
-        "--batch",
-        "16",
-        "--num_noises",
-        "2",
-        "--workers",
-        "0",
-        "--no_test",
-        "--no_tensorboard",
-        "--no_progress",
-        "--log_every",
-        "1",
-        "--epochs",
-        "1",
-        "--seed",
-        "0",
-    ]
-    runs = [
-        base + ["--max_steps", str(steps), "--outdir", str(out / "whole")],
-        base + ["--max_steps", str(steps // 2), "--outdir", str(out / "halves")],
-        [
-            "--dataset",
-            "digits",
-            "--resume",
-            str(out / "halves" / f"checkpoint-step{steps // 2}.pth.tar"),
-            "--device",
-            str(check.device),
-            "--workers",
-            "0",
-            "--no_progress",
-            "--no_test",
-            "--no_tensorboard",
-            "--log_every",
-            "1",
-            "--max_steps",
-            str(steps),
-        ],
-    ]  # (the flags a resume does not take from the run)
+    base = ["--dataset", "digits", "--device", str(check.device), "--precision", "fp16", "--batch", "16",
+            "--num_noises", "2", "--workers", "0", "--no_test", "--no_tensorboard", "--no_progress", "--log_every",
+            "1", "--epochs", "1", "--seed", "0"]
+    runs = [base + ["--max_steps", str(steps), "--outdir", str(out / "whole")],
+            base + ["--max_steps", str(steps // 2), "--outdir", str(out / "halves")],
+            ["--dataset", "digits", "--resume", str(out / "halves" / f"checkpoint-step{steps // 2}.pth.tar"),
+             "--device", str(check.device), "--workers", "0", "--no_progress", "--no_test", "--no_tensorboard",
+             "--log_every", "1", "--max_steps", str(steps)]]  # (the flags a resume does not take from the run)
     for argv in runs:
         _train(argv)
     logs = [(out / name / "log_steps.txt").read_text() for name in ("whole", "halves")]
@@ -180,13 +135,10 @@ def train_resume(check: Check) -> tuple[str, list[str]]:
     weights = all(torch.equal(a, ckpts[1]["state_dict"][k]) for k, a in ckpts[0]["state_dict"].items())
     scaler = ckpts[0]["scaler"] == ckpts[1]["scaler"]
     same_log = logs[0] == logs[1] and len(logs[0].splitlines()) == steps + 1
-    lines = [
-        *(_command("train.py", argv) for argv in runs),
-        "",
-        f"- step log of {steps} steps, resumed at step {steps // 2}: {'identical' if same_log else 'DIFFERENT'}",
-        f"- weights after step {steps}: {'identical' if weights else 'DIFFERENT'}; loss scaler state: "
-        f"{'identical' if scaler else 'DIFFERENT'} (scale {(ckpts[0]['scaler'] or {}).get('scale')})",
-    ]
+    lines = [*(_command("train.py", argv) for argv in runs), "",
+             f"- step log of {steps} steps, resumed at step {steps // 2}: {'identical' if same_log else 'DIFFERENT'}",
+             f"- weights after step {steps}: {'identical' if weights else 'DIFFERENT'}; loss scaler state: "
+             f"{'identical' if scaler else 'DIFFERENT'} (scale {(ckpts[0]['scaler'] or {}).get('scale')})"]
     return ("PASS" if same_log and weights and scaler else "FAIL"), lines
 
 
@@ -194,30 +146,12 @@ def certify_parity(check: Check) -> tuple[str, list[str]]:
     """digits: batch sizes B1, B2 (must agree exactly); fp32 --tf32 off against --tf32 conv and --precision auto."""
     n0, n, images, b1, b2 = ("50", "100", "3", "100", "37") if check.cpu else ("100", "10000", "50", "2000", "777")
     out = check.outdir / "certify"
-    base = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.25",
-        "--N0",
-        n0,
-        "--N",
-        n,
-        "--max_images",
-        images,
-        "--device",
-        str(check.device),
-        "--no_progress",
-        "--seed",
-        "0",
-        "--overwrite",
-    ]
-    runs = {
-        "fp32, batch " + b1: ["--precision", "fp32", "--batch_size", b1],
-        "fp32, batch " + b2: ["--precision", "fp32", "--batch_size", b2],
-        "fp32 --tf32 off": ["--precision", "fp32", "--tf32", "off", "--batch_size", b1],
-        "--precision auto": ["--precision", "auto", "--batch_size", b1],
-    }
+    base = ["--dataset", "digits", "--sigma", "0.25", "--N0", n0, "--N", n, "--max_images", images, "--device",
+            str(check.device), "--no_progress", "--seed", "0", "--overwrite"]
+    runs = {"fp32, batch " + b1: ["--precision", "fp32", "--batch_size", b1],
+            "fp32, batch " + b2: ["--precision", "fp32", "--batch_size", b2],
+            "fp32 --tf32 off": ["--precision", "fp32", "--tf32", "off", "--batch_size", b1],
+            "--precision auto": ["--precision", "auto", "--batch_size", b1]}
     rows, lines = {}, []
     for i, (label, extra) in enumerate(runs.items()):
         argv = base + extra + ["--outfile", str(out / f"run{i}.tsv")]
@@ -230,112 +164,25 @@ def certify_parity(check: Check) -> tuple[str, list[str]]:
         pairs = list(zip(rows[exact], rows[label]))
         agree = sum(a[1] == b[1] for a, b in pairs)
         worst = max(abs(a[2] - b[2]) for a, b in pairs)
-        lines.append(
-            f"- {label} against {exact}: {agree} of {len(pairs)} predictions agree, largest radius change {worst:.4g}"
-        )
+        lines.append(f"- {label} against {exact}: {agree} of {len(pairs)} predictions agree, largest radius change "
+                     f"{worst:.4g}")
     return ("PASS" if same else "FAIL"), lines
 
 
 def _bench_runs(check: Check) -> list[tuple[str, list[str]]]:
     """(label, bench.py flags) of the bench runs: GPU: fp32/bf16/fp16 with --tf32 off, TF32, compiled; CPU: one."""
     if check.cpu:
-        return [
-            (
-                "fp32",
-                [
-                    "--configs",
-                    "cifar10",
-                    "--precisions",
-                    "fp32",
-                    "--batch_size",
-                    "1",
-                    "--iters",
-                    "1",
-                    "--N",
-                    "1000",
-                    "--agreement_samples",
-                    "0",
-                    "--no_finetune",
-                ],
-            )
-        ]
+        return [("fp32", ["--configs", "cifar10", "--precisions", "fp32", "--batch_size", "1", "--iters", "1",
+                          "--N", "1000", "--agreement_samples", "0", "--no_finetune"])]
     common = ["--rounds", "1", "--batch_size", "auto"]  # auto: doubling from 32 up to --N
-    return [
-        (
-            "--tf32 off",
-            [
-                "--configs",
-                "cifar10",
-                "--precisions",
-                "fp32",
-                "bf16",
-                "fp16",
-                "--tf32",
-                "off",
-                "--N",
-                "2048",
-                "--iters",
-                "2",
-                *common,
-            ],
-        ),
-        (
-            "--tf32 off",
-            [
-                "--configs",
-                "imagenet",
-                "--precisions",
-                "fp32",
-                "bf16",
-                "fp16",
-                "--tf32",
-                "off",
-                "--N",
-                "128",
-                "--iters",
-                "1",
-                "--no_finetune",
-                *common,
-            ],
-        ),
-        (
-            "--tf32 on",
-            [
-                "--configs",
-                "cifar10",
-                "imagenet",
-                "--precisions",
-                "fp32",
-                "--tf32",
-                "on",
-                "--N",
-                "128",
-                "--iters",
-                "1",
-                "--no_finetune",
-                *common,
-            ],
-        ),
-        (
-            "compiled",
-            [
-                "--configs",
-                "cifar10",
-                "--precisions",
-                "auto",
-                "--compile",
-                "--rounds",
-                "1",
-                "--batch_size",
-                "256",
-                "--iters",
-                "2",
-                "--no_finetune",
-                "--agreement_samples",
-                "0",
-            ],
-        ),
-    ]
+    return [("--tf32 off", ["--configs", "cifar10", "--precisions", "fp32", "bf16", "fp16", "--tf32", "off",
+                            "--N", "2048", "--iters", "2", *common]),
+            ("--tf32 off", ["--configs", "imagenet", "--precisions", "fp32", "bf16", "fp16", "--tf32", "off",
+                            "--N", "128", "--iters", "1", "--no_finetune", *common]),
+            ("--tf32 on", ["--configs", "cifar10", "imagenet", "--precisions", "fp32", "--tf32", "on", "--N", "128",
+                           "--iters", "1", "--no_finetune", *common]),
+            ("compiled", ["--configs", "cifar10", "--precisions", "auto", "--compile", "--rounds", "1", "--batch_size",
+                          "256", "--iters", "2", "--no_finetune", "--agreement_samples", "0"])]
 
 
 def bench(check: Check) -> tuple[str, list[str]]:
@@ -346,9 +193,8 @@ def bench(check: Check) -> tuple[str, list[str]]:
         argv = [*flags, "--device", str(check.device), "--weights", "random", "--json", str(result)]
         lines.append(_command("bench.py", argv))
         result.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "bench.py"), *argv], cwd=REPO, capture_output=True, text=True, timeout=600
-        )
+        proc = subprocess.run([sys.executable, str(REPO / "bench.py"), *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
         if proc.returncode != 0:
             ok = False
             table.append(f"| {' '.join(flags[:2])} | {label} | FAILED: {proc.stderr.strip()[-200:]} | | | | | |")
@@ -357,19 +203,14 @@ def bench(check: Check) -> tuple[str, list[str]]:
             for r in config["certify"]:
                 agree = r.get("agreement_vs_fp32", {}).get("agreement")
                 compiled = " compiled" if r["compiled"] else ""
-                table.append(
-                    f"| {config['config']} | {r['path']} {r['precision']}{compiled} ({label}) | "
-                    f"{r['batch_size']} | {r['samples_per_s']:.1f} | "
-                    f"{r['speedup_vs_reference']:.2f} | {'' if agree is None else f'{100 * agree:.1f} %'} | "
-                    f"{r['peak_memory_mb']:.0f} | {r['sec_per_image']:.1f} at N={config['N']} |"
-                )
+                table.append(f"| {config['config']} | {r['path']} {r['precision']}{compiled} ({label}) | "
+                             f"{r['batch_size']} | {r['samples_per_s']:.1f} | "
+                             f"{r['speedup_vs_reference']:.2f} | {'' if agree is None else f'{100 * agree:.1f} %'} | "
+                             f"{r['peak_memory_mb']:.0f} | {r['sec_per_image']:.1f} at N={config['N']} |")
     if check.cpu:
         table.append(f"| imagenet, TF32, bf16, fp16, compiled | {NA_CPU} | | | | | | |")
-    head = [
-        "",
-        "| config | path | batch | samples/s | x reference | same class as fp32 | peak MiB | s/image |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["", "| config | path | batch | samples/s | x reference | same class as fp32 | peak MiB | s/image |",
+            "|---|---|---|---|---|---|---|---|"]
     return ("PASS" if ok else "FAIL"), lines + head + table
 
 
@@ -386,10 +227,8 @@ def memory_per_sample(check: Check) -> tuple[str, list[str]]:
     denoiser = build_denoiser(IMAGENET.denoiser).to(check.device).eval()
     classifier = get_architecture(IMAGENET.arch, num_classes=IMAGENET.num_classes, device=check.device).eval()
     total = torch.cuda.get_device_properties(check.device).total_memory / 2**20
-    lines = [
-        "| precision | peak MiB at batch 8 | at 16 | MiB per sample | batch that fills the GPU |",
-        "|---|---|---|---|---|",
-    ]
+    lines = ["| precision | peak MiB at batch 8 | at 16 | MiB per sample | batch that fills the GPU |",
+             "|---|---|---|---|---|"]
     for precision in dict.fromkeys(("fp32", "bf16" if native_bf16(check.device) else "fp16", "fp16")):
         model = fast_model(denoiser, classifier, 0.25, precision, False, False, None)
         peaks = []
@@ -430,65 +269,28 @@ def host_syncs(check: Check) -> tuple[str, list[str]]:
     from core import image_generator
     from datasets import get_dataset
 
-    argv = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.25",
-        "--device",
-        str(check.device),
-        "--precision",
-        "auto",
-        "--outfile",
-        str(check.outdir / "unused.tsv"),
-    ]
-    smoothed = build_smoothed(
-        resolve_options(RunOptions.from_namespace(certify_parser().parse_args(argv))), check.device
-    )
+    argv = ["--dataset", "digits", "--sigma", "0.25", "--device", str(check.device), "--precision", "auto",
+            "--outfile", str(check.outdir / "unused.tsv")]
+    smoothed = build_smoothed(resolve_options(RunOptions.from_namespace(certify_parser().parse_args(argv))),
+                              check.device)
     x = get_dataset("digits", "test")[0][0].to(check.device)
-    counts = {
-        n: _syncs(lambda n=n: smoothed.certify(x, 100, n, 0.001, 500, generator=image_generator(0, 0)))
-        for n in (1000, 3000)
-    }
-    base = [
-        "--dataset",
-        "digits",
-        "--device",
-        str(check.device),
-        "--batch",
-        "16",
-        "--num_noises",
-        "2",
-        "--workers",
-        "0",
-        "--no_test",
-        "--no_tensorboard",
-        "--no_progress",
-        "--log_every",
-        "1000",
-        "--epochs",
-        "1",
-    ]
-    steps = {
-        s: _syncs(lambda s=s: _train(base + ["--max_steps", str(s), "--outdir", str(check.outdir / f"sync{s}")]))
-        for s in (2, 4)
-    }
+    counts = {n: _syncs(lambda n=n: smoothed.certify(x, 100, n, 0.001, 500, generator=image_generator(0, 0)))
+              for n in (1000, 3000)}
+    base = ["--dataset", "digits", "--device", str(check.device), "--batch", "16", "--num_noises", "2",
+            "--workers", "0", "--no_test", "--no_tensorboard", "--no_progress", "--log_every", "1000", "--epochs", "1"]
+    steps = {s: _syncs(lambda s=s: _train(base + ["--max_steps", str(s), "--outdir", str(check.outdir / f"sync{s}")]))
+             for s in (2, 4)}
     return "measured", [
         f"- certify one image, N0=100, batch 500: N=1000 {counts[1000]} syncs, N=3000 {counts[3000]}: "
         f"{(counts[3000] - counts[1000]) / 4:g} per estimation batch",
         f"- train (digits, --log_every 1000): 2 steps {steps[2]} syncs, 4 steps {steps[4]}: "
-        f"{(steps[4] - steps[2]) / 2:g} per optimizer step",
-    ]
+        f"{(steps[4] - steps[2]) / 2:g} per optimizer step"]
 
 
-SECTIONS = (
-    ("cuda tests (`pytest -m cuda`)", cuda_tests),
-    ("fp16 training and resume (digits)", train_resume),
-    ("certify parity (digits)", certify_parity),
-    ("bench: cifar10 and imagenet", bench),
-    ("ImageNet memory per sample", memory_per_sample),
-    ("host syncs (`torch.cuda.set_sync_debug_mode('warn')`)", host_syncs),
-)
+SECTIONS = (("cuda tests (`pytest -m cuda`)", cuda_tests), ("fp16 training and resume (digits)", train_resume),
+            ("certify parity (digits)", certify_parity), ("bench: cifar10 and imagenet", bench),
+            ("ImageNet memory per sample", memory_per_sample),
+            ("host syncs (`torch.cuda.set_sync_debug_mode('warn')`)", host_syncs))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -498,10 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--outdir", default=str(REPO / "runs" / "gpu_check"), help="where gpu_check.md goes")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    check = Check(
-        device=torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device,
-        outdir=Path(args.outdir),
-    )
+    check = Check(device=torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda")
+                  else device, outdir=Path(args.outdir))
     check.outdir.mkdir(parents=True, exist_ok=True)
     check.lines = header(check)
     start = time.perf_counter()

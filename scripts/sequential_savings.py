@@ -13,7 +13,6 @@ figure is an upper bound).
     python scripts/sequential_savings.py                       # the six logs, 5 trials each (about a minute)
     python scripts/sequential_savings.py --dataset cifar10 --max_rows 100 --trials 1
 """
-
 from __future__ import annotations
 
 import argparse
@@ -43,9 +42,8 @@ def log_path(logs: Path, dataset: str, sigma: float) -> Path:
     return logs / CONFIGS[dataset][0] / f"noise_{sigma:.2f}" / "test" / f"sigma_{sigma:.2f}"
 
 
-def pA_from_log(
-    path: Path, sigma: float, abstain_pA: float, max_rows: Optional[int] = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pA_from_log(path: Path, sigma: float, abstain_pA: float, max_rows: Optional[int] = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pA, correct, abstained) per row: pA = Phi(radius / sigma) where Cohen certified, ``abstain_pA`` where he
     abstained."""
     df = read_log(path)
@@ -56,26 +54,15 @@ def pA_from_log(
     return pA, df["correct"].to_numpy(dtype=bool), abstained
 
 
-def certified_table(
-    prediction: np.ndarray, radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]
-) -> np.ndarray:
+def certified_table(prediction: np.ndarray, radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]
+                    ) -> np.ndarray:
     """Certified accuracy at each radius: the share of images certified with their pA class, correct, radius >= r."""
     hit = (prediction == 0) & correct
     return np.array([np.mean(hit & (radius >= r)) for r in radii])
 
 
-def compare(
-    pA: np.ndarray,
-    correct: np.ndarray,
-    sigma: float,
-    n: int,
-    alpha: float,
-    radii: Sequence[float],
-    trials: int,
-    seed: int,
-    n0: int = 100,
-    label_is_top: Optional[np.ndarray] = None,
-) -> dict[str, Any]:
+def compare(pA: np.ndarray, correct: np.ndarray, sigma: float, n: int, alpha: float, radii: Sequence[float],
+            trials: int, seed: int, n0: int = 100, label_is_top: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Both modes, ``trials`` times each: mean tables (fractions) and mean estimation samples per image, also with
     the label-aware early exit (``label_is_top``: class 0 is the label; default ``correct``)."""
     rng = np.random.default_rng(seed)
@@ -89,21 +76,13 @@ def compare(
             if mode == "sequential":
                 used[mode].append(n_used.mean())
             skip = "both" if mode == "sequential" else "skip_wrong"
-            used[skip].append(
-                simulate_certify(pA, n0, n, alpha, sigma, rng, radii=mode_radii, label_is_top=label_is_top)[2].mean()
-            )
+            used[skip].append(simulate_certify(pA, n0, n, alpha, sigma, rng, radii=mode_radii,
+                                               label_is_top=label_is_top)[2].mean())
     fixed, sequential = np.mean(tables["fixed"], 0), np.mean(tables["sequential"], 0)
     samples = {mode: float(np.mean(values)) for mode, values in used.items()}
-    return {
-        "radii": list(radii),
-        "fixed": fixed,
-        "sequential": sequential,
-        "n": n,
-        "samples": samples["sequential"],
-        "saving": n / samples["sequential"],
-        "max_diff": float(np.max(np.abs(fixed - sequential))),
-        "samples_by_mode": {"fixed": float(n), **samples},
-    }
+    return {"radii": list(radii), "fixed": fixed, "sequential": sequential, "n": n, "samples": samples["sequential"],
+            "saving": n / samples["sequential"], "max_diff": float(np.max(np.abs(fixed - sequential))),
+            "samples_by_mode": {"fixed": float(n), **samples}}
 
 
 def format_result(name: str, result: dict[str, Any]) -> str:
@@ -111,14 +90,10 @@ def format_result(name: str, result: dict[str, Any]) -> str:
     lines = [f"{name}: N = n_max = {result['n']}, radii {radii}"]
     for mode in ("fixed", "sequential"):
         lines.append(f"  {mode:<10s} " + "  ".join(f"{100 * a:6.2f}" for a in result[mode]))
-    lines.append(
-        f"  largest difference {100 * result['max_diff']:.2f} points; samples/image "
-        f"{result['samples']:.0f} (fixed {result['n']}): {result['saving']:.1f}x fewer"
-    )
-    lines.append(
-        "  samples/image by mode: "
-        + ", ".join(f"{mode} {value:.0f}" for mode, value in result["samples_by_mode"].items())
-    )
+    lines.append(f"  largest difference {100 * result['max_diff']:.2f} points; samples/image "
+                 f"{result['samples']:.0f} (fixed {result['n']}): {result['saving']:.1f}x fewer")
+    lines.append("  samples/image by mode: " + ", ".join(f"{mode} {value:.0f}"
+                                                        for mode, value in result["samples_by_mode"].items()))
     return "\n".join(lines)
 
 
@@ -141,16 +116,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: must be >= 1")
     results = {}
-    for dataset in ("cifar10", "imagenet") if args.dataset == "both" else (args.dataset,):
+    for dataset in (("cifar10", "imagenet") if args.dataset == "both" else (args.dataset,)):
         n = CONFIGS[dataset][1]
         for sigma in SIGMAS:
             path = log_path(Path(args.logs), dataset, sigma)
             pA, correct, abstained = pA_from_log(path, sigma, args.abstain_pA, args.max_rows)
             radii = default_sequential_radii(dataset, sigma, n, args.alpha)
             name = f"{dataset} sigma={sigma:g} ({len(pA)} rows)"
-            results[name] = compare(
-                pA, correct, sigma, n, args.alpha, radii, args.trials, args.seed, label_is_top=correct | abstained
-            )
+            results[name] = compare(pA, correct, sigma, n, args.alpha, radii, args.trials, args.seed,
+                                    label_is_top=correct | abstained)
             print(format_result(name, results[name]), flush=True)
     return results
 

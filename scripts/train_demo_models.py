@@ -21,7 +21,6 @@ their training time and their quality on the test split (clean accuracy; one-sho
 Reproducible: fixed seeds; on CPU with the same ``--threads`` and the same torch build the weights come out the
 same run to run (different thread counts change floating-point reduction order, hence the last bits).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -67,7 +66,7 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4)
     offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
@@ -83,17 +82,17 @@ def timestep_range(denoiser: DiffusionDenoiser, sigma_min: float, sigma_max: flo
 
 
 def train_denoiser(
-    x_train: torch.Tensor,
-    steps: int = 800,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    warmup: int = 100,
-    ema_decay: float = 0.995,
-    focus_sigmas: tuple[float, float] = (0.2, 1.0),
-    focus_fraction: float = 0.5,
-    seed: int = 0,
-    device: torch.device = torch.device("cpu"),
-    log_every: int = 100,
+        x_train: torch.Tensor,
+        steps: int = 800,
+        batch_size: int = 128,
+        lr: float = 2e-3,
+        warmup: int = 100,
+        ema_decay: float = 0.995,
+        focus_sigmas: tuple[float, float] = (0.2, 1.0),
+        focus_fraction: float = 0.5,
+        seed: int = 0,
+        device: torch.device = torch.device("cpu"),
+        log_every: int = 100,
 ) -> tuple[DiffusionDenoiser, dict[str, Any]]:
     """DDPM ε-prediction training of ``build_denoiser("digits")`` on ``x_train`` (pixel scale [0, 1]).
 
@@ -117,12 +116,8 @@ def train_denoiser(
             group["lr"] = cosine_lr(step, steps, lr, warmup)
         idx = torch.randint(0, len(x0_all), (batch_size,), generator=generator)
         x0 = x0_all[idx]
-        t = torch.cat(
-            [
-                torch.randint(t_lo, t_hi + 1, (n_focus,), generator=generator),
-                torch.randint(1, T, (batch_size - n_focus,), generator=generator),
-            ]
-        )
+        t = torch.cat([torch.randint(t_lo, t_hi + 1, (n_focus,), generator=generator),
+                       torch.randint(1, T, (batch_size - n_focus,), generator=generator)])
         eps = torch.randn(x0.shape, generator=generator)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
@@ -143,38 +138,29 @@ def train_denoiser(
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             print(f"  denoiser step {step + 1}/{steps}  loss {recent:.4f}  ({time.time() - start:.0f} s)", flush=True)
     unet.load_state_dict(ema)
-    record = dict(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=warmup,
-        ema_decay=ema_decay,
-        focus_sigmas=list(focus_sigmas),
-        focus_timesteps=[t_lo, t_hi],
-        focus_fraction=focus_fraction,
-        seed=seed,
-        final_loss=sum(losses[-log_every:]) / len(losses[-log_every:]),
-        train_seconds=round(time.time() - start, 1),
-        cpu_seconds=round(time.process_time() - cpu_start, 1),
-    )
+    record = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+                  focus_sigmas=list(focus_sigmas), focus_timesteps=[t_lo, t_hi], focus_fraction=focus_fraction,
+                  seed=seed, final_loss=sum(losses[-log_every:]) / len(losses[-log_every:]),
+                  train_seconds=round(time.time() - start, 1),
+                  cpu_seconds=round(time.process_time() - cpu_start, 1))
     return denoiser.eval().requires_grad_(False), record
 
 
 def train_classifier(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    epochs: int = 60,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    warmup_epochs: int = 3,
-    max_shift: int = 2,
-    label_smoothing: float = 0.1,
-    seed: int = 0,
-    device: torch.device = torch.device("cpu"),
-    classifier: Optional[ImageClassifier] = None,
-    precision: str = "fp32",
-    log_every: int = 10,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        epochs: int = 60,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: int = 3,
+        max_shift: int = 2,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+        device: torch.device = torch.device("cpu"),
+        classifier: Optional[ImageClassifier] = None,
+        precision: str = "fp32",
+        log_every: int = 10,
 ) -> tuple[ImageClassifier, dict[str, Any]]:
     """Cross-entropy training of ``classifier`` (default: a random-init ``digits_vit_tiny``) on clean images;
     AdamW, warmup + cosine lr, autocast ``precision`` (fp32 for the shipped model)."""
@@ -193,7 +179,7 @@ def train_classifier(
         for i in range(0, len(order), batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, lr, warmup_epochs * steps_per_epoch)
-            idx = order[i : i + batch_size]
+            idx = order[i:i + batch_size]
             x = random_shift(x_train[idx], max_shift, generator).to(device)
             with autocast(device, precision):
                 loss = F.cross_entropy(classifier(x), y_train[idx].to(device), label_smoothing=label_smoothing)
@@ -204,23 +190,12 @@ def train_classifier(
             seen += len(idx)
             step += 1
         if (epoch + 1) % log_every == 0 or epoch + 1 == epochs:
-            print(
-                f"  classifier epoch {epoch + 1}/{epochs}  loss {running / seen:.4f}  ({time.time() - start:.0f} s)",
-                flush=True,
-            )
-    record = dict(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        max_shift=max_shift,
-        label_smoothing=label_smoothing,
-        seed=seed,
-        precision=precision,
-        train_seconds=round(time.time() - start, 1),
-        cpu_seconds=round(time.process_time() - cpu_start, 1),
-    )
+            print(f"  classifier epoch {epoch + 1}/{epochs}  loss {running / seen:.4f}  ({time.time() - start:.0f} s)",
+                  flush=True)
+    record = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                  max_shift=max_shift, label_smoothing=label_smoothing, seed=seed, precision=precision,
+                  train_seconds=round(time.time() - start, 1),
+                  cpu_seconds=round(time.process_time() - cpu_start, 1))
     return classifier.eval().requires_grad_(False), record
 
 
@@ -228,47 +203,32 @@ def train_classifier(
 def accuracy(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``classifier`` on images ``x`` ([0, 1] scale)."""
     device = next(classifier.parameters()).device
-    correct = sum(
-        int((classifier(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
-    )
+    correct = sum(int((classifier(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
     return correct / len(x)
 
 
 @torch.no_grad()
-def denoise_quality(
-    denoiser: DiffusionDenoiser, x: torch.Tensor, sigma: float, seed: int = 1, batch_size: int = 500
-) -> tuple[torch.Tensor, dict[str, float]]:
+def denoise_quality(denoiser: DiffusionDenoiser, x: torch.Tensor, sigma: float, seed: int = 1,
+                    batch_size: int = 500) -> tuple[torch.Tensor, dict[str, float]]:
     """One-shot denoise x + δ, δ ~ N(0, σ²I) at t* = t(σ): (denoised images, MSE / PSNR of noisy and denoised)."""
     generator = torch.Generator().manual_seed(seed)
     device = next(denoiser.parameters()).device
     noisy = x + sigma * torch.randn(x.shape, generator=generator)
     t_star = denoiser.timestep_for_sigma(sigma)
-    denoised = torch.cat(
-        [denoiser.denoise(noisy[i : i + batch_size].to(device), t_star).cpu() for i in range(0, len(x), batch_size)]
-    )
+    denoised = torch.cat([denoiser.denoise(noisy[i:i + batch_size].to(device), t_star).cpu()
+                          for i in range(0, len(x), batch_size)])
     mse_noisy = float((noisy - x).pow(2).mean())
     mse = float((denoised - x).pow(2).mean())
-    return denoised, dict(
-        sigma=sigma,
-        t_star=t_star,
-        mse_noisy=mse_noisy,
-        psnr_noisy=-10 * math.log10(mse_noisy),
-        mse_denoised=mse,
-        psnr_denoised=-10 * math.log10(mse),
-    )
+    return denoised, dict(sigma=sigma, t_star=t_star, mse_noisy=mse_noisy, psnr_noisy=-10 * math.log10(mse_noisy),
+                          mse_denoised=mse, psnr_denoised=-10 * math.log10(mse))
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument(
-        "--what",
-        choices=("both", "denoiser", "classifier"),
-        default="both",
-        help="which model to train (the other one is loaded from --outdir for the evaluation)",
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--what", choices=("both", "denoiser", "classifier"), default="both",
+                        help="which model to train (the other one is loaded from --outdir for the evaluation)")
     parser.add_argument("--outdir", default=str(REPO / "models"), help="where the weights and metrics go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the reproducibility)")
@@ -297,21 +257,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     metrics.update(threads=args.threads, device=str(device), torch=torch.__version__)
     x_train, y_train = load_split("train")
     x_test, y_test = load_split("test")
-    print(
-        f"digits: {len(x_train)} train / {len(x_test)} test images, {tuple(x_train.shape[1:])}; "
-        f"{args.threads} threads on {device}",
-        flush=True,
-    )
+    print(f"digits: {len(x_train)} train / {len(x_test)} test images, {tuple(x_train.shape[1:])}; "
+          f"{args.threads} threads on {device}", flush=True)
 
     if args.what in ("both", "classifier"):
         print(f"training the classifier digits_vit_tiny ({args.classifier_epochs} epochs)", flush=True)
-        classifier, record = train_classifier(
-            x_train, y_train, epochs=args.classifier_epochs, lr=args.classifier_lr, seed=args.seed, device=device
-        )
-        atomic_torch_save(
-            {k: v.detach().cpu().float().contiguous() for k, v in classifier.model.state_dict().items()},
-            outdir / CLASSIFIER_FILE,
-        )
+        classifier, record = train_classifier(x_train, y_train, epochs=args.classifier_epochs, lr=args.classifier_lr,
+                                              seed=args.seed, device=device)
+        atomic_torch_save({k: v.detach().cpu().float().contiguous() for k, v in classifier.model.state_dict().items()},
+                          outdir / CLASSIFIER_FILE)
         metrics["classifier"] = record
     classifier = None
     if (outdir / CLASSIFIER_FILE).is_file():
@@ -320,26 +274,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         metrics["classifier"]["parameters"] = sum(p.numel() for p in classifier.parameters())
         metrics["classifier"]["train_accuracy"] = accuracy(classifier, x_train, y_train)
         metrics["classifier"]["test_accuracy"] = accuracy(classifier, x_test, y_test)
-        print(
-            f"classifier: clean accuracy train {metrics['classifier']['train_accuracy']:.4f}, "
-            f"test {metrics['classifier']['test_accuracy']:.4f}",
-            flush=True,
-        )
+        print(f"classifier: clean accuracy train {metrics['classifier']['train_accuracy']:.4f}, "
+              f"test {metrics['classifier']['test_accuracy']:.4f}", flush=True)
 
     if args.what in ("both", "denoiser"):
         print(f"training the denoiser 'digits' ({args.denoiser_steps} steps of {args.denoiser_batch})", flush=True)
-        denoiser, record = train_denoiser(
-            x_train,
-            steps=args.denoiser_steps,
-            batch_size=args.denoiser_batch,
-            lr=args.denoiser_lr,
-            seed=args.seed,
-            device=device,
-        )
-        atomic_torch_save(
-            {k: v.detach().cpu().float().contiguous() for k, v in denoiser.unet.state_dict().items()},
-            outdir / DENOISER_FILE,
-        )
+        denoiser, record = train_denoiser(x_train, steps=args.denoiser_steps, batch_size=args.denoiser_batch,
+                                          lr=args.denoiser_lr, seed=args.seed, device=device)
+        atomic_torch_save({k: v.detach().cpu().float().contiguous() for k, v in denoiser.unet.state_dict().items()},
+                          outdir / DENOISER_FILE)
         metrics["denoiser"] = record
     if not (outdir / DENOISER_FILE).is_file():
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -352,17 +295,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for sigma in EVAL_SIGMAS:
         denoised, q = denoise_quality(denoiser, x_test, sigma)
         noisy = x_test + sigma * torch.randn(x_test.shape, generator=torch.Generator().manual_seed(1))
-        line = (
-            f"sigma {sigma}: t*={q['t_star']}  PSNR noisy {q['psnr_noisy']:.2f} dB -> denoised "
-            f"{q['psnr_denoised']:.2f} dB (MSE {q['mse_denoised']:.4f})"
-        )
+        line = (f"sigma {sigma}: t*={q['t_star']}  PSNR noisy {q['psnr_noisy']:.2f} dB -> denoised "
+                f"{q['psnr_denoised']:.2f} dB (MSE {q['mse_denoised']:.4f})")
         if classifier is not None:
             q["classifier_accuracy_denoised"] = accuracy(classifier, denoised, y_test)
             q["classifier_accuracy_noisy"] = accuracy(classifier, noisy, y_test)
-            line += (
-                f"; classifier accuracy on noisy {q['classifier_accuracy_noisy']:.3f}, "
-                f"on denoised {q['classifier_accuracy_denoised']:.3f}"
-            )
+            line += (f"; classifier accuracy on noisy {q['classifier_accuracy_noisy']:.3f}, "
+                     f"on denoised {q['classifier_accuracy_denoised']:.3f}")
         quality.append(q)
         print(line, flush=True)
     metrics["denoiser"]["test_quality"] = quality

@@ -1,6 +1,5 @@
 """Shared pytest fixtures: the reference data in ``tests/fixtures`` (shipped with the repository), CLI-error and
 run-lock helpers."""
-
 from __future__ import annotations
 
 import contextlib
@@ -76,10 +75,8 @@ def files_of():
 @contextlib.contextmanager
 def _lock_held_elsewhere(lock: Path, what: str = "--outfile x") -> Iterator[subprocess.Popen]:
     """Another process holds ``runkit.locks.run_lock(lock)`` inside the block (it is killed at the end)."""
-    code = (
-        f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from runkit.locks import run_lock\n"
-        f"with run_lock({str(lock)!r}, {what!r}):\n    print('locked', flush=True); time.sleep(120)\n"
-    )
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from runkit.locks import run_lock\n"
+            f"with run_lock({str(lock)!r}, {what!r}):\n    print('locked', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"

@@ -16,7 +16,6 @@ In a process of its own (``python tests/faults.py SCRIPT ARGS...``, also as the 
 faults, described by the environment variable ``FT_CADIS_FAULTS`` (JSON: ``{"write": {"match": GLOB, "k": K,
 "errno": E, "ranks": [R, ...]}, "sigint_on_import": [MODULE, ...]}``), then SCRIPT runs as ``__main__``.
 """
-
 from __future__ import annotations
 
 import builtins
@@ -49,10 +48,8 @@ def small_tmpfs(folder: Path, size_kib: int = 256) -> Iterator[Optional[Path]]:
     folder.mkdir(parents=True, exist_ok=True)
     cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", str(folder)]
     try:  # (FT_CADIS_NO_TMPFS=1: as where mounting is refused, to run the callers' fallback)
-        mounted = (
-            not os.environ.get("FT_CADIS_NO_TMPFS")
-            and subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
-        )
+        mounted = not os.environ.get("FT_CADIS_NO_TMPFS") and subprocess.run(cmd, capture_output=True,
+                                                                              timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         mounted = False
     try:
@@ -176,13 +173,8 @@ def write_faults(match: str, k: int = 1, code: int = errno_codes.ENOSPC) -> Iter
             faults.tick(fd_paths[fd])
         return real_write(fd, data)
 
-    patches = [
-        (builtins, "open", open_),
-        (io, "open", open_),
-        (os, "fdopen", fdopen),
-        (os, "open", os_open),
-        (os, "write", os_write),
-    ]
+    patches = [(builtins, "open", open_), (io, "open", open_), (os, "fdopen", fdopen), (os, "open", os_open),
+               (os, "write", os_write)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:
         setattr(owner, name, value)

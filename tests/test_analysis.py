@@ -1,6 +1,5 @@
 """analysis.py: Cohen et al.'s analysis API (run by a script in Cohen's style on their published logs) and the
 paper-style tables."""
-
 from __future__ import annotations
 
 import csv
@@ -50,7 +49,8 @@ def cohen_run(cohen_logs, tmp_path_factory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("cohen")
     (work / "data").symlink_to(cohen_logs)
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     return work / "analysis", proc.stdout
 
@@ -137,28 +137,13 @@ def test_paper_markdown_one_method_over_sigma(cohen_logs, tmp_path):
     al.'s Table 1 (CIFAR-10, r = 0.25..1.5: 60 / 43 / 32 / 23 / 17 / 14 %) with the clean accuracy of that sigma."""
     paths = [cohen_logs / CIFAR.format(s) for s in SIGMAS]
     out = tmp_path / "t.md"
-    analyze.main(
-        [
-            *map(str, paths),
-            "--style",
-            "paper",
-            "--format",
-            "markdown",
-            "--radii",
-            "0",
-            "1.5",
-            "0.25",
-            "--labels",
-            *["Cohen"] * 4,
-            "--envelope",
-            "--out",
-            str(out),
-        ]
-    )
+    analyze.main([*map(str, paths), "--style", "paper", "--format", "markdown", "--radii", "0", "1.5", "0.25",
+                  "--labels", *["Cohen"] * 4, "--envelope", "--out", str(out)])
     md = out.read_text()
     assert md.splitlines()[2] == "| σ | method | ACR | 0.00 | 0.25 | 0.50 | 0.75 | 1.00 | 1.25 | 1.50 |"
     rows = _md_rows(md)
-    assert [r[:2] for r in rows] == [[s, "Cohen"] for s in SIGMAS] + [["best of σ ∈ {0.12, 0.25, 0.50, 1.00}", "Cohen"]]
+    assert [r[:2] for r in rows] == [[s, "Cohen"] for s in SIGMAS] + [["best of σ ∈ {0.12, 0.25, 0.50, 1.00}",
+                                                                        "Cohen"]]
     expected = [[f"{_raw_acr(p):.3f}"] + [f"{_raw_percent(p, r):.1f}" for r in RADII] for p in paths]
     assert [[c.strip("*") for c in r[2:]] for r in rows[:4]] == expected
     shown = np.array([[float(c.strip("*")) for c in r[2:]] for r in rows[:4]])
@@ -167,43 +152,16 @@ def test_paper_markdown_one_method_over_sigma(cohen_logs, tmp_path):
     env = [c.split(" (") for c in rows[4][3:]]
     assert rows[4][2] == "-" and [float(v) for v, _ in env] == [81.4, 60.0, 42.8, 32.0, 23.4, 17.4, 14.0]
     clean = [round(_raw_percent(p, 0.0), 1) for p in paths]
-    assert [float(c.rstrip(")")) for _, c in env] == [
-        clean[0],
-        clean[1],
-        clean[1],
-        clean[2],
-        clean[2],
-        clean[3],
-        clean[3],
-    ]
+    assert [float(c.rstrip(")")) for _, c in env] == [clean[0], clean[1], clean[1], clean[2], clean[2], clean[3],
+                                                      clean[3]]
 
 
 def test_paper_latex_methods_grouped_by_sigma(cohen_logs, tmp_path):
     """Two methods at sigma 0.50 (Cohen's matched model and the one trained at 1.00): bold within the group."""
-    paths = [
-        cohen_logs / CIFAR.format("0.25"),
-        cohen_logs / CIFAR.format("0.50"),
-        cohen_logs / "certify/cifar10/resnet110/noise_1.00/test/sigma_0.50",
-    ]
-    tex = analyze.main(
-        [
-            *map(str, paths),
-            "--style",
-            "paper",
-            "--format",
-            "latex",
-            "--radii",
-            "0",
-            "1.0",
-            "0.5",
-            "--labels",
-            "matched",
-            "matched",
-            "train 1.00",
-            "--out",
-            str(tmp_path / "t.tex"),
-        ]
-    )
+    paths = [cohen_logs / CIFAR.format("0.25"), cohen_logs / CIFAR.format("0.50"),
+             cohen_logs / "certify/cifar10/resnet110/noise_1.00/test/sigma_0.50"]
+    tex = analyze.main([*map(str, paths), "--style", "paper", "--format", "latex", "--radii", "0", "1.0", "0.5",
+                        "--labels", "matched", "matched", "train 1.00", "--out", str(tmp_path / "t.tex")])
     text = (tmp_path / "t.tex").read_text()
     assert r"\begin{tabular}{llcccc}" in text and text.count(r"\midrule") == 2 and r"\bottomrule" in text
     body = [line.rstrip(" \\").split(" & ") for line in text.splitlines() if line.count(" & ") == 5][1:]
@@ -225,16 +183,13 @@ def test_paper_sigma_sources_and_errors(cohen_logs, tmp_path):
     other.write_text(log.read_text())
     with pytest.raises(UserError, match=r"no sigma known for .*other.tsv.*pass --sigmas"):
         analyze.main([str(log), str(other), "--style", "paper"])
-    table = analyze.main(
-        [str(log), str(other), "--style", "paper", "--sigmas", "0.5", "0.25", "--radii", "0", "0", "1"]
-    )
+    table = analyze.main([str(log), str(other), "--style", "paper", "--sigmas", "0.5", "0.25",
+                          "--radii", "0", "0", "1"])
     assert list(table.index) == [("0.25", "other.tsv"), ("0.50", "ours.tsv")]
-    cases = [
-        ([str(log), str(log), "--labels", "a", "a"], "two logs for method 'a' at sigma 0.5"),
-        ([str(log), "--sigmas", "0.5", "1"], "--sigmas: got 2 values for 1 logs"),
-        ([str(log), "--format", "csv"], "--format latex or markdown"),
-        ([str(cohen_logs / "predict/imagenet/resnet50/noise_0.25/test/N_100"), "--sigmas", "0.25"], "PREDICT"),
-    ]
+    cases = [([str(log), str(log), "--labels", "a", "a"], "two logs for method 'a' at sigma 0.5"),
+             ([str(log), "--sigmas", "0.5", "1"], "--sigmas: got 2 values for 1 logs"),
+             ([str(log), "--format", "csv"], "--format latex or markdown"),
+             ([str(cohen_logs / "predict/imagenet/resnet50/noise_0.25/test/N_100"), "--sigmas", "0.25"], "PREDICT")]
     for argv, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
             analyze.main([*argv, "--style", "paper"])
@@ -251,42 +206,14 @@ def test_train_curves_of_a_tiny_digits_run(tmp_path):
     import train
 
     run = tmp_path / "run"
-    train.main(
-        [
-            "--dataset",
-            "digits",
-            "--denoiser_ckpt",
-            str(REPO / "models/digits_denoiser.pt"),
-            "--classifier_ckpt",
-            str(REPO / "models/digits_vit_tiny.pt"),
-            "--device",
-            "cpu",
-            "--batch",
-            "8",
-            "--num_noises",
-            "2",
-            "--workers",
-            "0",
-            "--log_every",
-            "1",
-            "--test_per_class",
-            "1",
-            "--train_noise_sd",
-            "0.25",
-            "--epochs",
-            "1",
-            "--max_steps",
-            "4",
-            "--no_progress",
-            "--outdir",
-            str(run),
-        ]
-    )
+    train.main(["--dataset", "digits", "--denoiser_ckpt", str(REPO / "models/digits_denoiser.pt"),
+                "--classifier_ckpt", str(REPO / "models/digits_vit_tiny.pt"), "--device", "cpu", "--batch", "8",
+                "--num_noises", "2", "--workers", "0", "--log_every", "1", "--test_per_class", "1",
+                "--train_noise_sd", "0.25", "--epochs", "1", "--max_steps", "4", "--no_progress", "--outdir", str(run)])
     panels = analyze.main(["--train", str(run)])
     assert list(panels)[:4] == ["loss and its parts", "accuracy", "masked-in share", "learning rate"]
     assert {"log_steps.txt:loss", "log_steps.txt:sce", "log_steps.txt:madv", "log.txt:train_loss"} <= set(
-        panels["loss and its parts"]
-    )
+        panels["loss and its parts"])
     assert {"log_steps.txt:acc", "log.txt:train_acc", "log.txt:test_acc"} <= set(panels["accuracy"])
     assert "log_steps.txt:masked_in" in panels["masked-in share"]
     assert not any(c.endswith((":step", ":epoch", ":time")) for cols in panels.values() for c in cols)
@@ -298,27 +225,19 @@ def test_train_curves_of_a_tiny_digits_run(tmp_path):
 
 def test_train_curves_written_logs_and_errors(tmp_path):
     """New columns get their own panel; a half-written last line is dropped; bad input is one clear error."""
-    (tmp_path / "log_steps.txt").write_text(
-        "step\tepoch\tlr\tloss\tgrad_norm\timages_per_s\n"
-        "10\t1\t0.001\t2.3\t1.5\t120\n20\t1\t0.002\t2.1\t1.2\t125\n30\t1\t0.0"
-    )
+    (tmp_path / "log_steps.txt").write_text("step\tepoch\tlr\tloss\tgrad_norm\timages_per_s\n"
+                                            "10\t1\t0.001\t2.3\t1.5\t120\n20\t1\t0.002\t2.1\t1.2\t125\n30\t1\t0.0")
     out = tmp_path / "curves.pdf"
     panels = analyze.main(["--train", str(tmp_path), "--plot", str(out)])
-    assert panels == {
-        "loss and its parts": ["log_steps.txt:loss"],
-        "learning rate": ["log_steps.txt:lr"],
-        "grad_norm": ["log_steps.txt:grad_norm"],
-        "images_per_s": ["log_steps.txt:images_per_s"],
-    }
+    assert panels == {"loss and its parts": ["log_steps.txt:loss"], "learning rate": ["log_steps.txt:lr"],
+                      "grad_norm": ["log_steps.txt:grad_norm"], "images_per_s": ["log_steps.txt:images_per_s"]}
     assert out.read_bytes()[:5] == b"%PDF-" and not (tmp_path / "training_curves.png").exists()
     assert len(analysis.read_training_log(tmp_path / "log_steps.txt")) == 2
     (tmp_path / "log.txt").write_text("epoch\tstep\tloss\n1\t20\tx\n")
-    cases = [
-        (["--train", str(tmp_path)], "log.txt: line 2 is malformed"),
-        (["--train", str(tmp_path / "empty")], "no log_steps.txt or log.txt"),
-        (["--train", str(tmp_path), "x.tsv"], "give no logs with it"),
-        ([], "give the logs to analyze"),
-    ]
+    cases = [(["--train", str(tmp_path)], "log.txt: line 2 is malformed"),
+             (["--train", str(tmp_path / "empty")], "no log_steps.txt or log.txt"),
+             (["--train", str(tmp_path), "x.tsv"], "give no logs with it"),
+             ([], "give the logs to analyze")]
     (tmp_path / "empty").mkdir()
     for argv, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
@@ -329,9 +248,8 @@ def test_samples_per_image_of_logs_with_column_n(tmp_path):
     """A log with the column n (certify.py --sequential / --skip_wrong) gets samples/img, its mean; others '-'."""
     from runkit.logs import HEADER
 
-    (tmp_path / "seq.tsv").write_text(
-        HEADER + "\tn\n0\t1\t1\t0.5\t1\t0.1\t400\n1\t2\t3\t0.0\t0\t0.1\t0\n2\t2\t2\t0.25\t1\t0.1\t1100\n"
-    )
+    (tmp_path / "seq.tsv").write_text(HEADER + "\tn\n0\t1\t1\t0.5\t1\t0.1\t400\n1\t2\t3\t0.0\t0\t0.1\t0\n"
+                                      "2\t2\t2\t0.25\t1\t0.1\t1100\n")
     (tmp_path / "fixed.tsv").write_text(HEADER + "\n0\t1\t1\t0.5\t1\t0.1\n")
     dfs = [analyze.read_log(tmp_path / name) for name in ("seq.tsv", "fixed.tsv")]
     table = analysis.summary_table(dfs, ["seq", "fixed"], np.array([0.0, 0.5]))
@@ -368,26 +286,8 @@ def test_markdown_escapes_pipes_and_newlines_in_labels(cohen_logs):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith(r"| a\|b | ") and rows[2].startswith("| c d | ") and len(rows) == 3
     assert all(len(re.split(r"(?<!\\)\|", row)) == len(re.split(r"(?<!\\)\|", rows[0])) for row in rows)
-    paper = analyze.main(
-        [
-            path,
-            path,
-            "--labels",
-            "a|b",
-            "c\nd",
-            "--style",
-            "paper",
-            "--sigmas",
-            "0.5",
-            "0.5",
-            "--format",
-            "markdown",
-            "--radii",
-            "0",
-            "0.5",
-            "0.25",
-        ]
-    )
+    paper = analyze.main([path, path, "--labels", "a|b", "c\nd", "--style", "paper", "--sigmas", "0.5", "0.5",
+                          "--format", "markdown", "--radii", "0", "0.5", "0.25"])
     rows = [line for line in analysis.format_paper_markdown(paper).splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[1] for row in rows[1:]] == [r"a\|b", "c d"]
 
@@ -404,8 +304,7 @@ def _sequential_and_fixed(cohen_logs: Path, tmp_path: Path) -> tuple[Path, Path]
     for path, mode in ((seq, "sequential"), (fixed, "fixed")):
         path.write_text(text)
         path.with_name(path.name + ".json").write_text(
-            '{"config": {"dataset": "cifar10", "sigma": 0.5, "mode": "%s"}, "info": {}}' % mode
-        )
+            '{"config": {"dataset": "cifar10", "sigma": 0.5, "mode": "%s"}, "info": {}}' % mode)
     return seq, fixed
 
 
@@ -450,34 +349,10 @@ def test_certify_sequential_sidecar_says_radius_at_the_stop_and_cohens_reader_re
     import certify
 
     out = tmp_path / "seq.tsv"
-    certify.main(
-        [
-            "--dataset",
-            "digits",
-            "--device",
-            "cpu",
-            "--no_progress",
-            "--seed",
-            "2",
-            "--N0",
-            "10",
-            "--precision",
-            "fp32",
-            "--denoiser_ckpt",
-            str(REPO / "models" / "digits_denoiser.pt"),
-            "--classifier_ckpt",
-            str(REPO / "models" / "digits_vit_tiny.pt"),
-            "--sigma",
-            "0.5",
-            "--N",
-            "300",
-            "--max_images",
-            "3",
-            "--sequential",
-            "--outfile",
-            str(out),
-        ]
-    )
+    certify.main(["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",
+                  "--precision", "fp32", "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt"),
+                  "--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt"), "--sigma", "0.5", "--N", "300",
+                  "--max_images", "3", "--sequential", "--outfile", str(out)])
     config = analysis.log_config(out)
     assert config["mode"] == "sequential" and "radius at the stop" in config["radius"]
     df = pd.read_csv(out, sep="\t")

@@ -1,6 +1,5 @@
 """analyze.py and its library analysis.py: reading every log variant, the metrics on Cohen et al.'s published logs,
 tables, plots, errors."""
-
 from __future__ import annotations
 
 import datetime
@@ -60,9 +59,8 @@ def _same(df: pd.DataFrame, ref: pd.DataFrame) -> None:
 def test_cifar10_published_numbers(logs):
     df = read_log(logs / CIFAR_050)
     assert len(df) == 500 and df.attrs["kind"] == "certify" and df.attrs["correct_column"] == "flags"
-    np.testing.assert_allclose(
-        certified_accuracy(df, RADII), [0.652, 0.546, 0.414, 0.320, 0.234, 0.152, 0.094], rtol=0, atol=1e-12
-    )
+    np.testing.assert_allclose(certified_accuracy(df, RADII), [0.652, 0.546, 0.414, 0.320, 0.234, 0.152, 0.094],
+                               rtol=0, atol=1e-12)
     assert clean_accuracy(df) == pytest.approx(0.652) and abstention_rate(df) == pytest.approx(0.166)
     assert df["time"].iloc[0] == pytest.approx(16.6)
 
@@ -114,12 +112,8 @@ def test_predict_logs(logs):
 def test_high_prob_formula(logs):
     df = read_log(logs / CIFAR_050)
     alpha, rho, n = 0.001, 0.001, 500
-    expected = (
-        certified_accuracy(df, RADII)
-        - alpha
-        - np.sqrt(alpha * (1 - alpha) * np.log(1 / rho) / n)
-        - np.log(1 / rho) / (3 * n)
-    )
+    expected = (certified_accuracy(df, RADII) - alpha - np.sqrt(alpha * (1 - alpha) * np.log(1 / rho) / n)
+                - np.log(1 / rho) / (3 * n))
     np.testing.assert_allclose(high_prob_certified_accuracy(df, RADII, alpha, rho), expected, rtol=0, atol=1e-15)
     assert high_prob_certified_accuracy(df, [0.0], alpha, rho)[0] == pytest.approx(0.652 - 0.009320, abs=1e-6)
     with pytest.raises(UserError):
@@ -197,17 +191,8 @@ def test_hms_log_matches_seconds(logs, tmp_path):
     assert read_log(_write(tmp_path / "days", header, days))["time"].iloc[0] == pytest.approx(86400 + 14.206886)
 
 
-@pytest.mark.parametrize(
-    "partial",
-    [
-        "999",
-        "99999\t3\t3",
-        "99999\t3\t3\t0.51",
-        "99999\t3\t3\t0.512\t1",
-        "99999\t3\t3\t0.512\tTr",
-        "99999\t3\t3\t0.512\t1\t0:00:1x",
-    ],
-)
+@pytest.mark.parametrize("partial", ["999", "99999\t3\t3", "99999\t3\t3\t0.51", "99999\t3\t3\t0.512\t1",
+                                     "99999\t3\t3\t0.512\tTr", "99999\t3\t3\t0.512\t1\t0:00:1x"])
 def test_truncated_last_line(logs, tmp_path, partial):
     """Cut inside idx, predict, radius, correct, time: the row is dropped with one warning."""
     src = logs / CIFAR_050
@@ -244,18 +229,15 @@ def test_inconsistent_correct_column_warns(logs, tmp_path):
 
 def test_metrics_by_hand(tmp_path):
     path = tmp_path / "tiny.tsv"
-    path.write_text(
-        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-        "0\t1\t1\t0.3\t1\t1.0\n"  # correct, radius 0.3
-        "1\t2\t2\t0.75\t1\t1.0\n"  # correct, radius 0.75
-        "2\t3\t-1\t0.0\t0\t1.0\n"  # abstain
-        "3\t4\t5\t2.0\t0\t1.0\n"
-    )  # wrong, large radius: counts 0
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+                    "0\t1\t1\t0.3\t1\t1.0\n"   # correct, radius 0.3
+                    "1\t2\t2\t0.75\t1\t1.0\n"  # correct, radius 0.75
+                    "2\t3\t-1\t0.0\t0\t1.0\n"  # abstain
+                    "3\t4\t5\t2.0\t0\t1.0\n")  # wrong, large radius: counts 0
     df = read_log(path)
     # 0.1 * 3 = 0.30000000000000004 must still count radius 0.3; 0.75 is included at r = 0.75 (radius >= r)
-    np.testing.assert_allclose(
-        certified_accuracy(df, [0.0, 0.1 * 3, 0.3 + 1e-6, 0.75, 0.76]), [0.5, 0.5, 0.25, 0.25, 0.0]
-    )
+    np.testing.assert_allclose(certified_accuracy(df, [0.0, 0.1 * 3, 0.3 + 1e-6, 0.75, 0.76]),
+                               [0.5, 0.5, 0.25, 0.25, 0.0])
     assert acr(df) == pytest.approx((0.3 + 0.75) / 4)
     assert abstention_rate(df) == 0.25 and clean_accuracy(df) == 0.5
     np.testing.assert_array_equal(envelope([[0.1, 0.5], [0.3, 0.2]]), [0.3, 0.5])
@@ -278,44 +260,19 @@ def test_default_labels():
 
 def _latex_rows(tex: str) -> list[list[str]]:
     body = tex.split(r"\toprule")[1].split(r"\bottomrule")[0]
-    return [
-        line.rstrip(" \\").split(" & ")
-        for line in body.splitlines()
-        if line.endswith(r"\\") and r"\multicolumn" not in line
-    ]
+    return [line.rstrip(" \\").split(" & ") for line in body.splitlines()
+            if line.endswith(r"\\") and r"\multicolumn" not in line]
 
 
 def test_latex_structure(logs, tmp_path):
     paths = [str(logs / p) for p in CIFAR_SIGMAS]
     out = tmp_path / "table.tex"
-    analyze.main(
-        [
-            *paths,
-            "--labels",
-            "σ=0.12",
-            "σ=0.25",
-            "σ=0.50",
-            "σ=1.00",
-            "--radii",
-            "0",
-            "1.5",
-            "0.25",
-            "--format",
-            "latex",
-            "--out",
-            str(out),
-            "--envelope",
-        ]
-    )
+    analyze.main([*paths, "--labels", "σ=0.12", "σ=0.25", "σ=0.50", "σ=1.00", "--radii", "0", "1.5", "0.25",
+                  "--format", "latex", "--out", str(out), "--envelope"])
     tex = out.read_text()
     assert tex.count(r"\begin{tabular}") == 1 and tex.count(r"\end{tabular}") == 1
-    assert (
-        tex.index(r"\begin{tabular}")
-        < tex.index(r"\toprule")
-        < tex.index(r"\midrule")
-        < tex.index(r"\bottomrule")
-        < tex.index(r"\end{tabular}")
-    )
+    assert tex.index(r"\begin{tabular}") < tex.index(r"\toprule") < tex.index(r"\midrule") \
+        < tex.index(r"\bottomrule") < tex.index(r"\end{tabular}")
     spec = re.search(r"\\begin\{tabular\}\{([a-z|]+)\}", tex).group(1)
     assert spec == "l" + "c" * 8  # label, 7 radii, ACR
     rows = _latex_rows(tex)
@@ -346,34 +303,11 @@ def test_console_markdown_csv(logs, tmp_path, capsys):
     assert "| noise_0.12/sigma_0.12 | **0.814** | 0.586 |" in md and "**0.600**" in md
 
     csv = tmp_path / "t.csv"
-    table = analyze.main(
-        [
-            str(logs / CIFAR_050),
-            str(logs / PREDICT.format(100)),
-            "--radii",
-            "0",
-            "1.5",
-            "0.25",
-            "--format",
-            "csv",
-            "--out",
-            str(csv),
-        ]
-    )
+    table = analyze.main([str(logs / CIFAR_050), str(logs / PREDICT.format(100)), "--radii", "0", "1.5", "0.25",
+                          "--format", "csv", "--out", str(csv)])
     back = pd.read_csv(csv, index_col=0)
-    assert list(back.columns) == [
-        "0.00",
-        "0.25",
-        "0.50",
-        "0.75",
-        "1.00",
-        "1.25",
-        "1.50",
-        "ACR",
-        "clean",
-        "abstain",
-        "n",
-    ]
+    assert list(back.columns) == ["0.00", "0.25", "0.50", "0.75", "1.00", "1.25", "1.50", "ACR", "clean",
+                                  "abstain", "n"]
     np.testing.assert_allclose(back.iloc[0, :7], [0.652, 0.546, 0.414, 0.320, 0.234, 0.152, 0.094])
     assert back.iloc[1, :8].isna().all() and back.iloc[1]["clean"] == pytest.approx(0.66)
     assert table.shape == (2, 11)
@@ -388,7 +322,6 @@ def test_plots(logs, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
     from matplotlib.image import imread
-
     image = imread(png)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
 
@@ -398,20 +331,17 @@ def test_plots(logs, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (b"", "empty file"),
-        (b"\n  \n\n", "empty file"),
-        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n", "no complete rows"),
-        (b"idx\tradius\tcorrect\n0\t0.5\t1\n", "no column label, predict"),
-        (b"Lorem ipsum dolor sit amet,\nconsectetur adipiscing elit.\n", "not a certification log"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
-        (b"\xff\xfe\xfa bad utf8", "not UTF-8"),
-        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tabc\t1\t1.0\n1\t1\t1\t0.5\t1\t1.0\n", "line 2"),
-        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\n1\t1\t1\t0.5\t1\t1.0\n", "line 2 is malformed"),
-    ],
-)
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"\n  \n\n", "empty file"),
+    (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n", "no complete rows"),
+    (b"idx\tradius\tcorrect\n0\t0.5\t1\n", "no column label, predict"),
+    (b"Lorem ipsum dolor sit amet,\nconsectetur adipiscing elit.\n", "not a certification log"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+    (b"\xff\xfe\xfa bad utf8", "not UTF-8"),
+    (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tabc\t1\t1.0\n1\t1\t1\t0.5\t1\t1.0\n", "line 2"),
+    (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\n1\t1\t1\t0.5\t1\t1.0\n", "line 2 is malformed"),
+])
 def test_bad_logs(tmp_path, content, message):
     path = tmp_path / "weird_log.txt"
     path.write_bytes(content)
@@ -441,9 +371,8 @@ def test_cli_exit_code(tmp_path):
     """Through run_cli: one 'error:' line naming the file, exit status 2, no traceback."""
     bad = tmp_path / "not_a_log.bin"
     bad.write_bytes(bytes(range(256)))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "analyze.py"), str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
+    proc = subprocess.run([sys.executable, str(REPO / "analyze.py"), str(bad)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and "not_a_log.bin" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -452,15 +381,12 @@ def test_cli_exit_code(tmp_path):
 HEADER_BYTES = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 
 
-@pytest.mark.parametrize(
-    "row3, message",
-    [
-        (b"2\t3\t3\tnan\t1\t1.0\n", r"line 4 has radius nan; a certified radius is a finite number >= 0"),
-        (b"2\t3\t3\tinf\t1\t1.0\n", r"line 4 has radius inf"),
-        (b"2\t3\t3\t-0.5\t1\t1.0\n", r"line 4 has radius -0.5"),
-        (b"0\t1\t4\t0.3\t0\t1.0\n", r"lines 2 and 4 both certify idx 0 with different results"),
-    ],
-)
+@pytest.mark.parametrize("row3, message", [
+    (b"2\t3\t3\tnan\t1\t1.0\n", r"line 4 has radius nan; a certified radius is a finite number >= 0"),
+    (b"2\t3\t3\tinf\t1\t1.0\n", r"line 4 has radius inf"),
+    (b"2\t3\t3\t-0.5\t1\t1.0\n", r"line 4 has radius -0.5"),
+    (b"0\t1\t4\t0.3\t0\t1.0\n", r"lines 2 and 4 both certify idx 0 with different results"),
+])
 def test_impossible_radii_and_conflicting_repeats_are_errors(tmp_path, cli_error, files_of, row3, message):
     log = tmp_path / "log.tsv"
     log.write_bytes(HEADER_BYTES + b"0\t1\t1\t0.5\t1\t1.0\n1\t2\t2\t0.25\t1\t1.0\n" + row3)

@@ -1,5 +1,4 @@
 """bench.py: the re-created reference path is the upstream computation, the fast path agrees with fp32, the CLI runs."""
-
 from __future__ import annotations
 
 import copy
@@ -33,13 +32,10 @@ def _digits_models(seed: int = 0):
     return denoiser.eval().requires_grad_(False), classifier.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize(
-    "name, schedule",
-    [
-        ("improved_small", "cifar10_uncond_50M_500K_schedule.json"),
-        ("guided_small", "256x256_diffusion_uncond_schedule.json"),
-    ],
-)
+@pytest.mark.parametrize("name, schedule", [
+    ("improved_small", "cifar10_uncond_50M_500K_schedule.json"),
+    ("guided_small", "256x256_diffusion_uncond_schedule.json"),
+])
 def test_reference_diffusion_matches_upstream(fixtures_dir, name, schedule):
     """q_sample and p_mean_variance (pred_xstart, posterior mean, learned-range log-variance) reproduce the
     upstream float64 numbers, given the upstream model output."""
@@ -100,19 +96,16 @@ def test_our_finetune_step_is_the_reference_step_on_the_same_denoised_images():
         return (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
 
     results = []
-    for make in (
-        lambda clf: reference.ReferenceFinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU),
-        lambda clf: bench.FinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU, masked_only=True),
-    ):
+    for make in (lambda clf: reference.ReferenceFinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU),
+                 lambda clf: bench.FinetuneStep(clf, denoiser, 0.25, CIFAR10.train, "fp32", CPU, masked_only=True)):
         clf = copy.deepcopy(classifier).requires_grad_(True)
         step = make(clf)
         step.denoise = denoise
         before = [p.detach().clone() for p in step.params]
         torch.manual_seed(0)
         step(images, targets)
-        results.append(
-            (step.masked_in[0], [p.grad.clone() for p in step.params], [p.detach().clone() for p in step.params])
-        )
+        results.append((step.masked_in[0], [p.grad.clone() for p in step.params],
+                        [p.detach().clone() for p in step.params]))
     (ref_share, ref_grads, ref_params), (share, grads, params) = results
     assert ref_share == share and 0 < share < 1  # some images masked in, some not: the masking matters
     for a, b in zip(ref_grads + ref_params, grads + params):
@@ -172,9 +165,8 @@ def test_flop_count_and_matmul_rate():
     vit = full - unet
     # digits ViT: 17 tokens, dim 64, MLP 256; the last block keeps k, v for 17 tokens and the rest for 1 token
     per_token_block = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256)
-    assert full - fast == pytest.approx(
-        16 * (per_token_block - 2 * 2 * 64 * 64) / 1e9 + 2 * 2 * 4 * 16 * 17 * 16 / 1e9, rel=1e-6
-    )
+    assert full - fast == pytest.approx(16 * (per_token_block - 2 * 2 * 64 * 64) / 1e9
+                                        + 2 * 2 * 4 * 16 * 17 * 16 / 1e9, rel=1e-6)
     assert 0 < vit and 0 < unet and plain == pytest.approx(full, rel=1e-9)  # the plain path: every token
     rates = bench.matmul_gflops(torch.device("cpu"), ["bf16"], shape=(64, 64, 64), repeats=1)
     assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
@@ -183,32 +175,10 @@ def test_flop_count_and_matmul_rate():
 @pytest.mark.slow
 def test_bench_cli_digits_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = bench.main(
-        [
-            "--configs",
-            "digits",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--weights",
-            "random",
-            "--batch_size",
-            "16",
-            "--iters",
-            "1",
-            "--rounds",
-            "1",
-            "--agreement_samples",
-            "8",
-            "--ft_images",
-            "1",
-            "--precisions",
-            "bf16",
-            "--json",
-            str(out),
-        ]
-    )
+    result = bench.main(["--configs", "digits", "--device", "cpu", "--threads", "1", "--weights", "random",
+                         "--batch_size", "16",
+                         "--iters", "1", "--rounds", "1", "--agreement_samples", "8", "--ft_images", "1",
+                         "--precisions", "bf16", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["configs"][0]["config"] == "digits" and data["env"]["device"] == "cpu"
     rows = data["configs"][0]["certify"]
@@ -228,38 +198,32 @@ def test_bench_cli_digits_writes_json(tmp_path, capsys):
     assert "certification" in table and "fine-tuning step" in table and "digits" in table
 
 
-@pytest.mark.parametrize(
-    "argv, match",
-    [
-        (["--batch_size", "many"], "--batch_size"),
-        (["--batch_size", "0"], "--batch_size"),
-        (["--iters", "0"], "--iters"),
-        (["--sigma", "-1"], "--sigma"),
-    ],
-)
+@pytest.mark.parametrize("argv, match", [
+    (["--batch_size", "many"], "--batch_size"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--iters", "0"], "--iters"),
+    (["--sigma", "-1"], "--sigma"),
+])
 def test_bench_cli_rejects_bad_flags(argv, match):
     with pytest.raises(UserError, match=match):
         bench.main(["--configs", "digits", "--device", "cpu", *argv])
 
 
-@pytest.mark.parametrize(
-    "argv, match",
-    [
-        (["--json", "{file}/r.json"], r"^error: --json .*file\.txt/r\.json: .*file\.txt is a file, not a folder"),
-        (["--json", "{dir}"], r"^error: --json .*: is a folder; name a file"),
-        (["--sigma", "nan"], r"^error: --sigma nan"),
-        (["--device", "meta"], r"^error: --device meta: not a device this program runs on"),
-    ],
-)
+@pytest.mark.parametrize("argv, match", [
+    (["--json", "{file}/r.json"], r"^error: --json .*file\.txt/r\.json: .*file\.txt is a file, not a folder"),
+    (["--json", "{dir}"], r"^error: --json .*: is a folder; name a file"),
+    (["--sigma", "nan"], r"^error: --sigma nan"),
+    (["--device", "meta"], r"^error: --device meta: not a device this program runs on"),
+])
 def test_bench_bad_outputs_and_values_fail_before_work(tmp_path, cli_error, files_of, argv, match):
     (tmp_path / "file.txt").write_text("x")
     before = files_of(tmp_path)
-    argv = ["--configs", "digits", "--device", "cpu"] + [
-        a.format(file=tmp_path / "file.txt", dir=tmp_path) for a in argv
-    ]
+    argv = ["--configs", "digits", "--device", "cpu"] + [a.format(file=tmp_path / "file.txt", dir=tmp_path)
+                                                         for a in argv]
     line = cli_error(bench.main, argv)  # (a repeated --device: the last one counts)
     assert re.search(match, line), line
     assert files_of(tmp_path) == before
+
 
 
 @pytest.mark.slow
@@ -269,29 +233,9 @@ def test_bench_with_checkpoints(tmp_path):
     models = Path(__file__).resolve().parents[1] / "models"
     den, clf = models / "digits_denoiser.pt", models / "digits_vit_tiny.pt"
     with torch_threads(1):
-        result = bench.main(
-            [
-                "--configs",
-                "digits",
-                "--device",
-                "cpu",
-                "--weights",
-                "random",
-                "--no_finetune",
-                "--denoiser_ckpt",
-                str(den),
-                "--classifier_ckpt",
-                str(clf),
-                "--batch_size",
-                "64",
-                "--iters",
-                "1",
-                "--rounds",
-                "1",
-                "--agreement_samples",
-                "128",
-            ]
-        )
+        result = bench.main(["--configs", "digits", "--device", "cpu", "--weights", "random", "--no_finetune",
+                             "--denoiser_ckpt", str(den), "--classifier_ckpt", str(clf), "--batch_size", "64",
+                             "--iters", "1", "--rounds", "1", "--agreement_samples", "128"])
     record = result["configs"][0]
     assert record["weights"] == "checkpoint"  # not random, although --weights random
     assert record["certify"][1]["agreement_vs_fp32"]["agreement"] >= 0.99  # trained: bf16 keeps the classes
@@ -306,33 +250,18 @@ def test_agreement_vit_b_script_on_a_saved_model(tmp_path):
     """scripts/agreement_vit_b.py with an existing checkpoint (no training): ViT-B/16 structure, every figure."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import agreement_vit_b as script
-
     assert bench.default_checkpoint_path("digits").is_file()  # ships with the repository
     clf = script.vit_b(32)
     assert clf.model.embed_dim == 768 and len(clf.model.blocks) == 12 and clf.model.norm.eps == 1e-12
     ckpt = tmp_path / "vit.pt"
     torch.save(clf.model.state_dict(), ckpt)
     with torch_threads(1):
-        result = script.main(
-            [
-                "--img_size",
-                "32",
-                "--checkpoint",
-                str(ckpt),
-                "--per_image",
-                "2",
-                "--test_images",
-                "20",
-                "--json",
-                str(tmp_path / "r.json"),
-            ]
-        )
+        result = script.main(["--img_size", "32", "--checkpoint", str(ckpt), "--per_image", "2",
+                              "--test_images", "20", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["agreement"]["bf16"]["samples"] == 40
     assert result["clean_accuracy"] * 20 == pytest.approx(round(result["clean_accuracy"] * 20))  # of 20 images
     assert result["margin_median"] > 0
-    assert result["agreement"]["bf16"]["agreement"] * 40 == pytest.approx(
-        round(result["agreement"]["bf16"]["agreement"] * 40)
-    )
+    assert result["agreement"]["bf16"]["agreement"] * 40 == pytest.approx(round(result["agreement"]["bf16"]["agreement"] * 40))
     assert result["agreement"]["bf16"]["agreement"] > 0.5
     with pytest.raises(UserError, match="multiple of the patch size"):
         script.vit_b(30)

@@ -1,5 +1,4 @@
 """The FT-CADIS objective and the denoised-space attack (cadis.py) on small hand-made cases."""
-
 from __future__ import annotations
 
 import math
@@ -251,17 +250,11 @@ def test_masked_only_attack_gives_the_same_loss_and_gradients():
         clf.zero_grad(set_to_none=True)
         clf.train()
         clf.modes.clear()
-        loss, sce, madv, correct = cadis_objective(
-            clf, clean, denoised, y, M, lbd=4.0, eps=0.3, steps=3, masked_only=masked_only
-        )
+        loss, sce, madv, correct = cadis_objective(clf, clean, denoised, y, M, lbd=4.0, eps=0.3, steps=3,
+                                                   masked_only=masked_only)
         loss.backward()
-        results[masked_only] = (
-            loss.detach(),
-            sce.detach(),
-            madv.detach(),
-            [p.grad.clone() for p in clf.parameters()],
-            len(clf.modes),
-        )
+        results[masked_only] = (loss.detach(), sce.detach(), madv.detach(),
+                                [p.grad.clone() for p in clf.parameters()], len(clf.modes))
     full, masked = results[False], results[True]
     assert (full[2] > 0).any()  # the adversarial term is active
     for a, b in zip(full[:3], masked[:3]):
@@ -327,9 +320,8 @@ def test_attack_direction_under_fp16_autocast_matches_fp32():
         with torch.autocast("cpu", dtype=torch.float16, enabled=fp16), torch.enable_grad():
             return fn()
 
-    g32, g16 = (
-        run(lambda: attack_gradient(classifier, clean, denoised - clean, p_bar, M), fp16) for fp16 in (False, True)
-    )
+    g32, g16 = (run(lambda: attack_gradient(classifier, clean, denoised - clean, p_bar, M), fp16)
+                for fp16 in (False, True))
     assert g32.abs().mean() < 1e-6  # per 32-px pixel; at 224 px ~50x smaller
     assert cosine(g32, g16).min() >= 0.999
 
@@ -337,11 +329,8 @@ def test_attack_direction_under_fp16_autocast_matches_fp32():
         eta = (denoised - clean).requires_grad_(True)
         log_q = F.log_softmax(classifier(clean + eta).float(), -1).view(M, B, -1)
         return torch.autograd.grad(_kl(p_bar, log_q).sum() / M, [eta])[0]
-
     assert cosine(g32, run(unscaled, True)).min() < 0.99
 
-    moved = [
-        run(lambda: denoised_attack(classifier, clean, denoised, p_bar, M, 0.125, 1), fp16) - denoised
-        for fp16 in (False, True)
-    ]
+    moved = [run(lambda: denoised_attack(classifier, clean, denoised, p_bar, M, 0.125, 1), fp16) - denoised
+             for fp16 in (False, True)]
     assert cosine(moved[0], moved[1]).min() >= 0.999

@@ -1,5 +1,4 @@
 """certification.py: the run library is reusable for PREDICT (another per-image method, another row type)."""
-
 from __future__ import annotations
 
 import argparse
@@ -21,9 +20,8 @@ def _one_thread():
 
 
 def _options(argv: list[str]) -> C.RunOptions:
-    return C.resolve_options(
-        C.RunOptions.from_namespace(C.add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
-    )
+    return C.resolve_options(C.RunOptions.from_namespace(C.add_run_arguments(argparse.ArgumentParser()).parse_args(
+        argv)))
 
 
 @pytest.mark.slow
@@ -38,47 +36,19 @@ def test_predict_run_equals_smooth_predict(tmp_path):
         clf.model.head.weight.mul_(5)
     torch.save(clf.model.state_dict(), tmp_path / "clf.pt")
     out = tmp_path / "predict.tsv"
-    opts = _options(
-        [
-            "--dataset",
-            "digits",
-            "--sigma",
-            "0.25",
-            "--N",
-            "60",
-            "--alpha",
-            "0.1",
-            "--max_images",
-            "6",
-            "--seed",
-            "5",
-            "--batch_size",
-            "16",
-            "--device",
-            "cpu",
-            "--precision",
-            "fp32",
-            "--no_progress",
-            "--outfile",
-            str(out),
-            "--classifier_ckpt",
-            str(tmp_path / "clf.pt"),
-            "--denoiser_ckpt",
-            "none",
-        ]
-    )
-    [rows] = C.run(
-        opts, PredictRow, lambda smoothed, o: C.predict_method(smoothed, o.N, o.alpha, o.batch_size), ["test"]
-    )
+    opts = _options(["--dataset", "digits", "--sigma", "0.25", "--N", "60", "--alpha", "0.1", "--max_images", "6",
+                     "--seed", "5", "--batch_size", "16", "--device", "cpu", "--precision", "fp32", "--no_progress",
+                     "--outfile", str(out),
+                     "--classifier_ckpt", str(tmp_path / "clf.pt"), "--denoiser_ckpt", "none"])
+    [rows] = C.run(opts, PredictRow, lambda smoothed, o: C.predict_method(smoothed, o.N, o.alpha, o.batch_size),
+                   ["test"])
     assert out.read_text().split("\n")[0] == PREDICT_HEADER
     assert list(read_rows(out, PredictRow)[0]) == [r.idx for r in rows] == list(range(6))
 
     smooth = Smooth(DenoisedClassifier(None, clf.eval(), 0.25), 10, 0.25)
     data = get_dataset("digits", "test")
-    expected = [
-        smooth.predict(data[i][0], 60, 0.1, 16, generator=image_generator(5, i))
-        for i in certification_indices(data, 1, 6)
-    ]
+    expected = [smooth.predict(data[i][0], 60, 0.1, 16, generator=image_generator(5, i))
+                for i in certification_indices(data, 1, 6)]
     assert [r.predict for r in rows] == expected
     assert [r.correct for r in rows] == [int(p == data[i][1]) for i, p in enumerate(expected)]
     assert len(set(expected)) >= 2  # not a constant classifier: the comparison can fail
@@ -91,12 +61,9 @@ def test_parse_shard_explicit_and_from_slurm():
     assert parse_shard("auto", slurm) == Shard(3, 4)
     assert parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_MIN": "1"}) == Shard(2, 4)  # --array=1-4
     assert parse_shard("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_STEP": "2"}) == Shard(3, 4)
-    for text, environ, message in [
-        ("3/3", {}, "K must lie in 0..S-1"),
-        ("1-3", {}, "expected K/S"),
-        ("auto", {}, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set"),
-        ("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "7"}, "use --array=0-3"),
-    ]:
+    for text, environ, message in [("3/3", {}, "K must lie in 0..S-1"), ("1-3", {}, "expected K/S"),
+                                   ("auto", {}, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set"),
+                                   ("auto", {**slurm, "SLURM_ARRAY_TASK_ID": "7"}, "use --array=0-3")]:
         with pytest.raises(C.UserError, match=message):
             parse_shard(text, environ)
 
@@ -112,16 +79,8 @@ def test_selection_encoding_round_trips():
     import random
 
     rng = random.Random(0)
-    cases = [
-        [],
-        [5],
-        [0, 3],
-        list(range(0, 10000, 1)),
-        list(range(0, 50000, 50)),
-        [0, 3, 6, 9, 20, 25],
-        sorted(rng.sample(range(50000), 1000)),
-        [1, 2, 3, 10, 12, 14, 15],
-    ]
+    cases = [[], [5], [0, 3], list(range(0, 10000, 1)), list(range(0, 50000, 50)), [0, 3, 6, 9, 20, 25],
+             sorted(rng.sample(range(50000), 1000)), [1, 2, 3, 10, 12, 14, 15]]
     for indices in cases:
         assert decode_indices(encode_indices(indices)) == indices
     assert encode_indices([0, 3, 6, 9, 20, 25]) == "0:12:3,20,25"

@@ -3,7 +3,6 @@
 Tiny random models: a digits_vit_tiny with its patch embedding and head scaled up (so that its prediction under
 noise is spread over several classes and every count depends on the exact noise) and a random digits denoiser.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -31,25 +30,9 @@ from runkit.errors import UserError
 from runkit.logs import HEADER, read_log
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = [
-    "--dataset",
-    "digits",
-    "--sigma",
-    "0.25",
-    "--N0",
-    "10",
-    "--N",
-    "100",
-    "--max_images",
-    "12",
-    "--device",
-    "cpu",
-    "--no_progress",
-    "--seed",
-    "3",
-    "--precision",
-    "fp32",
-]
+BASE = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "100", "--max_images", "12",
+        "--device", "cpu", "--no_progress", "--seed", "3", "--precision", "fp32"]
+
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +40,6 @@ def _one_thread():
     """One intra-op thread: on a shared 2-core machine two threads are many times slower for these tiny models."""
     with torch_threads(1):
         yield
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
@@ -76,17 +58,8 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 def _args(models, outfile, *extra, batch_size=64):
-    return BASE + [
-        "--classifier_ckpt",
-        models["clf"],
-        "--denoiser_ckpt",
-        "none",
-        "--batch_size",
-        str(batch_size),
-        "--outfile",
-        str(outfile),
-        *extra,
-    ]
+    return BASE + ["--classifier_ckpt", models["clf"], "--denoiser_ckpt", "none", "--batch_size", str(batch_size),
+                   "--outfile", str(outfile), *extra]
 
 
 def _body(path: Path) -> list[list[str]]:
@@ -161,18 +134,10 @@ def test_resume_from_rank_parts(models, reference, tmp_path):
 
 def _torchrun(args, nproc=2, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(REPO / "certify.py"),
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
-    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "certify.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
 
 
 @pytest.mark.slow
@@ -194,8 +159,7 @@ def _leave_as_killed(out: Path, world: int, keep: int) -> None:
     for rank in range(world):
         mine = rows[rank::world]
         out.with_name(f"{out.name}.rank{rank}").write_text(
-            "\n".join([header, *mine[:keep]]) + "\n" + mine[keep][: len(mine[keep]) // 2]
-        )
+            "\n".join([header, *mine[:keep]]) + "\n" + mine[keep][: len(mine[keep]) // 2])
     out.unlink()
 
 
@@ -203,27 +167,9 @@ def _leave_as_killed(out: Path, world: int, keep: int) -> None:
 def test_end_to_end_with_denoiser_interrupted_and_resumed(models, tmp_path, capsys):
     """The real digits denoiser architecture (random weights): a 2-process run equals the 1-process one; cut as a
     killed run leaves it (rank parts, each ending in a half-written row), it is resumed by one process."""
-    args = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.5",
-        "--N0",
-        "10",
-        "--N",
-        "30",
-        "--max_images",
-        "10",
-        "--device",
-        "cpu",
-        "--no_progress",
-        "--classifier_ckpt",
-        models["clf"],
-        "--denoiser_ckpt",
-        models["den"],
-        "--precision",
-        "fp32",
-    ]
+    args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "30", "--max_images", "10",
+            "--device", "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"],
+            "--precision", "fp32"]
     ref = tmp_path / "ref" / "log.tsv"
     certify.main(args + ["--outfile", str(ref), "--batch_size", "40"])
     assert json.loads(ref.with_name("log.tsv.json").read_text())["config"]["denoiser_ckpt"] == "den.pt"
@@ -249,32 +195,15 @@ def test_compile_gives_the_eager_log(tmp_path):
     """--compile (torch.compile of the UNet and the classifier, fast.compile_for_inference_) on the shipped, trained
     digits models: the same predictions and radii as the plain eager run on the same noise, and the sidecar records
     it."""
-    args = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.25",
-        "--N0",
-        "10",
-        "--N",
-        "60",
-        "--max_images",
-        "3",
-        "--device",
-        "cpu",
-        "--no_progress",
-        "--batch_size",
-        "10",  # one batch shape: one compilation each
-        "--precision",
-        "fp32",
-    ]
+    args = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "60", "--max_images", "3",
+            "--device", "cpu", "--no_progress", "--batch_size", "10",  # one batch shape: one compilation each
+            "--precision", "fp32"]
     eager = certify.main(args + ["--outfile", str(tmp_path / "eager.tsv")])
     compiled = certify.main(args + ["--outfile", str(tmp_path / "compiled.tsv"), "--compile"])
     assert [r.predict for r in compiled] == [r.predict for r in eager] and len(eager) == 3
     assert [r.radius for r in compiled] == pytest.approx([r.radius for r in eager], abs=1e-9)
     assert json.loads((tmp_path / "compiled.tsv.json").read_text())["info"]["compile"] is True
     import torch._inductor.config as inductor_config
-
     assert inductor_config.freezing is False  # weight freezing was an option of these compilations only
 
 
@@ -283,32 +212,29 @@ def test_compile_gives_the_eager_log(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--sigma", "0"], "--sigma"),
-        (["--sigma", "-0.5"], "--sigma"),
-        (["--sigma", "nan"], "--sigma"),
-        (["--N0", "0"], "--N0"),
-        (["--N", "-5"], "--N"),
-        (["--batch_size", "0"], "--batch_size"),
-        (["--alpha", "0"], "--alpha"),
-        (["--alpha", "1"], "--alpha"),
-        (["--alpha", "1.5"], "--alpha"),
-        (["--skip", "0"], "--skip"),
-        (["--seed", "-1"], "--seed"),
-        (["--classifier_ckpt", "/nonexistent/clf.pt"], "/nonexistent/clf.pt"),
-        (["--finetuned_path", "/nonexistent/ft.pt"], "/nonexistent/ft.pt"),
-        (["--denoiser_ckpt", "/nonexistent/den.pt"], "/nonexistent/den.pt"),
-        (["--dataset", "mnist"], "mnist"),
-        (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10"),
-        (["--resume", "--overwrite"], "--resume"),
-        (["--off-the-shelf", "--finetuned_path", "x.pt"], "--off-the-shelf"),
-        (["--radii", "0.5"], "--radii"),
-        (["--sequential", "--radii", "-0.5"], "--radii"),
-        (["--sequential", "--radii", "nan"], "--radii"),
-    ],
-)
+@pytest.mark.parametrize("extra, message", [
+    (["--sigma", "0"], "--sigma"),
+    (["--sigma", "-0.5"], "--sigma"),
+    (["--sigma", "nan"], "--sigma"),
+    (["--N0", "0"], "--N0"),
+    (["--N", "-5"], "--N"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--alpha", "0"], "--alpha"),
+    (["--alpha", "1"], "--alpha"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--skip", "0"], "--skip"),
+    (["--seed", "-1"], "--seed"),
+    (["--classifier_ckpt", "/nonexistent/clf.pt"], "/nonexistent/clf.pt"),
+    (["--finetuned_path", "/nonexistent/ft.pt"], "/nonexistent/ft.pt"),
+    (["--denoiser_ckpt", "/nonexistent/den.pt"], "/nonexistent/den.pt"),
+    (["--dataset", "mnist"], "mnist"),
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "CIFAR-10"),
+    (["--resume", "--overwrite"], "--resume"),
+    (["--off-the-shelf", "--finetuned_path", "x.pt"], "--off-the-shelf"),
+    (["--radii", "0.5"], "--radii"),
+    (["--sequential", "--radii", "-0.5"], "--radii"),
+    (["--sequential", "--radii", "nan"], "--radii"),
+])
 def test_bad_input(models, tmp_path, extra, message):
     out = tmp_path / "sub" / "log.tsv"
     with pytest.raises(UserError, match=message.replace("+", r"\+")):
@@ -340,13 +266,8 @@ def test_existing_outfile_and_resume_mismatch(models, reference, tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, exit status 2
         run_cli(certify.main, _args(models, out))
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --outfile")
-    for extra, key in (
-        (["--sigma", "0.5"], "sigma=0.25"),
-        (["--N", "200"], "N=100"),
-        (["--seed", "0"], "seed=3"),
-        (["--precision", "bf16"], "precision"),
-        (["--noise_block", "64"], "noise_block"),
-    ):
+    for extra, key in ((["--sigma", "0.5"], "sigma=0.25"), (["--N", "200"], "N=100"), (["--seed", "0"], "seed=3"),
+                       (["--precision", "bf16"], "precision"), (["--noise_block", "64"], "noise_block")):
         with pytest.raises(UserError, match=f"different configuration.*{key}"):
             certify.main(_args(models, out, "--resume", *extra))
         assert unchanged()
@@ -373,7 +294,6 @@ def test_subset_paper_and_skip(models, reference, tmp_path):
     --skip means --subset skip; the sidecar records the subset and the input convention."""
     from certification import RunOptions, resolve_options
     from datasets import get_dataset, paper_imagenet_subset
-
     side = json.loads(reference.with_name("ref.tsv.json").read_text())["config"]
     assert (side["subset"], side["skip"], side["input_norm"], side["multistep"]) == ("skip", 1, "model", False)
     rows = certify.main(_args(models, tmp_path / "paper.tsv", "--subset", "paper", "--max_images", "4"))
@@ -382,22 +302,10 @@ def test_subset_paper_and_skip(models, reference, tmp_path):
     assert sorted(r.label for r in rows) == [0, 1, 2, 3]  # one image of each of the first four classes
 
     def resolved(*extra):
-        args = certify.get_parser().parse_args(
-            [
-                "--dataset",
-                "imagenet",
-                "--sigma",
-                "0.5",
-                "--outfile",
-                str(tmp_path / "in.tsv"),
-                "--denoiser_ckpt",
-                "none",
-                *extra,
-            ]
-        )
+        args = certify.get_parser().parse_args(["--dataset", "imagenet", "--sigma", "0.5", "--outfile",
+                                                str(tmp_path / "in.tsv"), "--denoiser_ckpt", "none", *extra])
         opts = resolve_options(RunOptions.from_namespace(args))
         return opts.subset, opts.skip, opts.input_norm
-
     assert resolved() == ("paper", None, "paper")
     assert resolved("--skip", "50") == ("skip", 50, "paper")
     assert resolved("--subset", "skip", "--input_norm", "model") == ("skip", 50, "model")
@@ -412,36 +320,20 @@ def test_input_norm_from_the_checkpoint_and_a_contradicting_flag(models, tmp_pat
     certify.main(_args(models, out, "--finetuned_path", str(tmp_path / "ft.pt"), "--max_images", "2"))
     assert json.loads(out.with_name("log.tsv.json").read_text())["config"]["input_norm"] == "paper"
     with pytest.raises(UserError, match="--input_norm model contradicts .*ft.pt"):
-        certify.main(
-            _args(models, tmp_path / "other.tsv", "--finetuned_path", str(tmp_path / "ft.pt"), "--input_norm", "model")
-        )
+        certify.main(_args(models, tmp_path / "other.tsv", "--finetuned_path", str(tmp_path / "ft.pt"),
+                           "--input_norm", "model"))
 
 
 def test_finetuned_path_takes_a_checkpoint_of_the_papers_code(models, reference, tmp_path):
     """A checkpoint as the paper's train.py writes it (epoch, arch, optimizer, state_dict under classifier.) certifies
     as the same weights do (digits: mean = std = 0.5, so its recorded 'paper' input is the same input)."""
     clf = torch.load(models["clf"], weights_only=True)
-    paper = {
-        "epoch": 30,
-        "arch": "digits_vit_tiny",
-        "optimizer": {"state": {}, "param_groups": []},
-        "state_dict": {"classifier." + k: v for k, v in clf.items()},
-    }
+    paper = {"epoch": 30, "arch": "digits_vit_tiny", "optimizer": {"state": {}, "param_groups": []},
+             "state_dict": {"classifier." + k: v for k, v in clf.items()}}
     torch.save(paper, tmp_path / "checkpoint-30.pth.tar")
     out = tmp_path / "log.tsv"
-    certify.main(
-        BASE
-        + [
-            "--finetuned_path",
-            str(tmp_path / "checkpoint-30.pth.tar"),
-            "--denoiser_ckpt",
-            "none",
-            "--batch_size",
-            "64",
-            "--outfile",
-            str(out),
-        ]
-    )
+    certify.main(BASE + ["--finetuned_path", str(tmp_path / "checkpoint-30.pth.tar"), "--denoiser_ckpt", "none",
+                         "--batch_size", "64", "--outfile", str(out)])
     assert _body(out) == _body(reference)
     assert json.loads(out.with_name("log.tsv.json").read_text())["config"]["input_norm"] == "paper"
 
@@ -450,31 +342,11 @@ def test_finetuned_path_takes_a_checkpoint_of_the_papers_code(models, reference,
 def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
     """--multistep: the whole reverse chain (t* = 28 at sigma 0.01 for the digits schedule); each sample's chain noise
     is seeded per sample, so the log is the same for any --batch_size; it differs from the one-shot log."""
-    args = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.01",
-        "--N0",
-        "6",
-        "--N",
-        "14",
-        "--max_images",
-        "2",
-        "--device",
-        "cpu",
-        "--no_progress",
-        "--classifier_ckpt",
-        models["clf"],
-        "--denoiser_ckpt",
-        models["den"],
-        "--precision",
-        "fp32",
-    ]
-    logs = {
-        b: certify.main(args + ["--multistep", "--batch_size", str(b), "--outfile", str(tmp_path / f"m{b}.tsv")])
-        for b in (5, 20)
-    }
+    args = ["--dataset", "digits", "--sigma", "0.01", "--N0", "6", "--N", "14", "--max_images", "2", "--device",
+            "cpu", "--no_progress", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", models["den"],
+            "--precision", "fp32"]
+    logs = {b: certify.main(args + ["--multistep", "--batch_size", str(b), "--outfile", str(tmp_path / f"m{b}.tsv")])
+            for b in (5, 20)}
     assert [(r.predict, r.radius) for r in logs[5]] == [(r.predict, r.radius) for r in logs[20]]
     assert json.loads((tmp_path / "m5.tsv.json").read_text())["config"]["multistep"] is True
     with pytest.raises(UserError, match="--multistep needs a denoiser"):
@@ -485,21 +357,8 @@ def test_multistep_log_does_not_depend_on_the_batch_size(models, tmp_path):
 # --sequential, --skip_wrong, several classifiers, on the digits models (fp32)
 # ---------------------------------------------------------------------------------------------------------------
 
-DIGITS = [
-    "--dataset",
-    "digits",
-    "--device",
-    "cpu",
-    "--no_progress",
-    "--seed",
-    "2",
-    "--N0",
-    "10",
-    "--precision",
-    "fp32",
-    "--denoiser_ckpt",
-    str(REPO / "models" / "digits_denoiser.pt"),
-]
+DIGITS = ["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10",
+          "--precision", "fp32", "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt")]
 OFF_THE_SHELF = ["--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt")]
 
 
@@ -512,11 +371,8 @@ def _rows(path: Path) -> list[list[str]]:
 
 def test_sequential_log_has_n_and_the_sidecar_records_mode_and_radii(tmp_path):
     out = tmp_path / "seq.tsv"
-    rows = certify.main(
-        DIGITS
-        + OFF_THE_SHELF
-        + ["--sigma", "0.5", "--N", "300", "--max_images", "3", "--sequential", "--outfile", str(out)]
-    )
+    rows = certify.main(DIGITS + OFF_THE_SHELF + ["--sigma", "0.5", "--N", "300", "--max_images", "3",
+                                                  "--sequential", "--outfile", str(out)])
     assert out.read_text().split("\n")[0] == HEADER + "\tn"
     assert all(r.n in sequential.checkpoint_schedule(300) for r in rows)
     config = json.loads(out.with_name("seq.tsv.json").read_text())["config"]
@@ -525,11 +381,8 @@ def test_sequential_log_has_n_and_the_sidecar_records_mode_and_radii(tmp_path):
     df = read_log(out)
     assert list(df["n"]) == [r.n for r in rows]
     with pytest.raises(UserError, match="mode"):  # resuming it as a fixed-N run is refused
-        certify.main(
-            DIGITS
-            + OFF_THE_SHELF
-            + ["--sigma", "0.5", "--N", "300", "--max_images", "3", "--resume", "--outfile", str(out)]
-        )
+        certify.main(DIGITS + OFF_THE_SHELF + ["--sigma", "0.5", "--N", "300", "--max_images", "3", "--resume",
+                                               "--outfile", str(out)])
 
 
 @pytest.mark.slow
@@ -556,18 +409,8 @@ def test_skip_wrong_same_accuracy_and_acr_fewer_samples(tmp_path, mode):
 @pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0", "0.25", "0.5"]])
 def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_path, mode):
     common = DIGITS + ["--sigma", "0.5", "--N", "150", "--max_images", "4", "--batch_size", "64", *mode]
-    logs = certify.main(
-        common
-        + OFF_THE_SHELF
-        + [
-            "--off-the-shelf",
-            "--finetuned_path",
-            models["clf"],
-            "--outfile",
-            str(tmp_path / "a.tsv"),
-            str(tmp_path / "b.tsv"),
-        ]
-    )
+    logs = certify.main(common + OFF_THE_SHELF + ["--off-the-shelf", "--finetuned_path", models["clf"],
+                                                  "--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
     assert len(logs) == 2
     certify.main(common + OFF_THE_SHELF + ["--outfile", str(tmp_path / "a1.tsv")])
     certify.main(common + ["--finetuned_path", models["clf"], "--outfile", str(tmp_path / "b1.tsv")])
@@ -580,19 +423,8 @@ def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_pa
     a_before = (tmp_path / "a.tsv").read_text()
     lines = (tmp_path / "b.tsv").read_text().split("\n")
     (tmp_path / "b.tsv").write_text("\n".join(lines[:3]) + "\n")
-    certify.main(
-        common
-        + OFF_THE_SHELF
-        + [
-            "--off-the-shelf",
-            "--finetuned_path",
-            models["clf"],
-            "--resume",
-            "--outfile",
-            str(tmp_path / "a.tsv"),
-            str(tmp_path / "b.tsv"),
-        ]
-    )
+    certify.main(common + OFF_THE_SHELF + ["--off-the-shelf", "--finetuned_path", models["clf"], "--resume",
+                                           "--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
     assert (tmp_path / "a.tsv").read_text() == a_before
     assert _rows(tmp_path / "b.tsv") == _rows(tmp_path / "b1.tsv")
 
@@ -605,15 +437,9 @@ def test_several_classifiers_one_denoising_pass_equal_single_runs(models, tmp_pa
 def _cli(args, **kwargs) -> subprocess.Popen:
     """certify.py as its own process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "certify.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
+    return subprocess.Popen([sys.executable, str(REPO / "certify.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
 
 
 def _complete_rows(paths) -> int:
@@ -675,7 +501,8 @@ def test_a_second_run_on_a_running_log_is_refused(models, reference, tmp_path, c
     if first != "fresh":
         certify.main(_args(models, out, "--max_images", "3"))
     extra = () if first == "fresh" else ("--resume",)
-    proc = _torchrun(_args(models, out, *extra)) if first == "torchrun" else _cli(_args(models, out, *extra))
+    proc = (_torchrun(_args(models, out, *extra)) if first == "torchrun"
+            else _cli(_args(models, out, *extra)))
     try:
         paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
         assert _wait_rows(paths, 4, proc) >= 4 and proc.poll() is None, proc.communicate()[0]
@@ -698,25 +525,8 @@ def test_resume_refuses_other_checkpoint_content_under_the_same_name(models, tmp
     den = tmp_path / "models" / "den.pt"
     den.parent.mkdir()
     shutil.copy(models["den"], den)
-    args = [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.5",
-        "--N0",
-        "10",
-        "--N",
-        "20",
-        "--max_images",
-        "2",
-        "--device",
-        "cpu",
-        "--no_progress",
-        "--denoiser_ckpt",
-        str(den),
-        "--outfile",
-        str(out),
-    ]
+    args = ["--dataset", "digits", "--sigma", "0.5", "--N0", "10", "--N", "20", "--max_images", "2", "--device",
+            "cpu", "--no_progress", "--denoiser_ckpt", str(den), "--outfile", str(out)]
     clf = tmp_path / "other" / "clf.pt"  # another model saved under the same file name
     clf.parent.mkdir()
     state = torch.load(models["clf"])
@@ -730,7 +540,6 @@ def test_resume_refuses_other_checkpoint_content_under_the_same_name(models, tmp
     assert f"--classifier_ckpt {clf}: not the file the log {out} was written with" in line
     assert files_of(tmp_path) == before
     from denoiser import build_denoiser
-
     torch.manual_seed(1)
     torch.save(build_denoiser("digits").unet.state_dict(), den)  # the denoiser file replaced by another one
     before = files_of(tmp_path)
@@ -739,27 +548,18 @@ def test_resume_refuses_other_checkpoint_content_under_the_same_name(models, tmp
     assert files_of(tmp_path) == before
 
 
-MISSING_DEVICES = [
-    kind
-    for kind, present in (
-        ("mps", torch.backends.mps.is_available()),
-        ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available()),
-        ("cuda", torch.cuda.is_available()),
-    )
-    if not present
-]
+MISSING_DEVICES = [kind for kind, present in (("mps", torch.backends.mps.is_available()),
+                                              ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available()),
+                                              ("cuda", torch.cuda.is_available())) if not present]
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--device", "meta"], r"--device meta: not a device this program runs on"),
-        *[(["--device", kind], rf"--device {kind}: {kind.upper()} is not available") for kind in MISSING_DEVICES],
-        (["--outfile", "{file}/log.tsv"], r"--outfile .*file\.txt/log\.tsv: .*file\.txt is a file, not a folder"),
-        (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
-        (["--precision", "fp64"], r"invalid choice"),
-    ],
-)
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    *[(["--device", kind], rf"--device {kind}: {kind.upper()} is not available") for kind in MISSING_DEVICES],
+    (["--outfile", "{file}/log.tsv"], r"--outfile .*file\.txt/log\.tsv: .*file\.txt is a file, not a folder"),
+    (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
+    (["--precision", "fp64"], r"invalid choice"),
+])
 def test_bad_devices_and_outputs_fail_before_work(models, tmp_path, cli_error, files_of, extra, message, capsys):
     (tmp_path / "file.txt").write_text("x")
     before = files_of(tmp_path)
@@ -824,12 +624,8 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_log(models,
     args = _args(models, out, *extra, "--resume")
     paths = [out] + [out.with_name(f"log.tsv.rank{r}") for r in range(2)]
     trace = [f"FT_CADIS_FAULT_SEED={seed}"]
-    for launcher, sig in [
-        (_cli, signal.SIGKILL),
-        (_torchrun, signal.SIGKILL),
-        (_cli, signal.SIGTERM),
-        (_torchrun, signal.SIGTERM),
-    ]:
+    for launcher, sig in [(_cli, signal.SIGKILL), (_torchrun, signal.SIGKILL), (_cli, signal.SIGTERM),
+                          (_torchrun, signal.SIGTERM)]:
         start = _complete_rows(paths)
         target = start + rng.randint(0, 4)
         proc = launcher(args)
@@ -862,7 +658,7 @@ def test_shards_run_separately_merge_into_the_one_process_log(models, reference,
     shard1 = tmp_path / "log.tsv.shard1of3"
     assert [row[0] for row in _body(shard1)] == ["1", "4", "7", "10"]  # every 3rd selected image from the 2nd
     text = shard1.read_text()
-    shard1.write_text(text[: text.index("\n4\t") + 5])  # killed while writing its second row
+    shard1.write_text(text[:text.index("\n4\t") + 5])  # killed while writing its second row
     certify.main(_args(models, out, "--shard", "1/3", "--resume"))
     assert _body(shard1)[0][0] == "1" and len(_body(shard1)) == 4
     rows = certify.main(["--merge", str(out)])
@@ -884,19 +680,13 @@ def test_merge_refuses_missing_foreign_and_mixed_shards(models, tmp_path):
     with pytest.raises(UserError, match=r"no log for shard 2/3 .*missing idx: 2, 5, 8, 11$"):
         certify.main(["--merge", str(out)])
     certify.main(_args(models, out, "--shard", "2/3", "--seed", "4"))  # a foreign part: another seed
-    with pytest.raises(
-        UserError,
-        match=r"log.tsv.shard2of3 has a different configuration: seed=4 \(the others 3\).*"
-        r"missing idx: 2, 5, 8, 11$",
-    ):
+    with pytest.raises(UserError, match=r"log.tsv.shard2of3 has a different configuration: seed=4 \(the others 3\).*"
+                                        r"missing idx: 2, 5, 8, 11$"):
         certify.main(["--merge", str(out)])
-    shard2.write_text(saved[0][: saved[0].index("\n8\t")] + "\n")  # an incomplete shard (and its right sidecar)
+    shard2.write_text(saved[0][:saved[0].index("\n8\t")] + "\n")  # an incomplete shard (and its right sidecar)
     side2.write_text(saved[1])
-    with pytest.raises(
-        UserError,
-        match=r"shard2of3 is incomplete \(2 of 4 images.*--shard 2/3 --resume\).*"
-        r"missing idx: 8, 11$",
-    ):
+    with pytest.raises(UserError, match=r"shard2of3 is incomplete \(2 of 4 images.*--shard 2/3 --resume\).*"
+                                        r"missing idx: 8, 11$"):
         certify.main(["--merge", str(out)])
     shard2.write_text(saved[0])
     certify.main(_args(models, out, "--shard", "0/2"))  # a shard of another split beside them
@@ -953,43 +743,18 @@ def test_gpu_settings_reach_the_run_and_the_sidecar(models, tmp_path, monkeypatc
     line = cli_error(certify.main, _args(models, out, "--resume"))  # --tf32 is part of the configuration
     assert "tf32='off' (now 'conv')" in line
     seen.clear()
-    predict.main(
-        [
-            "--dataset",
-            "digits",
-            "--sigma",
-            "0.25",
-            "--N",
-            "20",
-            "--max_images",
-            "1",
-            "--device",
-            "cpu",
-            "--no_progress",
-            "--precision",
-            "fp32",
-            "--classifier_ckpt",
-            models["clf"],
-            "--denoiser_ckpt",
-            "none",
-            "--outfile",
-            str(tmp_path / "p.tsv"),
-            "--dist_timeout",
-            "0.5",
-        ]
-    )
+    predict.main(["--dataset", "digits", "--sigma", "0.25", "--N", "20", "--max_images", "1", "--device", "cpu",
+                  "--no_progress", "--precision", "fp32", "--classifier_ckpt", models["clf"], "--denoiser_ckpt", "none",
+                  "--outfile", str(tmp_path / "p.tsv"), "--dist_timeout", "0.5"])
     assert seen == [("init", "cpu", 0.5), ("math", "conv", False)]
     assert "--dist_timeout 0.0: must be a finite number > 0" in cli_error(
-        certify.main, _args(models, tmp_path / "x.tsv", "--dist_timeout", "0")
-    )
+        certify.main, _args(models, tmp_path / "x.tsv", "--dist_timeout", "0"))
     assert "--override seed: seed cannot be overridden; choose from device" in cli_error(
-        certify.main, _args(models, tmp_path / "x.tsv", "--override", "seed")
-    )
+        certify.main, _args(models, tmp_path / "x.tsv", "--override", "seed"))
 
 
-def test_resume_across_device_models_needs_override_device(
-    models, reference, tmp_path, monkeypatch, cli_error, files_of
-):
+def test_resume_across_device_models_needs_override_device(models, reference, tmp_path, monkeypatch, cli_error,
+                                                           files_of):
     import certification
 
     out = tmp_path / "log.tsv"
@@ -1022,10 +787,8 @@ def test_merge_across_device_models_needs_override_device(models, reference, tmp
     _doctor_info(tmp_path / "log.tsv.shard1of3", device_models=[A100])
     cpu = devices.device_model(torch.device("cpu"))
     line = cli_error(certify.main, ["--merge", out])
-    assert (
-        f"log.tsv.shard1of3 ran on cuda NVIDIA A100-SXM4-80GB (108 SMs), log.tsv.shard0of3 on "
-        f"{devices.describe_device_model(cpu)} (the CPU and CUDA generators"
-    ) in line
+    assert (f"log.tsv.shard1of3 ran on cuda NVIDIA A100-SXM4-80GB (108 SMs), log.tsv.shard0of3 on "
+            f"{devices.describe_device_model(cpu)} (the CPU and CUDA generators") in line
     assert "--override device" in line and line.endswith("missing idx: 1, 4, 7, 10") and not out.exists()
     assert "cannot be overridden" in cli_error(certify.main, ["--merge", out, "--override", "seed"])
     rows = certify.main(["--merge", str(out), "--override", "device"])

@@ -1,5 +1,4 @@
 """checkpoints.py: the one reader: weights_only loading, one-line errors naming flag and file, prefix stripping."""
-
 from __future__ import annotations
 
 import pytest
@@ -21,17 +20,14 @@ def _error(fn, *args, **kwargs) -> str:
 
 @pytest.mark.parametrize("mmap", [False, True])
 def test_read_state_dict_unwraps_and_strips(tmp_path, mmap):
-    for name, obj in (
-        ("bare", SD),
-        ("wrapped", {"state_dict": {"module." + k: v for k, v in SD.items()}, "epoch": 3}),
-        ("model", {"model": {"module.unet." + k: v for k, v in SD.items()}}),
-    ):
+    for name, obj in (("bare", SD), ("wrapped", {"state_dict": {"module." + k: v for k, v in SD.items()},
+                                                 "epoch": 3}),
+                      ("model", {"model": {"module.unet." + k: v for k, v in SD.items()}})):
         torch.save(obj, tmp_path / f"{name}.pt")
         sd, loaded = checkpoints.read_state_dict(tmp_path / f"{name}.pt", "--x", ("module.", "unet."), mmap=mmap)
         assert sd.keys() == SD.keys() and all(torch.equal(sd[k], SD[k]) for k in SD), name
         assert isinstance(loaded, dict)
     from safetensors.torch import save_file
-
     save_file(SD, str(tmp_path / "w.safetensors"))
     assert checkpoints.read_state_dict(tmp_path / "w.safetensors", "--x")[0].keys() == SD.keys()
 
@@ -48,8 +44,7 @@ def test_errors_name_flag_and_file(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert _error(checkpoints.load, garbage, "--denoiser_ckpt").startswith(
-        f"--denoiser_ckpt {garbage}: unreadable checkpoint ("
-    )
+        f"--denoiser_ckpt {garbage}: unreadable checkpoint (")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     msg = _error(checkpoints.read_state_dict, tmp_path / "list.pt", "--classifier_ckpt")
     assert msg.startswith(f"--classifier_ckpt {tmp_path / 'list.pt'}: not a state dict (found a list")

@@ -1,6 +1,5 @@
 """classifier.py: HF->timm ViT conversion against tests/fixtures/hf_vit, the [0,1] wrapper, LoRA, layer decay,
 checkpoint loading and its errors. ViT-B is only ever built on the meta device."""
-
 from __future__ import annotations
 
 import re
@@ -82,28 +81,18 @@ def test_hf_conversion_key_by_key(hf_dir, hf_config):
         hf = f"vit.encoder.layer.{n}."
         qkv_w, qkv_b = conv_legacy[f"blocks.{n}.attn.qkv.weight"], conv_legacy[f"blocks.{n}.attn.qkv.bias"]
         for i, part in enumerate(("query", "key", "value")):
-            assert torch.equal(qkv_w[i * d : (i + 1) * d], legacy[hf + f"attention.attention.{part}.weight"])
-            assert torch.equal(qkv_b[i * d : (i + 1) * d], legacy[hf + f"attention.attention.{part}.bias"])
-        pairs = {
-            "attn.proj": "attention.output.dense",
-            "mlp.fc1": "intermediate.dense",
-            "mlp.fc2": "output.dense",
-            "norm1": "layernorm_before",
-            "norm2": "layernorm_after",
-        }
+            assert torch.equal(qkv_w[i * d:(i + 1) * d], legacy[hf + f"attention.attention.{part}.weight"])
+            assert torch.equal(qkv_b[i * d:(i + 1) * d], legacy[hf + f"attention.attention.{part}.bias"])
+        pairs = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+                 "norm1": "layernorm_before", "norm2": "layernorm_after"}
         for timm_name, hf_name in pairs.items():
             for kind in ("weight", "bias"):
                 assert torch.equal(conv_legacy[f"blocks.{n}.{timm_name}.{kind}"], legacy[hf + f"{hf_name}.{kind}"])
-    globals_ = {
-        "cls_token": "vit.embeddings.cls_token",
-        "pos_embed": "vit.embeddings.position_embeddings",
-        "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
-        "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
-        "norm.weight": "vit.layernorm.weight",
-        "norm.bias": "vit.layernorm.bias",
-        "head.weight": "classifier.weight",
-        "head.bias": "classifier.bias",
-    }
+    globals_ = {"cls_token": "vit.embeddings.cls_token", "pos_embed": "vit.embeddings.position_embeddings",
+                "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+                "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+                "norm.weight": "vit.layernorm.weight", "norm.bias": "vit.layernorm.bias",
+                "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
     for timm_name, hf_name in globals_.items():
         assert torch.equal(conv_legacy[timm_name], legacy[hf_name])
 
@@ -130,33 +119,20 @@ def test_hf_folder_through_wrapper(hf_dir, ref):
 def _hf_vit_b_state_dict(num_labels: int = 10) -> dict:
     """A ViT-B/16 ViTForImageClassification state dict with legacy names, on the meta device (no memory)."""
     D, M, meta = 768, 3072, torch.device("meta")
-    sd = {
-        "vit.embeddings.cls_token": (1, 1, D),
-        "vit.embeddings.position_embeddings": (1, 197, D),
-        "vit.embeddings.patch_embeddings.projection.weight": (D, 3, 16, 16),
-        "vit.embeddings.patch_embeddings.projection.bias": (D,),
-    }
+    sd = {"vit.embeddings.cls_token": (1, 1, D), "vit.embeddings.position_embeddings": (1, 197, D),
+          "vit.embeddings.patch_embeddings.projection.weight": (D, 3, 16, 16),
+          "vit.embeddings.patch_embeddings.projection.bias": (D,)}
     for n in range(12):
         p = f"vit.encoder.layer.{n}."
-        for name in (
-            "attention.attention.query",
-            "attention.attention.key",
-            "attention.attention.value",
-            "attention.output.dense",
-        ):
+        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                     "attention.output.dense"):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = (D, D), (D,)
         sd[p + "intermediate.dense.weight"], sd[p + "intermediate.dense.bias"] = (M, D), (M,)
         sd[p + "output.dense.weight"], sd[p + "output.dense.bias"] = (D, M), (D,)
         for name in ("layernorm_before", "layernorm_after"):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = (D,), (D,)
-    sd.update(
-        {
-            "vit.layernorm.weight": (D,),
-            "vit.layernorm.bias": (D,),
-            "classifier.weight": (num_labels, D),
-            "classifier.bias": (num_labels,),
-        }
-    )
+    sd.update({"vit.layernorm.weight": (D,), "vit.layernorm.bias": (D,),
+               "classifier.weight": (num_labels, D), "classifier.bias": (num_labels,)})
     return {k: torch.zeros(shape, device=meta) for k, shape in sd.items()}
 
 
@@ -218,7 +194,6 @@ def test_builtin_archs_meta():
 def test_imagenet_mean_std():
     """imagenet_vit_base normalizes with its own (CLIP) mean/std at 384 px."""
     from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
     clf = C.get_architecture("imagenet_vit_base", device="meta")
     assert C._data_config(clf.model) == ((384, 384), tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
     assert clf.mean.shape == clf.std.shape == (1, 3, 1, 1)
@@ -330,11 +305,8 @@ def test_param_groups_lrd_follow_the_rule():
     assert len(by_param) == len(named)
     for name, p in named.items():
         g = by_param[id(p)]
-        layer = (
-            0
-            if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed")
-            else (int(name.split(".")[1]) + 1 if name.startswith("blocks.") else L + 1)
-        )
+        layer = 0 if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed") else (
+            int(name.split(".")[1]) + 1 if name.startswith("blocks.") else L + 1)
         assert g["lr_scale"] == pytest.approx(decay ** (L + 1 - layer)), name
         no_wd = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed")
         assert g["weight_decay"] == (0.0 if no_wd else wd), name
@@ -368,7 +340,6 @@ def test_bare_timm_state_dict_and_wrapper_state_dict(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(x), clf(x))
     from safetensors.torch import save_file
-
     save_file(clf.model.state_dict(), str(tmp_path / "w.safetensors"))
     loaded = C.get_architecture("digits_vit_tiny", checkpoint=tmp_path / "w.safetensors").eval()
     with torch.no_grad():
@@ -393,18 +364,12 @@ def test_errors(tmp_path):
     with pytest.raises(UserError, match="unreadable"):
         C.get_architecture("digits_vit_tiny", checkpoint=tmp_path / "garbage.pt")
     torch.save({"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(2)}, tmp_path / "wrong_keys.pt")
-    with pytest.raises(
-        UserError,
-        match=r"does not fit this architecture: \d+ missing keys \(e\.g\. cls_token.*; "
-        r"2 unexpected keys \(e\.g\. foo\.weight",
-    ):
+    with pytest.raises(UserError, match=r"does not fit this architecture: \d+ missing keys \(e\.g\. cls_token.*; "
+                                        r"2 unexpected keys \(e\.g\. foo\.weight"):
         C.get_architecture("digits_vit_tiny", checkpoint=tmp_path / "wrong_keys.pt")
     torch.save(C.get_architecture("digits_vit_tiny", num_classes=5).model.state_dict(), tmp_path / "five.pt")
-    with pytest.raises(
-        UserError,
-        match=r"2 tensors have the wrong shape \(file vs model: "
-        r"head\.weight \[5, 64\] vs \[10, 64\]",
-    ):
+    with pytest.raises(UserError, match=r"2 tensors have the wrong shape \(file vs model: "
+                                        r"head\.weight \[5, 64\] vs \[10, 64\]"):
         C.get_architecture("digits_vit_tiny", checkpoint=tmp_path / "five.pt")
     torch.save({"arch": "cifar10_vit_base", "state_dict": {"x": torch.zeros(1)}}, tmp_path / "other_arch.pt")
     with pytest.raises(UserError, match="written for --arch cifar10_vit_base"):
@@ -423,7 +388,6 @@ def test_errors(tmp_path):
 def test_hf_checkpoint_for_the_wrong_arch(hf_dir, tmp_path):
     """The tiny HF folder is not the paper's ViT-B/16: its config.json says so; without it, the shapes do."""
     import shutil
-
     shutil.copytree(hf_dir / "tiny_hf_vit", tmp_path / "tiny")
     with pytest.raises(UserError, match="not the paper's ViT-B/16.*hidden_size=48"):
         C.get_architecture("cifar10_vit_base", checkpoint=tmp_path / "tiny", device="meta")
@@ -443,7 +407,6 @@ def test_hf_conversion_errors(hf_dir):
 
 def test_pretrained_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for arch in ("cifar10_vit_base", "test_vit.r160_in1k"):
         with pytest.raises(UserError, match="--classifier_ckpt"):
@@ -460,7 +423,6 @@ def test_imagenet_vit_base_input_paper_and_model():
     """imagenet_vit_base (random weights) computes, in eval mode, the timm model on resize_384(2x - 1) by default and
     on the CLIP-normalized 384-px input with input_norm="model"."""
     from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
     torch.manual_seed(0)
     paper = C.get_architecture("imagenet_vit_base").eval()
     torch.manual_seed(0)
@@ -489,12 +451,10 @@ def test_input_norm_defaults_record_and_contradiction(tmp_path):
     assert net.input_norm == "model" and net.mean.flatten().tolist() == imagenet_mean
     assert C.get_architecture("test_byobnet", input_norm="paper").std.flatten().tolist() == half
     sd = net.model.state_dict()
-    cases = {
-        "recorded_paper": ({"state_dict": sd, "input_norm": "paper", "args": {}}, "paper"),
-        "old_train_py": ({"state_dict": sd, "args": {}}, "model"),  # before the option: the model's statistics
-        "paper_code": ({"state_dict": {"classifier." + k: v for k, v in sd.items()}}, "paper"),
-        "bare": (sd, "model"),
-    }
+    cases = {"recorded_paper": ({"state_dict": sd, "input_norm": "paper", "args": {}}, "paper"),
+             "old_train_py": ({"state_dict": sd, "args": {}}, "model"),  # before the option: the model's statistics
+             "paper_code": ({"state_dict": {"classifier." + k: v for k, v in sd.items()}}, "paper"),
+             "bare": (sd, "model")}
     for name, (obj, recorded) in cases.items():
         torch.save(obj, tmp_path / f"{name}.pt")
         if name == "paper_code":  # (its loading is test_paper_checkpoint_*: the paper's code only had ViTs)
@@ -524,7 +484,8 @@ def test_attn_drop_rate_is_the_papers_per_block_dropout():
     plain = C.get_architecture("digits_vit_tiny")
     torch.manual_seed(0)
     dropped = C.get_architecture("digits_vit_tiny", attn_drop_rate=0.5)
-    assert [b.attn.attn_drop.p for b in dropped.model.blocks] == [0.0, pytest.approx(1 / 6), pytest.approx(1 / 3), 0.5]
+    assert [b.attn.attn_drop.p for b in dropped.model.blocks] == [0.0, pytest.approx(1 / 6), pytest.approx(1 / 3),
+                                                                  0.5]
     assert all(b.attn.fused_attn for b in dropped.model.blocks)
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
@@ -540,11 +501,8 @@ def test_attn_drop_rate_is_the_papers_per_block_dropout():
 
 def _paper_checkpoint(path: Path, state_dict: dict, prefix: str = "classifier.", arch: str | None = None) -> Path:
     """A checkpoint as the paper's train.py writes it: epoch, arch, state_dict (of its wrapper), optimizer."""
-    obj = {
-        "epoch": 1,
-        "state_dict": {prefix + k: v for k, v in state_dict.items()},
-        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]},
-    }
+    obj = {"epoch": 1, "state_dict": {prefix + k: v for k, v in state_dict.items()},
+           "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}}
     if arch is not None:
         obj["arch"] = arch
     torch.save(obj, path)
@@ -555,17 +513,12 @@ def _paper_checkpoint(path: Path, state_dict: dict, prefix: str = "classifier.",
 def test_paper_checkpoint_hf_layout(hf_dir, ref, tmp_path, prefix):
     """CIFAR-10 full fine-tuning: Hugging Face ViT keys under classifier. (tiny HF ViT fixture)."""
     import shutil
-
     raw, _ = C.read_checkpoint(hf_dir / WEIGHT_FILES[0])
     (tmp_path / "run").mkdir()
     shutil.copy(hf_dir / "tiny_hf_vit" / "config.json", tmp_path / "run" / "config.json")
     path = _paper_checkpoint(tmp_path / "run" / "checkpoint-1.pth.tar", raw, prefix, arch="hf_vit")
-    assert (
-        C.upstream_layout(
-            {k[len("classifier.") :]: v for k, v in {"classifier." + k: v for k, v in raw.items()}.items()}
-        )
-        == "hf_vit"
-    )
+    assert C.upstream_layout({k[len("classifier."):]: v for k, v in {"classifier." + k: v
+                                                                      for k, v in raw.items()}.items()}) == "hf_vit"
     loaded = C.get_architecture("hf_vit", checkpoint=path).eval()
     with torch.no_grad():
         logits = loaded.model(torch.from_numpy(ref["input"])).numpy()
@@ -633,9 +586,6 @@ def test_paper_checkpoint_lora_layout(tmp_path, alpha, ft_method):
 
 def test_paper_checkpoint_unknown_layout_is_named(tmp_path):
     path = _paper_checkpoint(tmp_path / "odd.pth.tar", {"encoder.weight": torch.zeros(2), "fc.bias": torch.zeros(2)})
-    with pytest.raises(
-        UserError,
-        match=r"paper's code .* not recognised: keys classifier\.encoder\.weight, "
-        r"classifier\.fc\.bias; known: classifier\.vit\.\*",
-    ):
+    with pytest.raises(UserError, match=r"paper's code .* not recognised: keys classifier\.encoder\.weight, "
+                                        r"classifier\.fc\.bias; known: classifier\.vit\.\*"):
         C.get_architecture("test_vit", checkpoint=path)

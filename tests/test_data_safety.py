@@ -3,7 +3,6 @@ other outputs, files the user put beside ours, replaced or corrupted weights, a 
 
 Runs on the digits dataset with the shipped small models (``models/``), few images and small N, on the CPU.
 """
-
 from __future__ import annotations
 
 import json
@@ -27,27 +26,8 @@ from runkit.logs import HEADER, LogWarning
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 CLASSIFIER, DENOISER = MODELS / "digits_vit_tiny.pt", MODELS / "digits_denoiser.pt"
-CERTIFY = [
-    "--dataset",
-    "digits",
-    "--sigma",
-    "0.25",
-    "--N0",
-    "10",
-    "--N",
-    "50",
-    "--device",
-    "cpu",
-    "--no_progress",
-    "--seed",
-    "3",
-    "--precision",
-    "fp32",
-    "--denoiser_ckpt",
-    "none",
-    "--batch_size",
-    "64",
-]
+CERTIFY = ["--dataset", "digits", "--sigma", "0.25", "--N0", "10", "--N", "50", "--device", "cpu", "--no_progress",
+           "--seed", "3", "--precision", "fp32", "--denoiser_ckpt", "none", "--batch_size", "64"]
 
 
 def _certify(outfile: Path, *extra: str) -> list[str]:
@@ -74,38 +54,10 @@ def _copy_log(log: Path, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ requeue of a finished run
-TRAIN = [
-    "--dataset",
-    "digits",
-    "--device",
-    "cpu",
-    "--batch",
-    "8",
-    "--num_noises",
-    "2",
-    "--accum_iter",
-    "1",
-    "--workers",
-    "0",
-    "--log_every",
-    "1",
-    "--test_per_class",
-    "1",
-    "--train_noise_sd",
-    "0.25",
-    "--epochs",
-    "1",
-    "--warmup_epochs",
-    "0.01",
-    "--precision",
-    "fp32",
-    "--no_progress",
-    "--no_tensorboard",
-    "--classifier_ckpt",
-    str(CLASSIFIER),
-    "--denoiser_ckpt",
-    str(DENOISER),
-]
+TRAIN = ["--dataset", "digits", "--device", "cpu", "--batch", "8", "--num_noises", "2", "--accum_iter", "1",
+         "--workers", "0", "--log_every", "1", "--test_per_class", "1", "--train_noise_sd", "0.25", "--epochs", "1",
+         "--warmup_epochs", "0.01", "--precision", "fp32", "--no_progress", "--no_tensorboard",
+         "--classifier_ckpt", str(CLASSIFIER), "--denoiser_ckpt", str(DENOISER)]
 
 
 def test_requeue_of_a_finished_training_run_keeps_its_logs(tmp_path, capsys, files_of):
@@ -212,10 +164,8 @@ def test_a_lock_file_that_is_a_symlink_is_refused(tmp_path, dangling):
 
 def test_start_up_cleanup_removes_only_this_outputs_temporaries(tmp_path):
     out = tmp_path / "a.tsv"
-    others = [
-        tmp_path / name
-        for name in (".a.tsv2.abcd1234.tmp", ".a.tsv_backup.k3j4h5g6.tmp", ".a.tsv.x.tmp", ".a.tsv.abcd12345.tmp")
-    ]
+    others = [tmp_path / name for name in (".a.tsv2.abcd1234.tmp", ".a.tsv_backup.k3j4h5g6.tmp",
+                                           ".a.tsv.x.tmp", ".a.tsv.abcd12345.tmp")]
     ours = [tmp_path / name for name in (".a.tsv.x1y2z3w4.tmp", ".a.tsv.json.q1w_e3r4.tmp")]
     for p in others + ours:
         p.write_text("x")
@@ -241,15 +191,8 @@ def test_demo_rerun_keeps_a_users_file_in_its_training_folder(tmp_path):
     outdir = tmp_path / "D"
     (outdir / "ft_cadis").mkdir(parents=True)
     (outdir / demo.MARKER).write_text("written by demo.py\n")
-    for name in (
-        "checkpoint-1.pth.tar",
-        "checkpoint-step6.pth.tar",
-        "checkpoint-step6.pth.tar.sha256",
-        "log.txt",
-        "log_steps.txt",
-        "events.out.tfevents.1.host.1.0",
-        "ft_cadis.tsv",
-    ):
+    for name in ("checkpoint-1.pth.tar", "checkpoint-step6.pth.tar", "checkpoint-step6.pth.tar.sha256", "log.txt",
+                 "log_steps.txt", "events.out.tfevents.1.host.1.0", "ft_cadis.tsv"):
         (outdir / "ft_cadis" / name).write_text("demo\n")
     (outdir / "ft_cadis.tsv").write_text("demo\n")
     notes = outdir / "ft_cadis" / "notes.txt"
@@ -302,9 +245,8 @@ def test_training_records_the_default_classifier_file(tmp_path, monkeypatch):
     default = tmp_path / "digits_vit_tiny.pt"
     shutil.copy(CLASSIFIER, default)
     monkeypatch.setattr(classifier, "DIGITS_CHECKPOINT", default)
-    cfg = training.resolve_config(
-        training.TrainConfig(dataset="digits", train_noise_sd=0.25, device="cpu", outdir=str(tmp_path / "run"))
-    )
+    cfg = training.resolve_config(training.TrainConfig(dataset="digits", train_noise_sd=0.25, device="cpu",
+                                                       outdir=str(tmp_path / "run")))
     paths = {role: Path(path) for role, (_, path) in training.checkpoint_files(cfg).items()}
     assert default in paths.values() and DENOISER.resolve() in {p.resolve() for p in paths.values()}
 
@@ -322,28 +264,11 @@ def test_a_corrupted_training_checkpoint_is_refused(tmp_path, cli_error):
     data[where + 3] ^= 0x40
     ckpt.write_bytes(bytes(data))
     assert not torch.equal(torch.load(ckpt, weights_only=True)["state_dict"][name], state[name])  # torch loads it
-    line = cli_error(
-        train.main,
-        [
-            "--dataset",
-            "digits",
-            "--resume",
-            str(ckpt),
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-            "--no_progress",
-            "--no_test",
-            "--max_steps",
-            "2",
-        ],
-    )
+    line = cli_error(train.main, ["--dataset", "digits", "--resume", str(ckpt), "--device", "cpu", "--workers", "0",
+                                  "--no_progress", "--no_test", "--max_steps", "2"])
     assert f"--resume {ckpt}" in line and "sha256" in line, line
-    line = cli_error(
-        certify.main,
-        CERTIFY + ["--finetuned_path", str(ckpt), "--outfile", str(tmp_path / "c.tsv"), "--max_images", "1"],
-    )
+    line = cli_error(certify.main, CERTIFY + ["--finetuned_path", str(ckpt), "--outfile", str(tmp_path / "c.tsv"),
+                                              "--max_images", "1"])
     assert f"--finetuned_path {ckpt}" in line and "sha256" in line, line
     record = Path(str(ckpt) + ".sha256").read_text()  # what sha256sum -c reads
     assert record.endswith(f"  {ckpt.name}\n") and len(record.split()[0]) == 64
@@ -369,9 +294,8 @@ def test_non_finite_logits_are_an_error(tmp_path, cli_error, files_of):
     nan = tmp_path / "nan.pt"
     torch.save(state, nan)
     out = tmp_path / "log.tsv"
-    line = cli_error(
-        certify.main, CERTIFY + ["--classifier_ckpt", str(nan), "--outfile", str(out), "--max_images", "2"]
-    )
+    line = cli_error(certify.main, CERTIFY + ["--classifier_ckpt", str(nan), "--outfile", str(out),
+                                              "--max_images", "2"])
     assert "non-finite" in line, line
     assert not out.exists() or _rows(out) == []
 
@@ -396,11 +320,8 @@ def test_every_counting_path_refuses_non_finite_logits(value):
 
     smoothed = Smooth(_SometimesNaN(value), 3, 0.25)
     x = torch.zeros(1, 4, 4)
-    for call in (
-        lambda: smoothed.certify(x, 10, 50, 0.001, 16),
-        lambda: smoothed.predict(x, 50, 0.001, 16),
-        lambda: certify_sequential(smoothed, x, 10, 200, 0.001, 16, [0.0, 0.25]),
-    ):
+    for call in (lambda: smoothed.certify(x, 10, 50, 0.001, 16), lambda: smoothed.predict(x, 50, 0.001, 16),
+                 lambda: certify_sequential(smoothed, x, 10, 200, 0.001, 16, [0.0, 0.25])):
         with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
             call()
 

@@ -1,5 +1,4 @@
 """datasets.py: the embedded digits split, missing-data errors, ImageNet transforms and the certification subset."""
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +37,6 @@ def test_digits_split_shapes_ranges_balance():
 
 def test_digits_match_sklearn_and_are_deterministic():
     from sklearn.datasets import load_digits
-
     digits = load_digits()
     a, b = D.get_dataset("digits", "test"), D.get_dataset("digits", "test")
     assert a.indices == b.indices and torch.equal(a.images, b.images)
@@ -126,7 +124,6 @@ def test_paper_imagenet_subset_reproduces_the_papers_rule():
     """Both cases of fixtures/upstream/imagenet_subset.json (outputs of the paper's code), exactly."""
     import json
     import random
-
     cases = json.loads((Path(__file__).parent / "fixtures" / "upstream" / "imagenet_subset.json").read_text())["cases"]
     assert len(cases) == 2
     state = random.getstate()

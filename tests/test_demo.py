@@ -1,6 +1,5 @@
 """The embedded demo: the shipped digits models load and perform as models/digits_metrics.json reports, and a
 shortened demo (10 images, N = 40, 6 FT-CADIS steps) runs end to end through certify.py / train.py / analyze.py."""
-
 from __future__ import annotations
 
 import json
@@ -65,15 +64,8 @@ def test_quick_demo_end_to_end(tmp_path):
     threads = torch.get_num_threads()
     summary = demo.main(["--quick", "--outdir", str(outdir), "--no_progress", "--threads", "1"])
     assert torch.get_num_threads() == threads  # restored
-    for name in (
-        "off_the_shelf.tsv",
-        "ft_cadis.tsv",
-        "table.md",
-        "table.csv",
-        "table.txt",
-        "certified_accuracy.png",
-        "summary.json",
-    ):
+    for name in ("off_the_shelf.tsv", "ft_cadis.tsv", "table.md", "table.csv", "table.txt",
+                 "certified_accuracy.png", "summary.json"):
         assert (outdir / name).is_file() and (outdir / name).stat().st_size > 0, name
     assert list((outdir / "ft_cadis").glob("checkpoint-*.pth.tar"))
     table = pd.read_csv(outdir / "table.csv", index_col=0)
@@ -96,10 +88,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert sequential["N"] == 40 and 0 < sequential["samples_per_image"] <= 40
     assert "samples/img" in (outdir / "table_sequential.txt").read_text()
     # both certifications used the same images
-    assert (
-        pd.read_csv(outdir / "off_the_shelf.tsv", sep="\t")["idx"].tolist()
-        == pd.read_csv(outdir / "ft_cadis.tsv", sep="\t")["idx"].tolist()
-    )
+    assert (pd.read_csv(outdir / "off_the_shelf.tsv", sep="\t")["idx"].tolist()
+            == pd.read_csv(outdir / "ft_cadis.tsv", sep="\t")["idx"].tolist())
 
 
 def test_outdir_is_replaced_only_when_it_is_the_demos(tmp_path, capsys):
@@ -129,17 +119,14 @@ def test_bad_flags_are_user_errors(tmp_path):
         demo.main(["--quick", "--outdir", str(tmp_path / "o"), "--N", "0"])
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--alpha", "1.5"], r"--alpha 1.5: must be a finite number > 0 and < 1"),
-        (["--alpha", "0"], r"--alpha 0.0: must be a finite number > 0 and < 1"),
-        (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
-        (["--sigma", "nan"], r"--sigma nan: must be a finite number > 0"),
-        (["--device", "meta"], r"--device meta: not a device this program runs on"),
-        (["--outdir", "{file}/out"], r"--outdir .*file\.txt/out: .*file\.txt is a file, not a folder"),
-    ],
-)
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "1.5"], r"--alpha 1.5: must be a finite number > 0 and < 1"),
+    (["--alpha", "0"], r"--alpha 0.0: must be a finite number > 0 and < 1"),
+    (["--alpha", "nan"], r"--alpha nan: must be a finite number > 0 and < 1"),
+    (["--sigma", "nan"], r"--sigma nan: must be a finite number > 0"),
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    (["--outdir", "{file}/out"], r"--outdir .*file\.txt/out: .*file\.txt is a file, not a folder"),
+])
 def test_bad_values_are_one_line_errors_that_write_nothing(tmp_path, cli_error, files_of, extra, message):
     (tmp_path / "file.txt").write_text("keep")
     before = files_of(tmp_path)
@@ -150,7 +137,6 @@ def test_bad_values_are_one_line_errors_that_write_nothing(tmp_path, cli_error, 
 
 def test_a_demo_running_in_the_outdir_locks_it(tmp_path, cli_error, files_of, lock_held_elsewhere):
     from runkit.locks import lock_path
-
     out = tmp_path / "o"
     demo.prepare_outdir(out)
     (out / "table.md").write_text("the running demo's")

@@ -1,5 +1,4 @@
 """Tests for unet.py / denoiser.py against the upstream references in tests/fixtures/diffusion."""
-
 from __future__ import annotations
 
 import json
@@ -39,10 +38,8 @@ def _json(path: Path) -> dict:
 
 def _rule_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fixtures' weight rule: entry i of state_dict() = default_rng(i).standard_normal(shape) * 0.05, float64."""
-    return {
-        k: torch.from_numpy(np.random.default_rng(i).standard_normal(tuple(v.shape)) * 0.05)
-        for i, (k, v) in enumerate(model.state_dict().items())
-    }
+    return {k: torch.from_numpy(np.random.default_rng(i).standard_normal(tuple(v.shape)) * 0.05)
+            for i, (k, v) in enumerate(model.state_dict().items())}
 
 
 def _small_denoiser(diffusion_dir: Path, name: str, dtype: torch.dtype) -> DiffusionDenoiser:
@@ -60,7 +57,6 @@ def small_models(diffusion_dir: Path) -> dict:
         if (name, dtype) not in cache:
             cache[name, dtype] = _small_denoiser(diffusion_dir, name, dtype)
         return cache[name, dtype]
-
     return get
 
 
@@ -75,7 +71,6 @@ def _entries(model: nn.Module) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Architecture: keys, shapes, order, parameter counts
 # ----------------------------------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_state_dict_matches_manifest(diffusion_dir, name):
@@ -111,16 +106,8 @@ def test_build_unet_resolves_upstream_defaults():
         assert build_unet(image_size=64, attention_resolutions="16,8").attention_resolutions == (4, 8)
         unet512 = build_unet(image_size=512, num_channels=64, num_res_blocks=1)
         assert unet512.channel_mult[0] == 0.5 and unet512.input_blocks[0][0].out_channels == 32
-        custom = build_unet(
-            image_size=16,
-            channel_mult="1,2,2",
-            attention_resolutions="8",
-            num_channels=32,
-            num_res_blocks=1,
-            num_heads=4,
-            num_heads_upsample=2,
-            learn_sigma=True,
-        )
+        custom = build_unet(image_size=16, channel_mult="1,2,2", attention_resolutions="8", num_channels=32,
+                            num_res_blocks=1, num_heads=4, num_heads_upsample=2, learn_sigma=True)
         assert custom.channel_mult == (1, 2, 2) and custom.attention_resolutions == (2,) and custom.out_channels == 6
         attn = [m for m in custom.modules() if isinstance(m, AttentionBlock)]
         assert [m.num_heads for m in attn] == [4, 4, 2, 2]  # input block, middle, 2 output blocks at ds=2
@@ -158,7 +145,6 @@ def test_attention_orders_match_upstream_formula(new_order):
 # ----------------------------------------------------------------------------------------------------------------
 # Numerical references (forward and one-shot denoise)
 # ----------------------------------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("name", SMALL)
 def test_forward_matches_reference(diffusion_dir, small_models, name):
@@ -200,17 +186,12 @@ def test_denoise_matches_reference(diffusion_dir, small_models, name):
 # Schedules and sigma -> t*
 # ----------------------------------------------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("name", list(FULL))
 def test_schedule_and_timestep_for_sigma(diffusion_dir, name):
     schedule = _json(diffusion_dir / f"{FULL[name]}_schedule.json")
     with torch.device("meta"):  # the schedule is built from numpy, off the meta device
         den = build_denoiser(name)
-    assert (
-        den.alphas_cumprod.device.type == "cpu"
-        and den.alphas_cumprod.dtype == torch.float64
-        and den.num_timesteps == schedule["num_timesteps"]
-    )
+    assert den.alphas_cumprod.device.type == "cpu" and den.alphas_cumprod.dtype == torch.float64 and den.num_timesteps == schedule["num_timesteps"]
     np.testing.assert_allclose(den.alphas_cumprod.numpy(), schedule["alphas_cumprod"], rtol=0, atol=1e-12)
     den.to(torch.float32)  # the schedule stays float64
     assert den.alphas_cumprod.dtype == torch.float64
@@ -223,15 +204,8 @@ def test_schedule_and_timestep_for_sigma(diffusion_dir, name):
     assert den.timestep_for_sigma(1e-9) == 1  # t = 0 is never chosen
 
 
-@pytest.mark.parametrize(
-    "sigma, match",
-    [
-        (0.0, "sigma must be > 0"),
-        (-0.5, "sigma must be > 0"),
-        (float("nan"), "sigma must be > 0"),
-        (1e6, "beyond the largest noise"),
-    ],
-)
+@pytest.mark.parametrize("sigma, match", [(0.0, "sigma must be > 0"), (-0.5, "sigma must be > 0"),
+                                          (float("nan"), "sigma must be > 0"), (1e6, "beyond the largest noise")])
 def test_timestep_for_sigma_rejects_bad_sigma(sigma, match):
     den = build_denoiser("digits")
     with pytest.raises(UserError, match=match) as err:
@@ -243,7 +217,6 @@ def test_timestep_for_sigma_rejects_bad_sigma(sigma, match):
 # ----------------------------------------------------------------------------------------------------------------
 # Precision, memory format, input sizes, gradients
 # ----------------------------------------------------------------------------------------------------------------
-
 
 def test_bf16_autocast_and_channels_last_close_to_fp32(diffusion_dir, small_models):
     den = small_models("improved_small", torch.float32)
@@ -294,7 +267,6 @@ def test_gradient_flows_to_input_only_when_asked():
 # Checkpoints: round trip and clear errors
 # ----------------------------------------------------------------------------------------------------------------
 
-
 @pytest.fixture(scope="module")
 def digits_state_dict() -> dict:
     den = build_denoiser("digits")
@@ -307,12 +279,9 @@ def test_checkpoint_round_trip(tmp_path, digits_state_dict, wrap):
     den.unet.load_state_dict(digits_state_dict)
     den.eval()
     sd = den.unet.state_dict()
-    obj = {
-        "plain": sd,
-        "state_dict": {"state_dict": sd, "epoch": 3},
-        "model_module": {"model": {"module." + k: v for k, v in sd.items()}},
-        "denoiser": den.state_dict(),
-    }[wrap]
+    obj = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3},
+           "model_module": {"model": {"module." + k: v for k, v in sd.items()}},
+           "denoiser": den.state_dict()}[wrap]
     path = tmp_path / "digits.pt"
     atomic_torch_save(obj, path)
     loaded = load_denoiser("digits", path, device="cpu")
@@ -345,9 +314,7 @@ def test_load_errors(tmp_path, digits_state_dict):
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    assert "--denoiser_ckpt" in _load_error("digits", garbage) and "unreadable checkpoint" in _load_error(
-        "digits", garbage
-    )
+    assert "--denoiser_ckpt" in _load_error("digits", garbage) and "unreadable checkpoint" in _load_error("digits", garbage)
 
     as_list = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], as_list)
@@ -402,7 +369,6 @@ def test_unet_forward_scalar_timestep_and_class_cond():
 # ----------------------------------------------------------------------------------------------------------------
 # Multi-step denoising (the paper's multistep=True)
 # ----------------------------------------------------------------------------------------------------------------
-
 
 def _posterior_chain(unet: nn.Module, schedule: dict, x_noisy: torch.Tensor, t: int, seeds: list) -> torch.Tensor:
     """The reverse chain t, ..., 0 written out from the schedule file's betas / alphas_cumprod (upstream's arrays):

@@ -1,5 +1,4 @@
 """fast.py: every opt-in speed-up computes the plain path's function (exactly where the trick is exact)."""
-
 from __future__ import annotations
 
 import copy
@@ -27,7 +26,6 @@ def _one_thread():
 def _random_vit(**kw) -> nn.Module:
     """A small timm ViT with every parameter (LayerNorms, biases, class token) random, in float64."""
     from timm.models.vision_transformer import VisionTransformer
-
     torch.manual_seed(0)
     vit = VisionTransformer(**{**_SMALL_VIT, **kw}).double().eval()
     with torch.no_grad():
@@ -39,7 +37,6 @@ def _random_vit(**kw) -> nn.Module:
 def _digits_model(seed: int = 0) -> DenoisedClassifier:
     """f o D at digits size with random weights (the UNet's zero-initialised layers made non-zero), fp32, eval."""
     import bench
-
     torch.manual_seed(seed)
     denoiser = build_denoiser("digits")
     bench._randomize_zero_init(denoiser.unet)
@@ -52,15 +49,12 @@ def _digits_model(seed: int = 0) -> DenoisedClassifier:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},  # the cifar10_vit_base structure (CLS token, post-norm head)
-        dict(pre_norm=True, qkv_bias=True),  # the CLIP tower of imagenet_vit_base
-        dict(reg_tokens=2, init_values=0.1, qk_norm=True),  # registers, LayerScale, q/k norms
-        dict(qkv_bias=False),
-    ],
-)
+@pytest.mark.parametrize("kw", [
+    {},  # the cifar10_vit_base structure (CLS token, post-norm head)
+    dict(pre_norm=True, qkv_bias=True),  # the CLIP tower of imagenet_vit_base
+    dict(reg_tokens=2, init_values=0.1, qk_norm=True),  # registers, LayerScale, q/k norms
+    dict(qkv_bias=False),
+])
 def test_class_token_forward_is_the_full_forward(kw):
     vit = _random_vit(**kw)
     assert fast.supports_class_token_forward(vit)
@@ -123,8 +117,7 @@ def test_fp32_fast_path_agrees_with_the_plain_path():
     assert quick.classifier.inference_forward is fast.vit_class_token_forward
     assert model.classifier.inference_forward is None  # the plain model is untouched
     x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)) + 0.25 * torch.randn(
-        64, 3, 16, 16, generator=torch.Generator().manual_seed(2)
-    )
+        64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain, short = model(x), quick(x)
     assert plain.std() > 0.1
@@ -185,14 +178,12 @@ def test_compile_for_inference_compiles_both_networks(monkeypatch):
     forward runs through it, without paying for inductor."""
     import torch._inductor.config as inductor_config
     from torch._inductor import list_mode_options
-
     compiled = {}
 
     def spy(fn, **kwargs):
         def run(*args, **kw):
             compiled[type(fn.__self__).__name__]["calls"] += 1
             return fn(*args, **kw)
-
         compiled[type(fn.__self__).__name__] = {"kwargs": kwargs, "calls": 0}
         return run
 
@@ -203,10 +194,8 @@ def test_compile_for_inference_compiles_both_networks(monkeypatch):
     plain = _digits_model()
     model = fast.compile_for_inference_(copy.deepcopy(plain))
     assert set(compiled) == {"UNetModel", "ImageClassifier"} and not inductor_config.freezing
-    assert all(
-        c["kwargs"] == {"mode": None, "options": {"freezing": True}, "dynamic": False} and c["calls"] == 0
-        for c in compiled.values()
-    )
+    assert all(c["kwargs"] == {"mode": None, "options": {"freezing": True}, "dynamic": False} and c["calls"] == 0
+               for c in compiled.values())
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.eval()(x), plain(x))
@@ -214,4 +203,5 @@ def test_compile_for_inference_compiles_both_networks(monkeypatch):
     compiled.clear()
     fast.compile_for_inference_(DenoisedClassifier(None, copy.deepcopy(plain.classifier), 0.25), mode="max-autotune")
     options = {**list_mode_options("max-autotune"), "freezing": True}  # CPU: the mode's options, plus freezing
-    assert compiled == {"ImageClassifier": {"kwargs": {"mode": None, "options": options, "dynamic": False}, "calls": 0}}
+    assert compiled == {"ImageClassifier": {"kwargs": {"mode": None, "options": options, "dynamic": False},
+                                            "calls": 0}}

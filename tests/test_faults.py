@@ -5,7 +5,6 @@ before it stay complete (``tests/faults.py`` injects the faults).
 
 Runs on the shipped digits models (``models/``), without the denoiser where it is not the point, a few images each.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -31,73 +30,16 @@ SCRIPTS = ("certify.py", "predict.py", "train.py", "analyze.py", "demo.py", "ben
 
 
 def certify_args(out: Path, *extra: str, images: int = 6) -> list[str]:
-    return [
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.1",
-        "--N0",
-        "10",
-        "--N",
-        "40",
-        "--max_images",
-        str(images),
-        "--device",
-        "cpu",
-        "--no_progress",
-        "--seed",
-        "3",
-        "--precision",
-        "fp32",
-        "--classifier_ckpt",
-        str(CLF),
-        "--denoiser_ckpt",
-        "none",
-        "--batch_size",
-        "64",
-        "--outfile",
-        str(out),
-        *map(str, extra),
-    ]
+    return ["--dataset", "digits", "--sigma", "0.1", "--N0", "10", "--N", "40", "--max_images", str(images),
+            "--device", "cpu", "--no_progress", "--seed", "3", "--precision", "fp32", "--classifier_ckpt", str(CLF),
+            "--denoiser_ckpt", "none", "--batch_size", "64", "--outfile", str(out), *map(str, extra)]
 
 
 def train_args(outdir: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset",
-        "digits",
-        "--denoiser_ckpt",
-        str(DEN),
-        "--classifier_ckpt",
-        str(CLF),
-        "--device",
-        "cpu",
-        "--batch",
-        "8",
-        "--num_noises",
-        "2",
-        "--workers",
-        "0",
-        "--log_every",
-        "1",
-        "--test_per_class",
-        "1",
-        "--train_noise_sd",
-        "0.25",
-        "--epochs",
-        "1",
-        "--warmup_epochs",
-        "0.01",
-        "--blr",
-        "0.05",
-        "--num-steps",
-        "1",
-        "--precision",
-        "fp32",
-        "--no_progress",
-        "--outdir",
-        str(outdir),
-        *map(str, extra),
-    ]
+    return ["--dataset", "digits", "--denoiser_ckpt", str(DEN), "--classifier_ckpt", str(CLF), "--device", "cpu",
+            "--batch", "8", "--num_noises", "2", "--workers", "0", "--log_every", "1", "--test_per_class", "1",
+            "--train_noise_sd", "0.25", "--epochs", "1", "--warmup_epochs", "0.01", "--blr", "0.05", "--num-steps",
+            "1", "--precision", "fp32", "--no_progress", "--outdir", str(outdir), *map(str, extra)]
 
 
 def _rows(path: Path) -> list[str]:
@@ -146,10 +88,8 @@ def _run(argv: list[str], timeout: float = 120, **kwargs) -> subprocess.Complete
 
     def limits() -> None:  # a script that reads /dev/zero whole must not take the machine's memory with it
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-
-    return subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=limits, **kwargs
-    )
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limits, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +105,6 @@ def no_models(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("the models were loaded")
-
     monkeypatch.setattr(certification, "build_smoothed", refuse)
     monkeypatch.setattr(training, "build_run", refuse)
 
@@ -174,7 +113,6 @@ def no_models(monkeypatch):
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted certify.py log of 6 images."""
     import certify
-
     out = tmp_path_factory.mktemp("reference") / "log.tsv"
     certify.main(certify_args(out))
     return out
@@ -186,11 +124,9 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("radius", ["nan", "inf", "-0.5"])
-def test_resume_refuses_a_log_with_an_impossible_radius_before_any_work(
-    reference, tmp_path, cli_error, files_of, no_models, radius
-):
+def test_resume_refuses_a_log_with_an_impossible_radius_before_any_work(reference, tmp_path, cli_error, files_of,
+                                                                       no_models, radius):
     import certify
-
     out = tmp_path / "log.tsv"
     shutil.copy(reference.with_name("log.tsv.json"), tmp_path)
     lines = reference.read_text().split("\n")
@@ -212,7 +148,7 @@ def test_resume_refuses_a_log_with_an_impossible_radius_before_any_work(
 def _assert_prefix(log: Path, reference: Path, at_least: int = 0) -> int:
     """``log`` holds the first rows of ``reference`` (a last line cut short aside); returns how many."""
     rows = _rows(log)
-    assert len(rows) >= at_least and rows == _rows(reference)[: len(rows)], (rows, _rows(reference))
+    assert len(rows) >= at_least and rows == _rows(reference)[:len(rows)], (rows, _rows(reference))
     return len(rows)
 
 
@@ -222,7 +158,6 @@ def test_a_full_disk_while_certifying_fresh_and_on_resume_loses_nothing(tmp_path
     stops too, and once space is freed a --resume completes the log as an uninterrupted run writes it. (Where this
     process may not mount a tmpfs, the same is asserted through an injected ENOSPC.)"""
     import certify
-
     images = 150  # about 5 KiB of rows: more than the one page the full disk leaves for the log
     reference = tmp_path / "reference" / "log.tsv"
     certify.main(certify_args(reference, images=images))
@@ -261,7 +196,6 @@ def test_a_full_disk_while_train_saves_a_checkpoint_keeps_the_earlier_ones(tmp_p
     temporary file is left, and once space is freed --resume auto completes the run. (Injected ENOSPC where a tmpfs
     cannot be mounted.)"""
     import train
-
     args = ("--max_steps", "2", "--ckpt_every_steps", "1", "--no_test", "--no_tensorboard")
     with faults.small_tmpfs(tmp_path / "disk", size_kib=8 << 10) as disk:
         if disk is None:
@@ -306,11 +240,9 @@ CERTIFY_WRITERS = {  # name -> (file name glob, k, extra flags, as rank 0 of 2 p
 
 @pytest.mark.parametrize("writer", list(CERTIFY_WRITERS))
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
-def test_a_write_error_of_a_certification_writer_is_one_line_and_loses_nothing(
-    writer, code, reference, tmp_path, capsys, files_of
-):
+def test_a_write_error_of_a_certification_writer_is_one_line_and_loses_nothing(writer, code, reference, tmp_path,
+                                                                              capsys, files_of):
     import certify
-
     match, k, extra, two, named = CERTIFY_WRITERS[writer]
     out = tmp_path / "log.tsv"
     if "--resume" in extra:
@@ -334,12 +266,10 @@ def test_a_write_error_of_a_certification_writer_is_one_line_and_loses_nothing(
     assert _rows(out) == _rows(reference)
 
 
-@pytest.mark.parametrize(
-    "match, named", [(".log.tsv.????????.tmp", "log.tsv"), (".log.tsv.json.*.tmp", "log.tsv.json")]
-)
+@pytest.mark.parametrize("match, named", [(".log.tsv.????????.tmp", "log.tsv"),
+                                          (".log.tsv.json.*.tmp", "log.tsv.json")])
 def test_a_write_error_while_merging_shards_keeps_the_shards(match, named, reference, tmp_path, cli_error, files_of):
     import certify
-
     out = tmp_path / "log.tsv"
     for k in range(2):
         certify.main(certify_args(out, "--shard", f"{k}/2"))
@@ -364,7 +294,6 @@ TRAIN_WRITERS = {  # name -> (file name glob, k)
 @pytest.mark.parametrize("writer", list(TRAIN_WRITERS))
 def test_a_write_error_of_a_train_writer_is_one_line_and_resume_completes(writer, tmp_path, cli_error):
     import train
-
     match, k = TRAIN_WRITERS[writer]
     out = tmp_path / "run"
     args = train_args(out, "--max_steps", "3", "--ckpt_every_steps", "1", "--no_test", "--no_tensorboard")
@@ -381,7 +310,6 @@ def test_a_write_error_of_a_train_writer_is_one_line_and_resume_completes(writer
 
 def test_tensorboard_failing_to_write_warns_once_and_training_goes_on(tmp_path, capsys):
     import train
-
     out = tmp_path / "run"
     with faults.write_faults("events.out.tfevents.*", k=2) as failed:
         result = train.main(train_args(out, "--max_steps", "3", "--no_test"))
@@ -393,7 +321,6 @@ def test_tensorboard_failing_to_write_warns_once_and_training_goes_on(tmp_path, 
 @pytest.mark.parametrize("flag, name", [("--out", "table.md"), ("--plot", "plot.png")])
 def test_a_write_error_of_an_analyze_output_keeps_the_previous_file(flag, name, reference, tmp_path, cli_error):
     import analyze
-
     target = tmp_path / name
     analyze.main([str(reference), flag, str(target)])
     previous = target.read_bytes()
@@ -414,10 +341,8 @@ def _attribute(path: Path, flag: str):
     """``chattr +<flag> path`` for the block (True), or False where this file system or process may not set it (or
     with ``FT_CADIS_NO_CHATTR=1``, to run the fallback)."""
     try:
-        done = (
-            not os.environ.get("FT_CADIS_NO_CHATTR")
-            and subprocess.run(["chattr", f"+{flag}", str(path)], capture_output=True).returncode == 0
-        )
+        done = not os.environ.get("FT_CADIS_NO_CHATTR") and subprocess.run(
+            ["chattr", f"+{flag}", str(path)], capture_output=True).returncode == 0
     except OSError:
         done = False
     try:
@@ -435,9 +360,8 @@ def _protected(path: Path, flag: str):
         if done:
             yield
             return
-        warnings.warn(
-            f"chattr +{flag} is not available here: the protection is an injected PermissionError", stacklevel=1
-        )
+        warnings.warn(f"chattr +{flag} is not available here: the protection is an injected PermissionError",
+                      stacklevel=1)
         real_os_open, real_open = os.open, open
         banned = os.O_WRONLY | os.O_RDWR
 
@@ -454,16 +378,13 @@ def _protected(path: Path, flag: str):
             return real_os_open(file, flags, *args, **kwargs)
 
         def open_(file, mode="r", *args, **kwargs):
-            flags = (os.O_RDWR if "+" in mode else os.O_WRONLY if any(c in mode for c in "wax") else 0) | (
-                os.O_APPEND if "a" in mode else 0
-            )
+            flags = (os.O_RDWR if "+" in mode else os.O_WRONLY if any(c in mode for c in "wax") else 0) | \
+                    (os.O_APPEND if "a" in mode else 0)
             if refused(file, flags):
                 raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fsdecode(file))
             return real_open(file, mode, *args, **kwargs)
-
         import builtins
         import io
-
         with pytest.MonkeyPatch.context() as mp:
             for owner, name, value in ((os, "open", os_open), (builtins, "open", open_), (io, "open", open_)):
                 mp.setattr(owner, name, value)
@@ -472,11 +393,9 @@ def _protected(path: Path, flag: str):
 
 @pytest.mark.parametrize("flag", ["a", "i"])
 @pytest.mark.parametrize("name", ["log.tsv", "log.tsv.rank1"])
-def test_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(
-    flag, name, reference, tmp_path, cli_error, files_of, no_models
-):
+def test_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(flag, name, reference, tmp_path,
+                                                                              cli_error, files_of, no_models):
     import certify
-
     out = tmp_path / "log.tsv"
     for p in (reference, reference.with_name("log.tsv.json")):
         shutil.copy(p, tmp_path / p.name)
@@ -493,20 +412,17 @@ def test_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(
 
 @pytest.mark.parametrize("flag", ["a", "i"])
 @pytest.mark.parametrize("name", ["log_steps.txt", "log.txt"])
-def test_train_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(
-    flag, name, tmp_path, cli_error, files_of, monkeypatch
-):
+def test_train_resume_refuses_an_append_only_or_immutable_log_before_the_models_load(flag, name, tmp_path, cli_error,
+                                                                                    files_of, monkeypatch):
     import train
     import training
-
     out = tmp_path / "run"
     train.main(train_args(out, "--max_steps", "1", "--no_test", "--no_tensorboard"))
     before = files_of(tmp_path)
     monkeypatch.setattr(training, "build_run", lambda *a, **k: pytest.fail("the models were loaded"))
     with _protected(out / name, flag):
-        line = cli_error(
-            train.main, train_args(out, "--max_steps", "2", "--resume", "auto", "--no_test", "--no_tensorboard")
-        )
+        line = cli_error(train.main, train_args(out, "--max_steps", "2", "--resume", "auto", "--no_test",
+                                                "--no_tensorboard"))
     assert f"{out / name}: cannot be written" in line and "append-only or immutable" in line, line
     assert files_of(tmp_path) == before
 
@@ -520,23 +436,16 @@ def test_train_resume_refuses_an_append_only_or_immutable_log_before_the_models_
 def test_ctrl_c_while_a_script_imports_its_libraries_exits_130_without_a_traceback(script, tmp_path):
     """SIGINT the moment the script first imports numpy or torch (what a Ctrl-C in the first seconds hits)."""
     proc = _run(faults.command(REPO / script, "--help"), env=faults.environment(sigint_on_import=["numpy", "torch"]))
-    assert proc.returncode == 130 and "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, (
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, \
         proc.stderr[-3000:]
-    )
     assert proc.stdout == "" and "interrupted" in proc.stderr  # stopped before --help was parsed
 
 
 def test_ctrl_c_during_the_work_exits_130_and_keeps_the_rows(reference, tmp_path):
     out = tmp_path / "log.tsv"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "certify.py"), *certify_args(out, images=300)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subprocess.Popen([sys.executable, str(REPO / "certify.py"), *certify_args(out, images=300)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while (not out.exists() or out.read_text().count("\n") < 3) and proc.poll() is None:
             time.sleep(0.01)
@@ -546,7 +455,7 @@ def test_ctrl_c_during_the_work_exits_130_and_keeps_the_rows(reference, tmp_path
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-3000:]
     rows = _rows(out)[:6]
-    assert len(rows) >= 2 and rows == _rows(reference)[: len(rows)]
+    assert len(rows) >= 2 and rows == _rows(reference)[:len(rows)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -564,10 +473,8 @@ def fifo(tmp_path) -> Path:
 @contextlib.contextmanager
 def _deadline(seconds: float):
     """Fail a test that would hang (e.g. opening a FIFO nobody writes to) after ``seconds``."""
-
     def expired(signum, frame):
         raise TimeoutError(f"still running after {seconds} s: it hangs")
-
     old = signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -577,20 +484,15 @@ def _deadline(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.mark.parametrize(
-    "script, flag",
-    [
-        *[("certify", flag) for flag in ("--classifier_ckpt", "--denoiser_ckpt", "--outfile", "--finetuned_path")],
-        *[("train", flag) for flag in ("--resume", "--load_from", "--classifier_ckpt", "--denoiser_ckpt")],
-    ],
-)
+@pytest.mark.parametrize("script, flag", [
+    *[("certify", flag) for flag in ("--classifier_ckpt", "--denoiser_ckpt", "--outfile", "--finetuned_path")],
+    *[("train", flag) for flag in ("--resume", "--load_from", "--classifier_ckpt", "--denoiser_ckpt")],
+])
 def test_a_fifo_given_for_a_file_is_refused_at_once(script, flag, fifo, tmp_path, cli_error):
     import certify
     import train
-
-    argv = (
-        certify_args(tmp_path / "log.tsv") if script == "certify" else train_args(tmp_path / "run", "--max_steps", "1")
-    )
+    argv = (certify_args(tmp_path / "log.tsv") if script == "certify"
+            else train_args(tmp_path / "run", "--max_steps", "1"))
     if flag in argv:
         argv[argv.index(flag) + 1] = str(fifo)
     else:
@@ -616,7 +518,6 @@ def test_analyze_refuses_a_fifo_or_a_device_at_once(what, fifo, reference):
 def test_a_folder_or_fifo_given_as_a_checkpoint_is_named_as_such(kind, fifo, tmp_path, cli_error):
     from runkit import checkpoints
     from runkit.errors import UserError
-
     path = fifo if kind == "fifo" else tmp_path / "dir.pt"
     path.mkdir() if kind == "folder" else None
     with _deadline(20), pytest.raises(UserError) as err:
@@ -639,7 +540,6 @@ def test_train_resume_without_dataset_takes_the_runs_flags(tmp_path):
     """A requeue script's resume names only the checkpoint (and where to run): --dataset and the flags of what the
     run writes (--no_test, --no_tensorboard, --test_per_class, --log_every, --ckpt_every_steps) are the run's."""
     import train
-
     out = tmp_path / "run"
     train.main(train_args(out, "--max_steps", "1", "--no_test", "--no_tensorboard", "--log_every", "2"))
     assert _epoch_rows(out)[0][9] == "nan"
@@ -654,7 +554,6 @@ def test_train_resume_without_dataset_takes_the_runs_flags(tmp_path):
 
 def test_train_without_dataset_and_without_resume_is_one_line(tmp_path, cli_error, files_of):
     import train
-
     argv = train_args(tmp_path / "run", "--max_steps", "1")
     del argv[:2]
     line = cli_error(train.main, argv)
@@ -669,7 +568,6 @@ def test_train_without_dataset_and_without_resume_is_one_line(tmp_path, cli_erro
 
 def test_merge_with_a_shard_sidecar_missing_advises_a_command_that_works(reference, tmp_path, cli_error):
     import certify
-
     out = tmp_path / "log.tsv"
     for k in range(2):
         certify.main(certify_args(out, "--shard", f"{k}/2"))
@@ -683,7 +581,6 @@ def test_merge_with_a_shard_sidecar_missing_advises_a_command_that_works(referen
 
 def test_merge_with_a_corrupt_shard_sidecar_says_it_is_corrupt(tmp_path, cli_error):
     import certify
-
     out = tmp_path / "log.tsv"
     for k in range(2):
         certify.main(certify_args(out, "--shard", f"{k}/2"))
@@ -698,7 +595,6 @@ def test_merge_with_a_corrupt_shard_sidecar_says_it_is_corrupt(tmp_path, cli_err
 def test_predict_merge_of_certify_shards_names_the_script_that_merges_them(tmp_path, cli_error):
     import certify
     import predict
-
     out = tmp_path / "log.tsv"
     for k in range(2):
         certify.main(certify_args(out, "--shard", f"{k}/2"))
@@ -708,7 +604,6 @@ def test_predict_merge_of_certify_shards_names_the_script_that_merges_them(tmp_p
 
 def test_paper_style_with_a_corrupt_sidecar_says_it_is_corrupt(reference, tmp_path, cli_error):
     import analyze
-
     log = tmp_path / "log.tsv"
     shutil.copy(reference, log)
     (tmp_path / "log.tsv.json").write_text("{not json")

@@ -1,7 +1,6 @@
 """What a GPU run depends on, checked on the CPU with stand-ins for torch.cuda: the cuda test marker, torchrun's GPU per
 local rank and collective timeout, TF32 and cuDNN settings, bf16 without native support, device models; the tests
 marked cuda check the same on a real GPU (deselected elsewhere)."""
-
 from __future__ import annotations
 
 import datetime
@@ -57,24 +56,16 @@ def test_the_suite_reports_cuda_tests_as_deselected_not_skipped(tmp_path):
     """A real pytest run of a cuda test beside a plain one, with this suite's conftest and markers."""
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
     (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
-    (tmp_path / "test_x.py").write_text(
-        "import pytest\n\n@pytest.mark.cuda\ndef test_gpu():\n    assert False\n\ndef test_cpu():\n    pass\n"
-    )
+    (tmp_path / "test_x.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_gpu():\n    assert False\n\n"
+                                        "def test_cpu():\n    pass\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--strict-markers", "-m", "", str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--strict-markers", "-m",
+                           "", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     if torch.cuda.is_available():
         assert "1 failed, 1 passed" in proc.stdout, proc.stdout
     else:
         assert proc.returncode == 0 and "1 passed, 1 deselected" in proc.stdout and "skipped" not in proc.stdout, (
-            proc.stdout + proc.stderr
-        )
+            proc.stdout + proc.stderr)
 
 
 # ------------------------------------------------------------------------------------ torchrun: timeout, GPU per rank
@@ -83,12 +74,8 @@ def test_the_suite_reports_cuda_tests_as_deselected_not_skipped(tmp_path):
 def _fake_torchrun(monkeypatch, local_rank: int, local_world: int, gpus: int = 0) -> dict:
     """torchrun's environment for one local rank (node of ``local_world`` ranks, 2 nodes), ``gpus`` stand-in CUDA
     devices; returns what init_process_group was called with."""
-    env = {
-        "WORLD_SIZE": str(2 * local_world),
-        "RANK": str(local_world + local_rank),
-        "LOCAL_RANK": str(local_rank),
-        "LOCAL_WORLD_SIZE": str(local_world),
-    }
+    env = {"WORLD_SIZE": str(2 * local_world), "RANK": str(local_world + local_rank), "LOCAL_RANK": str(local_rank),
+           "LOCAL_WORLD_SIZE": str(local_world)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     called: dict = {}
@@ -108,11 +95,8 @@ def test_the_collective_timeout_reaches_init_process_group(monkeypatch):
     assert (info.rank, info.world_size, info.device.type) == (2, 4, "cpu")
     called.clear()
     distributed.init_distributed("cpu")
-    assert (
-        called["timeout"]
-        == datetime.timedelta(hours=24)
-        == datetime.timedelta(minutes=distributed.DEFAULT_DIST_TIMEOUT_MINUTES)
-    )
+    assert called["timeout"] == datetime.timedelta(hours=24) == datetime.timedelta(
+        minutes=distributed.DEFAULT_DIST_TIMEOUT_MINUTES)
 
 
 def test_device_cuda_n_under_torchrun_is_the_first_gpu_of_the_nodes_ranks(monkeypatch):
@@ -121,11 +105,8 @@ def test_device_cuda_n_under_torchrun_is_the_first_gpu_of_the_nodes_ranks(monkey
     assert called["set_device"] == torch.device("cuda", 3) and called["backend"] == "nccl"
     assert distributed.init_distributed("cuda").device == torch.device("cuda", 1)
     assert distributed.init_distributed(None).device == torch.device("cuda", 1)
-    with pytest.raises(
-        UserError,
-        match=r"^--device cuda:3: under torchrun local rank r uses cuda:3\+r, but 2 local "
-        r"ranks from cuda:3 need 5 GPUs and this node has 4; use --device cuda",
-    ):
+    with pytest.raises(UserError, match=r"^--device cuda:3: under torchrun local rank r uses cuda:3\+r, but 2 local "
+                                        r"ranks from cuda:3 need 5 GPUs and this node has 4; use --device cuda"):
         distributed.init_distributed("cuda:3")
     _fake_torchrun(monkeypatch, 4, 5, gpus=4)  # more local ranks than GPUs: no two ranks on one GPU
     with pytest.raises(UserError, match=r"5 local ranks from cuda:0 need 5 GPUs and this node has 4"):
@@ -239,8 +220,7 @@ def test_the_device_model_of_a_real_gpu():
     props = torch.cuda.get_device_properties(torch.device("cuda"))
     assert model["name"] == torch.cuda.get_device_name() and model["sm_count"] == props.multi_processor_count > 0
     assert devices.resolve_precision("auto", torch.device("cuda")) == (
-        "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    )
+        "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
 
 
 @pytest.mark.cuda
@@ -249,8 +229,7 @@ def test_torchrun_ranks_get_one_gpu_each_and_the_timeout(tmp_path):
     group created with --dist_timeout's minutes; and the offset past the last GPU is refused."""
     nproc = min(2, torch.cuda.device_count())
     script = tmp_path / "ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
+    script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(REPO)!r})
         import torch.distributed as dist
         from runkit import distributed
@@ -263,14 +242,9 @@ def test_torchrun_ranks_get_one_gpu_each_and_the_timeout(tmp_path):
         distributed.barrier()
         print("device", info.rank, info.device, flush=True)
         distributed.cleanup_distributed()
-    """)
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     if nproc > 1:
@@ -295,14 +269,10 @@ def test_gpu_check_on_cpu_writes_every_section_and_passes(tmp_path):
     report = (tmp_path / "gpu_check.md").read_text()
     assert report.startswith("# GPU check\n") and "- result: PASS" in report
     assert f"- device: cpu ({devices.cpu_model()}); native bf16: " in report
-    for title, status in (
-        ("cuda tests (`pytest -m cuda`)", "n/a (cpu)"),
-        ("fp16 training and resume (digits)", "PASS"),
-        ("certify parity (digits)", "PASS"),
-        ("bench: cifar10 and imagenet", "PASS"),
-        ("ImageNet memory per sample", "n/a (cpu)"),
-        ("host syncs (`torch.cuda.set_sync_debug_mode('warn')`)", "n/a (cpu)"),
-    ):
+    for title, status in (("cuda tests (`pytest -m cuda`)", "n/a (cpu)"), ("fp16 training and resume (digits)", "PASS"),
+                          ("certify parity (digits)", "PASS"), ("bench: cifar10 and imagenet", "PASS"),
+                          ("ImageNet memory per sample", "n/a (cpu)"),
+                          ("host syncs (`torch.cuda.set_sync_debug_mode('warn')`)", "n/a (cpu)")):
         assert f". {title}: {status} (" in report, (title, report)
     assert "step log of 4 steps, resumed at step 2: identical" in report and "weights after step 4: identical" in report
     assert "fp32, batch 100 and fp32, batch 37: identical logs" in report
@@ -317,15 +287,8 @@ def test_gpu_check_reports_a_failing_section_and_exits_1(tmp_path, monkeypatch, 
     def broken(check):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(
-        gpu_check,
-        "SECTIONS",
-        (
-            ("fine", lambda check: ("PASS", ["- all good"])),
-            ("broken", broken),
-            ("after", lambda check: ("n/a (cpu)", [])),
-        ),
-    )
+    monkeypatch.setattr(gpu_check, "SECTIONS", (("fine", lambda check: ("PASS", ["- all good"])),
+                                                ("broken", broken), ("after", lambda check: ("n/a (cpu)", []))))
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--device", "cpu", "--outdir", str(tmp_path)])
     assert exc.value.code == 1

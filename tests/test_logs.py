@@ -1,5 +1,4 @@
 """runkit/logs.py: the one log reader/writer: row types, strict reading of our logs, appending, parts and merging."""
-
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +27,8 @@ def test_strict_and_tolerant_readers_agree(tmp_path):
     path = tmp_path / "log.tsv"
     path.write_text(logs.format_log(ROWS))
     rows, length = read_rows(path)
-    assert list(rows.values()) == [Row(r.idx, r.label, r.predict, r.radius, r.correct, round(r.time, 4)) for r in ROWS]
+    assert list(rows.values()) == [Row(r.idx, r.label, r.predict, r.radius, r.correct, round(r.time, 4))
+                                   for r in ROWS]
     assert length == len(path.read_bytes())
     df = read_log(path)
     assert df["radius"].tolist() == [r.radius for r in ROWS] and df["correct"].tolist() == [True, False, False]

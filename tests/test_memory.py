@@ -1,5 +1,4 @@
 """runkit.memory: out-of-memory errors become smaller batches, and the largest batch that fits (injected failures)."""
-
 from __future__ import annotations
 
 import pytest
@@ -19,12 +18,10 @@ def _no_garbage_collection(monkeypatch):
 
 def _limited(limit: int, tried: list[int]):
     """An attempt that runs out of memory above ``limit`` samples, recording the sizes tried."""
-
     def attempt(size: int) -> None:
         tried.append(size)
         if size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {size} MiB")
-
     return attempt
 
 
@@ -39,15 +36,12 @@ def test_which_errors_are_out_of_memory():
 
     def broken() -> None:
         raise RuntimeError("shape mismatch")
-
     with pytest.raises(RuntimeError, match="shape"):  # any other error propagates
         out_of_memory(broken, CPU)
 
 
-@pytest.mark.parametrize(
-    "limit, start, cap",
-    [(300, 1, 10_000), (300, 32, 10_000), (5, 32, 10_000), (10_000, 1, 777), (1, 16, 100), (1000, 1, 1000)],
-)
+@pytest.mark.parametrize("limit, start, cap", [(300, 1, 10_000), (300, 32, 10_000), (5, 32, 10_000),
+                                               (10_000, 1, 777), (1, 16, 100), (1000, 1, 1000)])
 def test_largest_batch_is_within_its_resolution_of_the_limit(limit, start, cap):
     tried: list[int] = []
     best = largest_batch(_limited(limit, tried), CPU, cap, start)

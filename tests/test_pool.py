@@ -1,6 +1,5 @@
 """pool.py and the forward passes: many images in flight fill each pass, every row stays the one of the image alone;
 a pass that runs out of memory is retried in halves; a compiled run compiles one shape; --batch_size auto on CUDA."""
-
 from __future__ import annotations
 
 import json
@@ -21,23 +20,9 @@ from runkit.logs import HEADER
 from sequential import default_sequential_radii
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS = [
-    "--dataset",
-    "digits",
-    "--device",
-    "cpu",
-    "--no_progress",
-    "--seed",
-    "2",
-    "--N0",
-    "10",
-    "--precision",
-    "fp32",
-    "--denoiser_ckpt",
-    str(REPO / "models" / "digits_denoiser.pt"),
-    "--classifier_ckpt",
-    str(REPO / "models" / "digits_vit_tiny.pt"),
-]
+DIGITS = ["--dataset", "digits", "--device", "cpu", "--no_progress", "--seed", "2", "--N0", "10", "--precision",
+          "fp32", "--denoiser_ckpt", str(REPO / "models" / "digits_denoiser.pt"),
+          "--classifier_ckpt", str(REPO / "models" / "digits_vit_tiny.pt")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,14 +95,9 @@ def test_the_pool_refuses_non_finite_logits_of_any_image():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "mode, images",
-    [
-        (["--sequential"], 3),
-        pytest.param(["--sequential", "--skip_wrong"], 8, marks=pytest.mark.slow),
-        pytest.param([], 8, marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("mode, images", [(["--sequential"], 3),
+                                          pytest.param(["--sequential", "--skip_wrong"], 8, marks=pytest.mark.slow),
+                                          pytest.param([], 8, marks=pytest.mark.slow)])
 def test_certify_logs_are_identical_with_and_without_the_pool(tmp_path, mode, images, capsys):
     """The shipped digits models, fp32: the pool (default) writes the rows --no_pool writes, and fuller passes."""
     common = DIGITS + ["--sigma", "0.25", "--N", "150", "--max_images", str(images), "--batch_size", "48", *mode]
@@ -132,27 +112,14 @@ def test_certify_logs_are_identical_with_and_without_the_pool(tmp_path, mode, im
     def mean_batch(out: str) -> float:
         [line] = [line for line in out.splitlines() if "forward passes:" in line]
         return float(line.split("mean batch ")[1].split()[0])
-
     assert "(pool of images in flight)" in pooled and "one image at a time, --no_pool" in alone
     assert mean_batch(alone) < mean_batch(pooled) <= 48
 
 
 @pytest.mark.slow
 def test_several_classifiers_in_the_pool_equal_one_image_at_a_time(tmp_path):
-    common = DIGITS + [
-        "--sigma",
-        "0.5",
-        "--N",
-        "200",
-        "--max_images",
-        "4",
-        "--batch_size",
-        "48",
-        "--sequential",
-        "--off-the-shelf",
-        "--finetuned_path",
-        str(REPO / "models" / "digits_vit_tiny.pt"),
-    ]
+    common = DIGITS + ["--sigma", "0.5", "--N", "200", "--max_images", "4", "--batch_size", "48", "--sequential",
+                       "--off-the-shelf", "--finetuned_path", str(REPO / "models" / "digits_vit_tiny.pt")]
     certify.main(common + ["--outfile", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")])
     certify.main(common + ["--no_pool", "--outfile", str(tmp_path / "a1.tsv"), str(tmp_path / "b1.tsv")])
     assert _rows(tmp_path / "a.tsv") == _rows(tmp_path / "a1.tsv") == _rows(tmp_path / "b1.tsv")
@@ -210,18 +177,8 @@ def _out_of_memory_above(monkeypatch, limit: int) -> list[int]:
 
 @pytest.mark.parametrize("extra", [[], ["--no_pool"]])
 def test_out_of_memory_halves_the_batch_and_changes_no_row(tmp_path, monkeypatch, capsys, extra):
-    common = CLASSIFIER_ONLY + [
-        "--sigma",
-        "0.12",
-        "--N",
-        "300",
-        "--max_images",
-        "4",
-        "--sequential",
-        "--batch_size",
-        "64",
-        *extra,
-    ]  # (radii from 0.01 to 0.085, one image to n = 197)
+    common = CLASSIFIER_ONLY + ["--sigma", "0.12", "--N", "300", "--max_images", "4", "--sequential", "--batch_size",
+                                "64", *extra]  # (radii from 0.01 to 0.085, one image to n = 197)
     certify.main(common + ["--outfile", str(tmp_path / "ref.tsv")])
     freed: list[torch.device] = []
     monkeypatch.setattr("runkit.memory.free_cached_memory", lambda device, collect=True: freed.append(device))
@@ -231,20 +188,16 @@ def test_out_of_memory_halves_the_batch_and_changes_no_row(tmp_path, monkeypatch
     assert _rows(tmp_path / "oom.tsv") == _rows(tmp_path / "ref.tsv")
     failed = [b for b in sizes if b > 20]
     assert failed and len(freed) == len(failed)  # the memory freed before each retry
-    assert all(b <= 20 for b in sizes[sizes.index(failed[-1]) + 1 :])  # no pass larger than what fitted, after
+    assert all(b <= 20 for b in sizes[sizes.index(failed[-1]) + 1:])  # no pass larger than what fitted, after
     assert f"halved {len(failed)}x after running out of memory" in capsys.readouterr().out
 
 
 def test_a_single_sample_that_does_not_fit_is_one_error_line(tmp_path, monkeypatch, cli_error):
     _out_of_memory_above(monkeypatch, 0)
-    line = cli_error(
-        certify.main,
-        CLASSIFIER_ONLY + ["--sigma", "0.5", "--N", "50", "--max_images", "2", "--outfile", str(tmp_path / "log.tsv")],
-    )
-    assert line.startswith(
-        "error: cpu: out of memory even for a batch of 1 sample (CUDA out of memory. Tried to "
-        "allocate 1 MiB (injected))"
-    )
+    line = cli_error(certify.main, CLASSIFIER_ONLY + ["--sigma", "0.5", "--N", "50", "--max_images", "2",
+                                                      "--outfile", str(tmp_path / "log.tsv")])
+    assert line.startswith("error: cpu: out of memory even for a batch of 1 sample (CUDA out of memory. Tried to "
+                           "allocate 1 MiB (injected))")
     assert Path(tmp_path / "log.tsv").read_text() == HEADER + "\n"  # no row
 
 
@@ -263,24 +216,11 @@ def test_a_compiled_sequential_run_compiles_one_graph(tmp_path, monkeypatch, ext
     from torch._dynamo.testing import CompileCounter
 
     counter, real = CompileCounter(), torch.nn.Module.compile
-    monkeypatch.setattr(
-        torch.nn.Module,
-        "compile",
-        lambda self, *args, **kwargs: real(self, backend=counter, dynamic=kwargs.get("dynamic")),
-    )
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kwargs: real(self, backend=counter, dynamic=kwargs.get("dynamic")))
     torch._dynamo.reset()
-    common = CLASSIFIER_ONLY + [
-        "--sigma",
-        "0.12",
-        "--N",
-        "300",
-        "--max_images",
-        "3",
-        "--sequential",
-        "--batch_size",
-        "64",
-        *extra,
-    ]
+    common = CLASSIFIER_ONLY + ["--sigma", "0.12", "--N", "300", "--max_images", "3", "--sequential",
+                                "--batch_size", "64", *extra]
     compiled = certify.main(common + ["--compile", "--outfile", str(tmp_path / "compiled.tsv")])
     assert counter.frame_count == 1
     eager = certify.main(common + ["--outfile", str(tmp_path / "eager.tsv")])
@@ -297,17 +237,8 @@ def test_a_compiled_sequential_run_compiles_one_graph(tmp_path, monkeypatch, ext
 def test_auto_batch_size_finds_a_size_and_the_log_does_not_depend_on_it(tmp_path):
     """CUDA's default --batch_size auto: the sidecar records the size found (at most N), and the rows equal those of
     a run at another batch size without the pool (fp32, no TF32)."""
-    common = [a if a != "cpu" else "cuda" for a in DIGITS] + [
-        "--sigma",
-        "0.25",
-        "--N",
-        "2000",
-        "--max_images",
-        "4",
-        "--sequential",
-        "--tf32",
-        "off",
-    ]
+    common = [a if a != "cpu" else "cuda" for a in DIGITS] + ["--sigma", "0.25", "--N", "2000", "--max_images", "4",
+                                                              "--sequential", "--tf32", "off"]
     certify.main(common + ["--outfile", str(tmp_path / "auto.tsv")])
     size = json.loads((tmp_path / "auto.tsv.json").read_text())["info"]["batch_size"]
     assert isinstance(size, int) and 16 <= size <= 2000
@@ -320,17 +251,10 @@ def test_auto_batch_size_is_a_pass_that_fits_on_the_gpu(tmp_path):
     """The search on the real device (the default on CUDA): the size found is at most N, and a pass of it runs."""
     from runkit.memory import fits
 
-    argv = [a if a != "cpu" else "cuda" for a in DIGITS] + [
-        "--sigma",
-        "0.25",
-        "--N",
-        "100000",
-        "--outfile",
-        str(tmp_path / "x.tsv"),
-    ]
-    opts = certification.resolve_options(
-        certification.RunOptions.from_namespace(certification.certify_parser().parse_args(argv))
-    )
+    argv = [a if a != "cpu" else "cuda" for a in DIGITS] + ["--sigma", "0.25", "--N", "100000", "--outfile",
+                                                            str(tmp_path / "x.tsv")]
+    opts = certification.resolve_options(certification.RunOptions.from_namespace(
+        certification.certify_parser().parse_args(argv)))
     assert opts.batch_size == "auto"
     device = torch.device("cuda")
     smoothed = certification.build_smoothed(opts, device)

@@ -1,6 +1,5 @@
 """predict.py (Cohen et al.'s PREDICT) on the embedded digits models: the log equals Smooth.predict called directly
 with the same seeds, under torchrun with 2 processes too, and sharded runs merge into it."""
-
 from __future__ import annotations
 
 import os
@@ -18,33 +17,9 @@ from runkit.logs import PREDICT_HEADER
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 # sigma 1.5 and few samples at a loose alpha: predictions and abstentions depend on the exact noise of each image
-BASE = [
-    "--dataset",
-    "digits",
-    "--sigma",
-    "1.5",
-    "--N",
-    "12",
-    "--alpha",
-    "0.3",
-    "--max_images",
-    "8",
-    "--skip",
-    "9",
-    "--seed",
-    "7",
-    "--batch_size",
-    "10",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-    "--no_progress",
-    "--classifier_ckpt",
-    str(MODELS / "digits_vit_tiny.pt"),
-    "--denoiser_ckpt",
-    str(MODELS / "digits_denoiser.pt"),
-]
+BASE = ["--dataset", "digits", "--sigma", "1.5", "--N", "12", "--alpha", "0.3", "--max_images", "8", "--skip", "9",
+        "--seed", "7", "--batch_size", "10", "--device", "cpu", "--precision", "fp32", "--no_progress",
+        "--classifier_ckpt", str(MODELS / "digits_vit_tiny.pt"), "--denoiser_ckpt", str(MODELS / "digits_denoiser.pt")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,15 +48,8 @@ def test_log_equals_smooth_predict(reference):
     from core import Smooth, image_generator
     from datasets import get_dataset
 
-    model = build_base_classifier(
-        "digits",
-        "digits_vit_tiny",
-        str(MODELS / "digits_vit_tiny.pt"),
-        str(MODELS / "digits_denoiser.pt"),
-        1.5,
-        10,
-        torch.device("cpu"),
-    )
+    model = build_base_classifier("digits", "digits_vit_tiny", str(MODELS / "digits_vit_tiny.pt"),
+                                  str(MODELS / "digits_denoiser.pt"), 1.5, 10, torch.device("cpu"))
     smooth = Smooth(model, 10, 1.5)
     data = get_dataset("digits", "test")
     expected = []
@@ -96,26 +64,9 @@ def test_log_equals_smooth_predict(reference):
 def test_two_processes_equal_one(reference, tmp_path):
     out = tmp_path / "log.tsv"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "predict.py"),
-            *BASE,
-            "--batch_size",
-            "7",
-            "--outfile",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "predict.py"), *BASE, "--batch_size", "7", "--outfile", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _body(out) == _body(reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.tsv", "log.tsv.json"]

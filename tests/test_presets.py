@@ -1,5 +1,4 @@
 """presets.py: the paper's launchers pass exactly the presets' hyper-parameters; the CLIs' defaults are the presets'."""
-
 from __future__ import annotations
 
 import dataclasses
@@ -80,23 +79,8 @@ def test_launchers_pass_the_presets(script, preset):
 def test_launcher_parsing_sees_every_flag():
     """The parser above reads what the launcher runs (a check of the check): all its variables are used."""
     flags = launcher_flags("train_imagenet.sh")
-    assert {
-        "blr",
-        "batch",
-        "accum_iter",
-        "lbd",
-        "num_noises",
-        "num_steps",
-        "weight_decay",
-        "weight_decay_end",
-        "layer_decay",
-        "train_noise_sd",
-        "eps",
-        "epochs",
-        "ft_method",
-        "clip_grad",
-        "use_fp16",
-    } <= set(flags)
+    assert {"blr", "batch", "accum_iter", "lbd", "num_noises", "num_steps", "weight_decay", "weight_decay_end",
+            "layer_decay", "train_noise_sd", "eps", "epochs", "ft_method", "clip_grad", "use_fp16"} <= set(flags)
     assert (flags["blr"], flags["batch"], flags["num_steps"], flags["ft_method"]) == ("4e-4", "16", "1", "lora")
 
 
@@ -115,7 +99,8 @@ def test_train_defaults_read_the_presets():
         name = {"noise_sd": "train_noise_sd"}.get(field.name, field.name)
         if name != "lbd":
             assert getattr(defaults, name) == getattr(TRAIN_DEFAULTS, field.name), name
-    lbds = {name: training.resolve_config(TrainConfig(dataset=name, device="cpu", outdir=None)).lbd for name in PRESETS}
+    lbds = {name: training.resolve_config(TrainConfig(dataset=name, device="cpu", outdir=None)).lbd
+            for name in PRESETS}
     assert lbds == {"cifar10": 4.0, "imagenet": 2.0, "digits": 1.0}
     assert training.resolve_config(TrainConfig(dataset="cifar10", device="cpu", lbd=0.5)).lbd == 0.5
     assert training.resolve_config(TrainConfig(dataset="imagenet", device="cpu")).test_per_class == 5
@@ -131,13 +116,8 @@ def _certify_options(*argv: str) -> certification.RunOptions:
 def test_certify_defaults_are_the_presets(preset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     opts = _certify_options("--dataset", preset.name, "--device", "cpu", "--denoiser_ckpt", "none")
-    assert (opts.N, opts.N0, opts.alpha, opts.arch, opts.subset) == (
-        preset.N,
-        preset.N0,
-        preset.alpha,
-        preset.arch,
-        preset.subset,
-    )
+    assert (opts.N, opts.N0, opts.alpha, opts.arch, opts.subset) == (preset.N, preset.N0, preset.alpha, preset.arch,
+                                                                     preset.subset)
     assert opts.skip == (preset.skip if preset.subset == "skip" else None)
 
 

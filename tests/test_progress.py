@@ -1,5 +1,4 @@
 """Progress off a terminal: one plain line per interval (Slurm logs), a bar only on a terminal."""
-
 from __future__ import annotations
 
 import io
@@ -58,34 +57,10 @@ def test_certify_to_a_file_writes_lines_not_a_bar(tmp_path) -> None:
     err = tmp_path / "stderr.txt"
     start = time.monotonic()
     with open(err, "w") as stderr:
-        subprocess.run(
-            [
-                sys.executable,
-                "certify.py",
-                "--dataset",
-                "digits",
-                "--sigma",
-                "0.25",
-                "--N",
-                "100",
-                "--N0",
-                "20",
-                "--max_images",
-                "6",
-                "--device",
-                "cpu",
-                "--precision",
-                "fp32",
-                "--log_interval",
-                "0.5",
-                "--outfile",
-                str(tmp_path / "log.tsv"),
-            ],
-            cwd=REPO,
-            stderr=stderr,
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )
+        subprocess.run([sys.executable, "certify.py", "--dataset", "digits", "--sigma", "0.25", "--N", "100",
+                        "--N0", "20", "--max_images", "6", "--device", "cpu", "--precision", "fp32",
+                        "--log_interval", "0.5", "--outfile", str(tmp_path / "log.tsv")],
+                       cwd=REPO, stderr=stderr, stdout=subprocess.DEVNULL, check=True)
     wall = time.monotonic() - start
     text = err.read_text()
     lines = [line for line in text.splitlines() if " img/s" in line]

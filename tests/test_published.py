@@ -1,5 +1,4 @@
 """The published tables (tables/*.json, published.py) and analyze.py --compare: your rows beside the paper's."""
-
 from __future__ import annotations
 
 import json
@@ -16,10 +15,8 @@ from runkit.errors import UserError
 CIFAR = "certify/cifar10/resnet110/noise_{0}/test/sigma_{0}"
 IMAGENET = "certify/imagenet/resnet50/noise_{0}/test/sigma_{0}"
 # what each source table holds (locuslab/smoothing analysis/latex/vary_noise_cifar10 and vary_noise_imagenet)
-SHIPPED = {
-    "cohen2019_cifar10": ("cifar10", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5), (0.12, 0.25, 0.5, 1.0)),
-    "cohen2019_imagenet": ("imagenet", (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), (0.25, 0.5, 1.0)),
-}
+SHIPPED = {"cohen2019_cifar10": ("cifar10", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5), (0.12, 0.25, 0.5, 1.0)),
+           "cohen2019_imagenet": ("imagenet", (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), (0.25, 0.5, 1.0))}
 
 
 def _tables() -> dict[str, published.PublishedTable]:
@@ -41,19 +38,16 @@ def test_shipped_tables_are_complete_and_consistent():
             assert list(row.accuracy) == sorted(row.accuracy, reverse=True)
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda d: d["rows"][0]["accuracy"].pop(), "1 accuracies|5 accuracies for 6 radii"),
-        (lambda d: d["rows"][0]["accuracy"].__setitem__(0, 59.0), "must lie in"),
-        (lambda d: d["rows"][0]["accuracy"].__setitem__(0, 0.591), "at most 2 decimals"),
-        (lambda d: d["rows"][0].__setitem__("acr", 0.5), "ACR"),
-        (lambda d: d.__setitem__("radii", [0.5, 0.25, 0.75, 1.0, 1.25, 1.5]), "radii must increase"),
-        (lambda d: d["rows"][1].__setitem__("sigma", 0.12), "twice"),
-        (lambda d: d["rows"][0].__setitem__("sigma", -1), "not a noise level"),
-        (lambda d: d.pop("source"), "needs the fields"),
-    ],
-)
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["rows"][0]["accuracy"].pop(), "1 accuracies|5 accuracies for 6 radii"),
+    (lambda d: d["rows"][0]["accuracy"].__setitem__(0, 59.0), "must lie in"),
+    (lambda d: d["rows"][0]["accuracy"].__setitem__(0, 0.591), "at most 2 decimals"),
+    (lambda d: d["rows"][0].__setitem__("acr", 0.5), "ACR"),
+    (lambda d: d.__setitem__("radii", [0.5, 0.25, 0.75, 1.0, 1.25, 1.5]), "radii must increase"),
+    (lambda d: d["rows"][1].__setitem__("sigma", 0.12), "twice"),
+    (lambda d: d["rows"][0].__setitem__("sigma", -1), "not a noise level"),
+    (lambda d: d.pop("source"), "needs the fields"),
+])
 def test_check_table_refuses_an_inconsistent_table(tmp_path, change, message):
     data = json.loads((published.TABLES / "cohen2019_cifar10.json").read_text())
     change(data)
@@ -91,10 +85,8 @@ def test_compare_prints_cohens_rows_beside_the_shipped_logs_with_zero_difference
         assert (delta == 0).all() if "noise_1.00/sigma_0.50" not in log else (delta != 0).any()  # labels: no /test/
     assert "Cohen et al. (2019), σ=0.50 [cohen2019_cifar10]" in out and "Δ cohen2019_imagenet" in out
     lines = out.splitlines()
-    row = lines[
-        next(i for i, line in enumerate(lines) if "cifar10/resnet110/noise_0.50/sigma_0.50" in line and "yours" in line)
-        + 2
-    ]
+    row = lines[next(i for i, line in enumerate(lines) if "cifar10/resnet110/noise_0.50/sigma_0.50" in line
+                     and "yours" in line) + 2]
     assert row.split()[2:8] == ["+0.0"] * 6
 
 
@@ -117,38 +109,13 @@ def test_compare_on_digits_logs_prints_them_alone_with_a_note(cohen_logs, tmp_pa
 def test_compare_in_the_paper_style_latex(cohen_logs, tmp_path):
     paths = [cohen_logs / CIFAR.format(s) for s in ("0.25", "0.50")]
     out = tmp_path / "t.tex"
-    analyze.main(
-        [
-            *map(str, paths),
-            "--labels",
-            "ours",
-            "ours",
-            "--style",
-            "paper",
-            "--format",
-            "latex",
-            "--compare",
-            "cifar10",
-            "--out",
-            str(out),
-        ]
-    )
+    analyze.main([*map(str, paths), "--labels", "ours", "ours", "--style", "paper", "--format", "latex",
+                  "--compare", "cifar10", "--out", str(out)])
     body = [line.rstrip(" \\").split(" & ") for line in out.read_text().splitlines() if line.count(" & ") == 8][1:]
-    assert [r[:2] for r in body] == [
-        ["0.25", "ours"],
-        ["", "Cohen et al. (2019) (published)"],
-        ["0.50", "ours"],
-        ["", "Cohen et al. (2019) (published)"],
-    ]
-    assert body[1][2:] == ["--", "60", "43", "27", "0", "0", "0"] and body[3][2:] == [
-        "--",
-        "55",
-        "41",
-        "32",
-        "23",
-        "15",
-        "9",
-    ]
+    assert [r[:2] for r in body] == [["0.25", "ours"], ["", "Cohen et al. (2019) (published)"],
+                                     ["0.50", "ours"], ["", "Cohen et al. (2019) (published)"]]
+    assert body[1][2:] == ["--", "60", "43", "27", "0", "0", "0"] and body[3][2:] == ["--", "55", "41", "32", "23",
+                                                                                      "15", "9"]
     assert body[0][3] == r"\textbf{60.0}" and body[2][2] == r"\textbf{0.538}"  # bold among our logs only
     assert "tables/cohen2019_cifar10.json" in out.read_text().splitlines()[0]  # a comment line: not escaped
 

@@ -1,6 +1,5 @@
 """runkit: run locks (with real second processes), content fingerprints, file modes, output and flag checks,
 devices and --precision auto."""
-
 from __future__ import annotations
 
 import math
@@ -51,11 +50,7 @@ def test_run_lock_refuses_this_process_twice_and_keeps_the_first(tmp_path):
             with run_lock(lock, "--outdir d"):
                 pass
         # the refused attempt must not have released the first lock (POSIX locks drop on any close)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(f"""
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(REPO)!r})
             from runkit.errors import UserError
             from runkit.locks import run_lock
@@ -64,12 +59,7 @@ def test_run_lock_refuses_this_process_twice_and_keeps_the_first(tmp_path):
                     print("acquired")
             except UserError as err:
                 print("refused", err)
-        """),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        """)], capture_output=True, text=True, timeout=60)
         assert proc.stdout.startswith("refused") and f"pid {os.getpid()}" in proc.stdout
 
 
@@ -171,11 +161,9 @@ def test_devices_this_machine_lacks_are_user_errors():
         resolve_device("meta")
     with pytest.raises(UserError, match=r"^--device nonsense: unknown device"):
         resolve_device("nonsense")
-    for kind, present in (
-        ("mps", torch.backends.mps.is_available()),
-        ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available()),
-        ("cuda", torch.cuda.is_available()),
-    ):
+    for kind, present in (("mps", torch.backends.mps.is_available()),
+                          ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available()),
+                          ("cuda", torch.cuda.is_available())):
         if not present:
             with pytest.raises(UserError, match=rf"^--device {kind}: {kind.upper()} is not available"):
                 resolve_device(kind)
@@ -216,12 +204,10 @@ def test_run_lock_in_a_folder_that_does_not_exist_is_a_user_error(tmp_path):
 def test_bf16_without_native_support_is_not_auto_and_warns_with_its_measured_cost():
     """A real process whose oneDNN may use AVX2 at most (as on an AVX2-only CPU): auto is fp32, and an explicit bf16
     warns once with the probe's rates, bf16 measurably slower than fp32."""
-    code = (
-        "import sys, warnings, torch; sys.path.insert(0, %r); from runkit import devices\n"
-        "warnings.simplefilter('always')\n"
-        "print(devices.resolve_precision('auto', torch.device('cpu')))\n"
-        "print(devices.resolve_precision('bf16', torch.device('cpu')))\n" % str(REPO)
-    )
+    code = ("import sys, warnings, torch; sys.path.insert(0, %r); from runkit import devices\n"
+            "warnings.simplefilter('always')\n"
+            "print(devices.resolve_precision('auto', torch.device('cpu')))\n"
+            "print(devices.resolve_precision('bf16', torch.device('cpu')))\n" % str(REPO))
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -266,15 +252,8 @@ def test_resumed_config_keeps_the_runs_values_and_refuses_changes():
     recorded = {"dataset": "d", "lr": 0.5, "epochs": 2, "outdir": "old", "resume": "", "override": ""}
 
     def resume(config: Config, given=None) -> Config:
-        return resumed_config(
-            config,
-            given,
-            recorded,
-            lambda c: c,
-            operational={"outdir", "resume", "override"},
-            paths=(),
-            may_grow={"epochs"},
-        )
+        return resumed_config(config, given, recorded, lambda c: c, operational={"outdir", "resume", "override"},
+                              paths=(), may_grow={"epochs"})
 
     assert flags_not_at_default(Config("d", outdir="b")) == {"dataset", "outdir"}
     merged = resume(Config("d", outdir="b", resume="ck"))

@@ -1,6 +1,5 @@
 """sequential.py: the confidence sequence's measured validity, its savings on Cohen's logs, the wiring
 through Smooth (noise stream, batch size, several heads, the label-aware early exit)."""
-
 from __future__ import annotations
 
 import math
@@ -53,9 +52,8 @@ def test_validity_measured_with_known_pA(mode):
     """Wrong-certificate rate <= alpha at every pA placed just above / below a requested radius' threshold."""
     trials, rng = 4000, np.random.default_rng(0)
     for pA in _pA_near_thresholds():
-        prediction, radius, used = simulate_certify(
-            np.full(trials, pA), 100, 20_000, ALPHA, SIGMA, rng, radii=None if mode == "fixed" else RADII
-        )
+        prediction, radius, used = simulate_certify(np.full(trials, pA), 100, 20_000, ALPHA, SIGMA, rng,
+                                                    radii=None if mode == "fixed" else RADII)
         assert _wrong(prediction, radius, np.full(trials, pA)).mean() <= ALPHA + _slack(ALPHA, trials), pA
         if mode == "sequential":
             assert set(used) <= set(sequential.checkpoint_schedule(20_000))
@@ -67,9 +65,8 @@ def test_validity_measurement_has_power(monkeypatch):
     valid = sequential_plan(20_000, ALPHA, RADII, SIGMA)
     naive = sequential.SequentialPlan(valid.checkpoints, (ALPHA,) * len(valid.checkpoints), valid.thresholds)
     monkeypatch.setattr(sequential, "sequential_plan", lambda *args, **kwargs: naive)
-    prediction, radius, _ = simulate_certify(
-        np.full(trials, pA), 100, 20_000, ALPHA, SIGMA, np.random.default_rng(1), radii=RADII
-    )
+    prediction, radius, _ = simulate_certify(np.full(trials, pA), 100, 20_000, ALPHA, SIGMA,
+                                             np.random.default_rng(1), radii=RADII)
     assert _wrong(prediction, radius, np.full(trials, pA)).mean() > ALPHA + 3 * _slack(ALPHA, trials)
 
 
@@ -165,10 +162,8 @@ def test_smooth_certify_sequential_validity_measured():
 def test_smooth_sequential_does_not_depend_on_batch_size_and_matches_the_simulated_rules():
     x, pA = torch.zeros(1, 2, 2), norm.cdf(0.6 / SIGMA)
     smooth = Smooth(PixelThreshold([pA], SIGMA), 3, SIGMA, noise_block=300)
-    runs = [
-        [certify_sequential(smooth, x, 20, 3000, 0.01, bs, RADII, generator=image_generator(9, r)) for r in range(6)]
-        for bs in (7, 64, 1000)
-    ]
+    runs = [[certify_sequential(smooth, x, 20, 3000, 0.01, bs, RADII, generator=image_generator(9, r))
+             for r in range(6)] for bs in (7, 64, 1000)]
     assert runs[0] == runs[1] == runs[2]
     for c, radius, used in runs[0]:
         assert c == 0 and radius >= 0.5 and used < 3000  # certifies 0.5 and stops: 0.75 is out of reach
@@ -181,10 +176,8 @@ def test_estimation_stream_prefix_is_the_fixed_stream():
     fixed_stream = NoiseStream(x, 11, core.PHASE_ESTIMATION, smooth.noise_block, length=300)
     fixed = torch.cat([fixed_stream.take(s, min(300, s + 64)) for s in range(0, 300, 64)])
     stream = NoiseStream(x, 11, core.PHASE_ESTIMATION, smooth.noise_block)  # full blocks, as sequential reads it
-    parts = [
-        torch.cat([stream.take(s, min(b, s + 64)) for s in range(a, b, 64)])
-        for a, b in ((0, 37), (37, 125), (125, 300))
-    ]
+    parts = [torch.cat([stream.take(s, min(b, s + 64)) for s in range(a, b, 64)])
+             for a, b in ((0, 37), (37, 125), (125, 300))]
     assert torch.equal(torch.cat(parts), fixed)
 
 

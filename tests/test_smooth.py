@@ -1,5 +1,4 @@
 """core.py: Cohen's CERTIFY/PREDICT, measured validity, the noise stream, DenoisedClassifier."""
-
 from __future__ import annotations
 
 import math
@@ -18,12 +17,12 @@ SIGMA = 0.5
 REPS = 2000  # repetitions for the measured validity tests
 
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread: on a shared 2-core machine two threads are many times slower for these tiny models."""
     with torch_threads(1):
         yield
-
 
 class LinearThreshold(torch.nn.Module):
     """f(z) = 0 iff z_0 / sigma < a, else 1 (or 1/2 split by z_1 when three classes).
@@ -93,13 +92,8 @@ def test_validity_test_has_power(monkeypatch):
     assert wrong_ok <= alpha + _slack(alpha)
     real = Smooth.counts
     with monkeypatch.context() as m:
-        m.setattr(
-            Smooth,
-            "counts",
-            lambda self, x, start, stop, stream, bs: real(
-                self, x, start, stop, NoiseStream(x, stream.key, 0, stream.noise_block, stream.length), bs
-            ),
-        )
+        m.setattr(Smooth, "counts", lambda self, x, start, stop, stream, bs: real(
+            self, x, start, stop, NoiseStream(x, stream.key, 0, stream.noise_block, stream.length), bs))
         wrong_shared, _ = _certify_rates(tie, 0.5, n0=100, n=100, alpha=alpha)
     assert wrong_shared > alpha + 2 * _slack(alpha)
 
@@ -109,9 +103,8 @@ def test_predict_validity_measured():
     alpha, reps = 0.1, 1000
     x = torch.zeros(1, 2, 2)
     tie = Smooth(LinearThreshold(0.5, SIGMA, num_classes=2), 2, SIGMA)
-    answered = sum(
-        tie.predict(x, 100, alpha, 64, generator=image_generator(7, r)) != Smooth.ABSTAIN for r in range(reps)
-    )
+    answered = sum(tie.predict(x, 100, alpha, 64, generator=image_generator(7, r)) != Smooth.ABSTAIN
+                   for r in range(reps))
     assert answered / reps <= alpha + _slack(alpha, reps)  # at a tie every answer is wrong
     clear = Smooth(LinearThreshold(0.8, SIGMA, num_classes=2), 2, SIGMA)
     preds = np.array([clear.predict(x, 100, alpha, 64, generator=image_generator(8, r)) for r in range(reps)])
@@ -161,9 +154,8 @@ def test_certify_uses_selection_class_not_estimation_argmax(monkeypatch):
     assert smooth.certify(torch.zeros(3, 2, 2), 10, 100, 0.001, 8) == (Smooth.ABSTAIN, 0.0)
 
 
-@pytest.mark.parametrize(
-    "counts", [[60, 40, 0], [61, 39, 0], [70, 30, 0], [0, 50, 50], [3, 97, 0], [100, 0, 0], [40, 35, 25], [10, 5, 85]]
-)
+@pytest.mark.parametrize("counts", [[60, 40, 0], [61, 39, 0], [70, 30, 0], [0, 50, 50], [3, 97, 0], [100, 0, 0],
+                                    [40, 35, 25], [10, 5, 85]])
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
 def test_predict_equals_binomial_test(monkeypatch, counts, alpha):
     smooth = Smooth(torch.nn.Identity(), 3, 0.5)
@@ -224,13 +216,9 @@ def test_noise_is_exactly_sigma_times_the_seeded_blocks():
     smooth.predict(x, n, 0.01, 40, generator=image_generator(3, 4))
     seen = torch.cat(rec.inputs)
     key = int(torch.randint(0, 2**62, (1,), generator=image_generator(3, 4)).item())
-    blocks = [
-        torch.randn(
-            (min(noise_block, n - s), *x.shape),
-            generator=torch.Generator().manual_seed(block_seed(key, core.PHASE_PREDICTION, b)),
-        )
-        for b, s in enumerate(range(0, n, noise_block))
-    ]
+    blocks = [torch.randn((min(noise_block, n - s), *x.shape),
+                          generator=torch.Generator().manual_seed(block_seed(key, core.PHASE_PREDICTION, b)))
+              for b, s in enumerate(range(0, n, noise_block))]
     torch.testing.assert_close(seen, x + sigma * torch.cat(blocks), rtol=0, atol=0)
     # and it is N(0, sigma^2): standardized sample moments
     big = Recorder()
@@ -301,7 +289,6 @@ def test_multistep_denoising_samples_do_not_depend_on_the_batch():
     not depend on batch_size, and the chain's noise is in play (other keys, other counts of the denoised-logit
     argmax)."""
     from denoiser import build_denoiser
-
     torch.manual_seed(0)
     denoiser = build_denoiser("digits").eval()
     head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
@@ -317,10 +304,8 @@ def test_multistep_denoising_samples_do_not_depend_on_the_batch():
         gens = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))
         by_hand = head(denoiser.denoise_multistep(noisy, 9, gens)).argmax(1)
         one_shot = head(denoiser.denoise(noisy, 9))
-    assert (
-        _counts(smooth, x, 3, 3, key=7, phase=core.PHASE_ESTIMATION)[0].tolist()
-        == torch.bincount(by_hand, minlength=5).tolist()
-    )
+    assert _counts(smooth, x, 3, 3, key=7, phase=core.PHASE_ESTIMATION)[0].tolist() == \
+        torch.bincount(by_hand, minlength=5).tolist()
     with torch.no_grad():
         fresh = core.sample_generators(7, core.PHASE_ESTIMATION, 0, 3, torch.device("cpu"))
         assert not torch.allclose(model(noisy, fresh), one_shot)  # multi-step is another denoiser than one-shot

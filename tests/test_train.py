@@ -1,5 +1,4 @@
 """train.py: schedules, a 2-process gloo run with an exact resume, bad input, a non-finite loss."""
-
 from __future__ import annotations
 
 import hashlib
@@ -42,42 +41,11 @@ def tiny_models(tmp_path_factory) -> dict:
 
 
 def _args(models: dict, outdir: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset",
-        "digits",
-        "--denoiser_ckpt",
-        models["den"],
-        "--classifier_ckpt",
-        models["clf"],
-        "--device",
-        "cpu",
-        "--batch",
-        "8",
-        "--num_noises",
-        "2",
-        "--accum_iter",
-        "3",
-        "--workers",
-        "0",
-        "--log_every",
-        "1",
-        "--test_per_class",
-        "2",
-        "--train_noise_sd",
-        "0.25",
-        "--epochs",
-        "2",
-        "--warmup_epochs",
-        "0.01",
-        "--blr",
-        "0.05",
-        "--precision",
-        "fp32",
-        "--no_progress",
-        "--outdir",
-        str(outdir),
-        *extra,
-    ]
+    return ["--dataset", "digits", "--denoiser_ckpt", models["den"], "--classifier_ckpt", models["clf"],
+            "--device", "cpu", "--batch", "8", "--num_noises", "2", "--accum_iter", "3", "--workers", "0",
+            "--log_every", "1", "--test_per_class", "2", "--train_noise_sd", "0.25", "--epochs", "2",
+            "--warmup_epochs", "0.01", "--blr", "0.05", "--precision", "fp32", "--no_progress", "--outdir", str(outdir),
+            *extra]
 
 
 def _steps(path: Path) -> dict[int, list[str]]:
@@ -96,12 +64,8 @@ def test_lr_and_wd_schedules():
     assert training.cosine_at(15.0, 0.04, 0.4, 30) == pytest.approx(0.22)
     assert training.cosine_at(30.0, 0.04, 0.4, 30) == pytest.approx(0.4)
 
-    opt = torch.optim.AdamW(
-        [
-            {"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 0.5, "weight_decay": 0.1},
-            {"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 1.0, "weight_decay": 0.0},
-        ]
-    )
+    opt = torch.optim.AdamW([{"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 0.5, "weight_decay": 0.1},
+                             {"params": [torch.zeros(2, requires_grad=True)], "lr_scale": 1.0, "weight_decay": 0.0}])
     training.set_lr_wd(opt, 2e-3, 0.3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]  # no-decay groups stay at 0
@@ -117,14 +81,10 @@ def test_per_parameter_gradient_clipping():
 
 
 # ----------------------------------------------------------------------------------------------- 2 processes, resume
-def _torchrun(
-    args: list[str], launcher: tuple[str, ...] = ("torch.distributed.run", "--standalone")
-) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+def _torchrun(args: list[str], launcher: tuple[str, ...] = ("torch.distributed.run", "--standalone")
+              ) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", *launcher, "--nproc_per_node", "2", "train.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -165,16 +125,13 @@ def test_two_process_gloo_run_and_exact_resume(tiny_models, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--arch", "no_such_model_xyz"], "unknown architecture"),
-        (["--batch", "7"], "not divisible by --num_noises"),
-        (["--load_from", "/nonexistent/ckpt.pt"], "--load_from /nonexistent/ckpt.pt: file not found"),
-        (["--resume", "/nonexistent/ckpt.pt"], "--resume /nonexistent/ckpt.pt: file not found"),
-        (["--use_fp16", "true", "--precision", "bf16"], "contradicts"),
-    ],
-)
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "no_such_model_xyz"], "unknown architecture"),
+    (["--batch", "7"], "not divisible by --num_noises"),
+    (["--load_from", "/nonexistent/ckpt.pt"], "--load_from /nonexistent/ckpt.pt: file not found"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume /nonexistent/ckpt.pt: file not found"),
+    (["--use_fp16", "true", "--precision", "bf16"], "contradicts"),
+])
 def test_bad_input_is_a_clear_error(tiny_models, tmp_path, extra, message):
     with pytest.raises(UserError, match=message.replace("/", ".").replace("-", ".")):
         train.main(_args(tiny_models, tmp_path / "run", *extra))
@@ -182,7 +139,6 @@ def test_bad_input_is_a_clear_error(tiny_models, tmp_path, extra, message):
 
 def _free_port() -> int:
     import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -195,23 +151,8 @@ def test_paper_launcher_torch_distributed_launch(tiny_models, tmp_path):
     convention; block i's attention dropout follows --attn_drop_rate."""
     out = tmp_path / "run"
     launch = ("torch.distributed.launch", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()))
-    proc = _torchrun(
-        _args(
-            tiny_models,
-            out,
-            "--max_steps",
-            "1",
-            "--no_test",
-            "--no_tensorboard",
-            "--attn_drop_rate",
-            "0.3",
-            "--drop_path",
-            "0",
-            "--input_norm",
-            "paper",
-        ),
-        launcher=launch,
-    )
+    proc = _torchrun(_args(tiny_models, out, "--max_steps", "1", "--no_test", "--no_tensorboard",
+                           "--attn_drop_rate", "0.3", "--drop_path", "0", "--input_norm", "paper"), launcher=launch)
     assert "2 process(es)" in proc.stdout
     ckpt = torch.load(out / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["input_norm"] == "paper" and ckpt["args"]["local_rank"] in (0, 1)
@@ -225,25 +166,12 @@ def test_local_rank_flag_paper_resume_form_and_input_norm(tiny_models, tmp_path)
         cfg = training.config_from_args(train.build_parser().parse_args(["--dataset", "digits", flag]))
         assert cfg.local_rank in (0, 1)
     first = tmp_path / "first"
-    train.main(
-        _args(tiny_models, first, "--max_steps", "1", "--no_test", "--input_norm", "paper", "--attn_drop_rate", "0.2")
-    )
+    train.main(_args(tiny_models, first, "--max_steps", "1", "--no_test", "--input_norm", "paper",
+                     "--attn_drop_rate", "0.2"))
     ckpt = first / "checkpoint-step1.pth.tar"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["input_norm"] == "paper"
-    result = train.main(
-        _args(
-            tiny_models,
-            first,
-            "--max_steps",
-            "2",
-            "--no_test",
-            "--resume",
-            "--load_from",
-            str(ckpt),
-            "--attn_drop_rate",
-            "0.2",
-        )
-    )
+    result = train.main(_args(tiny_models, first, "--max_steps", "2", "--no_test", "--resume", "--load_from",
+                              str(ckpt), "--attn_drop_rate", "0.2"))
     assert result["step"] == 2 and (first / "checkpoint-step2.pth.tar").is_file()
     assert result["classifier"].input_norm == "paper"
     assert [b.attn.attn_drop.p for b in result["classifier"].model.blocks][-1] == pytest.approx(0.2)
@@ -253,23 +181,10 @@ def test_local_rank_flag_paper_resume_form_and_input_norm(tiny_models, tmp_path)
         train.main(_args(tiny_models, tmp_path / "x", "--resume"))
     # --load_from a checkpoint of the paper's code (state dict under classifier.): a new run from its weights
     clf = torch.load(tiny_models["clf"], weights_only=True)
-    torch.save(
-        {"epoch": 1, "arch": "digits_vit_tiny", "state_dict": {"classifier." + k: v for k, v in clf.items()}},
-        tmp_path / "paper.pth.tar",
-    )
-    result = train.main(
-        _args(
-            tiny_models,
-            tmp_path / "from_paper",
-            "--max_steps",
-            "1",
-            "--no_test",
-            "--load_from",
-            str(tmp_path / "paper.pth.tar"),
-            "--blr",
-            "0",
-        )
-    )
+    torch.save({"epoch": 1, "arch": "digits_vit_tiny", "state_dict": {"classifier." + k: v for k, v in clf.items()}},
+               tmp_path / "paper.pth.tar")
+    result = train.main(_args(tiny_models, tmp_path / "from_paper", "--max_steps", "1", "--no_test", "--load_from",
+                              str(tmp_path / "paper.pth.tar"), "--blr", "0"))
     assert result["classifier"].input_norm == "paper"
     assert all(torch.equal(result["classifier"].model.state_dict()[k], v) for k, v in clf.items())  # lr 0: unchanged
 
@@ -306,9 +221,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, t
     monkeypatch.setattr(training, "cadis_objective", real)
     with pytest.raises(UserError, match="already holds a run"):
         train.main(_args(tiny_models, out, "--max_steps", "2"))
-    result = train.main(
-        _args(tiny_models, out, "--max_steps", "2", "--no_test", "--resume", str(out / "checkpoint-step1.pth.tar"))
-    )
+    result = train.main(_args(tiny_models, out, "--max_steps", "2", "--no_test",
+                              "--resume", str(out / "checkpoint-step1.pth.tar")))
     assert result["step"] == 2 and (out / "checkpoint-step2.pth.tar").is_file()
     assert hashlib.sha256((out / "checkpoint-step1.pth.tar").read_bytes()).hexdigest() == digest
 
@@ -331,14 +245,8 @@ def test_tensorboard_scalars_match_the_text_logs_and_survive_a_resume(tiny_model
     scalars = _scalars(out)
     assert set(training.TB_STEP_TAGS) | {"test/acc"} <= set(scalars)
     steps = _steps(out / "log_steps.txt")
-    for tag, col in (
-        ("train/lr", 2),
-        ("train/loss", 3),
-        ("train/sce", 4),
-        ("train/madv", 5),
-        ("train/acc", 6),
-        ("train/masked_in", 7),
-    ):
+    for tag, col in (("train/lr", 2), ("train/loss", 3), ("train/sce", 4), ("train/madv", 5), ("train/acc", 6),
+                     ("train/masked_in", 7)):
         assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
         for step, value in scalars[tag]:
             assert value == pytest.approx(float(steps[step][col]), rel=1e-5, abs=1e-7), tag
@@ -365,101 +273,61 @@ def test_no_tensorboard_writes_no_event_file(tiny_models, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- wrappers
-@pytest.mark.parametrize(
-    "script, expected",
-    [
-        (
-            "train_cifar10.sh",
-            "--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3 "
-            "--blr 1e-4 --batch 32 --accum_iter 4 --weight_decay 0.04 --weight_decay_end 0.4 "
-            "--layer_decay 0.65 --attn_drop_rate 0.2 --drop_path 0 --clip_grad 0.3 --train_noise_sd 0.5 "
-            "--test_noise_sd 0.5 "
-            "--num_noises 4 --lbd 4.0 --eps 64 --num-steps 4",
-        ),
-        (
-            "train_imagenet.sh",
-            "--dataset imagenet --arch imagenet_vit_base --ft_method lora --epochs 10 --warmup_epochs 1 "
-            "--blr 4e-4 --batch 16 --accum_iter 4 --weight_decay 0.01 --weight_decay_end 0.1 "
-            "--layer_decay 0.9 --drop_path 0.0 --clip_grad 1.0 --train_noise_sd 0.5 --test_noise_sd 0.5 "
-            "--num_noises 2 --lbd 2.0 --eps 64 --num-steps 1",
-        ),
-    ],
-)
+@pytest.mark.parametrize("script, expected", [
+    ("train_cifar10.sh", "--dataset cifar10 --arch cifar10_vit_base --ft_method full --epochs 30 --warmup_epochs 3 "
+                         "--blr 1e-4 --batch 32 --accum_iter 4 --weight_decay 0.04 --weight_decay_end 0.4 "
+                         "--layer_decay 0.65 --attn_drop_rate 0.2 --drop_path 0 --clip_grad 0.3 --train_noise_sd 0.5 "
+                         "--test_noise_sd 0.5 "
+                         "--num_noises 4 --lbd 4.0 --eps 64 --num-steps 4"),
+    ("train_imagenet.sh", "--dataset imagenet --arch imagenet_vit_base --ft_method lora --epochs 10 --warmup_epochs 1 "
+                          "--blr 4e-4 --batch 16 --accum_iter 4 --weight_decay 0.01 --weight_decay_end 0.1 "
+                          "--layer_decay 0.9 --drop_path 0.0 --clip_grad 1.0 --train_noise_sd 0.5 --test_noise_sd 0.5 "
+                          "--num_noises 2 --lbd 2.0 --eps 64 --num-steps 1"),
+])
 def test_paper_wrappers_build_the_torchrun_command(script, expected):
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": "python3"}
     env.pop("MASTER_PORT", None)
-    run = subprocess.run(
-        [
-            "bash",
-            script,
-            "--ngpus",
-            "2",
-            "--noise",
-            "0.5",
-            "--resume",
-            "--load_from",
-            "c.pt",
-            "--eps_double",
-            "--warmup_eps",
-            "5",
-            "--outdir",
-            "o",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = subprocess.run(["bash", script, "--ngpus", "2", "--noise", "0.5", "--resume", "--load_from", "c.pt",
+                          "--eps_double", "--warmup_eps", "5", "--outdir", "o"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     cmd = run.stdout.strip()
     assert "torch.distributed.run --standalone --nproc_per_node 2 train.py" in cmd
     assert expected in cmd
     assert cmd.endswith("--warm_start true --use_fp16 true --eps_double --warmup_eps 5 --resume c.pt --outdir o")
     env.update(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29511")
-    run = subprocess.run(
-        ["bash", script, "--ngpus", "8", "--lbd", "1.5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30
-    )
-    assert (
-        (
-            "--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29511 train.py"
-            in run.stdout
-        )
-        and "--lbd 1.5" in run.stdout
-        and "--resume" not in run.stdout
-    )
+    run = subprocess.run(["bash", script, "--ngpus", "8", "--lbd", "1.5"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert ("--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29511 train.py"
+            in run.stdout) and "--lbd 1.5" in run.stdout and "--resume" not in run.stdout
     bad = subprocess.run(["bash", script, "--noise"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--noise needs a value" in bad.stderr
 
 
 # -------------------------------------------------------------------------- reliability: validation, lock, resume
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--lr", "-1"], r"--lr -1.0: must be a finite number > 0"),
-        (["--blr", "nan"], r"--blr nan: must be a finite number >= 0"),
-        (["--eps", "nan"], r"--eps nan: must be a finite number >= 0"),
-        (["--train_noise_sd", "nan"], r"--train_noise_sd nan: must be a finite number > 0"),
-        (["--device", "meta"], r"--device meta: not a device this program runs on"),
-        (["--outdir", "{file}/run"], r"--outdir .*file\.txt/run: .*file\.txt is a file, not a folder"),
-        (["--override", "lr"], r"--override lr: only with --resume"),
-        (["--resume", "auto", "--outdir", ""], r"--resume auto: needs --outdir"),
-    ],
-)
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], r"--lr -1.0: must be a finite number > 0"),
+    (["--blr", "nan"], r"--blr nan: must be a finite number >= 0"),
+    (["--eps", "nan"], r"--eps nan: must be a finite number >= 0"),
+    (["--train_noise_sd", "nan"], r"--train_noise_sd nan: must be a finite number > 0"),
+    (["--device", "meta"], r"--device meta: not a device this program runs on"),
+    (["--outdir", "{file}/run"], r"--outdir .*file\.txt/run: .*file\.txt is a file, not a folder"),
+    (["--override", "lr"], r"--override lr: only with --resume"),
+    (["--resume", "auto", "--outdir", ""], r"--resume auto: needs --outdir"),
+])
 def test_bad_values_fail_before_work(tiny_models, tmp_path, cli_error, files_of, extra, message):
     (tmp_path / "file.txt").write_text("x")
     before = files_of(tmp_path)
     argv = _args(tiny_models, tmp_path / "run", *[e.format(file=tmp_path / "file.txt") for e in extra])
     while "" in argv:  # "--outdir ''": no --outdir at all
         i = argv.index("--outdir")
-        argv = argv[:i] + argv[i + 2 :]
+        argv = argv[:i] + argv[i + 2:]
     assert re.search(message, cli_error(train.main, argv))
     assert files_of(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
 def test_a_run_in_the_outdir_locks_it(tiny_models, tmp_path, cli_error, files_of, lock_held_elsewhere):
     from runkit.locks import lock_path
-
     out = tmp_path / "run"
     out.mkdir()
     (out / "log_steps.txt").write_text("the running job's\n")
@@ -473,55 +341,28 @@ def test_a_run_in_the_outdir_locks_it(tiny_models, tmp_path, cli_error, files_of
 
 def _resume_args(ckpt, *extra) -> list[str]:
     """A requeue script's resume: only the checkpoint and where to run, the rest from the run."""
-    return [
-        "--dataset",
-        "digits",
-        "--resume",
-        str(ckpt),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no_progress",
-        "--no_test",
-        *map(str, extra),
-    ]
+    return ["--dataset", "digits", "--resume", str(ckpt), "--device", "cpu", "--workers", "0", "--no_progress",
+            "--no_test", *map(str, extra)]
 
 
 def test_resume_takes_the_runs_configuration_and_refuses_changes(tiny_models, tmp_path, cli_error, files_of):
     out = tmp_path / "run"
-    train.main(
-        _args(
-            tiny_models,
-            out,
-            "--max_steps",
-            "2",
-            "--ckpt_every_steps",
-            "1",
-            "--no_test",
-            "--train_noise_sd",
-            "0.5",
-            "--lbd",
-            "2",
-        )
-    )
+    train.main(_args(tiny_models, out, "--max_steps", "2", "--ckpt_every_steps", "1", "--no_test",
+                     "--train_noise_sd", "0.5", "--lbd", "2"))
     ckpt = out / "checkpoint-step2.pth.tar"
     recorded = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert recorded["config"]["train_noise_sd"] == 0.5 and recorded["config"]["precision"] == "fp32"
     assert set(recorded["fingerprints"]) == {"denoiser", "classifier_ckpt"}
     before = files_of(tmp_path)
-    for extra, changed in (
-        (["--train_noise_sd", "0.25"], "--train_noise_sd 0.25 (the run: 0.5)"),
-        (["--lbd", "1", "--seed", "3"], "--lbd 1.0 (the run: 2.0), --seed 3 (the run: 0)"),
-        (["--epochs", "1"], "--epochs 1 (the run: 2)"),
-        (["--precision", "bf16"], "--precision bf16 (the run: fp32)"),
-    ):
+    for extra, changed in ((["--train_noise_sd", "0.25"], "--train_noise_sd 0.25 (the run: 0.5)"),
+                           (["--lbd", "1", "--seed", "3"], "--lbd 1.0 (the run: 2.0), --seed 3 (the run: 0)"),
+                           (["--epochs", "1"], "--epochs 1 (the run: 2)"),
+                           (["--precision", "bf16"], "--precision bf16 (the run: fp32)")):
         line = cli_error(train.main, _resume_args(ckpt, *extra))
         assert f"--resume {ckpt}: {changed} would change the run" in line and "--override" in line, line
     other_denoiser = tmp_path / "den.pt"  # another denoiser saved under the run's file name
     torch.manual_seed(5)
     from denoiser import build_denoiser
-
     torch.save(build_denoiser("digits").unet.state_dict(), other_denoiser)
     line = cli_error(train.main, _resume_args(ckpt, "--denoiser_ckpt", other_denoiser))
     assert f"--denoiser_ckpt {other_denoiser}: not the file the run of --resume {ckpt} was written with" in line
@@ -532,19 +373,8 @@ def test_resume_takes_the_runs_configuration_and_refuses_changes(tiny_models, tm
     assert result["step"] == 3 and (config["train_noise_sd"], config["lbd"], config["epochs"]) == (0.5, 2.0, 3)
     assert config["denoiser_ckpt"] == tiny_models["den"] and config["blr"] == 0.05
     # --override changes one on purpose
-    train.main(
-        _resume_args(
-            out / "checkpoint-step3.pth.tar",
-            "--max_steps",
-            "4",
-            "--train_noise_sd",
-            "0.25",
-            "--lbd",
-            "2",
-            "--override",
-            "train_noise_sd",
-        )
-    )
+    train.main(_resume_args(out / "checkpoint-step3.pth.tar", "--max_steps", "4", "--train_noise_sd", "0.25",
+                            "--lbd", "2", "--override", "train_noise_sd"))
     config = torch.load(out / "checkpoint-step4.pth.tar", map_location="cpu", weights_only=True)["config"]
     assert config["train_noise_sd"] == 0.25
 
@@ -567,20 +397,13 @@ def test_killed_before_the_first_checkpoint(tiny_models, tmp_path, cli_error, fi
 
 def _train_process(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _newest_step(out: Path) -> int:
-    return max(
-        [int(p.name[len("checkpoint-step") : -len(".pth.tar")]) for p in out.glob("checkpoint-step*.pth.tar")],
-        default=0,
-    )
+    return max([int(p.name[len("checkpoint-step"):-len(".pth.tar")]) for p in out.glob("checkpoint-step*.pth.tar")],
+               default=0)
 
 
 @pytest.mark.slow
@@ -610,18 +433,14 @@ def test_killed_at_random_points_and_resumed_gives_the_uninterrupted_run(tiny_mo
         trace.append(f"{signal.Signals(sig).name} at step {target}: checkpoints up to {_newest_step(out)}")
     assert _newest_step(out) < 10, trace  # the last resume has work left
     train.main(args)
-    ref, run = (
-        torch.load(d / "checkpoint-step10.pth.tar", map_location="cpu", weights_only=True)
-        for d in (tmp_path / "ref", out)
-    )
+    ref, run = (torch.load(d / "checkpoint-step10.pth.tar", map_location="cpu", weights_only=True)
+                for d in (tmp_path / "ref", out))
     assert all(torch.equal(ref["state_dict"][k], v) for k, v in run["state_dict"].items()), trace
     assert ref["optimizer"]["state"].keys() == run["optimizer"]["state"].keys()
     for k, state in ref["optimizer"]["state"].items():
         assert all(torch.equal(v, run["optimizer"]["state"][k][name]) for name, v in state.items()), trace
     assert (out / "log_steps.txt").read_text() == (tmp_path / "ref" / "log_steps.txt").read_text(), trace
-    rows = [
-        [line.split("\t")[:-1] for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "ref", out)
-    ]
+    rows = [[line.split("\t")[:-1] for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "ref", out)]
     assert rows[0] == rows[1] and len(rows[0]) == 2, trace  # header and the (partial) epoch row, time aside
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
 
@@ -640,7 +459,6 @@ def test_a_refused_pickle_is_named_without_unsafe_advice(tiny_models, tmp_path, 
 def test_an_unwritable_outdir_is_an_error_before_training(tiny_models, tmp_path, cli_error, files_of, monkeypatch):
     """(As root every folder is writable, so the permission is denied by a stand-in for os.access.)"""
     from runkit import files
-
     ro = tmp_path / "ro"
     ro.mkdir()
     real = os.access
@@ -658,26 +476,12 @@ def test_gpu_settings_reach_the_run_and_tf32_is_recorded(tiny_models, tmp_path, 
     monkeypatch.setattr(training, "init_distributed", lambda *a: seen.append(("init", *a)) or real_init(*a))
     monkeypatch.setattr(training, "cuda_math", lambda *a: seen.append(("math", *a)) or real_math(*a))
     out = tmp_path / "run"
-    train.main(
-        _args(
-            tiny_models,
-            out,
-            "--max_steps",
-            "1",
-            "--no_test",
-            "--no_tensorboard",
-            "--dist_timeout",
-            "30",
-            "--tf32",
-            "off",
-            "--cudnn_benchmark",
-        )
-    )
+    train.main(_args(tiny_models, out, "--max_steps", "1", "--no_test", "--no_tensorboard", "--dist_timeout", "30",
+                     "--tf32", "off", "--cudnn_benchmark"))
     assert seen == [("init", "cpu", 30.0), ("math", "off", True)]
     ckpt = torch.load(out / "checkpoint-step1.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["config"]["tf32"] == "off" and ckpt["config"]["dist_timeout"] == 30.0
     from runkit.devices import device_model
-
     assert ckpt["device_model"] == device_model(torch.device("cpu"))
     seen.clear()
     train.main(_resume_args(out / "checkpoint-step1.pth.tar", "--max_steps", "2", "--no_tensorboard"))
@@ -685,5 +489,4 @@ def test_gpu_settings_reach_the_run_and_tf32_is_recorded(tiny_models, tmp_path, 
     line = cli_error(train.main, _resume_args(out / "checkpoint-step2.pth.tar", "--max_steps", "3", "--tf32", "on"))
     assert "--tf32 on (the run: off) would change the run" in line
     assert "--dist_timeout -1.0: must be a finite number > 0" in cli_error(
-        train.main, _args(tiny_models, tmp_path / "x", "--dist_timeout", "-1")
-    )
+        train.main, _args(tiny_models, tmp_path / "x", "--dist_timeout", "-1"))

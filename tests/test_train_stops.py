@@ -4,7 +4,6 @@
 Stops: --max_steps (mid-epoch and at an epoch end), an epoch checkpoint, a --ckpt_every_steps checkpoint, SIGTERM
 (mid-epoch and at an epoch end) and SIGINT during the epoch's test evaluation; fp32 and fp16 autocast with loss
 scaling (a GradScaler on the CPU), the latter with --max_steps."""
-
 from __future__ import annotations
 
 import os
@@ -49,7 +48,7 @@ def _load(path: Path) -> dict:
 
 
 def _rows(path: Path, drop: int = 0) -> list[list[str]]:
-    return [line.split("\t")[: len(line.split("\t")) - drop] for line in path.read_text().splitlines()]
+    return [line.split("\t")[:len(line.split("\t")) - drop] for line in path.read_text().splitlines()]
 
 
 def _assert_same_run(ref: Path, out: Path, with_test: bool = True) -> None:
@@ -78,7 +77,6 @@ def reference(tiny_models, short_epochs, tmp_path_factory):  # noqa: F811
             made.append(tmp_path_factory.mktemp("ref") / "run")
             _run(tiny_models, made[0])
         return made[0]
-
     return get
 
 
@@ -121,10 +119,8 @@ def test_resumed_from_an_epoch_and_a_ckpt_every_steps_checkpoint(tiny_models, re
     every = tmp_path / "every"
     _run(tiny_models, every, "--ckpt_every_steps", "5")
     _assert_same_run(reference(), every)  # writing checkpoints changes nothing
-    for name, later in (
-        ("checkpoint-step5.pth.tar", ["checkpoint-step10.pth.tar"]),
-        ("checkpoint-1.pth.tar", ["checkpoint-step5.pth.tar"]),
-    ):
+    for name, later in (("checkpoint-step5.pth.tar", ["checkpoint-step10.pth.tar"]),
+                        ("checkpoint-1.pth.tar", ["checkpoint-step5.pth.tar"])):
         out = tmp_path / name
         shutil.copytree(every, out)
         for other in [f"checkpoint-{EPOCHS}.pth.tar", *later]:
@@ -159,24 +155,13 @@ def _signal_at(monkeypatch, sig: int, step: int = 0, evaluation: bool = False) -
     monkeypatch.setattr(training, "noise_and_denoise", denoised)
 
 
-@pytest.mark.parametrize(
-    "sig, step, evaluation",
-    [
-        (signal.SIGTERM, 2, False),  # mid-epoch
-        pytest.param(signal.SIGTERM, STEPS_PER_EPOCH, False, marks=pytest.mark.slow),  # the epoch's last step
-        pytest.param(signal.SIGINT, 0, True, marks=pytest.mark.slow),  # during the epoch's test evaluation
-    ],
-)
-def test_a_signal_stops_with_a_checkpoint_and_the_resume_is_exact(
-    tiny_models,
-    reference,
-    tmp_path,
-    monkeypatch,  # noqa: F811
-    capsys,
-    sig,
-    step,
-    evaluation,
-):
+@pytest.mark.parametrize("sig, step, evaluation", [
+    (signal.SIGTERM, 2, False),  # mid-epoch
+    pytest.param(signal.SIGTERM, STEPS_PER_EPOCH, False, marks=pytest.mark.slow),  # the epoch's last step
+    pytest.param(signal.SIGINT, 0, True, marks=pytest.mark.slow),  # during the epoch's test evaluation
+])
+def test_a_signal_stops_with_a_checkpoint_and_the_resume_is_exact(tiny_models, reference, tmp_path, monkeypatch,  # noqa: F811
+                                                                  capsys, sig, step, evaluation):
     ref, out = reference(), tmp_path / "run"
     with monkeypatch.context() as patch:
         _signal_at(patch, sig, step, evaluation)
@@ -215,14 +200,12 @@ def test_evaluation_does_not_touch_the_training_rng(tiny_models):  # noqa: F811
     denoiser = load_denoiser("digits", tiny_models["den"])
     loader = torch.utils.data.DataLoader(test_set, batch_size=4, generator=torch.Generator().manual_seed(0))
     before = torch.get_rng_state()
-    correct, total = training.evaluate(
-        classifier, denoiser, loader, 0.25, denoiser.timestep_for_sigma(0.25), torch.device("cpu"), "fp32", seed=0
-    )
+    correct, total = training.evaluate(classifier, denoiser, loader, 0.25, denoiser.timestep_for_sigma(0.25),
+                                       torch.device("cpu"), "fp32", seed=0)
     assert total == 10 and torch.equal(torch.get_rng_state(), before)
     with pytest.raises(ValueError, match="needs its own generator"):
-        training.evaluate(
-            classifier, denoiser, torch.utils.data.DataLoader(test_set), 0.25, 10, torch.device("cpu"), "fp32", seed=0
-        )
+        training.evaluate(classifier, denoiser, torch.utils.data.DataLoader(test_set), 0.25, 10, torch.device("cpu"),
+                          "fp32", seed=0)
 
 
 def test_augmentations_depend_on_the_image_and_epoch_only():
@@ -250,34 +233,14 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint(tiny_models, tmp
     extra = ("--max_steps", "8", "--no_test", "--no_tensorboard", "--num-steps", "1")
     ref, out = tmp_path / "ref", tmp_path / "run"
     _torchrun(_args(tiny_models, ref, *extra))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "train.py",
-            *_args(tiny_models, out, *extra),
-        ],
-        cwd=REPO,
-        env={**env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *_args(tiny_models, out, *extra)], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while (
-        time.monotonic() < deadline
-        and proc.poll() is None
-        and not ((out / "log_steps.txt").exists() and len(_rows(out / "log_steps.txt")) >= 3)
-    ):  # steps 1 and 2 done
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            (out / "log_steps.txt").exists() and len(_rows(out / "log_steps.txt")) >= 3):  # steps 1 and 2 done
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]

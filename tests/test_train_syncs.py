@@ -2,7 +2,6 @@
 host wait for the device (reading a value: item/bool/float/tolist, a size that depends on values: nonzero, boolean
 masks, masked_select, unique; a tensor made from host data: lift_fresh). On the CPU by a dispatch mode that sees
 every aten call; on CUDA by torch's own sync debug mode."""
-
 from __future__ import annotations
 
 import collections
@@ -16,16 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import train
 import training
 
-SYNCING = {
-    "aten::_local_scalar_dense",
-    "aten::nonzero",
-    "aten::masked_select",
-    "aten::lift_fresh",
-    "aten::unique2",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::unique_consecutive",
-}
+SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::lift_fresh", "aten::unique2",
+           "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive"}
 STEPS = {name: getattr(training, name) for name in ("micro_step", "optimizer_step")}  # (unpatched)
 
 
@@ -49,7 +40,6 @@ class SyncCounter(TorchDispatchMode):
         def tolist(tensor):
             counter["Tensor.tolist"] += 1
             return self._tolist(tensor)
-
         torch.Tensor.tolist = tolist
         return super().__enter__()
 
@@ -71,7 +61,6 @@ def _counted_run(models: dict, out: Path, monkeypatch, *extra: str) -> dict[str,
             if _name == "micro_step":
                 counts["masked_in"].append(float(result[-1]))
             return result
-
         monkeypatch.setattr(training, name, counted)
     train.main(_args(models, out, "--max_steps", "2", "--no_test", "--log_every", "2", "--num-steps", "2", *extra))
     return counts
@@ -94,13 +83,8 @@ def test_the_counter_sees_what_waits():
     with SyncCounter() as counter:
         x[mask], bool(x.any()), x.sum().item(), x.tolist(), torch.tensor(1.0), x.nonzero()
         x.index_select(0, torch.nonzero_static(mask, size=2).squeeze(1)), x * mask  # these do not wait
-    assert counter.calls == {
-        "aten::index": 1,
-        "aten::_local_scalar_dense": 2,
-        "Tensor.tolist": 1,
-        "aten::lift_fresh": 1,
-        "aten::nonzero": 1,
-    }
+    assert counter.calls == {"aten::index": 1, "aten::_local_scalar_dense": 2, "Tensor.tolist": 1,
+                             "aten::lift_fresh": 1, "aten::nonzero": 1}
 
 
 @pytest.mark.cuda
@@ -125,7 +109,6 @@ def test_no_synchronizing_call_in_a_cuda_micro_step(tiny_models, tmp_path, monke
                     torch.cuda.set_sync_debug_mode("default")
             flagged[_name].append(sum("synchroniz" in str(w.message) for w in caught))
             return result
-
         monkeypatch.setattr(training, name, counted)
     args = _args(tiny_models, tmp_path / "run", "--max_steps", "2", "--no_test", "--log_every", "2")
     args[args.index("--device") + 1] = "cuda"
@@ -133,5 +116,5 @@ def test_no_synchronizing_call_in_a_cuda_micro_step(tiny_models, tmp_path, monke
     train.main([*args, "--full_attack"])
     assert flagged["micro_step"] == [0] * 6 and flagged["optimizer_step"] == [0] * 2, flagged
     flagged = {"micro_step": [], "optimizer_step": []}
-    train.main([*args[: args.index("--outdir") + 1], str(tmp_path / "masked"), *args[args.index("--outdir") + 2 :]])
+    train.main([*args[:args.index("--outdir") + 1], str(tmp_path / "masked"), *args[args.index("--outdir") + 2:]])
     assert all(n <= 2 for n in flagged["micro_step"]) and flagged["optimizer_step"] == [0] * 2, flagged

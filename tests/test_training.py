@@ -1,5 +1,4 @@
 """training.py: the config dataclass defines train.py's flags once; the seeds of a run; core's step 1 and eps unit."""
-
 from __future__ import annotations
 
 import argparse
@@ -27,33 +26,13 @@ def test_every_field_is_a_flag_with_the_fields_default_and_help():
 
 def test_flag_spellings_and_bool_forms():
     args = train.build_parser().parse_args(
-        [
-            "--dataset",
-            "cifar10",
-            "--num-steps",
-            "2",
-            "--use_fp16",
-            "true",
-            "--warm_start",
-            "false",
-            "--eps_double",
-            "--no_progress",
-            "--no_tensorboard",
-            "--lr",
-            "0.5",
-            "--test_noise_sd",
-            "0.5",
-        ]
-    )
+        ["--dataset", "cifar10", "--num-steps", "2", "--use_fp16", "true", "--warm_start", "false", "--eps_double",
+         "--no_progress", "--no_tensorboard", "--lr", "0.5", "--test_noise_sd", "0.5"])
     cfg = training.config_from_args(args)
     assert (cfg.num_steps, cfg.use_fp16, cfg.warm_start, cfg.eps_double) == (2, True, False, True)
     assert (cfg.progress, cfg.tensorboard, cfg.lr, cfg.test_noise_sd) == (False, False, 0.5, 0.5)
-    assert (
-        training.config_from_args(
-            train.build_parser().parse_args(["--dataset", "x", "--num_steps", "3", "--use_fp16"])
-        ).use_fp16
-        is True
-    )
+    assert training.config_from_args(train.build_parser().parse_args(["--dataset", "x", "--num_steps", "3",
+                                                                      "--use_fp16"])).use_fp16 is True
 
 
 def test_adding_a_flag_is_adding_a_field():
@@ -69,9 +48,8 @@ def test_adding_a_flag_is_adding_a_field():
 
 
 def test_resolved_config_fills_dependent_defaults():
-    cfg = training.resolve_config(
-        TrainConfig(dataset="digits", use_fp16=True, ft_method="full-ft", weight_decay_end=None)
-    )
+    cfg = training.resolve_config(TrainConfig(dataset="digits", use_fp16=True, ft_method="full-ft",
+                                              weight_decay_end=None))
     assert (cfg.precision, cfg.ft_method, cfg.arch, cfg.test_noise_sd) == ("fp16", "full", "digits_vit_tiny", 0.25)
     assert (cfg.weight_decay_end, cfg.test_per_class) == (cfg.weight_decay, 0)
     assert cfg.outdir.endswith("lbd_1.0_eps_64_M4_seed0")
