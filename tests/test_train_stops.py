@@ -23,6 +23,18 @@ STEPS_PER_EPOCH = 4  # 48 training images / batch 8 = 6 batches = 12 micro-steps
 EPOCHS = 3
 
 
+@pytest.fixture(autouse=True)
+def _python_signal_defaults():
+    """The handlers a foreground Python starts with, whatever this suite inherited: a background job (``nohup``, ``&``
+    in a script) starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
 @pytest.fixture(scope="module")
 def short_epochs():
     """Epochs of 48 training images, so that a few optimizer steps cross epoch ends."""
